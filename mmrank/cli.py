@@ -1,0 +1,171 @@
+"""The `mmrank` console script: one entry point for data, training, export, serving and load tests.
+
+The argument contract is SPEC §8. Handlers are imported lazily so `--help` stays fast and a
+subcommand whose dependencies are heavy (torch, tritonclient) costs nothing to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from mmrank.errors import MMRankError
+
+Handler = str  # "package.module:function", resolved at call time
+NOT_IMPLEMENTED = "not-implemented"
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
+
+
+def _add(sub, name: str, help_: str, handler: Handler, build: Callable[[argparse.ArgumentParser], None]):
+    p = sub.add_parser(name, help=help_, description=help_, formatter_class=_formatter)
+    build(p)
+    p.set_defaults(_handler=handler)
+    return p
+
+
+def _data_synth(p):
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--users", type=int, default=2000, help="number of users")
+    p.add_argument("--items", type=int, default=3000, help="number of items (arriving over time)")
+    p.add_argument("--events", type=int, default=200_000, help="number of impressions (clicks + non-clicks)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
+    p.add_argument("--image-size", type=int, default=32, help="side of the rendered RGB item images")
+    p.add_argument("--chunk-events", type=int, default=1_000_000, help="events generated per chunk (bounds memory)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def _data_ml100k(p):
+    p.add_argument("--src", default="../shared/data/ml100k_tmdb_posters", help="MovieLens-100K + TMDB folder")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--neutral", choices=["drop", "negative"], default="drop",
+                   help="what rating 3 becomes (>=4 is a click, <=2 a non-click)")
+    p.add_argument("--valid-frac", type=float, default=0.1, help="share of events (by time) in valid")
+    p.add_argument("--test-frac", type=float, default=0.1, help="share of events (by time) in test")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def _data_mmrec(p):
+    p.add_argument("--src", required=True, help="folder holding NAME.inter and optional *_feat.npy")
+    p.add_argument("--name", required=True, help="dataset name (the NAME of NAME.inter)")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--neg-ratio", type=int, default=4, help="sampled negatives per positive in training samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the negative sampler")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def _features(p):
+    p.add_argument("--data", required=True, help="dataset folder (canonical form)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per encoder batch")
+    p.add_argument("--runtime", choices=["auto", "onnxruntime", "torch"], default="auto",
+                   help="encoder runtime; auto picks the faster one measured on this CPU")
+    p.add_argument("--max-text-tokens", type=int, default=128, help="tokens kept per text field")
+
+
+def _train(p):
+    p.add_argument("--data", required=True, help="dataset folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", help="preset name (see trainer/presets)")
+    g.add_argument("--config", help="JSON config file")
+    p.add_argument("--out", required=True, help="run folder (config.json, metrics.json, checkpoints)")
+    p.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (dotted path), repeatable")
+
+
+def _evaluate(p):
+    p.add_argument("--run", required=True, help="run folder written by `mmrank train`")
+    p.add_argument("--data", required=True, help="dataset folder")
+
+
+def _export(p):
+    p.add_argument("--run", required=True, help="run folder written by `mmrank train`")
+    p.add_argument("--out", required=True, help="export folder (ONNX graphs, item table, manifest)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def _repo(p):
+    p.add_argument("--export", required=True, help="folder written by `mmrank export`")
+    p.add_argument("--out", required=True, help="Triton model repository to render")
+    p.add_argument("--backend", choices=["python", "onnxruntime", "tensorrt"], default="python",
+                   help="how Triton runs the graphs")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def _serve(p):
+    p.add_argument("--repo", required=True, help="Triton model repository")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (127.0.0.1)")
+
+
+def _rank(p):
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
+    p.add_argument("--candidates", required=True, help="comma-separated candidate item ids")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+
+
+def _loadtest(p):
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--out", required=True, help="folder for CSV, plot and summary.json")
+    p.add_argument("--users", type=int, default=8, help="concurrent simulated users")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+
+
+def _demo(p):
+    p.add_argument("--out", default="build/demo", help="folder for every artefact of the demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmrank", description="End-to-end multimodal ranking (EM3 + LEMUR).", formatter_class=_formatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    data = sub.add_parser("data", help="build a dataset in the canonical form", formatter_class=_formatter)
+    dsub = data.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    _add(dsub, "synth", "planted-signal synthetic dataset (the embedded default)", "trainer.data.synth:cli", _data_synth)
+    _add(dsub, "ml100k", "MovieLens-100K + TMDB overviews + posters", "trainer.data.ml100k:cli", _data_ml100k)
+    _add(dsub, "mmrec", "MMRec-format folder (NAME.inter + *_feat.npy)", "trainer.data.mmrec:cli", _data_mmrec)
+    _add(sub, "features", "frozen-encoder feature cache (text + image)", "trainer.features.cache:cli", _features)
+    _add(sub, "train", "train a model (preset or config)", NOT_IMPLEMENTED, _train)
+    _add(sub, "evaluate", "evaluate a run on a dataset", NOT_IMPLEMENTED, _evaluate)
+    _add(sub, "export", "export ONNX graphs and the item table", NOT_IMPLEMENTED, _export)
+    _add(sub, "repo", "render a Triton model repository", NOT_IMPLEMENTED, _repo)
+    _add(sub, "serve", "start tritonserver on a model repository", NOT_IMPLEMENTED, _serve)
+    _add(sub, "rank", "rank candidates through the gRPC endpoint", NOT_IMPLEMENTED, _rank)
+    _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)
+    _add(sub, "demo", "the whole pipeline on the synthetic dataset", NOT_IMPLEMENTED, _demo)
+    return parser
+
+
+def _resolve(handler: Handler) -> Callable[[argparse.Namespace], int | None]:
+    module, _, func = handler.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    name = " ".join(x for x in (args.command, getattr(args, "source", None)) if x)
+    if args._handler == NOT_IMPLEMENTED:
+        print(f"mmrank {name}: not implemented yet", file=sys.stderr)
+        return 2
+    try:
+        return int(_resolve(args._handler)(args) or 0)
+    except MMRankError as e:
+        print(f"mmrank {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mmrank {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""User-facing errors: the CLI prints one line naming the problem and exits non-zero."""
+
+
+class MMRankError(Exception):
+    """An error caused by the user's input or environment (bad file, unknown id, server down)."""
+
+
+class DataError(MMRankError):
+    """A dataset file is missing, malformed or inconsistent. The message names file, column and row."""
+
+    def __init__(self, path, message: str, column: str | None = None, row: int | None = None):
+        where = str(path)
+        if column is not None:
+            where += f", column {column!r}"
+        if row is not None:
+            where += f", row {row}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.column, self.row = str(path), column, row
+
+
+class NotImplementedYet(MMRankError):
+    """A subcommand whose issue has not been done yet."""

@@ -1,0 +1,1 @@
+"""Trainer: datasets, frozen-encoder features, the EM3/LEMUR model, losses, training and evaluation."""

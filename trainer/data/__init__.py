@@ -1,0 +1,1 @@
+"""Datasets in the canonical form (Parquet folder + manifest) and the causal sample builder."""

@@ -1,0 +1,220 @@
+"""The canonical dataset form shared by every source, loader and the trainer.
+
+A dataset is a folder:
+
+    manifest.json        schema version, source, seed, label rule, counts, split boundaries, field lists
+    items.parquet        item_id, created_at, one string column per text field, image (bytes or null),
+                         one int64 column per item categorical (0 = unknown)
+    users.parquet        user_id, one int64 column per user feature (0 = unknown)
+    events/part-*.parquet  user_id, item_id, label, ts, request_id, split (0 train, 1 valid, 2 test)
+    item_features/*.npy  optional precomputed item features, row i = item_id i (row 0 = padding)
+
+Ids are dense: items 1..num_items and users 1..num_users. Id 0 is reserved for padding in histories
+and for "unknown" in lookups, so an embedding table of num_items + 1 rows covers every id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmrank.errors import DataError
+
+SCHEMA_VERSION = 1
+PAD_ID = 0
+MANIFEST = "manifest.json"
+ITEMS = "items.parquet"
+USERS = "users.parquet"
+EVENTS = "events"
+ITEM_FEATURES = "item_features"
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+EVENT_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("label", pa.int8()),
+        ("ts", pa.int64()),
+        ("request_id", pa.int64()),
+        ("split", pa.int8()),
+    ]
+)
+
+
+@dataclass
+class Manifest:
+    """What a dataset folder holds; written last, so a folder with a manifest is complete."""
+
+    name: str
+    source: str
+    seed: int | None
+    label_rule: str
+    counts: dict[str, int]
+    splits: dict[str, int]  # valid_start_ts, test_start_ts: train < valid_start <= valid < test_start <= test
+    text_fields: list[str]
+    item_categoricals: dict[str, int]  # column -> cardinality (ids 0..cardinality-1, 0 = unknown)
+    user_features: dict[str, int]
+    has_images: bool
+    item_features: dict[str, str] = field(default_factory=dict)  # name -> relative .npy path
+    topk_protocol: bool = False  # MMRec data: evaluate Recall@K / NDCG@K over all items
+    notes: dict[str, object] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, root: str | Path) -> Manifest:
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise DataError(path, "no manifest: not a dataset folder (build one with `mmrank data ...`)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(path, f"manifest is not valid JSON ({e})") from e
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(path, f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise DataError(path, f"manifest fields do not match the schema ({e})") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `out` only if the block finishes.
+
+    A failure (bad input, Ctrl-C) removes the temporary folder, so `out` is either the old content
+    or the complete new one, never half of each.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DataError(out, "output exists and is not empty (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON next to the target then rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class EventsWriter:
+    """Appends event chunks as numbered Parquet parts, so generators never hold all events in memory."""
+
+    def __init__(self, root: Path):
+        self.dir = Path(root) / EVENTS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.parts = 0
+        self.rows = 0
+
+    def write(self, chunk: dict[str, np.ndarray] | pd.DataFrame) -> None:
+        table = pa.Table.from_pydict(
+            {name: np.asarray(chunk[name]) for name in EVENT_SCHEMA.names}, schema=EVENT_SCHEMA
+        )
+        if table.num_rows == 0:
+            return
+        pq.write_table(table, self.dir / f"part-{self.parts:05d}.parquet", compression="zstd")
+        self.parts += 1
+        self.rows += table.num_rows
+
+
+def write_events(root: Path, events: pd.DataFrame) -> int:
+    writer = EventsWriter(root)
+    writer.write(events)
+    return writer.rows
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: the manifest, the item and user tables, and events sorted by (ts, user)."""
+
+    root: Path
+    manifest: Manifest
+    items: pd.DataFrame
+    users: pd.DataFrame
+    events: pd.DataFrame
+
+    @property
+    def num_items(self) -> int:
+        return self.manifest.counts["items"]
+
+    @property
+    def num_users(self) -> int:
+        return self.manifest.counts["users"]
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.events[self.events["split"] == SPLITS[name]]
+
+    def item_feature(self, name: str) -> np.ndarray:
+        return np.load(self.root / self.manifest.item_features[name], mmap_mode="r")
+
+
+def read_events(root: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    path = Path(root) / EVENTS
+    if not path.is_dir() or not any(path.glob("*.parquet")):
+        raise DataError(path, "no event parts (events/part-*.parquet)")
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(path, f"unreadable Parquet ({e})") from e
+    return table.to_pandas()
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(path, "missing file")
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(path, f"unreadable Parquet ({e})") from e
+
+
+def load_dataset(root: str | Path, validate: bool = True) -> Dataset:
+    """Read a dataset folder; with `validate`, check it first (see `trainer.data.validate`)."""
+    root = Path(root)
+    manifest = Manifest.read(root)
+    items = _read_table(root / ITEMS)
+    users = _read_table(root / USERS)
+    events = read_events(root)
+    ds = Dataset(root, manifest, items, users, events)
+    if validate:
+        from trainer.data.validate import validate_dataset
+
+        validate_dataset(ds)
+    ds.events = ds.events.sort_values(["ts", "user_id"], kind="stable").reset_index(drop=True)
+    return ds

@@ -1,0 +1,110 @@
+"""Checks a loaded dataset against the canonical schema; the first problem raises a DataError that names
+the file, the column and the row, so a user can open the file and find it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from mmrank.errors import DataError
+from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, SPLITS, USERS, Dataset
+
+
+def _require(df: pd.DataFrame, path, columns: dict[str, str]) -> None:
+    """columns: name -> numpy kind ('i' integer, 'O' object/string, 'b' bytes-or-null)."""
+    for name, kind in columns.items():
+        if name not in df.columns:
+            raise DataError(path, "missing column", column=name)
+        dtype = df[name].dtype
+        if kind == "i" and not pd.api.types.is_integer_dtype(dtype):
+            raise DataError(path, f"dtype {dtype}, expected an integer", column=name)
+        if kind in ("O", "b") and pd.api.types.is_numeric_dtype(dtype):
+            raise DataError(path, f"dtype {dtype}, expected {'text' if kind == 'O' else 'bytes'}", column=name)
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_ids(values: np.ndarray, path, column: str, low: int, high: int, unique: bool = False) -> None:
+    """Every id in [low, high]; with `unique`, no id twice."""
+    values = np.asarray(values)
+    bad = (values < low) | (values > high)
+    if bad.any():
+        row = _first(bad)
+        raise DataError(path, f"id {values[row]} out of range [{low}, {high}]", column=column, row=row)
+    if unique:
+        _, first_index, counts = np.unique(values, return_index=True, return_counts=True)
+        if (counts > 1).any():
+            dup = values[first_index[counts > 1][0]]
+            row = _first(values == dup)
+            rows = np.flatnonzero(values == dup)
+            raise DataError(path, f"duplicate id {dup} (rows {rows[:5].tolist()})", column=column, row=row)
+
+
+def check_image_bytes(blob, path, row: int, column: str = "image") -> None:
+    if blob is None:
+        return
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"unreadable image ({type(e).__name__}: {e})", column=column, row=row) from e
+
+
+def validate_items(ds: Dataset) -> None:
+    path = ds.root / ITEMS
+    m = ds.manifest
+    cols = {"item_id": "i", "created_at": "i", **{f: "O" for f in m.text_fields}}
+    cols.update({c: "i" for c in m.item_categoricals})
+    if m.has_images:
+        cols["image"] = "b"
+    _require(ds.items, path, cols)
+    n = m.counts["items"]
+    if len(ds.items) != n:
+        raise DataError(path, f"{len(ds.items)} rows, manifest says {n} items")
+    check_ids(ds.items["item_id"].to_numpy(), path, "item_id", 1, n, unique=True)
+    for c, card in m.item_categoricals.items():
+        check_ids(ds.items[c].to_numpy(), path, c, 0, card - 1)
+    for f in m.text_fields:
+        bad = ds.items[f].map(lambda x: x is not None and not isinstance(x, str)).to_numpy()
+        if bad.any():
+            raise DataError(path, "not a string", column=f, row=_first(bad))
+    if m.has_images:
+        for row, blob in enumerate(ds.items["image"].to_numpy()):
+            check_image_bytes(blob, path, row)
+
+
+def validate_users(ds: Dataset) -> None:
+    path = ds.root / USERS
+    m = ds.manifest
+    _require(ds.users, path, {"user_id": "i", **{c: "i" for c in m.user_features}})
+    n = m.counts["users"]
+    if len(ds.users) != n:
+        raise DataError(path, f"{len(ds.users)} rows, manifest says {n} users")
+    check_ids(ds.users["user_id"].to_numpy(), path, "user_id", 1, n, unique=True)
+    for c, card in m.user_features.items():
+        check_ids(ds.users[c].to_numpy(), path, c, 0, card - 1)
+
+
+def validate_events(ds: Dataset) -> None:
+    path = ds.root / EVENTS
+    ev = ds.events
+    _require(ev, path, {name: "i" for name in EVENT_SCHEMA.names})
+    check_ids(ev["user_id"].to_numpy(), path, "user_id", 1, ds.num_users)
+    check_ids(ev["item_id"].to_numpy(), path, "item_id", 1, ds.num_items)
+    check_ids(ev["label"].to_numpy(), path, "label", 0, 1)
+    check_ids(ev["split"].to_numpy(), path, "split", 0, 2)
+    counts = np.bincount(ev["split"].to_numpy(), minlength=3)
+    for name, code in SPLITS.items():
+        if counts[code] == 0:
+            raise DataError(path, f"split {name!r} is empty", column="split")
+
+
+def validate_dataset(ds: Dataset) -> None:
+    validate_items(ds)
+    validate_users(ds)
+    validate_events(ds)
