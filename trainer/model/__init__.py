@@ -1,0 +1,1 @@
+"""The EM3 + LEMUR ranking model: content tower, memory bank, user interest, ranker."""
