@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "export", "export ONNX graphs and the item table", NOT_IMPLEMENTED, _export)
     _add(sub, "repo", "render a Triton model repository", NOT_IMPLEMENTED, _repo)
     _add(sub, "serve", "start tritonserver on a model repository", NOT_IMPLEMENTED, _serve)
-    _add(sub, "rank", "rank candidates through the gRPC endpoint", NOT_IMPLEMENTED, _rank)
+    _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)
     _add(sub, "demo", "the whole pipeline on the synthetic dataset", NOT_IMPLEMENTED, _demo)
     return parser

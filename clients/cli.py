@@ -1,0 +1,20 @@
+"""`mmrank rank`: score candidates for one history through the gRPC endpoint and print them ranked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from clients.ranking_client import ClientConfig, RankingClient, parse_id_list
+
+
+def cli(args) -> int:
+    history = parse_id_list(args.history, "--history")
+    candidates = parse_id_list(args.candidates, "--candidates")
+    with RankingClient(ClientConfig(url=args.url, timeout_s=args.timeout)) as client:
+        scores = client.rank(history, candidates)
+    order = np.argsort(-scores, kind="stable")
+    ranked = [{"item_id": int(candidates[i]), "score": float(scores[i])} for i in order]
+    print(json.dumps({"history": history, "ranked": ranked}, indent=2))
+    return 0

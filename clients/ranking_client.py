@@ -1,0 +1,195 @@
+"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids) -> scores`.
+
+Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
+restarting or overloaded) is retried with exponential backoff; every other failure raises a
+RankingError that says what was wrong (bad ids, server down, model missing, timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmrank.errors import MMRankError
+
+HISTORY, CANDIDATES, SCORES = "history_ids", "candidate_ids", "scores"
+PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
+
+
+class RankingError(MMRankError):
+    pass
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    url: str = "127.0.0.1:8001"
+    model: str = "rank"
+    timeout_s: float = 5.0  # per attempt
+    retries: int = 3  # extra attempts on UNAVAILABLE
+    backoff_s: float = 0.2  # doubles each retry
+
+
+def as_ids(values: Sequence[int] | np.ndarray, name: str, allow_empty: bool) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise RankingError(f"{name} must be a flat list of item ids, got shape {arr.shape}")
+    if arr.size == 0:
+        if not allow_empty:
+            raise RankingError(f"{name} is empty: nothing to rank")
+        return np.array([PAD_ID], dtype=np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise RankingError(f"{name} must hold integer item ids, got {arr.dtype}")
+    if (arr < 0).any():
+        raise RankingError(f"{name} holds a negative id ({int(arr[arr < 0][0])})")
+    return arr.astype(np.int64)
+
+
+def parse_id_list(text: str, name: str) -> list[int]:
+    """'1, 2,3' -> [1, 2, 3]; the CLI's --history may be empty."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return [int(p) for p in parts]
+    except ValueError as e:
+        raise RankingError(f"{name}: {e}") from e
+
+
+def _is_unavailable(err: Exception) -> bool:
+    status = getattr(err, "status", lambda: None)() or ""
+    return "UNAVAILABLE" in str(status)
+
+
+def _describe(err: Exception, cfg: ClientConfig) -> RankingError:
+    status = str(getattr(err, "status", lambda: None)() or "")
+    msg = getattr(err, "message", lambda: str(err))() or str(err)
+    if "UNAVAILABLE" in status:
+        return RankingError(f"Triton at {cfg.url} is unavailable (is `mmrank serve` running?): {msg}")
+    if "DEADLINE_EXCEEDED" in status:
+        return RankingError(f"no answer from {cfg.url} within {cfg.timeout_s}s")
+    return RankingError(f"model {cfg.model!r} at {cfg.url}: {msg}")
+
+
+class _Base:
+    def __init__(self, cfg: ClientConfig, client):
+        self.cfg = cfg
+        self._client = client
+        self._batched: bool | None = None
+
+    def _inputs(self, module, history, candidates, batched: bool):
+        hist = as_ids(history, HISTORY, allow_empty=True)
+        cand = as_ids(candidates, CANDIDATES, allow_empty=False)
+        out = []
+        for name, arr in ((HISTORY, hist), (CANDIDATES, cand)):
+            arr = arr[None, :] if batched else arr
+            inp = module.InferInput(name, list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            out.append(inp)
+        return out, len(cand)
+
+    @staticmethod
+    def _batched_from(metadata) -> bool:
+        for t in metadata.inputs:
+            if t.name == CANDIDATES:
+                return len(t.shape) == 2
+        raise RankingError(f"model has no input named {CANDIDATES!r}")
+
+    def _scores(self, result, n: int) -> np.ndarray:
+        scores = result.as_numpy(SCORES)
+        if scores is None:
+            raise RankingError(f"response has no {SCORES!r} output")
+        scores = scores.reshape(-1)
+        if scores.size != n:
+            raise RankingError(f"got {scores.size} scores for {n} candidates")
+        return scores.astype(np.float32)
+
+
+class RankingClient(_Base):
+    """Blocking client. `with RankingClient(ClientConfig(url=...)) as c: c.rank([1, 2], [3, 4, 5])`."""
+
+    def __init__(self, cfg: ClientConfig = ClientConfig()):
+        import tritonclient.grpc as grpcclient
+
+        self._module = grpcclient
+        super().__init__(cfg, grpcclient.InferenceServerClient(url=cfg.url))
+
+    def _call(self, fn, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        delay = self.cfg.backoff_s
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return fn(*args, client_timeout=self.cfg.timeout_s, **kwargs)
+            except InferenceServerException as e:
+                if not _is_unavailable(e) or attempt == self.cfg.retries:
+                    raise _describe(e, self.cfg) from e
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def ready(self) -> bool:
+        try:
+            return bool(self._call(self._client.is_model_ready, self.cfg.model))
+        except RankingError:
+            return False
+
+    def rank(self, history_ids, candidate_ids) -> np.ndarray:
+        if self._batched is None:
+            self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
+        inputs, n = self._inputs(self._module, history_ids, candidate_ids, self._batched)
+        outputs = [self._module.InferRequestedOutput(SCORES)]
+        result = self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
+        return self._scores(result, n)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncRankingClient(_Base):
+    """asyncio client with the same contract; use inside a running event loop."""
+
+    def __init__(self, cfg: ClientConfig = ClientConfig()):
+        import tritonclient.grpc.aio as aioclient
+
+        self._module = aioclient
+        super().__init__(cfg, aioclient.InferenceServerClient(url=cfg.url))
+
+    async def _call(self, fn, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        delay = self.cfg.backoff_s
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return await fn(*args, client_timeout=self.cfg.timeout_s, **kwargs)
+            except InferenceServerException as e:
+                if not _is_unavailable(e) or attempt == self.cfg.retries:
+                    raise _describe(e, self.cfg) from e
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def rank(self, history_ids, candidate_ids) -> np.ndarray:
+        if self._batched is None:
+            meta = await self._call(self._client.get_model_metadata, self.cfg.model)
+            self._batched = self._batched_from(meta)
+        inputs, n = self._inputs(self._module, history_ids, candidate_ids, self._batched)
+        outputs = [self._module.InferRequestedOutput(SCORES)]
+        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
+        return self._scores(result, n)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
