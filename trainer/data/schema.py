@@ -9,6 +9,9 @@ A dataset is a folder:
     events/part-*.parquet  user_id, item_id, label, ts, request_id, split (0 train, 1 valid, 2 test)
     item_features/*.npy  optional precomputed item features, row i = item_id i (row 0 = padding)
 
+Columns prefixed `latent_` (synthetic data only) are the generator's ground truth, kept for tests of
+the planted signal; loaders, features and the trainer never read them.
+
 Ids are dense: items 1..num_items and users 1..num_users. Id 0 is reserved for padding in histories
 and for "unknown" in lookups, so an embedding table of num_items + 1 rows covers every id.
 """
