@@ -22,7 +22,9 @@ def _require(df: pd.DataFrame, path, columns: dict[str, str]) -> None:
         if kind == "i" and not pd.api.types.is_integer_dtype(dtype):
             raise DataError(path, f"dtype {dtype}, expected an integer", column=name)
         if kind in ("O", "b") and pd.api.types.is_numeric_dtype(dtype):
-            raise DataError(path, f"dtype {dtype}, expected {'text' if kind == 'O' else 'bytes'}", column=name)
+            raise DataError(
+                path, f"dtype {dtype}, expected {'text' if kind == 'O' else 'bytes'}", column=name
+            )
 
 
 def _first(mask: np.ndarray) -> int:
@@ -46,11 +48,12 @@ def check_ids(values: np.ndarray, path, column: str, low: int, high: int, unique
 
 
 def check_image_bytes(blob, path, row: int, column: str = "image") -> None:
+    """The image decodes completely: `verify()` alone reads only headers and passes a truncated JPEG."""
     if blob is None:
         return
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            im.verify()
+            im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"unreadable image ({type(e).__name__}: {e})", column=column, row=row) from e
 
@@ -70,7 +73,8 @@ def validate_items(ds: Dataset) -> None:
     for c, card in m.item_categoricals.items():
         check_ids(ds.items[c].to_numpy(), path, c, 0, card - 1)
     for f in m.text_fields:
-        bad = ds.items[f].map(lambda x: x is not None and not isinstance(x, str)).to_numpy()
+        # pandas >= 3 reads a null string as NaN, not None.
+        bad = ds.items[f].map(lambda x: not (isinstance(x, str) or pd.isna(x))).to_numpy()
         if bad.any():
             raise DataError(path, "not a string", column=f, row=_first(bad))
     if m.has_images:
@@ -104,7 +108,26 @@ def validate_events(ds: Dataset) -> None:
             raise DataError(path, f"split {name!r} is empty", column="split")
 
 
+def validate_item_features(ds: Dataset) -> None:
+    """Each precomputed feature file loads, has a row per item plus the padding row 0, and row 0 is zero."""
+    for name, rel in ds.manifest.item_features.items():
+        path = ds.root / rel
+        if not path.is_file():
+            raise DataError(path, f"missing item feature file {name!r}")
+        try:
+            values = ds.item_feature(name)
+        except (ValueError, OSError) as e:
+            raise DataError(path, f"unreadable .npy ({e})") from e
+        if values.ndim == 0 or values.shape[0] != ds.num_items + 1:
+            raise DataError(
+                path, f"shape {values.shape}, expected {ds.num_items + 1} rows (items + padding row 0)"
+            )
+        if np.any(values[0]):
+            raise DataError(path, "padding row is not zero", row=0)
+
+
 def validate_dataset(ds: Dataset) -> None:
     validate_items(ds)
     validate_users(ds)
     validate_events(ds)
+    validate_item_features(ds)
