@@ -19,10 +19,13 @@ class ContentConfig:
     num_queries: int = 2  # FQ-Former learnable queries [EM3: 2]
     fusion_layers: int = 1  # [EM3: 1]
     fusion_heads: int = 4  # [EM3: 4]
-    dropout: float = 0.1
+    fusion_ffn: int = 0  # FFN width as a multiple of d after each attention block; 0 = none (EM3 public code)
+    dropout: float = 0.1  # hidden dropout in the fusion blocks (attention dropout is 0, as in EM3's code)
     source: str = "tower"  # tower: computed by the model | fixed: a frozen per-item table (pe, task_pe)
     fixed_table: str | None = None  # .npy [num_items + 1, d] when source == "fixed"
-    encoder_mode: str = "frozen"  # frozen: cached encoder features (EM3 hybrid) | trainable: MiniLM in the loop (LEMUR)
+    encoder_mode: str = (
+        "frozen"  # frozen: cached encoder features (EM3 hybrid) | trainable: MiniLM in the loop (LEMUR)
+    )
     trainable_layers: int = 2  # MiniLM top layers fine-tuned in trainable mode
     encoder_lora_rank: int = 0  # > 0: LoRA on the trainable MiniLM layers instead of full fine-tuning
     max_text_tokens: int = 64
@@ -38,8 +41,10 @@ class InterestConfig:
     long_len: int = 0  # long history length (EM3 LoRA phase, LEMUR long sequence); 0 = off
     target_attention: bool = True  # EM3 eq. 7-8
     attention_heads: int = 1
+    attention_impl: str = "sdpa"  # sdpa: torch's fused attention | reference: the plain masked softmax
     decoder_layers: int = 0  # LEMUR/LONGER cross-attention decoder layers; 0 = off
     decoder_queries: int = 2  # global query tokens built from non-sequence features
+    decoder_heads: int = 1
     similarity_topk: int = 0  # LEMUR cosine features: cos(c, c_ui) + sorted top-k copy; 0 = off
     memory_bank: bool = False  # LEMUR: history vectors read from the bank, no encoder on history items
     lora_rank: int = 0  # EM3 eq. 9: LoRA rank on the content tower for the long-history phase
@@ -53,6 +58,8 @@ class RankerConfig:
     use_content_user: bool = True  # u, decoder output, similarity features (EM3 Table 6 "user")
     hidden: tuple[int, ...] = (256, 128)
     mixer: str = "mlp"  # mlp | rankmixer (token mixing + per-token FFN)
+    token_dim: int = 64  # rankmixer token width (rounded up to a multiple of the token count)
+    mixer_layers: int = 2  # rankmixer layers
     dropout: float = 0.1
 
 
@@ -60,6 +67,7 @@ class RankerConfig:
 class LossConfig:
     cic_alpha: float = 0.0  # EM3 CIC weight [0.1]
     cic_tau: float = 0.1  # [0.1]
+    cic_dim: int = 64  # width of the shared space of f_cic(c) and f'_cic(id)
     sqdc_lambda: float = 0.0  # LEMUR SQDC weight
     sqdc_scale: float = 50.0  # T, multiplies the cosine [50]
     sqdc_request_mask: bool = True  # mask other samples of the same request from the denominator

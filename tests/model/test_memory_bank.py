@@ -1,0 +1,168 @@
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from trainer.model.memory_bank import MemoryBank, dedup_join, dedup_join_reference
+
+
+
+def _bank() -> MemoryBank:
+    torch.manual_seed(0)
+    return MemoryBank(num_items=6, d=3)
+
+
+def test_write_then_read_returns_vectors_default_and_zero_padding():
+    bank = _bank()
+    v = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    bank.write(torch.tensor([1, 2]), v, step=5)
+    out = bank.read(torch.tensor([[2, 1], [0, 3]]))
+    assert torch.equal(out[0, 0], v[1]) and torch.equal(out[0, 1], v[0])
+    assert torch.equal(out[1, 0], torch.zeros(3))
+    assert torch.equal(out[1, 1], bank.default.detach())
+    assert bank.written_step.tolist() == [-1, 5, 5, -1, -1, -1, -1]
+    assert bank.present.tolist() == [False, True, True, False, False, False, False]
+
+
+def test_overwrite_reports_staleness_by_hand_and_ignores_new_ids():
+    bank = _bank()
+    old1, old2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    first = bank.write(torch.tensor([1, 2]), torch.stack([old1, old2]), step=1)
+    assert math.isnan(first.item())  # nothing was cached before
+    new1, new2, new4 = (
+        torch.tensor([1.0, 1.0, 0.0]),
+        torch.tensor([0.0, -1.0, 0.0]),
+        torch.tensor([5.0, 5.0, 5.0]),
+    )
+    staleness = bank.write(torch.tensor([1, 2, 4]), torch.stack([new1, new2, new4]), step=2)
+    # id 4 was never present: only ids 1 and 2 count. cos(new1, old1) = 1/sqrt(2), cos(new2, old2) = -1.
+    assert staleness.item() == pytest.approx((1 / math.sqrt(2) - 1.0) / 2)
+    assert torch.equal(bank.vectors[1], new1) and torch.equal(bank.vectors[4], new4)
+    assert bank.written_step[1].item() == 2 and bank.written_step[4].item() == 2
+
+
+def test_in_batch_duplicates_are_averaged_and_padding_is_never_written():
+    bank = _bank()
+    ids = torch.tensor([3, 0, 3, 5])
+    vecs = torch.tensor([[1.0, 2.0, 3.0], [9.0, 9.0, 9.0], [3.0, 4.0, 5.0], [1.0, 1.0, 1.0]])
+    bank.write(ids, vecs, step=0)
+    assert torch.equal(bank.vectors[3], torch.tensor([2.0, 3.0, 4.0]))
+    assert not bank.present[0] and torch.equal(bank.vectors[0], torch.zeros(3))
+
+
+def test_write_is_detached():
+    bank = _bank()
+    vecs = torch.randn(2, 3, requires_grad=True)
+    bank.write(torch.tensor([1, 2]), vecs, step=0)
+    assert not bank.vectors.requires_grad
+
+
+def test_dedup_join_uses_fresh_vectors_with_gradient_and_bank_values_without():
+    bank = _bank()
+    bank.write(torch.tensor([1, 2, 3]), torch.ones(3, 3), step=0)
+    hist = torch.tensor([[0, 1, 2, 4], [3, 2, 2, 1]])
+    bank_vecs = bank.read(hist)
+    fresh_ids = torch.tensor([2, 5, 2])
+    fresh = torch.tensor([[1.0, 2.0, 3.0], [7.0, 7.0, 7.0], [3.0, 2.0, 1.0]], requires_grad=True)
+    out = dedup_join(hist, bank_vecs, fresh_ids, fresh)
+    is_two = (hist == 2)[..., None]
+    assert torch.equal(out, torch.where(is_two, torch.tensor([2.0, 2.0, 2.0]), bank_vecs))
+    out.sum().backward()
+    # id 2 appears 3 times in the history; each of its two fresh copies gets half of each use.
+    assert torch.equal(fresh.grad, torch.tensor([[1.5] * 3, [0.0] * 3, [1.5] * 3]))
+    # The never-written id 4 read the default: its one position is the default's only gradient.
+    assert torch.equal(bank.default.grad, torch.ones(3))
+
+
+def _join_with_grads(join, hist, bank_vecs, fresh_ids, fresh, weight):
+    bank_vecs, fresh = bank_vecs.clone().requires_grad_(), fresh.clone().requires_grad_()
+    out = join(hist, bank_vecs, fresh_ids, fresh)
+    (out * weight).sum().backward()
+    grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in (bank_vecs, fresh)]
+    return out.detach(), *grads
+
+
+def test_dedup_join_matches_reference_forward_and_backward():
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        hist = torch.randint(0, 12, (4, 9), generator=gen)
+        bank_vecs = torch.randn(4, 9, 5, generator=gen)
+        fresh_ids = torch.randint(0, 12, (int(torch.randint(0, 8, (1,), generator=gen)),), generator=gen)
+        fresh = torch.randn(fresh_ids.numel(), 5, generator=gen)
+        weight = torch.randn(4, 9, 5, generator=gen)
+        fast = _join_with_grads(dedup_join, hist, bank_vecs, fresh_ids, fresh, weight)
+        ref = _join_with_grads(dedup_join_reference, hist, bank_vecs, fresh_ids, fresh, weight)
+        for a, b in zip(fast, ref, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_coverage_counts_present_ids_under_the_mask():
+    bank = _bank()
+    bank.write(torch.tensor([1, 2]), torch.ones(2, 3), step=0)
+    ids = torch.tensor([[0, 1, 3], [2, 2, 4]])
+    mask = ids != 0
+    assert bank.coverage(ids, mask).item() == pytest.approx(3 / 5)
+    assert bank.coverage(torch.tensor([1, 5])).item() == pytest.approx(0.5)
+    assert math.isnan(bank.coverage(ids, torch.zeros_like(mask)).item())
+
+
+def test_state_dict_round_trip():
+    bank = _bank()
+    bank.write(torch.tensor([1, 4]), torch.randn(2, 3), step=7)
+    copy = MemoryBank(num_items=6, d=3)
+    copy.load_state_dict(bank.state_dict())
+    assert set(bank.state_dict()) == {"vectors", "written_step", "present", "default"}
+    ids = torch.tensor([0, 1, 2, 4])
+    assert torch.equal(copy.read(ids), bank.read(ids))
+    assert torch.equal(copy.written_step, bank.written_step)
+
+
+def test_all_gather_write_without_a_process_group_is_a_local_write():
+    a, b = _bank(), _bank()
+    ids, vecs = torch.tensor([1, 3, 1]), torch.randn(3, 3)
+    a.write(ids, vecs, step=3)
+    b.all_gather_write(ids, vecs, step=3)
+    assert torch.equal(a.vectors, b.vectors) and torch.equal(a.present, b.present)
+
+
+RANK_WRITES = {
+    0: (torch.tensor([1, 2, 2]), torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 3.0, 0]])),
+    1: (torch.tensor([2, 5]), torch.tensor([[0, 0, 4.0], [1.0, 1.0, 1.0]])),
+}
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bank = MemoryBank(num_items=6, d=3)
+    ids, vecs = RANK_WRITES[rank]
+    bank.all_gather_write(ids, vecs, step=4)
+    torch.save(bank.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_all_gather_write_gives_every_rank_the_union(tmp_path):
+    args = (2, str(tmp_path / "init"), str(tmp_path))
+    mp.start_processes(_gather_worker, args=args, nprocs=2, join=True, start_method="fork")
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    expected = torch.zeros(7, 3)
+    expected[1] = torch.tensor([1.0, 0, 0])
+    expected[2] = torch.tensor([0, 4.0, 4.0]) / 3  # three copies of id 2 across ranks, averaged
+    expected[5] = torch.tensor([1.0, 1.0, 1.0])
+    for state in states:
+        torch.testing.assert_close(state["vectors"], expected)
+        assert state["present"].tolist() == [False, True, True, False, False, True, False]
+        assert state["written_step"][2].item() == 4
+
+
+def test_staleness_is_cosine_of_the_averaged_write():
+    bank = _bank()
+    bank.write(torch.tensor([1]), torch.tensor([[1.0, 0.0, 0.0]]), step=0)
+    staleness = bank.write(torch.tensor([1, 1]), torch.tensor([[1.0, 2.0, 0.0], [1.0, -2.0, 2.0]]), step=1)
+    mean = torch.tensor([1.0, 0.0, 1.0])
+    assert staleness.item() == pytest.approx(
+        F.cosine_similarity(mean, torch.tensor([1.0, 0.0, 0.0]), dim=0).item()
+    )

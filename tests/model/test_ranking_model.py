@@ -1,0 +1,345 @@
+import math
+
+import pytest
+import torch
+
+from mmrank.errors import MMRankError
+from trainer.data.batch import Batch
+from trainer.losses import bce
+from trainer.model.config import ContentConfig, InterestConfig, LossConfig, ModelConfig, RankerConfig
+from trainer.model.ranking_model import ModelSchema, RankingModel
+
+
+NUM_ITEMS, NUM_USERS = 12, 4
+
+
+def _schema(tokens=None) -> ModelSchema:
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randn(NUM_ITEMS + 1, 2, 12, generator=gen)
+    text_mask = torch.ones(NUM_ITEMS + 1, 2, dtype=torch.bool)
+    text_mask[::3, 1] = False
+    image = torch.randn(NUM_ITEMS + 1, 1, 10, generator=gen)
+    image_mask = torch.ones(NUM_ITEMS + 1, 1, dtype=torch.bool)
+    image_mask[5] = False  # an item without a poster
+    text_mask[0], image_mask[0] = False, False
+    item_cats = torch.randint(1, 4, (NUM_ITEMS + 1, 2), generator=gen)
+    item_cats[0] = 0
+    return ModelSchema(
+        num_items=NUM_ITEMS,
+        num_users=NUM_USERS,
+        item_cats=item_cats,
+        item_cat_cards=(4, 4),
+        user_feat_cards=(3, 2),
+        modalities={"text": (text, text_mask), "image": (image, image_mask)},
+        tokens=tokens,
+    )
+
+
+def _cfg(**overrides) -> ModelConfig:
+    cfg = ModelConfig(
+        content=ContentConfig(d=16, fusion_heads=4, dropout=0.0),
+        interest=InterestConfig(short_len=5),
+        ranker=RankerConfig(id_dim=4, hidden=(16,), dropout=0.0, token_dim=8),
+        loss=LossConfig(cic_dim=8),
+    )
+    for path, value in overrides.items():
+        part, name = path.split(".")
+        setattr(getattr(cfg, part), name, value)
+    return cfg
+
+
+EM3 = {"interest.attention_heads": 2, "loss.cic_alpha": 0.1}
+LEMUR = {
+    "interest.memory_bank": True,
+    "interest.decoder_layers": 1,
+    "interest.decoder_heads": 2,
+    "interest.similarity_topk": 3,
+    "loss.sqdc_lambda": 0.5,
+    "ranker.mixer": "rankmixer",
+}
+ID_ONLY = {"ranker.use_content_item": False, "ranker.use_content_user": False}
+LONG = {"interest.long_len": 8, "interest.lora_rank": 2}
+
+
+def _history(gen: torch.Generator, b: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(0, length + 1, (b,), generator=gen)
+    lengths[0] = 0  # a user without history
+    lengths[1] = length
+    mask = torch.arange(length)[None, :] >= (length - lengths)[:, None]
+    ids = torch.randint(1, NUM_ITEMS + 1, (b, length), generator=gen) * mask
+    return ids, mask
+
+
+def _batch(seed: int = 0, b: int = 6, long_len: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    hist, mask = _history(gen, b, 5)
+    long_hist, long_mask = _history(gen, b, long_len) if long_len else (None, None)
+    return Batch(
+        user_id=torch.randint(1, NUM_USERS + 1, (b,), generator=gen),
+        item_id=torch.tensor([1, 2, 3, 2, 7, 9])[:b],
+        label=torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])[:b],
+        request_id=torch.tensor([1, 1, 1, 2, 2, 3])[:b],
+        user_feats=torch.stack(
+            [torch.randint(0, 3, (b,), generator=gen), torch.randint(0, 2, (b,), generator=gen)], 1
+        ),
+        hist_ids=hist,
+        hist_mask=mask,
+        long_hist_ids=long_hist,
+        long_hist_mask=long_mask,
+    )
+
+
+def _model(overrides: dict, schema: ModelSchema | None = None) -> RankingModel:
+    torch.manual_seed(0)
+    return RankingModel(_cfg(**overrides), schema or _schema())
+
+
+def _train_step(model: RankingModel, batch: Batch):
+    model.train()
+    out = model(batch)
+    loss = bce(out.logits, batch.label) + sum(out.losses.values())
+    loss.backward()
+    return out, loss
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    return {name: p.grad for name, p in module.named_parameters()}
+
+
+def test_em3_like_frozen_tower_target_attention_cic():
+    model = _model(EM3)
+    assert model.bank is None and model.decoder is None and not model.tower.trainable_encoder
+    out, loss = _train_step(model, _batch())
+    assert out.logits.shape == (6,) and torch.isfinite(loss)
+    assert set(out.losses) == {"cic"} and out.stats == {}
+    for name, grad in _grads(model).items():
+        assert grad is not None, name
+    # The user without history still gets a finite score and its u is exactly zero.
+    c = model.item_vectors(torch.tensor([[1]]))
+    u = model.interest(c, torch.zeros(1, 5, 16), torch.zeros(1, 5, dtype=torch.bool))
+    assert torch.equal(u, torch.zeros_like(u))
+
+
+def test_lemur_like_bank_decoder_similarity_sqdc():
+    model = _model(LEMUR)
+    batch = _batch()
+    out, _ = _train_step(model, batch)
+    assert set(out.losses) == {"sqdc"}
+    assert out.stats["bank/target_coverage"] == 0.0 and "bank/staleness" not in out.stats
+    hist_ids = batch.hist_ids[batch.hist_mask]
+    targets = set(batch.item_id.tolist())
+    expected = sum(int(i) in targets for i in hist_ids.tolist()) / hist_ids.numel()
+    assert out.stats["bank/history_coverage"] == pytest.approx(expected)
+    assert model.bank.present[batch.item_id].all() and model.bank.present.sum() == len(targets)
+    assert model.bank.default.grad is not None  # history ids never encoded read the learned default
+    assert all(p.grad is not None for p in model.tower.parameters())
+
+    before = model.bank.vectors.clone()
+    out2, loss2 = _train_step(model, batch)
+    assert out2.stats["bank/target_coverage"] == 1.0
+    assert -1.0 <= out2.stats["bank/staleness"] <= 1.0 + 1e-6
+    assert torch.isfinite(loss2)
+    assert model.bank.written_step[batch.item_id].eq(1).all() and int(model.train_steps) == 2
+    # The tower's weights did not change between the steps (no optimizer), so the cache is fresh.
+    assert out2.stats["bank/staleness"] == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(model.bank.vectors, before)
+
+
+def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
+    model = _model(LEMUR)
+    batch = _batch()
+    _train_step(model, batch)
+    model.train()
+    stats: dict[str, float] = {}
+    _, fresh_ids, fresh_vecs = model._target_content(batch.item_id, stats)
+    hist_ids = torch.tensor([[0, 4, 2, 6, 2]])  # 2 was encoded this step, 4 and 6 were never written
+    hist = model._history_content(hist_ids, hist_ids != 0, fresh_ids, fresh_vecs, stats, "history")
+    params = [p for p in model.tower.parameters() if p.requires_grad]
+
+    def tower_grad(position: int) -> float:
+        grads = torch.autograd.grad(hist[0, position].sum(), params, retain_graph=True, allow_unused=True)
+        return sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
+
+    assert tower_grad(2) > 0 and tower_grad(4) > 0  # the fresh vector of item 2, with its gradient
+    assert tower_grad(1) == 0 and tower_grad(3) == 0  # the learned default, no encoder
+    torch.testing.assert_close(hist[0, 1], model.bank.default)
+    torch.testing.assert_close(hist[0, 2], model.bank.vectors[2])  # the same value the bank now holds
+    assert torch.equal(hist[0, 0], torch.zeros(16))
+
+
+def test_id_only_model_has_no_content_tower():
+    model = _model(ID_ONLY)
+    assert model.tower is None and model.bank is None
+    out, loss = _train_step(model, _batch())
+    assert torch.isfinite(loss) and out.losses == {}
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(MMRankError, match="no content tower"):
+        model.item_vectors(torch.tensor([1]))
+    with pytest.raises(MMRankError, match="needs content features"):
+        _model({**ID_ONLY, "interest.memory_bank": True})
+
+
+def test_long_history_then_lora_phase_freezes_the_tower_base():
+    model = _model({**EM3, **LONG})
+    batch = _batch(long_len=8)
+    out, _ = _train_step(model, batch)
+    assert model.long_interest is not None
+    assert all(p.grad is not None for p in model.tower.parameters())
+    base = {name for name, _ in model.tower.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model.start_lora_phase()
+    groups = model.param_groups(lr_content=1e-4, lr_ranker=1e-3, weight_decay=0.01)
+    content = [p for g in groups if g["name"].startswith("content") for p in g["params"]]
+    lora = {name: p for name, p in model.tower.named_parameters() if "lora_" in name}
+    assert lora and {id(p) for p in content} == {id(p) for p in lora.values()}
+    _train_step(model, batch)
+    for name, p in model.tower.named_parameters():
+        if name in base:
+            assert p.grad is None and not p.requires_grad, name
+        else:
+            assert p.grad is not None, name
+
+
+def test_lora_phase_leaves_scores_unchanged_at_the_switch():
+    model = _model({**EM3, **LONG})
+    batch = _batch(long_len=8)
+    model.eval()
+    before = model(batch).logits
+    model.start_lora_phase()
+    torch.testing.assert_close(model(batch).logits, before)
+    with pytest.raises(MMRankError, match="lora_rank > 0"):
+        _model(EM3).start_lora_phase()
+
+
+@pytest.mark.parametrize(
+    "overrides", [EM3, LEMUR, ID_ONLY, {**EM3, **LONG}], ids=["em3", "lemur", "id", "long"]
+)
+def test_score_with_n_candidates_equals_forward(overrides):
+    model = _model(overrides)
+    long_len = overrides.get("interest.long_len", 0)
+    batch = _batch(long_len=long_len)
+    _train_step(model, batch)  # fills the bank where there is one
+    model.eval()
+    cand = torch.tensor([[1, 4, 2], [2, 11, 12], [3, 3, 5], [2, 1, 6], [7, 8, 10], [9, 12, 1]])
+    has_content = model.tower is not None
+    with torch.no_grad():
+        vec = model.item_vectors if has_content else (lambda ids: None)
+        scores = model.score(
+            batch.user_id,
+            batch.user_feats,
+            cand,
+            vec(cand),
+            vec(batch.hist_ids),
+            batch.hist_mask,
+            vec(batch.long_hist_ids) if long_len else None,
+            batch.long_hist_mask,
+        )
+        assert scores.shape == (6, 3)
+        for j in range(3):
+            batch.item_id = cand[:, j]
+            torch.testing.assert_close(model(batch).logits, scores[:, j], atol=1e-5, rtol=1e-5)
+
+
+def test_item_vectors_prefer_the_bank_and_encode_unwritten_items():
+    model = _model(LEMUR)
+    batch = _batch()
+    _train_step(model, batch)
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([1, 4, 0])  # written, never written, padding
+        vecs = model.item_vectors(ids)
+        torch.testing.assert_close(vecs[0], model.bank.vectors[1])
+        torch.testing.assert_close(vecs[1], model.tower(torch.tensor([4]))[0])
+        assert torch.equal(vecs[2], torch.zeros(16))
+
+
+def test_param_groups_split_content_and_ranker_and_skip_decay_on_embeddings():
+    model = _model(LEMUR)
+    groups = model.param_groups(lr_content=1e-4, lr_ranker=1e-3, weight_decay=0.05)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"content/decay", "content/no_decay", "ranker/decay", "ranker/no_decay"}
+    assert by_name["content/decay"]["lr"] == 1e-4 and by_name["ranker/decay"]["lr"] == 1e-3
+    assert (
+        by_name["ranker/no_decay"]["weight_decay"] == 0.0 and by_name["ranker/decay"]["weight_decay"] == 0.05
+    )
+    no_decay = {id(p) for p in by_name["ranker/no_decay"]["params"]}
+    assert id(model.ranker.user_emb.weight) in no_decay and id(model.bank.default) in no_decay
+    listed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    torch.optim.AdamW(groups)
+
+
+def test_bad_batches_and_configs_name_the_problem():
+    model = _model(EM3)
+    batch = _batch()
+    batch.item_id = batch.item_id.clone()
+    batch.item_id[2] = NUM_ITEMS + 1
+    with pytest.raises(MMRankError, match="batch.item_id has ids"):
+        model(batch)
+    batch = _batch()
+    batch.hist_mask = batch.hist_mask[:, :3]
+    with pytest.raises(MMRankError, match="batch.hist_ids"):
+        model(batch)
+    batch = _batch()
+    batch.user_feats = batch.user_feats[:, :1]
+    with pytest.raises(MMRankError, match="batch.user_feats"):
+        model(batch)
+    with pytest.raises(MMRankError, match="long_hist_ids"):
+        _model({**EM3, **LONG})(_batch())
+    with pytest.raises(MMRankError, match="sample_q"):
+        _model({"content.sample_p": 0.1, "content.sample_q": 0.2})
+    with pytest.raises(MMRankError, match="cic_alpha"):
+        _model({**EM3, "ranker.use_item_id": False}, _schema_without_cats())
+
+
+def _schema_without_cats() -> ModelSchema:
+    schema = _schema()
+    schema.item_cats, schema.item_cat_cards = schema.item_cats[:, :0], ()
+    return schema
+
+
+@pytest.fixture(scope="module")
+def trainable_model() -> RankingModel:
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(1000, 3000, (NUM_ITEMS + 1, 6), generator=gen)
+    input_ids[:, 0] = 101
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0] = 0
+    attention_mask[4:, 4:] = 0
+    schema = _schema(tokens=(input_ids, attention_mask))
+    overrides = {
+        **LEMUR,
+        "content.encoder_mode": "trainable",
+        "content.trainable_layers": 1,
+        "content.sample_p": 0.5,
+        "content.sample_q": 0.25,
+    }
+    return _model(overrides, schema)
+
+
+def test_trainable_encoder_p_q_sampling(trainable_model):
+    model = trainable_model
+    assert model.tower.trainable_encoder
+    batch = _batch()
+    out, _ = _train_step(model, batch)
+    assert out.stats["bank/encoded_share"] == 1.0  # nothing was in the bank: everything is encoded
+    assert 0.0 <= out.stats["bank/grad_share"] <= 1.0
+    model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(11)
+    model.train()
+    stats: dict[str, float] = {}
+    ids = torch.arange(1, NUM_ITEMS + 1)
+    c, fresh_ids, fresh_vecs = model._target_content(ids, stats)
+    assert stats["bank/grad_share"] <= stats["bank/encoded_share"]
+    unwritten = set(range(1, NUM_ITEMS + 1)) - set(batch.item_id.tolist())
+    assert unwritten <= set(fresh_ids.tolist())  # never-written items are always encoded
+    cached = torch.tensor([i for i in ids.tolist() if i not in set(fresh_ids.tolist())])
+    assert cached.numel() > 0  # p = 0.5 leaves some of the five written items to the bank
+    torch.testing.assert_close(c[cached - 1], model.bank.vectors[cached])
+    # Bank reads are constants: a loss on them alone reaches no encoder weight.
+    if c[cached - 1].requires_grad:
+        c[cached - 1].sum().backward()
+    text = [p for n, p in model.tower.named_parameters() if n.startswith("text.")]
+    assert text and all(p.grad is None or p.grad.abs().sum() == 0 for p in text)
+    assert math.isclose(stats["bank/encoded_share"], fresh_ids.numel() / NUM_ITEMS)

@@ -1,0 +1,140 @@
+"""The ranker: ID embeddings + content features -> logit (SPEC §2.4).
+
+Features are grouped into tokens: the user token (user id + user feature embeddings), the item token
+(item id + item categorical embeddings, looked up inside from the candidate ids exactly as the serving
+lookup does) and one token per content feature (c, u, decoder output, similarity features).
+`mixer = "mlp"` concatenates the tokens into the MLP head; `"rankmixer"` (arXiv 2507.15551) first
+projects every token to a common width and runs RankMixer layers (parameter-free multi-head token
+mixing, then a per-token FFN, each with residual + LayerNorm), then the same MLP head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmrank.errors import MMRankError
+from trainer.model.config import RankerConfig
+
+MIXERS = ("mlp", "rankmixer")
+
+
+def mlp(in_dim: int, hidden: Sequence[int], dropout: float) -> nn.Sequential:
+    """Linear-ReLU-Dropout blocks, then a Linear to one logit."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = width
+    return nn.Sequential(*layers, nn.Linear(in_dim, 1))
+
+
+def token_mix(x: Tensor, tokens: int) -> Tensor:
+    """RankMixer's parameter-free token mixing of x [..., T, D]: split every token into T heads and
+    make new token h the concatenation of head h of every token."""
+    return x.unflatten(-1, (tokens, -1)).transpose(-2, -3).flatten(-2)
+
+
+class RankMixerLayer(nn.Module):
+    """x [..., T, D] -> LN(x + token_mix(x)) -> LN(x + per-token FFN(x)), each token its own FFN."""
+
+    def __init__(self, tokens: int, width: int, dropout: float, expansion: int = 2):
+        super().__init__()
+        self.tokens = tokens
+        hidden = expansion * width
+        self.w1 = nn.Parameter(_uniform((tokens, width, hidden), width))
+        self.b1 = nn.Parameter(torch.zeros(tokens, hidden))
+        self.w2 = nn.Parameter(_uniform((tokens, hidden, width), hidden))
+        self.b2 = nn.Parameter(torch.zeros(tokens, width))
+        self.norm_mix, self.norm_ffn = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm_mix(x + token_mix(x, self.tokens))
+        h = F.gelu(torch.einsum("...td,tdh->...th", x, self.w1) + self.b1)
+        out = torch.einsum("...th,thd->...td", self.dropout(h), self.w2) + self.b2
+        return self.norm_ffn(x + out)
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+class RankMixer(nn.Module):
+    """Feature tokens of any widths -> [..., T * width] after `layers` RankMixer layers."""
+
+    def __init__(self, token_dims: Sequence[int], width: int, layers: int, dropout: float):
+        super().__init__()
+        tokens = len(token_dims)
+        width = tokens * math.ceil(width / tokens)  # token mixing splits each token into T heads
+        self.out_dim = tokens * width
+        self.inputs = nn.ModuleList(nn.Linear(dim, width) for dim in token_dims)
+        self.layers = nn.ModuleList(RankMixerLayer(tokens, width, dropout) for _ in range(layers))
+
+    def forward(self, tokens: Sequence[Tensor]) -> Tensor:
+        x = torch.stack([proj(t) for proj, t in zip(self.inputs, tokens, strict=True)], dim=-2)
+        for layer in self.layers:
+            x = layer(x)
+        return x.flatten(-2)
+
+
+class Ranker(nn.Module):
+    """(user, candidates [B, N], content features [B, N, dim_i]) -> logits [B, N]."""
+
+    def __init__(
+        self,
+        cfg: RankerConfig,
+        num_users: int,
+        num_items: int,
+        item_cats: Tensor,
+        item_cat_cards: Sequence[int],
+        user_feat_cards: Sequence[int],
+        content_dims: Sequence[int],
+    ):
+        super().__init__()
+        if cfg.mixer not in MIXERS:
+            raise MMRankError(f"unknown ranker mixer {cfg.mixer!r}; expected one of {MIXERS}")
+        if tuple(item_cats.shape) != (num_items + 1, len(item_cat_cards)):
+            raise MMRankError(
+                f"item_cats has shape {tuple(item_cats.shape)}, expected ({num_items + 1}, {len(item_cat_cards)})"
+            )
+        e = cfg.id_dim
+        self.user_emb = nn.Embedding(num_users + 1, e)
+        self.user_feat_embs = nn.ModuleList(nn.Embedding(card, e) for card in user_feat_cards)
+        self.item_emb = nn.Embedding(num_items + 1, e) if cfg.use_item_id else None
+        self.cat_embs = nn.ModuleList(nn.Embedding(card, e) for card in item_cat_cards)
+        self.register_buffer("item_cats", item_cats.to(torch.int64), persistent=False)
+        self.user_dim = e * (1 + len(user_feat_cards))
+        self.item_dim = e * (int(cfg.use_item_id) + len(item_cat_cards))
+        token_dims = [self.user_dim, *([self.item_dim] if self.item_dim else []), *content_dims]
+        if cfg.mixer == "rankmixer":
+            self.mixer: RankMixer | None = RankMixer(token_dims, cfg.token_dim, cfg.mixer_layers, cfg.dropout)
+            head_in = self.mixer.out_dim
+        else:
+            self.mixer, head_in = None, sum(token_dims)
+        self.head = mlp(head_in, cfg.hidden, cfg.dropout)
+
+    def user_features(self, user_id: Tensor, user_feats: Tensor) -> Tensor:
+        """[B] user ids, [B, U] features -> [B, user_dim]."""
+        embs = [self.user_emb(user_id)] + [emb(user_feats[:, i]) for i, emb in enumerate(self.user_feat_embs)]
+        return torch.cat(embs, dim=-1)
+
+    def item_features(self, item_ids: Tensor) -> Tensor:
+        """[...] item ids -> [..., item_dim]: item id embedding and item categorical embeddings."""
+        cats = self.item_cats[item_ids]
+        embs = [self.item_emb(item_ids)] if self.item_emb is not None else []
+        embs += [emb(cats[..., i]) for i, emb in enumerate(self.cat_embs)]
+        return torch.cat(embs, dim=-1) if embs else cats.new_zeros(*item_ids.shape, 0, dtype=torch.float)
+
+    def forward(self, user: Tensor, cand_ids: Tensor, content: Sequence[Tensor]) -> Tensor:
+        """user [B, user_dim] (from `user_features`), cand_ids [B, N], content [B, N, dim_i] -> [B, N]."""
+        tokens = [user[:, None, :].expand(-1, cand_ids.shape[1], -1)]
+        if self.item_dim:
+            tokens.append(self.item_features(cand_ids))
+        tokens += list(content)
+        x = self.mixer(tokens) if self.mixer is not None else torch.cat(tokens, dim=-1)
+        return self.head(x).squeeze(-1)
