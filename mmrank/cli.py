@@ -35,15 +35,25 @@ def _data_synth(p):
     p.add_argument("--events", type=int, default=200_000, help="number of impressions (clicks + non-clicks)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     p.add_argument("--image-size", type=int, default=32, help="side of the rendered RGB item images")
-    p.add_argument("--chunk-events", type=int, default=1_000_000, help="events generated per chunk (bounds memory)")
+    p.add_argument(
+        "--chunk-events",
+        type=int,
+        default=1_000_000,
+        help="events per chunk and Parquet part (bounds memory; whole 8192-event RNG blocks, the data "
+        "does not depend on it)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
 def _data_ml100k(p):
     p.add_argument("--src", default="../shared/data/ml100k_tmdb_posters", help="MovieLens-100K + TMDB folder")
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--neutral", choices=["drop", "negative"], default="drop",
-                   help="what rating 3 becomes (>=4 is a click, <=2 a non-click)")
+    p.add_argument(
+        "--neutral",
+        choices=["drop", "negative"],
+        default="drop",
+        help="what rating 3 becomes (>=4 is a click, <=2 a non-click)",
+    )
     p.add_argument("--valid-frac", type=float, default=0.1, help="share of events (by time) in valid")
     p.add_argument("--test-frac", type=float, default=0.1, help="share of events (by time) in test")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -53,7 +63,9 @@ def _data_mmrec(p):
     p.add_argument("--src", required=True, help="folder holding NAME.inter and optional *_feat.npy")
     p.add_argument("--name", required=True, help="dataset name (the NAME of NAME.inter)")
     p.add_argument("--out", required=True, help="output dataset folder")
-    p.add_argument("--neg-ratio", type=int, default=4, help="sampled negatives per positive in training samples")
+    p.add_argument(
+        "--neg-ratio", type=int, default=4, help="sampled negatives per positive in training samples"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the negative sampler")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -61,8 +73,13 @@ def _data_mmrec(p):
 def _features(p):
     p.add_argument("--data", required=True, help="dataset folder (canonical form)")
     p.add_argument("--batch-size", type=int, default=64, help="items per encoder batch")
-    p.add_argument("--runtime", choices=["auto", "onnxruntime", "torch"], default="auto",
-                   help="encoder runtime; auto picks the faster one measured on this CPU")
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "onnxruntime", "torch"],
+        default="auto",
+        help="encoder runtime; auto = the one benchmarks/encoder_runtime.py measured faster "
+        "(onnxruntime; graphs exported once to $MMRANK_CACHE/onnx, default ~/.cache/mmrank)",
+    )
     p.add_argument("--max-text-tokens", type=int, default=128, help="tokens kept per text field")
 
 
@@ -76,8 +93,33 @@ def _train(p):
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field (dotted path), repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field (dotted path), repeatable",
+    )
+
+
+def _ablation(p):
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument(
+        "--presets", required=True, help="comma-separated preset names; the first is the AUC-gain base"
+    )
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run per preset and seed")
+    p.add_argument("--out", required=True, help="folder for runs/PRESET/seedS, ablation.md and ablation.json")
+    p.add_argument("--epochs", type=int, default=None, help="override every preset's epochs")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop each run after this many optimizer steps"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config field (dotted path) in every run, repeatable",
+    )
 
 
 def _evaluate(p):
@@ -88,14 +130,31 @@ def _evaluate(p):
 def _export(p):
     p.add_argument("--run", required=True, help="run folder written by `mmrank train`")
     p.add_argument("--out", required=True, help="export folder (ONNX graphs, item table, manifest)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="the run's dataset folder (None: the one RUN/evaluation.json or metrics.json records)",
+    )
+    p.add_argument("--no-fp16", action="store_true", help="skip the *.fp16.onnx variants")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
 def _repo(p):
     p.add_argument("--export", required=True, help="folder written by `mmrank export`")
     p.add_argument("--out", required=True, help="Triton model repository to render")
-    p.add_argument("--backend", choices=["python", "onnxruntime", "tensorrt"], default="python",
-                   help="how Triton runs the graphs")
+    p.add_argument(
+        "--backend",
+        choices=["python", "onnxruntime", "tensorrt"],
+        default="python",
+        help="how Triton runs the graphs",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="ONNX variant of the graphs (python / onnxruntime backends)",
+    )
+    p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
@@ -131,14 +190,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     data = sub.add_parser("data", help="build a dataset in the canonical form", formatter_class=_formatter)
     dsub = data.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    _add(dsub, "synth", "planted-signal synthetic dataset (the embedded default)", "trainer.data.synth:cli", _data_synth)
+    _add(
+        dsub,
+        "synth",
+        "planted-signal synthetic dataset (the embedded default)",
+        "trainer.data.synth:cli",
+        _data_synth,
+    )
     _add(dsub, "ml100k", "MovieLens-100K + TMDB overviews + posters", "trainer.data.ml100k:cli", _data_ml100k)
-    _add(dsub, "mmrec", "MMRec-format folder (NAME.inter + *_feat.npy)", "trainer.data.mmrec:cli", _data_mmrec)
-    _add(sub, "features", "frozen-encoder feature cache (text + image)", "trainer.features.cache:cli", _features)
-    _add(sub, "train", "train a model (preset or config)", NOT_IMPLEMENTED, _train)
-    _add(sub, "evaluate", "evaluate a run on a dataset", NOT_IMPLEMENTED, _evaluate)
-    _add(sub, "export", "export ONNX graphs and the item table", NOT_IMPLEMENTED, _export)
-    _add(sub, "repo", "render a Triton model repository", NOT_IMPLEMENTED, _repo)
+    _add(
+        dsub, "mmrec", "MMRec-format folder (NAME.inter + *_feat.npy)", "trainer.data.mmrec:cli", _data_mmrec
+    )
+    _add(
+        sub,
+        "features",
+        "frozen-encoder feature cache (text + image)",
+        "trainer.features.cache:cli",
+        _features,
+    )
+    _add(sub, "train", "train a model (preset or config)", "trainer.train:cli", _train)
+    _add(sub, "evaluate", "evaluate a run on a dataset", "trainer.train:cli_evaluate", _evaluate)
+    _add(sub, "ablation", "train presets x seeds and tabulate mean +- std", "trainer.ablation:cli", _ablation)
+    _add(sub, "export", "export ONNX graphs and the item table", "export.onnx_graphs:cli", _export)
+    _add(sub, "repo", "render a Triton model repository", "export.repository:cli", _repo)
     _add(sub, "serve", "start tritonserver on a model repository", NOT_IMPLEMENTED, _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)

@@ -1,0 +1,30 @@
+"""Suite-wide settings.
+
+- hypothesis runs derandomized, so every run explores the same examples.
+- torch's intra-op thread count is process-global state; each test starts from the same count
+  (2, the CI machine's cores) unless it asks for another with `@pytest.mark.threads(n)`. Bitwise
+  comparisons between two training runs need 1: multi-threaded CPU GEMMs may sum in a different
+  order from run to run.
+"""
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("mmrank", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("mmrank")
+
+DEFAULT_THREADS = 2
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "threads(n): run the test with n torch intra-op threads")
+
+
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    marker = request.node.get_closest_marker("threads")
+    before = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0] if marker else DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,352 @@
+"""The training loop end to end on a small synthetic dataset: metrics and files per SPEC §8, exact resume
+after a stop or a crash, streaming, task-specific PE, AMP, `mmrank evaluate`, and CLI failures."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from trainer_data import synth_with_features
+
+from mmrank.cli import main
+from mmrank.errors import MMRankError
+from trainer import checkpoint
+from trainer.config import resolve
+from trainer.data.schema import load_dataset
+from trainer.run import CONTENT_TABLE, load_run
+from trainer.train import Trainer, evaluate_run, train
+
+QUIET = {"train.log_every": 10_000}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, pytestconfig):
+    return synth_with_features(tmp_path_factory, pytestconfig.cache)
+
+
+def _cfg(preset, **sets):
+    return resolve(preset, sets={**QUIET, **sets})
+
+
+def test_run_folder_and_metrics_follow_the_spec(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _cfg(
+        "em3",
+        **{
+            "train.epochs": 1,
+            "train.lora_epochs": 0,
+            "train.max_steps": 12,
+            "train.log_every": 5,
+            "train.eval_every_steps": 6,
+        },
+    )
+    metrics = train(data, cfg, out, progress=False)
+    assert json.loads((out / "config.json").read_text()) == json.loads(cfg.to_json())
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    for split in ("valid", "test"):
+        for key in ("auc", "gauc", "logloss", "cold_auc"):
+            assert isinstance(metrics[split][key], float), (split, key)
+    train_block = metrics["train"]
+    assert (
+        train_block["samples_per_s"] > 0
+        and train_block["steps"] == 12
+        and train_block["stopped"] == "max_steps"
+    )
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "metrics.json",
+        "train_log.jsonl",
+        "last.pt",
+        "best.pt",
+    }
+    lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["event"] == "train"] == [5, 10]
+    assert [x["step"] for x in lines if x["event"] == "valid"] == [6, 12]
+    assert all("samples_per_s" in x and "cic" in x and "bce" in x for x in lines if x["event"] == "train")
+    # `mmrank evaluate` scores the same best model on the same split.
+    assert main(["evaluate", "--run", str(out), "--data", str(data)]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-9)
+    assert "test auc" in capsys.readouterr().out
+
+
+# A run that crosses every piece of training state: content tower, memory bank buffers, the LoRA phase
+# switch (new parameters and optimizer), dropout RNG and AdamW moments.
+RESUME = {
+    "model.interest.memory_bank": True,
+    "train.epochs": 1,
+    "train.lora_epochs": 1,
+    "train.batch_size": 512,
+    "train.checkpoint_every_steps": 10,
+    "train.patience": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    # Module-scoped, so it runs before the tests' own `threads` marker applies; bitwise parity needs
+    # the same single thread as the resumed runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("uninterrupted") / "run"
+        metrics = train(data, _cfg("em3", **RESUME), out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out, metrics
+
+
+def _assert_same_weights(a, b):
+    sa = checkpoint.load(a / "last.pt")["model"]
+    sb = checkpoint.load(b / "last.pt")["model"]
+    assert sa.keys() == sb.keys()
+    assert any("lora_a" in k for k in sa) and "bank.vectors" in sa
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.threads(1)
+def test_resume_after_max_steps_matches_an_uninterrupted_run(data, tmp_path, uninterrupted):
+    ref, ref_metrics = uninterrupted
+    out = tmp_path / "run"
+    first = train(data, _cfg("em3", **RESUME, **{"train.max_steps": 25}), out, progress=False)
+    assert first["train"]["steps"] == 25 and first["train"]["stopped"] == "max_steps"
+    resumed = train(data, _cfg("em3", **RESUME), out, resume=True, progress=False)
+    assert resumed["train"]["resumed"] and resumed["train"]["steps"] == ref_metrics["train"]["steps"]
+    _assert_same_weights(ref, out)
+
+
+@pytest.mark.threads(1)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(data, tmp_path, uninterrupted, monkeypatch):
+    ref, ref_metrics = uninterrupted
+    out = tmp_path / "run"
+    step = Trainer._step
+    crash_at = ref_metrics["train"]["steps"] - 8  # inside the LoRA phase, after a checkpoint
+
+    def crashing_step(self, batch):
+        if self.state.global_step == crash_at:
+            raise RuntimeError("injected crash")
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", crashing_step)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(data, _cfg("em3", **RESUME), out, progress=False)
+    assert not (out / "metrics.json").exists()
+    saved = checkpoint.load(out / "last.pt")["state"]
+    assert saved["lora_phase"] and saved["global_step"] < crash_at
+    monkeypatch.setattr(Trainer, "_step", step)
+    train(data, _cfg("em3", **RESUME), out, resume=True, progress=False)
+    _assert_same_weights(ref, out)
+
+
+def test_evaluate_reloads_a_best_model_from_the_lora_phase(data, uninterrupted):
+    ref, ref_metrics = uninterrupted
+    assert checkpoint.load(ref / "best.pt")["lora_phase"]
+    cfg, model = load_run(ref, load_dataset(data))
+    assert cfg.model.interest.short_len == cfg.train.lora_history_len
+    assert any("lora_a" in name for name, _ in model.named_parameters())
+    evaluation = evaluate_run(ref, data)
+    assert evaluation["test"]["auc"] == pytest.approx(ref_metrics["test"]["auc"], abs=1e-9)
+
+
+def test_pe_trains_on_a_pca_table_of_the_frozen_features(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg("pe", **{"model.content.modalities": ["text"], "train.max_steps": 3})
+    train(data, cfg, out, progress=False)
+    assert json.loads((out / "config.json").read_text())["model"]["content"]["fixed_table"] is None
+    final_cfg, model = load_run(out, load_dataset(data))
+    assert final_cfg.model.content.fixed_table == str(out / CONTENT_TABLE)
+    np.testing.assert_array_equal(model.tower.table.numpy(), np.load(out / CONTENT_TABLE))
+
+
+def test_em3_beats_id_only_on_cold_start_items(data, tmp_path):
+    cold = {}
+    for preset in ("id_only", "em3"):
+        metrics = train(data, _cfg(preset), tmp_path / preset, progress=False)
+        cold[preset] = metrics["test"]["cold_auc"]
+    assert cold["em3"] > cold["id_only"] + 0.01, cold
+
+
+def test_streaming_evaluates_each_window_before_training_on_it(data, tmp_path):
+    cfg = _cfg("id_only", **{"train.streaming": True, "train.stream_windows": 3})
+    metrics = train(data, cfg, tmp_path / "run", progress=False)
+    assert [w["window"] for w in metrics["stream"]] == ["train1", "train2", "valid", "test"]
+    assert metrics["valid"]["window"] == "valid" and metrics["test"]["window"] == "test"
+    assert metrics["train"]["stopped"] == "stream_end"
+    steps = [w["step"] for w in metrics["stream"]]
+    assert steps == sorted(steps) and steps[0] > 0
+    # The test window is scored before training on it, so items first seen in valid are not cold there.
+    ds = load_dataset(data)
+    seen = np.unique(ds.events[ds.events["split"] < 2]["item_id"])
+    test_items = ds.split("test")["item_id"].to_numpy()
+    assert metrics["test"]["cold_n"] == int((~np.isin(test_items, seen)).sum())
+
+
+def test_task_pe_trains_a_table_then_a_ranker_on_it(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg("task_pe", **{"train.task_pe_epochs": 1, "train.epochs": 1, "train.max_steps": 6})
+    metrics = train(data, cfg, out, progress=False)
+    assert metrics["stage1"]["train"]["steps"] == 6 and metrics["train"]["steps"] == 6
+    table = np.load(out / CONTENT_TABLE)
+    ds = load_dataset(data)
+    assert table.shape == (ds.num_items + 1, cfg.model.content.d) and not table[0].any()
+    _, stage1 = load_run(out / "stage1", ds)
+    with torch.no_grad():
+        expected = stage1.item_vectors(torch.arange(ds.num_items + 1)).numpy()
+    np.testing.assert_allclose(table, expected, atol=1e-6)
+    final_cfg, model = load_run(out, ds)
+    assert final_cfg.model.content.source == "fixed"
+    assert not any(p.requires_grad for p in model.tower.parameters())
+
+
+def test_amp_auto_is_off_on_cpu_and_bf16_runs(data, tmp_path):
+    auto = train(data, _cfg("id_only", **{"train.max_steps": 3}), tmp_path / "auto", progress=False)
+    assert auto["train"]["amp"] == "off"
+    bf16 = train(
+        data,
+        _cfg("id_only", **{"train.max_steps": 3, "train.amp": "bf16"}),
+        tmp_path / "bf16",
+        progress=False,
+    )
+    assert bf16["train"]["amp"] == "bfloat16" and np.isfinite(bf16["test"]["logloss"])
+
+
+def _fails(argv, capsys, match):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_cli_failures_are_one_line_and_lose_nothing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(
+        ["train", "--data", str(data), "--preset", "nope", "--out", str(out)], capsys, "unknown preset 'nope'"
+    )
+    _fails(
+        ["train", "--data", str(tmp_path / "missing"), "--preset", "id_only", "--out", str(out)],
+        capsys,
+        "not a dataset folder",
+    )
+    _fails(
+        ["train", "--data", str(data), "--preset", "id_only", "--out", str(out), "--set", "train.nope=1"],
+        capsys,
+        "unknown config key 'train.nope'",
+    )
+    assert not out.exists()
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--preset",
+        "id_only",
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--set",
+        "train.log_every=100",
+    ]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _fails(args, capsys, "already holds a run")
+    _fails([*args, "--resume", "--set", "train.batch_size=7"], capsys, "differs from the run's config.json")
+    (out / "last.pt").write_bytes(before["last.pt"][:100])
+    _fails([*args, "--resume"], capsys, "unreadable checkpoint")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after["metrics.json"] == before["metrics.json"] and after["best.pt"] == before["best.pt"]
+    _fails(["evaluate", "--run", str(tmp_path / "nothing"), "--data", str(data)], capsys, "not a run folder")
+
+
+def test_cli_exit_status_is_nonzero(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmrank.cli",
+            "train",
+            "--data",
+            str(tmp_path),
+            "--preset",
+            "nope",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown preset" in proc.stderr
+
+
+def test_resume_needs_a_run(data, tmp_path):
+    with pytest.raises(MMRankError, match="nothing to resume"):
+        train(data, _cfg("id_only"), tmp_path / "empty", resume=True)
+
+
+def test_ablation_tabulates_presets_over_seeds(data, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    args = [
+        "ablation",
+        "--data",
+        str(data),
+        "--presets",
+        "id_only,id_only_rankmixer",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--set",
+        "train.log_every=100",
+    ]
+    assert main(args) == 0
+    text = (out / "ablation.md").read_text()
+    assert "mmrank ablation --data" in text and "--max-steps 3" in text and "torch " in text
+    rows = [line for line in text.splitlines() if line.startswith("| id_only")]
+    assert len(rows) == 2 and all(" ± " in row for row in rows)
+    raw = json.loads((out / "ablation.json").read_text())
+    assert [len(raw["results"][p]) for p in ("id_only", "id_only_rankmixer")] == [2, 2]
+    seeds = {
+        json.loads((out / "runs" / "id_only" / f"seed{s}" / "config.json").read_text())["seed"]
+        for s in (0, 1)
+    }
+    assert seeds == {0, 1}
+    # A rerun reuses the finished runs instead of training again.
+    before = (out / "runs" / "id_only" / "seed0" / "metrics.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "runs" / "id_only" / "seed0" / "metrics.json").stat().st_mtime_ns == before
+    capsys.readouterr()
+    _fails([*args[:4], "id_only,nope", *args[5:]], capsys, "unknown preset 'nope'")
+
+
+def test_early_stopping_keeps_the_best_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(
+        "id_only",
+        **{"train.epochs": 6, "train.eval_every_steps": 10, "train.patience": 2, "train.lr_ranker": 0.02},
+    )
+    metrics = train(data, cfg, out, progress=False)
+    tr = metrics["train"]
+    assert tr["stopped"] == "early_stop" and tr["steps"] - tr["best_step"] == 2 * 10
+    assert checkpoint.load(out / "best.pt")["step"] == tr["best_step"]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    valid = [x for x in log if x["event"] == "valid"]
+    best = max(valid, key=lambda x: x["auc"])
+    assert best["step"] == tr["best_step"] and metrics["valid"]["auc"] == best["auc"]
+
+
+def test_worker_processes_build_the_same_batches(data, tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        train(
+            data, _cfg("id_only", **{"train.max_steps": 4, "train.num_workers": workers}), out, progress=False
+        )
+        runs[workers] = checkpoint.load(out / "last.pt")["model"]
+    for name, value in runs[0].items():
+        torch.testing.assert_close(value, runs[2][name], rtol=0, atol=0, msg=name)

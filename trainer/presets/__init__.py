@@ -1,0 +1,1 @@
+"""Named training presets (JSON), loadable with `mmrank train --preset NAME`."""

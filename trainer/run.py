@@ -1,0 +1,152 @@
+"""A run folder and the model it describes: build a RankingModel from a dataset and a RunConfig, and
+load a finished run back (`load_run`) for evaluation and export.
+
+RUN/ holds config.json (the full resolved config), metrics.json, train_log.jsonl, last.pt, best.pt and,
+for runs on a fixed content table, content_table.npy. config.json describes what was asked; the model
+in best.pt may differ from `cfg.model` in two documented ways, both resolved by `final_model_config`:
+- a fixed content source without a table (the `pe` preset) or `train.task_pe` reads RUN/content_table.npy
+  (pe: PCA of the frozen features; task_pe: the stage-1 tower's vectors, stage 1 living in RUN/stage1/);
+- a best checkpoint from the LoRA phase was trained with `train.lora_history_len`-item histories and
+  carries LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmrank.errors import MMRankError
+from trainer import checkpoint
+from trainer.config import RunConfig, from_dict, load_json
+from trainer.data.schema import Dataset
+from trainer.model.config import ModelConfig
+from trainer.model.ranking_model import ModelSchema, RankingModel
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+TRAIN_LOG = "train_log.jsonl"
+CONTENT_TABLE = "content_table.npy"
+STAGE1 = "stage1"
+
+
+def uses_content(cfg: ModelConfig) -> bool:
+    """Whether RankingModel builds a content tower (mirrors its constructor's rule)."""
+    r, loss = cfg.ranker, cfg.loss
+    return r.use_content_item or r.use_content_user or loss.cic_alpha > 0 or loss.sqdc_lambda > 0
+
+
+def on_own_table(cfg: RunConfig) -> bool:
+    """The final model reads RUN/content_table.npy: task_pe, or a fixed source without a table (pe)."""
+    c = cfg.model.content
+    return cfg.train.task_pe or (c.source == "fixed" and not c.fixed_table)
+
+
+def final_model_config(cfg: RunConfig, run_dir: str | Path, lora_phase: bool = False) -> ModelConfig:
+    """The ModelConfig of the model trained (or loaded) in `run_dir` (see the module docstring)."""
+    m = copy.deepcopy(cfg.model)
+    if on_own_table(cfg):
+        m.content.source = "fixed"
+        m.content.fixed_table = str(Path(run_dir) / CONTENT_TABLE)
+    if lora_phase:
+        m.interest.short_len = cfg.train.lora_history_len
+    return m
+
+
+def needed_modalities(cfg: ModelConfig, build_table: bool) -> list[str]:
+    """Cached modalities the model (or the pe table about to be built) reads."""
+    c = cfg.content
+    if not uses_content(cfg) or (c.source == "fixed" and not build_table):
+        return []
+    return [
+        m for m in c.modalities if not (m == "text" and c.encoder_mode == "trainable" and c.source == "tower")
+    ]
+
+
+def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> ModelSchema:
+    """Sizes, categorical tables, the item features `cfg` needs (from the feature cache) and, for the
+    trainable text encoder, the per-item token table."""
+    m = ds.manifest
+    items = ds.items.sort_values("item_id")
+    cat_cols = list(m.item_categoricals)
+    item_cats = np.zeros((ds.num_items + 1, len(cat_cols)), dtype=np.int64)
+    if cat_cols:
+        item_cats[items["item_id"].to_numpy()] = items[cat_cols].to_numpy(dtype=np.int64)
+    wanted = needed_modalities(cfg, build_table)
+    modalities = {}
+    if wanted:
+        from trainer.features.store import load_item_features
+
+        features = load_item_features(ds.root)
+        missing = [name for name in wanted if name not in features.modalities]
+        if missing:
+            raise MMRankError(
+                f"{ds.root}: no {', '.join(missing)} features (have {sorted(features.modalities) or 'none'}); "
+                "change model.content.modalities or build them with `mmrank features`"
+            )
+        for name in wanted:
+            feats, mask = features.modalities[name]
+            modalities[name] = (
+                torch.from_numpy(np.array(feats, dtype=np.float32)),
+                torch.from_numpy(np.array(mask)),
+            )
+    tokens = None
+    c = cfg.content
+    if uses_content(cfg) and c.source == "tower" and c.encoder_mode == "trainable":
+        from trainer.features.text import TextEncoder
+
+        if not m.text_fields:
+            raise MMRankError(
+                f"{ds.root}: the trainable text encoder needs text fields; the dataset has none"
+            )
+        tokens = TextEncoder().tokenize_items(items, m.text_fields, c.max_text_tokens)
+    return ModelSchema(
+        num_items=ds.num_items,
+        num_users=ds.num_users,
+        item_cats=torch.from_numpy(item_cats),
+        item_cat_cards=tuple(int(v) for v in m.item_categoricals.values()),
+        user_feat_cards=tuple(int(v) for v in m.user_features.values()),
+        modalities=modalities,
+        tokens=tokens,
+    )
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise MMRankError(f"{run_dir}: not a run folder (no {CONFIG})")
+    try:
+        return from_dict(load_json(path))
+    except MMRankError as e:
+        raise MMRankError(f"{path}: {e}") from e
+
+
+def restore(
+    cfg: RunConfig, run_dir: str | Path, ds: Dataset, path: str | Path, schema: ModelSchema | None = None
+) -> tuple[ModelConfig, RankingModel]:
+    """A fresh model holding the weights of the checkpoint `path` (best.pt or last.pt) of `run_dir`;
+    `schema` saves rebuilding it when the caller has one for the same data and content source."""
+    ckpt = checkpoint.load(path)
+    lora = bool(ckpt.get("lora_phase", ckpt.get("state", {}).get("lora_phase", False)))
+    model_cfg = final_model_config(cfg, run_dir, lora)
+    model = RankingModel(model_cfg, schema if schema is not None else build_schema(ds, model_cfg))
+    if lora:
+        model.start_lora_phase()
+    checkpoint.load_model_state(model, ckpt["model"], path)
+    model.eval()
+    return model_cfg, model
+
+
+def load_run(run_dir: str | Path, ds: Dataset) -> tuple[RunConfig, RankingModel]:
+    """The run's config and its best model (RUN/best.pt), in eval mode on the CPU.
+
+    The returned config's `model` is the loaded model's own config (`final_model_config`), so callers
+    (evaluation, export, serving) read the history length and content source it was trained with.
+    """
+    cfg = read_config(run_dir)
+    model_cfg, model = restore(cfg, run_dir, ds, Path(run_dir) / checkpoint.BEST)
+    cfg = copy.deepcopy(cfg)
+    cfg.model = model_cfg
+    return cfg, model
