@@ -1,0 +1,230 @@
+"""The serving item table and the lookup that turns request ids into the ranking graph's inputs.
+
+A table is a folder (a version of the `item_lookup` model in the Triton repository):
+
+    ids.npy         int64 [R]       item id of each row, ascending; row 0 is id 0 (padding)
+    content.npy     float32 [R, d]  content vector c (the memory bank where present, else the tower)
+    item_rows.npy   float32 [R, E]  the ranker's item token: item ID + item categorical embeddings
+    table.json      version, rows, d, item_dim, the checkpoint it came from; written last
+
+Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the padding row:
+- a candidate reads c = 0 and row 0 of the item token (item id 0, never a training target, and the
+  "unknown" categorical embeddings) and is flagged in `candidate_known` (False);
+- a history item is dropped: the known items are kept in order, right-aligned, most recent last,
+  exactly like the training histories (which never hold unknown items); unused slots are masked.
+Users: an id outside 1..num_users becomes 0 (unknown user), a user feature outside its cardinality
+becomes 0 (unknown value); a missing user id or feature row is 0.
+
+Nothing here imports torch except `build_item_table`, so the Python-backend lookup never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from mmrank.errors import MMRankError
+
+TABLE_JSON = "table.json"
+PAD_ID = 0
+# Lookup products: each is a ranking-graph input of the same name, except candidate_known (an output
+# of the `rank` ensemble).
+USER_ID, USER_FEATS = "user_id", "user_feats"
+CANDIDATE_C, CANDIDATE_ITEM, CANDIDATE_KNOWN = "candidate_c", "candidate_item", "candidate_known"
+HISTORY_C, HISTORY_MASK = "history_c", "history_mask"
+LONG_HISTORY_C, LONG_HISTORY_MASK = "long_history_c", "long_history_mask"
+
+
+@dataclass
+class ItemTable:
+    ids: np.ndarray  # [R] int64, ascending, ids[0] == 0
+    content: np.ndarray | None  # [R, d] float32
+    item_rows: np.ndarray | None  # [R, E] float32
+    version: int = 1
+    source: dict | None = None  # what the table was built from (checkpoint sha256, export time)
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        r = len(self.ids)
+        if r == 0 or self.ids[0] != PAD_ID or (r > 1 and not np.all(np.diff(self.ids) > 0)):
+            raise MMRankError("item table ids must start with 0 (padding) and be strictly ascending")
+        for name in ("content", "item_rows"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.ascontiguousarray(value, dtype=np.float32)
+                if value.ndim != 2 or value.shape[0] != r:
+                    raise MMRankError(f"item table {name} has shape {value.shape}, expected [{r}, width]")
+                setattr(self, name, value)
+
+    @property
+    def d(self) -> int:
+        return 0 if self.content is None else int(self.content.shape[1])
+
+    @property
+    def item_dim(self) -> int:
+        return 0 if self.item_rows is None else int(self.item_rows.shape[1])
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Table rows and a known flag for ids of any shape; unknown ids and 0 -> row 0, False."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids).clip(0, len(self.ids) - 1)
+        known = (self.ids[pos] == ids) & (ids != PAD_ID)
+        return np.where(known, pos, 0), known
+
+    def with_items(self, ids: np.ndarray, content: np.ndarray, version: int) -> ItemTable:
+        """A new version with `content` rows for `ids` (new ids appended, known ids overwritten).
+
+        New items get row 0's item token: the ranker never saw their id, so their content vector is
+        what it knows about them (EM3's cold start)."""
+        if self.content is None:
+            raise MMRankError("this table has no content vectors to update")
+        ids = np.asarray(ids, dtype=np.int64)
+        content = np.asarray(content, dtype=np.float32).reshape(len(ids), self.d)
+        if np.any(ids <= PAD_ID) or len(np.unique(ids)) != len(ids):
+            raise MMRankError("new item ids must be positive and distinct")
+        all_ids = np.union1d(self.ids, ids)
+        old_pos = np.searchsorted(all_ids, self.ids)
+        new_content = np.zeros((len(all_ids), self.d), np.float32)
+        new_content[old_pos] = self.content
+        new_content[np.searchsorted(all_ids, ids)] = content
+        new_rows = None
+        if self.item_rows is not None:
+            new_rows = np.repeat(self.item_rows[:1], len(all_ids), axis=0)
+            new_rows[old_pos] = self.item_rows
+        return ItemTable(all_ids, new_content, new_rows, version, self.source)
+
+    # ---- files --------------------------------------------------------------------------------------
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "ids.npy", self.ids)
+        if self.content is not None:
+            np.save(folder / "content.npy", self.content)
+        if self.item_rows is not None:
+            np.save(folder / "item_rows.npy", self.item_rows)
+        meta = {
+            "version": self.version,
+            "rows": len(self.ids),
+            "d": self.d,
+            "item_dim": self.item_dim,
+            "source": self.source or {},
+            "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        tmp = folder / f".{TABLE_JSON}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, folder / TABLE_JSON)
+        return folder
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ItemTable:
+        folder = Path(folder)
+        path = folder / TABLE_JSON
+        if not path.is_file():
+            raise MMRankError(f"{folder}: not an item table (no {TABLE_JSON})")
+        try:
+            meta = json.loads(path.read_text())
+            ids = np.load(folder / "ids.npy")
+            content = np.load(folder / "content.npy") if meta["d"] else None
+            rows = np.load(folder / "item_rows.npy") if meta["item_dim"] else None
+        except (OSError, ValueError, KeyError) as e:
+            raise MMRankError(f"{folder}: unreadable item table ({type(e).__name__}: {e})") from e
+        table = cls(ids, content, rows, int(meta["version"]), meta.get("source"))
+        if len(table.ids) != meta["rows"]:
+            raise MMRankError(f"{folder}: {len(table.ids)} rows, {TABLE_JSON} says {meta['rows']}")
+        return table
+
+
+@dataclass
+class LookupConfig:
+    """What the lookup needs besides the table (from the export manifest's model section)."""
+
+    history_len: int
+    long_history_len: int
+    num_users: int
+    user_feature_cards: list[int]
+
+
+def recent_known(rows: np.ndarray, known: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """rows, known [B, L'] -> the last `length` known rows per line, right-aligned; [B, length] rows
+    (0 where empty) and mask."""
+    order = np.argsort(known, axis=1, kind="stable")  # unknown first, known last, order kept
+    rows = np.take_along_axis(rows, order, axis=1)
+    known = np.take_along_axis(known, order, axis=1)
+    pad = max(length - rows.shape[1], 0)
+    rows = np.pad(rows, ((0, 0), (pad, 0)))[:, -length:] if length else rows[:, :0]
+    known = np.pad(known, ((0, 0), (pad, 0)))[:, -length:] if length else known[:, :0]
+    return np.where(known, rows, 0), known
+
+
+def rank_inputs(
+    table: ItemTable,
+    cfg: LookupConfig,
+    history_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    user_id: np.ndarray | None = None,
+    user_feats: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Request tensors (history_ids [B, L'], candidate_ids [B, N], user_id [B], user_feats [B, U])
+    -> every lookup product, named as the ranking graph's inputs (plus candidate_known)."""
+    history_ids = np.asarray(history_ids, dtype=np.int64)
+    candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+    if history_ids.ndim != 2 or candidate_ids.ndim != 2 or history_ids.shape[0] != candidate_ids.shape[0]:
+        raise MMRankError(
+            f"history_ids {history_ids.shape} and candidate_ids {candidate_ids.shape} must be [B, L] and [B, N]"
+        )
+    b = candidate_ids.shape[0]
+    out = {
+        USER_ID: _users(user_id, b, cfg.num_users),
+        USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards),
+    }
+    cand_rows, out[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
+    if table.content is not None:
+        out[CANDIDATE_C] = table.content[cand_rows]
+    if table.item_rows is not None:
+        out[CANDIDATE_ITEM] = table.item_rows[cand_rows]
+    hist_rows, hist_known = table.rows_of(history_ids)
+    for name_c, name_mask, length in (
+        (HISTORY_C, HISTORY_MASK, cfg.history_len),
+        (LONG_HISTORY_C, LONG_HISTORY_MASK, cfg.long_history_len),
+    ):
+        if length and table.content is not None:
+            rows, mask = recent_known(hist_rows, hist_known, length)
+            out[name_c], out[name_mask] = table.content[rows], mask
+    return out
+
+
+def _users(user_id: np.ndarray | None, b: int, num_users: int) -> np.ndarray:
+    if user_id is None:
+        return np.zeros(b, np.int64)
+    ids = np.asarray(user_id, dtype=np.int64).reshape(b)
+    return np.where((ids >= 0) & (ids <= num_users), ids, 0)
+
+
+def _user_feats(feats: np.ndarray | None, b: int, cards: list[int]) -> np.ndarray:
+    if feats is None:
+        return np.zeros((b, len(cards)), np.int64)
+    feats = np.asarray(feats, dtype=np.int64).reshape(b, len(cards))
+    return np.where((feats >= 0) & (feats < np.asarray(cards, np.int64)), feats, 0)
+
+
+def build_item_table(model, num_items: int, source: dict | None = None) -> ItemTable:
+    """The table of a trained RankingModel: `item_vectors` (bank, else tower) and the ranker's item
+    token for ids 0..num_items, computed in eval mode."""
+    import torch
+
+    from trainer.evaluate import item_vectors
+
+    model.eval()
+    content = rows = None
+    with torch.inference_mode():
+        if model.tower is not None:
+            content = item_vectors(model, num_items).float().cpu().numpy()
+        if model.ranker.item_dim:
+            ids = torch.arange(num_items + 1, dtype=torch.int64)
+            rows = torch.cat([model.ranker.item_features(part) for part in ids.split(4096)]).numpy()
+    return ItemTable(np.arange(num_items + 1, dtype=np.int64), content, rows, 1, source)

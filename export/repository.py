@@ -1,0 +1,381 @@
+"""`mmrank repo --export DIR --out DIR --backend python|onnxruntime|tensorrt`: a Triton model repository.
+
+Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from the export manifest
+(tensor names, dtypes and dims are the graphs' own, read from the ONNX files) and written with
+`text_format`; `check_ensembles` verifies each ensemble's maps before anything is written. Models:
+
+    rank            ensemble: history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1],
+                    user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL
+      item_lookup   Python: ids -> the ranking graph's inputs from the item table (export/item_table.py
+                    documents the fallback for unknown ids); versioned, latest version served
+      ranking       the ranking graph
+    encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
+                    BYTES, encoded image file, b"" = none) -> content [d] FP32
+      tokenizer     Python: texts -> input_ids, attention_mask, text_mask
+      text_encoder, image_preprocess (Python: bytes -> pixels, image_mask), image_encoder, fusion
+
+Backends: `python` runs every graph with onnxruntime inside Triton's Python backend
+(model_repository/python/graph_model.py; CUDA EP on GPU instances); `onnxruntime` and `tensorrt` use
+Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (TensorRT engines come
+from export/tensorrt.py), the lookup, tokenizer and image preprocessing stay Python. Every model
+batches (the first dimension of every tensor is the batch); graph models have dynamic batching.
+The Python-backend models import this project (`export`, `trainer.features.image`): the server's
+Python environment is this venv (export/triton_launcher.py arranges it).
+
+The repository is rendered into a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export import item_table as it
+from export.manifest import GraphSpec, Manifest, TensorSpec
+from mmrank.errors import MMRankError
+from trainer.data.schema import atomic_dir
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16")
+PYTHON_CODE = Path(__file__).resolve().parents[1] / "model_repository" / "python"
+ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
+GRAPH_MODELS = ("text_encoder", "image_encoder", "fusion", "ranking")
+ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
+
+
+@dataclass
+class RenderConfig:
+    backend: str = "python"
+    precision: str = "fp32"  # which ONNX variant the python / onnxruntime graph models load
+    max_batch_size: int = 64  # per model and per ensemble
+    queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
+    graph_instances: int = 1  # instances per device of each graph model
+    engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
+
+
+# ---- tensors ---------------------------------------------------------------------------------------
+def _dims(spec: TensorSpec) -> list[int]:
+    """Triton dims of a graph tensor: its shape without the batch axis, named axes as -1."""
+    return [d if isinstance(d, int) else -1 for d in spec.shape[1:]]
+
+
+def _tensor(cls, name: str, dtype: str, dims: list[int], reshape: bool = True, optional: bool = False):
+    t = cls(name=name, data_type=mc.DataType.Value(dtype), dims=dims or [1])
+    if not dims and reshape:  # a [batch] tensor travels as [batch, 1]
+        t.reshape.SetInParent()
+    if optional:
+        t.optional = True
+    return t
+
+
+def _inputs(specs: list[TensorSpec], reshape: bool = True) -> list[mc.ModelInput]:
+    return [_tensor(mc.ModelInput, s.name, s.triton_dtype, _dims(s), reshape) for s in specs]
+
+
+def _outputs(specs: list[TensorSpec], reshape: bool = True) -> list[mc.ModelOutput]:
+    return [_tensor(mc.ModelOutput, s.name, s.triton_dtype, _dims(s), reshape) for s in specs]
+
+
+def _params(config: mc.ModelConfig, **values: object) -> None:
+    for key, value in values.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        config.parameters[key].string_value = text
+
+
+# ---- model configs ---------------------------------------------------------------------------------
+def _base(name: str, rc: RenderConfig, kind: str) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, max_batch_size=rc.max_batch_size)
+    count = rc.graph_instances if kind != "KIND_CPU" else 1
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(kind), count=count)
+    return config
+
+
+def graph_config(name: str, spec: GraphSpec, rc: RenderConfig) -> mc.ModelConfig:
+    kind = "KIND_GPU" if rc.backend == "tensorrt" else "KIND_AUTO"
+    config = _base(name, rc, kind)
+    if rc.backend == "python":
+        config.backend = "python"
+        _params(config, onnx_file="model.onnx")
+    else:
+        config.platform = "onnxruntime_onnx" if rc.backend == "onnxruntime" else "tensorrt_plan"
+    config.input.extend(_inputs(spec.inputs))
+    config.output.extend(_outputs(spec.outputs))
+    config.dynamic_batching.max_queue_delay_microseconds = rc.queue_delay_us
+    return config
+
+
+def python_config(name: str, rc: RenderConfig, inputs, outputs, **params) -> mc.ModelConfig:
+    config = _base(name, rc, "KIND_CPU")
+    config.backend = "python"
+    config.input.extend(inputs)
+    config.output.extend(outputs)
+    _params(config, **params)
+    return config
+
+
+def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
+    m = manifest.model
+    inputs = [
+        _tensor(mc.ModelInput, "history_ids", "TYPE_INT64", [-1]),
+        _tensor(mc.ModelInput, "candidate_ids", "TYPE_INT64", [-1]),
+        _tensor(mc.ModelInput, it.USER_ID, "TYPE_INT64", [1], optional=True),
+    ]
+    if m.user_feature_cards:
+        inputs.append(
+            _tensor(mc.ModelInput, it.USER_FEATS, "TYPE_INT64", [len(m.user_feature_cards)], optional=True)
+        )
+    ranking = manifest.graph("ranking")
+    # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
+    outputs = _outputs(ranking.inputs, reshape=False)
+    outputs.append(_tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1]))
+    lookup = {
+        "history_len": m.history_len,
+        "long_history_len": m.long_history_len,
+        "num_users": m.num_users,
+        "user_feature_cards": m.user_feature_cards,
+    }
+    config = python_config("item_lookup", rc, inputs, outputs, lookup=lookup)
+    config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
+    return config
+
+
+def tokenizer_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
+    tok, text = manifest.tokenizer, manifest.graph("text_encoder")
+    inputs = [_tensor(mc.ModelInput, "text", "TYPE_STRING", [len(tok.fields)])]
+    outputs = _outputs(text.inputs, reshape=False) + _outputs(
+        [manifest.graph("fusion").input("text_mask")], False
+    )
+    config = python_config(
+        "tokenizer", rc, inputs, outputs, max_length=tok.max_length, join_fields=tok.join_fields
+    )
+    config.dynamic_batching.max_queue_delay_microseconds = rc.queue_delay_us
+    return config
+
+
+def image_preprocess_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
+    image = manifest.graph("image_encoder")
+    inputs = [_tensor(mc.ModelInput, "image", "TYPE_STRING", [1])]
+    outputs = _outputs(image.inputs, False) + _outputs([manifest.graph("fusion").input("image_mask")], False)
+    return python_config("image_preprocess", rc, inputs, outputs)
+
+
+def _step(
+    config: mc.ModelConfig,
+    model: mc.ModelConfig,
+    reads: dict[str, str] | None = None,
+    writes: dict[str, str] | None = None,
+) -> None:
+    """An ensemble step over `model`, every input and output mapped to the ensemble tensor of the same
+    name unless `reads` (inputs) or `writes` (outputs) renames it."""
+    reads, writes = reads or {}, writes or {}
+    step = config.ensemble_scheduling.step.add(model_name=model.name, model_version=-1)
+    for t in model.input:
+        step.input_map[t.name] = reads.get(t.name, t.name)
+    for t in model.output:
+        step.output_map[t.name] = writes.get(t.name, t.name)
+
+
+def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=rc.max_batch_size)
+    config.input.extend(inputs)
+    config.output.extend(outputs)
+    return config
+
+
+def rank_config(lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig) -> mc.ModelConfig:
+    outputs = [o for o in ranking.output] + [o for o in lookup.output if o.name == it.CANDIDATE_KNOWN]
+    config = _ensemble("rank", rc, list(lookup.input), outputs)
+    # The lookup's user tensors (ids checked against the tables) must not reuse the request's names.
+    checked = {name: f"checked_{name}" for name in (it.USER_ID, it.USER_FEATS)}
+    _step(config, lookup, writes=checked)
+    _step(config, ranking, reads=checked)
+    return config
+
+
+def encode_items_config(models: dict[str, mc.ModelConfig], rc: RenderConfig) -> mc.ModelConfig:
+    names = [
+        n for n in ("tokenizer", "text_encoder", "image_preprocess", "image_encoder", "fusion") if n in models
+    ]
+    inputs = [i for n in ("tokenizer", "image_preprocess") if n in models for i in models[n].input]
+    config = _ensemble("encode_items", rc, inputs, list(models["fusion"].output))
+    for name in names:
+        _step(config, models[name])
+    return config
+
+
+def encodable(manifest: Manifest) -> bool:
+    """encode_items exists when every fusion modality has an encoder graph (MMRec precomputed
+    features, for one, have none) and the text encoder has its tokenizer."""
+    if "fusion" not in manifest.graphs:
+        return False
+    if any(ENCODER_MODALITIES.get(m) not in manifest.graphs for m in manifest.model.modalities):
+        return False
+    return "text_encoder" not in manifest.graphs or manifest.tokenizer is not None
+
+
+def build_configs(manifest: Manifest, rc: RenderConfig) -> dict[str, mc.ModelConfig]:
+    """Every model of the repository, by name."""
+    models = {
+        name: graph_config(name, manifest.graphs[name], rc)
+        for name in GRAPH_MODELS
+        if name in manifest.graphs
+    }
+    models["item_lookup"] = item_lookup_config(manifest, rc)
+    models["rank"] = rank_config(models["item_lookup"], models["ranking"], rc)
+    if encodable(manifest):
+        if "text_encoder" in models:
+            models["tokenizer"] = tokenizer_config(manifest, rc)
+        if "image_encoder" in models:
+            models["image_preprocess"] = image_preprocess_config(manifest, rc)
+        models["encode_items"] = encode_items_config(models, rc)
+    else:
+        for name in ("text_encoder", "image_encoder", "fusion"):
+            models.pop(name, None)  # no way to feed them without the whole encode_items chain
+    check_ensembles(models)
+    return models
+
+
+# ---- ensemble checks -------------------------------------------------------------------------------
+def _compatible(a, b) -> bool:
+    return len(a) == len(b) and all(x == y or -1 in (x, y) for x, y in zip(a, b, strict=True))
+
+
+def check_ensembles(models: dict[str, mc.ModelConfig]) -> None:
+    """Every ensemble step maps real tensors of its model, with matching dtypes and dims; every
+    required input is fed, every ensemble output produced. Raises MMRankError naming the tensor."""
+    for ens in (m for m in models.values() if m.platform == "ensemble"):
+        tensors = {t.name: t for t in ens.input}
+        for step in ens.ensemble_scheduling.step:
+            where = f"ensemble {ens.name!r}, step {step.model_name!r}"
+            model = models.get(step.model_name)
+            if model is None:
+                raise MMRankError(f"{where}: no such model in the repository")
+            if model.max_batch_size < ens.max_batch_size:
+                raise MMRankError(
+                    f"{where}: max_batch_size {model.max_batch_size} < the ensemble's {ens.max_batch_size}"
+                )
+            inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
+            for key, value in step.input_map.items():
+                if key not in inputs:
+                    raise MMRankError(f"{where}: input_map key {key!r} is not an input of the model")
+                if value not in tensors:
+                    raise MMRankError(
+                        f"{where}: input {key!r} reads {value!r}, which no earlier step produces"
+                    )
+                _same(where, key, inputs[key], tensors[value])
+            for name, t in inputs.items():
+                if name not in step.input_map and not t.optional:
+                    raise MMRankError(f"{where}: required input {name!r} is not mapped")
+            for key, value in step.output_map.items():
+                if key not in outputs:
+                    raise MMRankError(f"{where}: output_map key {key!r} is not an output of the model")
+                if value in tensors:
+                    raise MMRankError(
+                        f"{where}: output {key!r} writes {value!r}, a tensor that already exists"
+                    )
+                tensors[value] = outputs[key]
+        for out in ens.output:
+            if out.name not in tensors or out.name in {t.name for t in ens.input}:
+                raise MMRankError(f"ensemble {ens.name!r}: output {out.name!r} is produced by no step")
+            _same(f"ensemble {ens.name!r}", out.name, out, tensors[out.name])
+
+
+def _same(where: str, name: str, want, have) -> None:
+    if want.data_type != have.data_type:
+        raise MMRankError(
+            f"{where}: tensor {name!r} is {mc.DataType.Name(have.data_type)}, expected {mc.DataType.Name(want.data_type)}"
+        )
+    if not _compatible(list(want.dims), list(have.dims)):
+        raise MMRankError(f"{where}: tensor {name!r} has dims {list(have.dims)}, expected {list(want.dims)}")
+
+
+# ---- files -----------------------------------------------------------------------------------------
+PYTHON_MODELS = {
+    "item_lookup": "item_lookup.py",
+    "tokenizer": "tokenizer.py",
+    "image_preprocess": "image_preprocess.py",
+}
+
+
+def write_config(folder: Path, config: mc.ModelConfig) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfig) -> tuple[Path, str]:
+    if rc.backend == "tensorrt":
+        engines = rc.engines_dir or export_dir / ENGINES_DIR
+        plan = engines / f"{name}.plan"
+        if not plan.is_file():
+            raise MMRankError(
+                f"{plan}: no TensorRT engine (build engines on the target GPU with "
+                f"`python -m export.tensorrt --export {export_dir}`)"
+            )
+        return plan, "model.plan"
+    spec = manifest.graph(name)
+    file = spec.fp16_file if rc.precision == "fp16" else spec.file
+    if file is None:
+        raise MMRankError(f"the export has no {rc.precision} variant of the {name} graph")
+    return export_dir / file, "model.onnx"
+
+
+def render_repository(
+    export_dir: str | Path, out: str | Path, rc: RenderConfig | None = None, force: bool = False
+) -> dict[str, mc.ModelConfig]:
+    rc = rc or RenderConfig()
+    if rc.backend not in BACKENDS:
+        raise MMRankError(f"unknown backend {rc.backend!r}; expected one of {', '.join(BACKENDS)}")
+    if rc.precision not in PRECISIONS:
+        raise MMRankError(f"unknown precision {rc.precision!r}; expected one of {', '.join(PRECISIONS)}")
+    export_dir = Path(export_dir)
+    manifest = Manifest.read(export_dir)
+    models = build_configs(manifest, rc)
+    sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_MODELS}
+    with atomic_dir(out, force=force) as tmp:
+        for name, config in models.items():
+            write_config(tmp / name, config)
+            version = tmp / name / "1"
+            version.mkdir()
+            if name in sources:
+                src, dst = sources[name]
+                shutil.copy2(src, version / dst)
+                if rc.backend == "python":
+                    shutil.copy2(PYTHON_CODE / "graph_model.py", version / "model.py")
+            if name in PYTHON_MODELS:
+                shutil.copy2(PYTHON_CODE / PYTHON_MODELS[name], version / "model.py")
+        shutil.copytree(
+            export_dir / str(manifest.item_table["dir"]), tmp / "item_lookup" / "1" / "item_table"
+        )
+        if "tokenizer" in models:
+            shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
+        shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
+    return models
+
+
+def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
+    """Write `table` as the next version of item_lookup (model.py copied along); a server in poll or
+    explicit mode serves it after a (re)load of item_lookup, without a restart."""
+    model = Path(repo) / "item_lookup"
+    versions = sorted(int(p.name) for p in model.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise MMRankError(f"{model}: not an item_lookup model folder")
+    tmp = model / f".{versions[-1] + 1}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copy2(model / str(versions[-1]) / "model.py", tmp / "model.py")
+    table.write(tmp / "item_table")
+    final = model / str(versions[-1] + 1)
+    tmp.rename(final)  # the server sees the version folder only once it is complete
+    return final
+
+
+def cli(args) -> int:
+    rc = RenderConfig(backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size)
+    models = render_repository(args.export, args.out, rc, force=args.force)
+    print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")
+    return 0

@@ -1,0 +1,121 @@
+"""A small multimodal RankingModel built from a random schema, and its export, shared by the export tests.
+
+The model has every serving-relevant part: text (2 fields) + image tokens fused by FQ-Former, a memory
+bank holding some items (the rest come from the tower), target attention, the cross-attention decoder,
+similarity features, item categoricals and a user feature. Its text encoder is a one-layer BERT with
+random weights and the real MiniLM tokenizer (the trainer's TextEncoder class on a small model folder),
+its image encoder the real EfficientNet-Lite0. Exporting it (every graph, fp32 + fp16) takes ~20 s
+once per session.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+NUM_ITEMS, NUM_USERS = 30, 6
+TEXT_FIELDS = ["title", "overview"]
+MAX_TOKENS = 24
+
+
+@dataclass
+class SmallExport:
+    model: torch.nn.Module
+    out: Path
+    text: object  # export.onnx_graphs.TextSetup
+    config: object  # export.onnx_graphs.ExportConfig
+    text_dir: Path
+
+
+def make_tiny_text_model(folder: Path) -> Path:
+    """A one-layer, 384-wide BERT with random weights and the real MiniLM tokenizer files."""
+    from transformers import BertConfig, BertModel
+
+    from export.text_inputs import TOKENIZER_FILES
+    from trainer.features.text import text_model_path
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=384, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    BertModel(config).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy2(text_model_path() / name, folder / name)
+    return folder
+
+
+def make_schema(num_items: int = NUM_ITEMS, seed: int = 0, precomputed: bool = False):
+    """Text + image features as the frozen cache has them, or (`precomputed`) MMRec-style feature
+    tokens "v_feat" and "t_feat" (one per item), which have no encoder graph."""
+    from trainer.model.ranking_model import ModelSchema
+
+    gen = torch.Generator().manual_seed(seed)
+    if precomputed:
+        tokens = {}
+        for name, dim in (("v_feat", 8), ("t_feat", 5)):
+            feats = torch.randn(num_items + 1, 1, dim, generator=gen)
+            feats[0] = 0
+            tokens[name] = (feats, feats.abs().sum(-1) > 0)
+        cats = torch.randint(1, 4, (num_items + 1, 2), generator=gen)
+        return ModelSchema(num_items, NUM_USERS, cats, (4, 4), (3,), tokens)
+    text = torch.randn(num_items + 1, 2, 384, generator=gen)
+    text_mask = torch.ones(num_items + 1, 2, dtype=torch.bool)
+    text_mask[::4, 1] = False
+    image = torch.rand(num_items + 1, 1, 1280, generator=gen) * 3
+    image_mask = torch.ones(num_items + 1, 1, dtype=torch.bool)
+    image_mask[5] = False
+    text[0], image[0], text_mask[0], image_mask[0] = 0, 0, False, False
+    cats = torch.randint(1, 4, (num_items + 1, 2), generator=gen)
+    cats[0] = 0
+    return ModelSchema(
+        num_items, NUM_USERS, cats, (4, 4), (3,), {"text": (text, text_mask), "image": (image, image_mask)}
+    )
+
+
+def make_model(schema=None, **overrides):
+    """A RankingModel in eval mode; `overrides` are "section.field" -> value on the ModelConfig."""
+    from trainer.model.config import ContentConfig, InterestConfig, ModelConfig, RankerConfig
+    from trainer.model.ranking_model import RankingModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        content=ContentConfig(d=16, fusion_heads=4, dropout=0.0),
+        interest=InterestConfig(
+            short_len=6,
+            attention_heads=2,
+            memory_bank=True,
+            decoder_layers=1,
+            decoder_heads=2,
+            similarity_topk=2,
+        ),
+        ranker=RankerConfig(id_dim=4, hidden=(16,), dropout=0.0, token_dim=8),
+    )
+    for path, value in overrides.items():
+        part, name = path.split(".")
+        setattr(getattr(cfg, part), name, value)
+    model = RankingModel(cfg, schema or make_schema())
+    if model.bank is not None:  # half the items served from the bank, half from the tower
+        ids = torch.arange(1, model.schema.num_items // 2 + 1)
+        model.bank.write(ids, torch.randn(len(ids), cfg.content.d), step=1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory, tiny_text_dir) -> SmallExport:
+    from export.onnx_graphs import ExportConfig, TextSetup, export_model
+    from trainer.features.text import TextEncoder
+
+    torch.set_num_threads(2)
+    model = make_model()
+    text = TextSetup(TEXT_FIELDS, MAX_TOKENS, False, tiny_text_dir)
+    config = ExportConfig(text_encoder=TextEncoder(tiny_text_dir))
+    out = tmp_path_factory.mktemp("small") / "export"
+    export_model(model, out, {"path": "random-init", "sha256": "0" * 64}, text, config)
+    return SmallExport(model, out, text, config, tiny_text_dir)

@@ -1,0 +1,183 @@
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.manifest import Manifest
+from export.repository import RenderConfig, build_configs, check_ensembles, render_repository
+from mmrank.cli import main
+from mmrank.errors import MMRankError
+
+ALL_MODELS = {
+    "rank",
+    "item_lookup",
+    "ranking",
+    "encode_items",
+    "tokenizer",
+    "text_encoder",
+    "image_preprocess",
+    "image_encoder",
+    "fusion",
+}
+
+
+def _parse(repo) -> dict[str, mc.ModelConfig]:
+    configs = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())  # Triton's own schema
+        assert config.name == path.parent.name
+        configs[config.name] = config
+    return configs
+
+
+@pytest.fixture(scope="module")
+def python_repo(small_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "python"
+    render_repository(small_export.out, out, RenderConfig(backend="python"))
+    return out
+
+
+def test_python_repository_parses_and_its_ensembles_agree(python_repo):
+    configs = _parse(python_repo)
+    assert set(configs) == ALL_MODELS
+    check_ensembles(configs)
+    for name in (
+        "ranking",
+        "fusion",
+        "text_encoder",
+        "image_encoder",
+        "item_lookup",
+        "tokenizer",
+        "image_preprocess",
+    ):
+        assert configs[name].backend == "python"
+        assert (python_repo / name / "1" / "model.py").is_file()
+    assert (python_repo / "ranking" / "1" / "model.onnx").is_file()
+    assert (python_repo / "item_lookup" / "1" / "item_table" / "table.json").is_file()
+    assert (python_repo / "tokenizer" / "1" / "tokenizer" / "tokenizer.json").is_file()
+    assert configs["item_lookup"].version_policy.latest.num_versions == 1
+    assert configs["ranking"].dynamic_batching.max_queue_delay_microseconds > 0
+    assert configs["item_lookup"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+
+
+def test_rank_ensemble_contract(python_repo):
+    rank = _parse(python_repo)["rank"]
+    inputs = {t.name: t for t in rank.input}
+    assert list(inputs["history_ids"].dims) == [-1] and inputs["history_ids"].data_type == mc.TYPE_INT64
+    assert list(inputs["candidate_ids"].dims) == [-1]
+    assert inputs["user_id"].optional and inputs["user_feats"].optional
+    scores = {t.name: t for t in rank.output}["scores"]
+    assert scores.data_type == mc.TYPE_FP32 and list(scores.dims) == [-1]
+    assert [s.model_name for s in rank.ensemble_scheduling.step] == ["item_lookup", "ranking"]
+
+
+def test_tensor_specs_come_from_the_manifest(small_export, python_repo):
+    manifest = Manifest.read(small_export.out)
+    configs = _parse(python_repo)
+    for graph in ("ranking", "fusion", "text_encoder", "image_encoder"):
+        spec = manifest.graph(graph)
+        got = {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in configs[graph].input}
+        for t in spec.inputs:
+            dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]] or [1]
+            assert got[t.name] == (t.triton_dtype, dims)
+    user_id = {t.name: t for t in configs["ranking"].input}["user_id"]
+    assert user_id.HasField("reshape") and list(user_id.reshape.shape) == []  # [batch, 1] -> [batch]
+
+
+@pytest.mark.parametrize(
+    "backend, platform", [("onnxruntime", "onnxruntime_onnx"), ("tensorrt", "tensorrt_plan")]
+)
+def test_native_backend_configs(small_export, backend, platform):
+    manifest = Manifest.read(small_export.out)
+    configs = build_configs(manifest, RenderConfig(backend=backend))
+    for name, config in configs.items():
+        parsed = text_format.Parse(text_format.MessageToString(config), mc.ModelConfig())
+        assert parsed == config
+        if name in ("ranking", "fusion", "text_encoder", "image_encoder"):
+            assert config.platform == platform and not config.backend
+        elif name in ("item_lookup", "tokenizer", "image_preprocess"):
+            assert config.backend == "python"  # pure-Python steps stay Python
+    if backend == "tensorrt":
+        assert configs["ranking"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    check_ensembles(configs)
+
+
+def test_onnxruntime_render_and_fp16_variant(small_export, tmp_path):
+    render_repository(
+        small_export.out, tmp_path / "ort", RenderConfig(backend="onnxruntime", precision="fp16")
+    )
+    assert not (tmp_path / "ort" / "ranking" / "1" / "model.py").exists()
+    model = (tmp_path / "ort" / "ranking" / "1" / "model.onnx").read_bytes()
+    assert model == (small_export.out / "ranking.fp16.onnx").read_bytes()
+    check_ensembles(_parse(tmp_path / "ort"))
+
+
+def _mutated(small_export):
+    return build_configs(Manifest.read(small_export.out), RenderConfig())
+
+
+def test_ensemble_check_catches_broken_maps(small_export):
+    configs = _mutated(small_export)
+    next(t for t in configs["ranking"].input if t.name == "candidate_c").data_type = mc.TYPE_FP16
+    with pytest.raises(MMRankError, match="'candidate_c' is TYPE_FP32, expected TYPE_FP16"):
+        check_ensembles(configs)
+    configs = _mutated(small_export)
+    step = next(
+        s for s in configs["encode_items"].ensemble_scheduling.step if s.model_name == "image_encoder"
+    )
+    step.input_map["pixels"] = "nothing"
+    with pytest.raises(MMRankError, match="reads 'nothing', which no earlier step produces"):
+        check_ensembles(configs)
+    configs = _mutated(small_export)
+    del configs["rank"].ensemble_scheduling.step[1].input_map["history_mask"]
+    with pytest.raises(MMRankError, match="required input 'history_mask' is not mapped"):
+        check_ensembles(configs)
+    configs = _mutated(small_export)
+    next(t for t in configs["fusion"].input if t.name == "text_feats").dims[-1] = 383
+    with pytest.raises(MMRankError, match="dims"):
+        check_ensembles(configs)
+
+
+def test_bad_inputs_leave_nothing_behind(small_export, tmp_path):
+    with pytest.raises(MMRankError, match="export folder not found"):
+        render_repository(tmp_path / "missing", tmp_path / "a")
+    with pytest.raises(MMRankError, match="unknown backend 'triton'"):
+        render_repository(small_export.out, tmp_path / "a", RenderConfig(backend="triton"))
+    with pytest.raises(MMRankError, match="no TensorRT engine"):
+        render_repository(small_export.out, tmp_path / "a", RenderConfig(backend="tensorrt"))
+    broken = tmp_path / "broken"
+    shutil.copytree(small_export.out, broken)
+    (broken / "manifest.json").write_text("[1, 2")
+    with pytest.raises(MMRankError, match="not valid JSON"):
+        render_repository(broken, tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.*"))
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "mine").write_text("x")
+    with pytest.raises(MMRankError, match="pass --force"):
+        render_repository(small_export.out, out)
+    assert (out / "mine").read_text() == "x"
+    render_repository(small_export.out, out, force=True)
+    assert not (out / "mine").exists() and (out / "rank" / "config.pbtxt").is_file()
+
+
+def test_cli_errors_are_one_line(small_export, tmp_path, capsys):
+    assert main(["repo", "--export", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("mmrank repo: error:")
+    assert (
+        main(
+            [
+                "repo",
+                "--export",
+                str(small_export.out),
+                "--out",
+                str(tmp_path / "r"),
+                "--backend",
+                "onnxruntime",
+            ]
+        )
+        == 0
+    )
+    assert "rank" in capsys.readouterr().out
