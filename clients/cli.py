@@ -13,7 +13,7 @@ def cli(args) -> int:
     history = parse_id_list(args.history, "--history")
     candidates = parse_id_list(args.candidates, "--candidates")
     with RankingClient(ClientConfig(url=args.url, timeout_s=args.timeout)) as client:
-        scores = client.rank(history, candidates)
+        scores = client.rank(history, candidates, args.user)
     order = np.argsort(-scores, kind="stable")
     ranked = [{"item_id": int(candidates[i]), "score": float(scores[i])} for i in order]
     print(json.dumps({"history": history, "ranked": ranked}, indent=2))

@@ -1,4 +1,4 @@
-"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids) -> scores`.
+"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids, user_id=None) -> scores`.
 
 Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
 restarting or overloaded) is retried with exponential backoff; every other failure raises a
@@ -16,7 +16,7 @@ import numpy as np
 
 from mmrank.errors import MMRankError
 
-HISTORY, CANDIDATES, SCORES = "history_ids", "candidate_ids", "scores"
+HISTORY, CANDIDATES, USER, SCORES = "history_ids", "candidate_ids", "user_id", "scores"
 PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
 
 
@@ -78,11 +78,14 @@ class _Base:
         self._client = client
         self._batched: bool | None = None
 
-    def _inputs(self, module, history, candidates, batched: bool):
+    def _inputs(self, module, history, candidates, user_id: int | None, batched: bool):
         hist = as_ids(history, HISTORY, allow_empty=True)
         cand = as_ids(candidates, CANDIDATES, allow_empty=False)
+        tensors = [(HISTORY, hist), (CANDIDATES, cand)]
+        if user_id is not None:  # without it the lookup step uses the unknown-user row
+            tensors.append((USER, as_ids([user_id], USER, allow_empty=False)))
         out = []
-        for name, arr in ((HISTORY, hist), (CANDIDATES, cand)):
+        for name, arr in tensors:
             arr = arr[None, :] if batched else arr
             inp = module.InferInput(name, list(arr.shape), "INT64")
             inp.set_data_from_numpy(arr)
@@ -135,10 +138,10 @@ class RankingClient(_Base):
         except RankingError:
             return False
 
-    def rank(self, history_ids, candidate_ids) -> np.ndarray:
+    def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> np.ndarray:
         if self._batched is None:
             self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
-        inputs, n = self._inputs(self._module, history_ids, candidate_ids, self._batched)
+        inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
         outputs = [self._module.InferRequestedOutput(SCORES)]
         result = self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
         return self._scores(result, n)
@@ -176,11 +179,11 @@ class AsyncRankingClient(_Base):
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def rank(self, history_ids, candidate_ids) -> np.ndarray:
+    async def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> np.ndarray:
         if self._batched is None:
             meta = await self._call(self._client.get_model_metadata, self.cfg.model)
             self._batched = self._batched_from(meta)
-        inputs, n = self._inputs(self._module, history_ids, candidate_ids, self._batched)
+        inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
         outputs = [self._module.InferRequestedOutput(SCORES)]
         result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
         return self._scores(result, n)

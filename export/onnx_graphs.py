@@ -441,12 +441,14 @@ def export_model(
 
 # ---- from a run folder -----------------------------------------------------------------------------
 def find_dataset(run_dir: Path, data: str | None) -> Path:
-    """--data, else the dataset the run was last evaluated on (RUN/evaluation.json, RUN/metrics.json)."""
+    """--data, else the dataset the run was last evaluated on (RUN/evaluation.json) or trained on
+    (RUN/metrics.json's train block)."""
     if data:
         return Path(data)
-    for name in ("evaluation.json", "metrics.json"):
+    for name, block in (("evaluation.json", None), ("metrics.json", "train")):
         try:
-            recorded = json.loads((run_dir / name).read_text()).get("data")
+            recorded = json.loads((run_dir / name).read_text())
+            recorded = (recorded.get(block) if block else recorded).get("data")
         except (OSError, ValueError, AttributeError):
             recorded = None
         if recorded:

@@ -295,7 +295,7 @@ class TritonServer:
                     self.process.wait()
             code = self.process.returncode
             self.process = None
-        if self._workdir is not None and self.config.log_file is None:
+        if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         return code
@@ -307,22 +307,65 @@ class TritonServer:
         self.stop()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(config: TritonConfig) -> int:
+    """Run the server in the foreground until Ctrl-C or SIGTERM; returns the server's exit code."""
+    for what, port in (("grpc", config.grpc_port), ("http", config.http_port), ("metrics", config.metrics_port)):
+        if port and not _port_free(port):
+            raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
+    server = TritonServer(config)
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.start()
+        print(
+            f"tritonserver ready on {server.repository}: grpc {server.grpc_url}, http {server.http_url}, "
+            f"metrics 127.0.0.1:{server.metrics_port}; log {server.log_path} (Ctrl-C stops it)",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        if server.process is not None and server.process.returncode not in (None, 0):
+            raise MMRankError(f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.stop()
+    return 0
+
+
+def cli(args) -> int:
+    """`mmrank serve`: the repository on loopback, in the foreground."""
+    log = Path(args.log) if args.log else None
+    return serve(
+        TritonConfig(
+            Path(args.repo),
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            control_mode=args.control_mode,
+            log_file=log,
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description="tritonserver from nvidia-pytriton, on loopback")
     p.add_argument("--prepare-env", action="store_true", help="create the stub environment and exit")
-    p.add_argument("--repo", help="model repository to serve until Ctrl-C")
     args = p.parse_args(argv)
-    if args.prepare_env:
-        print(f"stub python: {prepare_stub_env() / 'python'}")
-        return 0
-    if not args.repo:
-        p.error("pass --repo or --prepare-env")
-    with TritonServer(TritonConfig(Path(args.repo))) as server:
-        print(f"tritonserver ready: grpc {server.grpc_url}, http {server.http_url} (Ctrl-C stops it)")
-        with contextlib.suppress(KeyboardInterrupt):
-            server.process.wait()
+    if not args.prepare_env:
+        p.error("pass --prepare-env (serving is `mmrank serve --repo DIR`)")
+    print(f"stub python: {prepare_stub_env() / 'python'}")
     return 0
 
 

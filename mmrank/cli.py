@@ -158,17 +158,38 @@ def _repo(p):
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
+def _analyze(p):
+    p.add_argument(
+        "--runs",
+        required=True,
+        help="comma-separated run folders; the first is the ID-only baseline (e.g. id_only,em3)",
+    )
+    p.add_argument("--data", required=True, help="the dataset the runs were trained on")
+    p.add_argument("--out", required=True, help="folder for analysis.md and analysis.json")
+    p.add_argument("--sample", type=int, default=2000, help="cold-start and popular items sampled")
+    p.add_argument("--k", type=int, default=3, help="neighbours per item")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item samples")
+
+
 def _serve(p):
     p.add_argument("--repo", required=True, help="Triton model repository")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (127.0.0.1)")
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (127.0.0.1)")
+    p.add_argument(
+        "--control-mode",
+        choices=["none", "poll", "explicit"],
+        default="poll",
+        help="model control; poll picks up a new item-table version without a restart",
+    )
+    p.add_argument("--log", help="server log file; without one the log goes to a temporary folder removed on exit")
 
 
 def _rank(p):
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
     p.add_argument("--candidates", required=True, help="comma-separated candidate item ids")
+    p.add_argument("--user", type=int, help="user id (default: none, the unknown-user fallback)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
 
 
@@ -211,9 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "train", "train a model (preset or config)", "trainer.train:cli", _train)
     _add(sub, "evaluate", "evaluate a run on a dataset", "trainer.train:cli_evaluate", _evaluate)
     _add(sub, "ablation", "train presets x seeds and tabulate mean +- std", "trainer.ablation:cli", _ablation)
+    _add(
+        sub,
+        "analyze",
+        "EM3 §4.5 embedding analyses (cold-start ID neighbours, content neighbours)",
+        "trainer.analysis:cli",
+        _analyze,
+    )
     _add(sub, "export", "export ONNX graphs and the item table", "export.onnx_graphs:cli", _export)
     _add(sub, "repo", "render a Triton model repository", "export.repository:cli", _repo)
-    _add(sub, "serve", "start tritonserver on a model repository", NOT_IMPLEMENTED, _serve)
+    _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)
     _add(sub, "demo", "the whole pipeline on the synthetic dataset", NOT_IMPLEMENTED, _demo)

@@ -291,6 +291,15 @@ def run_analysis(
     return report
 
 
+def cli(args) -> int:
+    """`mmrank analyze`: both analyses over trained runs, the first one the ID-only baseline."""
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    report = run_analysis(runs, args.data, args.out, args.sample, args.k, args.seed)
+    print(report_markdown(report))
+    print(f"analyze: wrote {Path(args.out) / 'analysis.md'} and analysis.json")
+    return 0
+
+
 def _run_names(run_dirs: list[str]) -> list[str]:
     """Folder names, or full paths where two runs share a folder name."""
     base = [Path(r).name for r in run_dirs]

@@ -564,6 +564,7 @@ class Trainer:
             "best_step": s.best_step,
             "world_size": self.dist.world,
             "device": str(self.device),
+            "data": str(Path(self.ds.root).resolve()),
             "amp": str(self.amp).replace("torch.", "") if self.amp else "off",
             "parameters": sum(p.numel() for p in params),
             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),

@@ -119,3 +119,23 @@ def small_export(tmp_path_factory, tiny_text_dir) -> SmallExport:
     out = tmp_path_factory.mktemp("small") / "export"
     export_model(model, out, {"path": "random-init", "sha256": "0" * 64}, text, config)
     return SmallExport(model, out, text, config, tiny_text_dir)
+
+
+@pytest.fixture(scope="session")
+def triton_server(small_export, tmp_path_factory):
+    """The real tritonserver on a python-backend repository rendered from `small_export`, shared by the
+    server and client tests (starting it takes seconds). Skipped only where the binary cannot run."""
+    from export.repository import RenderConfig, render_repository
+    from export.triton_launcher import TritonConfig, TritonDistribution, TritonServer, prepare_stub_env
+    from mmrank.errors import MMRankError
+
+    try:
+        TritonDistribution.find().check_runs()
+        prepare_stub_env()
+    except MMRankError as e:
+        pytest.skip(f"tritonserver cannot start on this machine: {e}")
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    render_repository(small_export.out, repo, RenderConfig(backend="python", max_batch_size=8))
+    with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
+        srv.repo = repo
+        yield srv

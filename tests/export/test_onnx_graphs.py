@@ -12,7 +12,6 @@ from mmrank.cli import main
 from mmrank.errors import MMRankError
 
 
-
 def test_manifest_describes_every_graph_with_dynamic_axes(small_export):
     m = Manifest.read(small_export.out)
     assert m.opset >= 17 and m.checkpoint["sha256"] == "0" * 64

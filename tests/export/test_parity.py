@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from conftest import NUM_ITEMS, NUM_USERS, make_model, make_schema
 
 from export.manifest import Manifest
@@ -13,7 +12,6 @@ from export.parity import (
     random_feeds,
     training_scores,
 )
-
 
 
 def _requests(seed: int, b: int = 4, n: int = 5, length: int = 6, num_items: int = NUM_ITEMS):

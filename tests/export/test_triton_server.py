@@ -17,25 +17,14 @@ from export import item_table as it
 from export.manifest import Manifest
 from export.ort_session import OrtGraph
 from export.parity import training_scores
-from export.repository import RenderConfig, add_table_version, render_repository
-from export.triton_launcher import TritonConfig, TritonDistribution, TritonServer, prepare_stub_env
-from mmrank.errors import MMRankError
+from export.repository import add_table_version
 
 grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
-def server(small_export, tmp_path_factory):
-    try:
-        TritonDistribution.find().check_runs()
-        prepare_stub_env()
-    except MMRankError as e:
-        pytest.skip(f"tritonserver cannot start on this machine: {e}")
-    repo = tmp_path_factory.mktemp("triton") / "repo"
-    render_repository(small_export.out, repo, RenderConfig(backend="python", max_batch_size=8))
-    with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
-        srv.repo = repo
-        yield srv
+def server(triton_server):
+    return triton_server
 
 
 @pytest.fixture(scope="module")

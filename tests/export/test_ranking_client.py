@@ -1,0 +1,108 @@
+"""The gRPC ranking client (sync, asyncio and `mmrank rank`) against the real tritonserver.
+
+The server is the session's python-backend repository of the small export (tests/export/conftest.py);
+expected scores come from the PyTorch model itself, so the client is checked end to end.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from conftest import NUM_ITEMS, NUM_USERS
+
+from clients.ranking_client import AsyncRankingClient, ClientConfig, RankingClient, RankingError
+from export.parity import training_scores
+from export.triton_launcher import free_port
+from mmrank.cli import main
+
+pytest.importorskip("tritonclient.grpc")
+
+
+def _want(model, history, candidates, user_id=0):
+    hist = np.zeros((1, max(len(history), 1)), np.int64)
+    if history:
+        hist[0, -len(history) :] = history
+    cands = np.array([candidates], np.int64)
+    feats = np.zeros((1, len(model.schema.user_feat_cards)), np.int64)
+    return training_scores(model, hist, cands, np.array([user_id]), feats)[0]
+
+
+@pytest.fixture(scope="module")
+def url(triton_server):
+    return triton_server.grpc_url
+
+
+def test_sync_client_scores_equal_the_model(small_export, url):
+    with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+        assert client.ready()
+        history, candidates = [3, 9, 4, 17], [1, 2, 5, 8, 13]
+        scores = client.rank(history, candidates)
+        assert scores.shape == (5,) and scores.dtype == np.float32
+        np.testing.assert_allclose(scores, _want(small_export.model, history, candidates), atol=1e-5)
+        with_user = client.rank(history, candidates, user_id=NUM_USERS)
+        np.testing.assert_allclose(
+            with_user, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
+        )
+
+
+def test_empty_history_is_the_padding_history(small_export, url):
+    with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+        scores = client.rank([], [4, 6])
+    np.testing.assert_allclose(scores, _want(small_export.model, [], [4, 6]), atol=1e-5)
+
+
+def test_async_client_matches_the_sync_client(url):
+    history, candidates = [1, 2, 3], [7, NUM_ITEMS, 11]
+    with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+        want = client.rank(history, candidates)
+
+    async def many():
+        async with AsyncRankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+            return await asyncio.gather(*(client.rank(history, candidates) for _ in range(4)))
+
+    for got in asyncio.run(many()):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("history", "candidates", "message"),
+    [
+        ([1, 2], [], "candidate_ids is empty"),
+        ([1, -2], [3], "history_ids holds a negative id"),
+        ([[1, 2]], [3], "history_ids must be a flat list"),
+        ([1], [1.5], "candidate_ids must hold integer item ids"),
+    ],
+)
+def test_bad_ids_are_refused_before_any_call(url, history, candidates, message):
+    with RankingClient(ClientConfig(url=url)) as client, pytest.raises(RankingError, match=message):
+        client.rank(history, candidates)
+
+
+def test_unknown_model_names_the_model(url):
+    with RankingClient(ClientConfig(url=url, model="no_such_model")) as client:
+        with pytest.raises(RankingError, match="no_such_model"):
+            client.rank([1], [2])
+
+
+def test_server_down_is_retried_then_named():
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with RankingClient(ClientConfig(url=url, timeout_s=2, retries=2, backoff_s=0.01)) as client:
+        assert not client.ready()
+        with pytest.raises(RankingError, match=f"Triton at {url} is unavailable"):
+            client.rank([1], [2])
+
+
+def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
+    code = main(["rank", "--url", url, "--history", "3,9,4", "--candidates", "1,2,5", "--timeout", "30"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    scores = _want(small_export.model, [3, 9, 4], [1, 2, 5])
+    assert [r["item_id"] for r in out["ranked"]] == [[1, 2, 5][i] for i in np.argsort(-scores)]
+
+
+def test_rank_command_against_a_down_server_fails_with_one_line(capsys):
+    url = f"127.0.0.1:{free_port()}"
+    assert main(["rank", "--url", url, "--history", "1", "--candidates", "2", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unavailable" in err[0]
