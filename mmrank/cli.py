@@ -182,7 +182,9 @@ def _serve(p):
         default="poll",
         help="model control; poll picks up a new item-table version without a restart",
     )
-    p.add_argument("--log", help="server log file; without one the log goes to a temporary folder removed on exit")
+    p.add_argument(
+        "--log", help="server log file; without one the log goes to a temporary folder removed on exit"
+    )
 
 
 def _rank(p):
@@ -202,6 +204,12 @@ def _loadtest(p):
 
 def _demo(p):
     p.add_argument("--out", default="build/demo", help="folder for every artefact of the demo")
+    p.add_argument("--users", type=int, default=500, help="synthetic users")
+    p.add_argument("--items", type=int, default=600, help="synthetic items")
+    p.add_argument("--events", type=int, default=60_000, help="synthetic impressions")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, training and request sample")
+    p.add_argument("--requests", type=int, default=200, help="test requests ranked through gRPC")
+    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished steps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)
-    _add(sub, "demo", "the whole pipeline on the synthetic dataset", NOT_IMPLEMENTED, _demo)
+    _add(sub, "demo", "the whole pipeline on the synthetic dataset", "mmrank.demo:cli", _demo)
     return parser
 
 

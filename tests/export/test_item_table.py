@@ -80,6 +80,23 @@ def test_rank_inputs_long_history_and_user_fallbacks():
     assert not defaults[it.HISTORY_MASK].any()
 
 
+def test_user_features_come_from_the_table_unless_the_request_sends_them(tmp_path):
+    users = np.array([[0, 0], [2, 1], [1, 0], [2, 0]])
+    table = _table()
+    table = it.ItemTable(table.ids, table.content, table.item_rows, user_feats=users)
+    table.write(tmp_path / "t")
+    table = it.ItemTable.read(tmp_path / "t")
+    hist, cands = np.array([[1, 2]] * 3), np.array([[3]] * 3)
+    out = it.rank_inputs(table, _lookup(), hist, cands, user_id=np.array([1, 3, 7]))
+    assert out[it.USER_FEATS].tolist() == [[2, 1], [2, 0], [0, 0]]  # 7 is unknown -> row 0
+    sent = it.rank_inputs(table, _lookup(), hist, cands, np.array([1, 3, 7]), np.array([[1, 1]] * 3))
+    assert sent[it.USER_FEATS].tolist() == [[1, 1]] * 3
+    assert it.rank_inputs(table, _lookup(), hist, cands)[it.USER_FEATS].tolist() == [[0, 0]] * 3
+    assert table.with_items(np.array([9]), np.ones((1, 3)), 2).user_feats is table.user_feats
+    with pytest.raises(MMRankError, match="row 0"):
+        it.ItemTable(table.ids, None, None, user_feats=np.ones((2, 2)))
+
+
 def test_rank_inputs_reject_mismatched_shapes():
     with pytest.raises(MMRankError, match="must be"):
         it.rank_inputs(_table(), _lookup(), np.array([1, 2]), np.array([[1]]))
