@@ -231,13 +231,13 @@ def _declare_output_shape(path: str, build: GraphBuild, example: tuple[int, ...]
 
 def write_graph(name: str, build: GraphBuild, out: Path, fp16: bool) -> GraphSpec:
     stem = GRAPH_FILES[name]
+    # The output shape comes from the fp32 module: an eager fp16 forward on a CPU is very slow
+    # (about 100 s for EfficientNet-Lite0 here), while tracing the fp16 copy takes seconds.
     with torch.inference_mode():
         shape = tuple(build.module.eval()(*build.inputs.values()).shape)
     fp32_path = export_onnx(build, out / f"{stem}.onnx", shape)
     fp16_path = None
     if fp16:
-        # Tracing runs the half-precision copy once; on a CPU that is slow for the image encoder
-        # (PyTorch has no fast fp16 convolutions there: ~100 s for EfficientNet-Lite0 here).
         half = GraphBuild(Fp16Graph(build.module), build.inputs, build.output, build.axes)
         fp16_path = export_onnx(half, out / f"{stem}.fp16.onnx", shape)
     inputs, outputs = onnx_io(fp32_path)
