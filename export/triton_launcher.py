@@ -319,7 +319,11 @@ def _port_free(port: int) -> bool:
 
 def serve(config: TritonConfig) -> int:
     """Run the server in the foreground until Ctrl-C or SIGTERM; returns the server's exit code."""
-    for what, port in (("grpc", config.grpc_port), ("http", config.http_port), ("metrics", config.metrics_port)):
+    for what, port in (
+        ("grpc", config.grpc_port),
+        ("http", config.http_port),
+        ("metrics", config.metrics_port),
+    ):
         if port and not _port_free(port):
             raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
     server = TritonServer(config)
@@ -335,7 +339,9 @@ def serve(config: TritonConfig) -> int:
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)
         if server.process is not None and server.process.returncode not in (None, 0):
-            raise MMRankError(f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}")
+            raise MMRankError(
+                f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
         server.stop()

@@ -12,7 +12,6 @@ from trainer import checkpoint
 from trainer.checkpoint import TrainState
 
 
-
 def _model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))

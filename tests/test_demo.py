@@ -28,7 +28,10 @@ def test_demo_trains_serves_and_reuses_finished_steps(triton_runs, tmp_path):
     s = report["serving"]
     assert s["requests"] == 40 and s["max_abs_diff_vs_pytorch"] <= PARITY_ATOL
     assert report["metrics"]["test"]["auc"] > 0.55 and report["reused"] == []
-    assert json.loads((tmp_path / "demo" / "report.json").read_text())["serving"]["candidates"] == s["candidates"]
+    assert (
+        json.loads((tmp_path / "demo" / "report.json").read_text())["serving"]["candidates"]
+        == s["candidates"]
+    )
     assert "served AUC" in (tmp_path / "demo" / "report.md").read_text()
 
     again = run_demo(tmp_path / "demo", cfg)

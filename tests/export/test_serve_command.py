@@ -24,7 +24,14 @@ def repo(small_export, triton_server, tmp_path_factory):
 
 def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
     grpc_port = free_port()
-    ports = ["--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = [
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+    ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports],
         stdout=subprocess.PIPE,
@@ -57,6 +64,13 @@ def test_serve_refuses_a_port_in_use(repo, capsys):
 
 
 def test_serve_names_a_missing_repository(tmp_path, capsys):
-    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = [
+        "--grpc-port",
+        str(free_port()),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+    ]
     assert main(["serve", "--repo", str(tmp_path / "nope"), *ports]) == 1
     assert "model repository not found" in capsys.readouterr().err

@@ -3,7 +3,6 @@ import torch
 from trainer.model.decoder import CrossAttentionDecoder
 
 
-
 def _decoder(impl: str = "sdpa") -> CrossAttentionDecoder:
     torch.manual_seed(0)
     return CrossAttentionDecoder(d=8, context_dim=5, num_queries=3, layers=2, heads=2, impl=impl).eval()

@@ -15,7 +15,6 @@ from trainer.model.fq_former import (
 )
 
 
-
 def _random_mask(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
     mask = torch.rand(b, s, generator=gen) > 0.4
     mask[0] = False  # always one row with no key at all

@@ -10,7 +10,6 @@ from trainer.model.content_tower import ContentTower
 from trainer.model.lora import LoRALinear, apply_lora
 
 
-
 def test_lora_linear_starts_as_the_base_and_trains_only_adapters():
     torch.manual_seed(0)
     base = nn.Linear(8, 6)

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from trainer.model.memory_bank import MemoryBank, dedup_join, dedup_join_reference
 
 
-
 def _bank() -> MemoryBank:
     torch.manual_seed(0)
     return MemoryBank(num_items=6, d=3)

@@ -5,7 +5,6 @@ from mmrank.errors import MMRankError
 from trainer.model.config import RankerConfig
 from trainer.model.ranker import Ranker, RankMixerLayer, token_mix
 
-
 NUM_ITEMS, NUM_USERS = 9, 5
 ITEM_CATS = torch.tensor([[0, 0], [1, 2], [2, 1], [3, 0], [1, 1], [2, 2], [3, 1], [1, 0], [2, 2], [3, 3]])
 

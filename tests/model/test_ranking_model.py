@@ -9,7 +9,6 @@ from trainer.losses import bce
 from trainer.model.config import ContentConfig, InterestConfig, LossConfig, ModelConfig, RankerConfig
 from trainer.model.ranking_model import ModelSchema, RankingModel
 
-
 NUM_ITEMS, NUM_USERS = 12, 4
 
 

@@ -3,7 +3,6 @@ import torch.nn.functional as F
 
 from trainer.model.similarity import history_cosine, similarity_features
 
-
 # Right-aligned: one padding slot, then three items (oldest first).
 TARGET = torch.tensor([[2.0, 0.0]])
 HISTORY = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])

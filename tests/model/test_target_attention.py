@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from trainer.model.target_attention import TargetAttention, masked_attention, masked_attention_reference
 
 
-
 def _inputs(seed: int, b: int, n: int, length: int, d: int):
     gen = torch.Generator().manual_seed(seed)
     target = torch.randn(b, n, d, generator=gen)
