@@ -13,8 +13,10 @@ def cli(args) -> int:
     history = parse_id_list(args.history, "--history")
     candidates = parse_id_list(args.candidates, "--candidates")
     with RankingClient(ClientConfig(url=args.url, timeout_s=args.timeout)) as client:
-        scores = client.rank(history, candidates, args.user)
+        scores, known = client.rank_known(history, candidates, args.user)
     order = np.argsort(-scores, kind="stable")
-    ranked = [{"item_id": int(candidates[i]), "score": float(scores[i])} for i in order]
+    ranked = [
+        {"item_id": int(candidates[i]), "score": float(scores[i]), "known": bool(known[i])} for i in order
+    ]
     print(json.dumps({"history": history, "ranked": ranked}, indent=2))
     return 0

@@ -17,6 +17,7 @@ import numpy as np
 from mmrank.errors import MMRankError
 
 HISTORY, CANDIDATES, USER, SCORES = "history_ids", "candidate_ids", "user_id", "scores"
+KNOWN = "candidate_known"  # False where the item table has no row for a candidate (scored as padding)
 PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
 
 
@@ -108,6 +109,16 @@ class _Base:
             raise RankingError(f"got {scores.size} scores for {n} candidates")
         return scores.astype(np.float32)
 
+    def _known(self, result, n: int) -> np.ndarray:
+        known = result.as_numpy(KNOWN)
+        if known is None:
+            raise RankingError(f"response has no {KNOWN!r} output (is {self.cfg.model!r} the rank ensemble?)")
+        return known.reshape(-1).astype(bool)[:n]
+
+    def _outputs(self, with_known: bool) -> list:
+        names = [SCORES, KNOWN] if with_known else [SCORES]
+        return [self._module.InferRequestedOutput(name) for name in names]
+
 
 class RankingClient(_Base):
     """Blocking client. `with RankingClient(ClientConfig(url=...)) as c: c.rank([1, 2], [3, 4, 5])`."""
@@ -139,12 +150,20 @@ class RankingClient(_Base):
             return False
 
     def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> np.ndarray:
+        """Scores [N] (logits) of the candidates, in their order."""
+        result, n = self._infer(history_ids, candidate_ids, user_id, with_known=False)
+        return self._scores(result, n)
+
+    def rank_known(self, history_ids, candidate_ids, user_id: int | None = None):
+        """(scores [N], known [N]): known is False for candidates the item table does not hold."""
+        result, n = self._infer(history_ids, candidate_ids, user_id, with_known=True)
+        return self._scores(result, n), self._known(result, n)
+
+    def _infer(self, history_ids, candidate_ids, user_id, with_known: bool):
         if self._batched is None:
             self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
         inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
-        outputs = [self._module.InferRequestedOutput(SCORES)]
-        result = self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
-        return self._scores(result, n)
+        return self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs(with_known)), n
 
     def close(self) -> None:
         self._client.close()
@@ -184,8 +203,7 @@ class AsyncRankingClient(_Base):
             meta = await self._call(self._client.get_model_metadata, self.cfg.model)
             self._batched = self._batched_from(meta)
         inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
-        outputs = [self._module.InferRequestedOutput(SCORES)]
-        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=outputs)
+        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs(False))
         return self._scores(result, n)
 
     async def close(self) -> None:

@@ -46,6 +46,13 @@ def test_sync_client_scores_equal_the_model(small_export, url):
         )
 
 
+def test_rank_known_flags_candidates_missing_from_the_item_table(small_export, url):
+    with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+        scores, known = client.rank_known([3, 9], [2, 99_999, 5])
+    assert known.tolist() == [True, False, True]
+    np.testing.assert_allclose(scores[[0, 2]], _want(small_export.model, [3, 9], [2, 5]), atol=1e-5)
+
+
 def test_empty_history_is_the_padding_history(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
         scores = client.rank([], [4, 6])
@@ -99,6 +106,7 @@ def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
     out = json.loads(capsys.readouterr().out)
     scores = _want(small_export.model, [3, 9, 4], [1, 2, 5])
     assert [r["item_id"] for r in out["ranked"]] == [[1, 2, 5][i] for i in np.argsort(-scores)]
+    assert all(r["known"] for r in out["ranked"])
 
 
 def test_rank_command_against_a_down_server_fails_with_one_line(capsys):
