@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmrank.errors import DataError, MMRankError
-from trainer.data.schema import ITEMS, MANIFEST, SPLITS, USERS, Dataset, Manifest, atomic_dir, write_events
+from trainer.data.schema import SPLITS, Dataset, Manifest, atomic_dir, write_dataset_files
 from trainer.data.sourcefile import (
     check_known,
     check_range,
@@ -413,16 +412,9 @@ def build_ml100k(src: str | Path, out: str | Path, config: ML100KConfig, force: 
     )
     validate_dataset(Dataset(out, manifest, items, users, events))
     with atomic_dir(out, force) as tmp:
-        pq.write_table(
-            pa.Table.from_pandas(
-                items, schema=items_schema(text_fields, list(item_cards)), preserve_index=False
-            ),
-            tmp / ITEMS,
-            compression="zstd",
-        )
-        pq.write_table(pa.Table.from_pandas(users, preserve_index=False), tmp / USERS, compression="zstd")
-        write_events(tmp, events)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        schema = items_schema(text_fields, list(item_cards))
+        items_table = pa.Table.from_pandas(items, schema=schema, preserve_index=False)
+        write_dataset_files(tmp, manifest, items_table, users, events)
     return manifest
 
 

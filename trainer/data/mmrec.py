@@ -29,20 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmrank.errors import DataError, MMRankError
 from trainer.data.schema import (
     ITEM_FEATURES,
-    ITEMS,
-    MANIFEST,
     SPLITS,
-    USERS,
     Dataset,
     Manifest,
     atomic_dir,
-    write_events,
+    write_dataset_files,
 )
 from trainer.data.sourcefile import (
     check_range,
@@ -334,10 +329,7 @@ def build_mmrec(src: str | Path, out: str | Path, config: MMRecConfig, force: bo
     with atomic_dir(out, force) as tmp:
         manifest.item_features = write_item_features(tmp, features)
         validate_dataset(Dataset(tmp, manifest, items, users, events))
-        pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp / ITEMS, compression="zstd")
-        pq.write_table(pa.Table.from_pandas(users, preserve_index=False), tmp / USERS, compression="zstd")
-        write_events(tmp, events)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+        write_dataset_files(tmp, manifest, items, users, events)
     return manifest
 
 

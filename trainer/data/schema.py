@@ -162,6 +162,18 @@ def write_events(root: Path, events: pd.DataFrame) -> int:
     return writer.rows
 
 
+def write_dataset_files(
+    root: Path, manifest: Manifest, items: pa.Table | pd.DataFrame, users: pa.Table | pd.DataFrame, events
+) -> None:
+    """Items, users, events and, last, the manifest of a dataset held in memory (inside `atomic_dir`)."""
+    for table, name in ((items, ITEMS), (users, USERS)):
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        pq.write_table(table, root / name, compression="zstd")
+    write_events(root, events)
+    (root / MANIFEST).write_text(manifest.to_json())
+
+
 @dataclass
 class Dataset:
     """A loaded dataset: the manifest, the item and user tables, and events sorted by (ts, user)."""
