@@ -11,6 +11,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.backend_responses import respond_each
 from trainer.features.image import IMAGE_SIZE, load_image
 
 
@@ -31,17 +32,8 @@ class TritonPythonModel:
                 present[row] = True
         return {"pixels": pixels, "image_mask": present}
 
+    def _respond(self, request):
+        return self._preprocess(pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1))
+
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                blobs = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
-                values = self._preprocess(blobs)
-                tensors = [
-                    pb_utils.Tensor(n, np.ascontiguousarray(values[n], dtype=t))
-                    for n, t in self.outputs.items()
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-        return responses
+        return respond_each(pb_utils, requests, self.outputs, self._respond)

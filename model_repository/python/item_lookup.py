@@ -9,9 +9,9 @@ config lists (the ranking graph's inputs plus candidate_known), with the dtypes 
 import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.backend_responses import respond_each
 from export.item_table import ItemTable, LookupConfig, rank_inputs
 
 
@@ -21,16 +21,15 @@ class TritonPythonModel:
         folder = Path(args["model_repository"]) / args["model_version"]
         self.table = ItemTable.read(folder / "item_table")
         self.lookup = LookupConfig(**json.loads(config["parameters"]["lookup"]["string_value"]))
-        self.outputs = {
-            o["name"]: (pb_utils.triton_string_to_numpy(o["data_type"]), [int(d) for d in o["dims"]])
-            for o in config["output"]
-        }
+        self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        # A per-row scalar (user_id) travels as [batch, 1].
+        self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
     def _optional(self, request, name):
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
-    def _respond(self, request):
+    def _lookup(self, request):
         products = rank_inputs(
             self.table,
             self.lookup,
@@ -39,19 +38,12 @@ class TritonPythonModel:
             self._optional(request, "user_id"),
             self._optional(request, "user_feats"),
         )
-        tensors = []
-        for name, (dtype, dims) in self.outputs.items():
-            value = products[name]
-            if value.ndim == 1 and dims == [1]:  # a per-row scalar travels as [batch, 1]
-                value = value[:, None]
-            tensors.append(pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype)))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+        return {
+            name: products[name][:, None]
+            if name in self.per_row and products[name].ndim == 1
+            else products[name]
+            for name in self.outputs
+        }
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._respond(request))
-            except Exception as e:  # a bad request gets its own error, the others their scores
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-        return responses
+        return respond_each(pb_utils, requests, self.outputs, self._lookup)

@@ -9,9 +9,9 @@ tokenization itself is `export.text_inputs.ItemTokenizer`. Outputs: input_ids, a
 import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from export.backend_responses import respond_each
 from export.text_inputs import ItemTokenizer
 
 
@@ -23,18 +23,10 @@ class TritonPythonModel:
         self.tokenizer = ItemTokenizer(folder, int(params["max_length"]), bool(params["join_fields"]))
         self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
 
+    def _tokenize(self, request):
+        fields = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
+        ids, mask, present = self.tokenizer(fields)
+        return {"input_ids": ids, "attention_mask": mask, "text_mask": present}
+
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                fields = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
-                ids, mask, present = self.tokenizer(fields)
-                values = {"input_ids": ids, "attention_mask": mask, "text_mask": present}
-                tensors = [
-                    pb_utils.Tensor(n, np.ascontiguousarray(values[n], dtype=t))
-                    for n, t in self.outputs.items()
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as e:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-        return responses
+        return respond_each(pb_utils, requests, self.outputs, self._tokenize)
