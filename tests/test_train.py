@@ -19,6 +19,9 @@ from trainer.run import CONTENT_TABLE, load_run
 from trainer.train import Trainer, evaluate_run, train
 
 QUIET = {"train.log_every": 10_000}
+# Two evaluations of the same weights on the same split: one flipped near-tied pair moves AUC by
+# 1 / (positives * negatives), about 1e-6 here; a wrong checkpoint moves it by far more than 1e-4.
+AUC_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_run_folder_and_metrics_follow_the_spec(data, tmp_path, capsys):
     # `mmrank evaluate` scores the same best model on the same split.
     assert main(["evaluate", "--run", str(out), "--data", str(data)]) == 0
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert evaluation["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-9)
+    assert evaluation["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=AUC_TOL)
     assert "test auc" in capsys.readouterr().out
 
 
@@ -147,8 +150,10 @@ def test_evaluate_reloads_a_best_model_from_the_lora_phase(data, uninterrupted):
     cfg, model = load_run(ref, load_dataset(data))
     assert cfg.model.interest.short_len == cfg.train.lora_history_len
     assert any("lora_a" in name for name, _ in model.named_parameters())
+    # The reference trained and evaluated at 1 thread, this evaluation runs at 2: the same model, but
+    # GEMMs that sum in another order (and round differently on Intel and AMD) can flip near-tied pairs.
     evaluation = evaluate_run(ref, data)
-    assert evaluation["test"]["auc"] == pytest.approx(ref_metrics["test"]["auc"], abs=1e-9)
+    assert evaluation["test"]["auc"] == pytest.approx(ref_metrics["test"]["auc"], abs=AUC_TOL)
 
 
 def test_pe_trains_on_a_pca_table_of_the_frozen_features(data, tmp_path):
@@ -340,6 +345,7 @@ def test_early_stopping_keeps_the_best_checkpoint(data, tmp_path):
     assert best["step"] == tr["best_step"] and metrics["valid"]["auc"] == best["auc"]
 
 
+@pytest.mark.threads(1)  # bitwise parity of two training runs needs one thread (see conftest)
 def test_worker_processes_build_the_same_batches(data, tmp_path):
     runs = {}
     for workers in (0, 2):
