@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= build/demo
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean gpu-check
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found (set PY=...)"; exit 1; }
@@ -38,6 +38,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# On a GPU machine (torch and triton as found there, nothing installed): kernel tests + kernel benchmark.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build runs .pytest_cache .ruff_cache

@@ -40,6 +40,7 @@ from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_
 from export.text_inputs import copy_tokenizer_files
 from mmrank.errors import MMRankError
 from trainer.data.schema import atomic_dir
+from trainer.model.attention import standard_attention, use_standard_attention
 
 OPSET = 17
 GRAPH_FILES = {
@@ -161,15 +162,11 @@ class Fp16Graph(nn.Module):
 
 
 def use_plain_attention(module: nn.Module) -> None:
-    """Switch every attention inside `module` from SDPA to its masked-softmax reference."""
+    """Switch every attention inside `module` to its masked-softmax reference (MiniLM to eager)."""
     from transformers import PreTrainedModel
 
-    from trainer.model.fq_former import set_attention_backend
-
-    set_attention_backend(module, "reference")  # FQ-Former and the other fusions
+    use_standard_attention(module, plain=True)
     for sub in module.modules():
-        if getattr(sub, "impl", None) == "sdpa":  # target attention, cross-attention decoder
-            sub.impl = "reference"
         if isinstance(sub, PreTrainedModel):  # MiniLM
             sub.set_attn_implementation("eager")
 
@@ -418,7 +415,8 @@ def export_model(
     config = config or ExportConfig()
     model.eval()
     builds = graph_builds(model, text, config)
-    with atomic_dir(out, force=force) as tmp:
+    # The graphs hold standard ONNX ops only: a model trained with the fused kernel exports through SDPA.
+    with standard_attention(model), atomic_dir(out, force=force) as tmp:
         graphs = {}
         for name, build in builds.items():
             start = time.perf_counter()

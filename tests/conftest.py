@@ -1,15 +1,23 @@
 """Suite-wide settings.
 
 - hypothesis runs derandomized, so every run explores the same examples.
+- Triton kernels run interpreted when there is no CUDA device (below).
 - torch's intra-op thread count is process-global state; each test starts from the same count
   (2, the CI machine's cores) unless it asks for another with `@pytest.mark.threads(n)`. Bitwise
   comparisons between two training runs need 1: multi-threaded CPU GEMMs may sum in a different
   order from run to run.
 """
 
+import os
+
 import pytest
 import torch
 from hypothesis import settings
+
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The switch is read when
+# a @triton.jit function is defined, so it must be set before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("mmrank", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("mmrank")

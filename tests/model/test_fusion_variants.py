@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from mmrank.errors import MMRankError
 from trainer.model.config import ContentConfig
-from trainer.model.fq_former import FQFormer, set_attention_backend
+from trainer.model.attention import set_attention_impl
+from trainer.model.fq_former import FQFormer
 from trainer.model.fusion_variants import (
     FUSIONS,
     MeanFusion,
@@ -57,7 +58,7 @@ def test_shapes_finite_and_backend_parity(name, b, text, image, seed):
     out = fusion(tokens, mask, segments=(text, image))
     assert out.shape == (b, D)
     assert torch.isfinite(out).all()
-    set_attention_backend(fusion, "reference")
+    set_attention_impl(fusion, "reference")
     torch.testing.assert_close(fusion(tokens, mask, segments=(text, image)), out, atol=1e-5, rtol=1e-5)
 
 

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.model.target_attention import TargetAttention, masked_attention, masked_attention_reference
+from trainer.model.similarity import similarity_features
+from trainer.model.target_attention import TargetAttention
 
 
 def _inputs(seed: int, b: int, n: int, length: int, d: int):
@@ -17,6 +18,10 @@ def _inputs(seed: int, b: int, n: int, length: int, d: int):
     return target, history, mask
 
 
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    return torch.zeros_like(p) if p.grad is None else p.grad.clone()
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
@@ -25,10 +30,12 @@ def _inputs(seed: int, b: int, n: int, length: int, d: int):
     length=st.integers(1, 12),
     heads=st.sampled_from([1, 2, 4]),
 )
-def test_sdpa_matches_reference_forward_and_gradients(seed, b, n, length, heads):
+@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+def test_impls_match_reference_forward_and_gradients(impl, seed, b, n, length, heads):
+    """'fused' folds the key projection into the query (on CPU through the custom op's reference)."""
     target, history, mask = _inputs(seed, b, n, length, 8)
     torch.manual_seed(seed)
-    fast = TargetAttention(8, heads, impl="sdpa")
+    fast = TargetAttention(8, heads, impl=impl)
     ref = TargetAttention(8, heads, impl="reference")
     ref.load_state_dict(fast.state_dict())
     outs, grads = [], []
@@ -37,7 +44,9 @@ def test_sdpa_matches_reference_forward_and_gradients(seed, b, n, length, heads)
         out = module(t, h, mask)
         (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
         outs.append(out.detach())
-        grads.append([t.grad, h.grad, *[p.grad for p in module.parameters()]])
+        # The key bias shifts every score of a row alike, so its true gradient is 0: the folded form
+        # never uses it (None), the others get it within rounding of 0.
+        grads.append([t.grad, h.grad, *[_grad(p) for p in module.parameters()]])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     for g_fast, g_ref in zip(*grads, strict=True):
         assert torch.isfinite(g_fast).all()
@@ -56,8 +65,8 @@ def test_identity_projections_give_eq_7_8_by_hand():
     scores = torch.tensor([2.0, 0.0]) / math.sqrt(2)
     w = scores.exp() / scores.exp().sum()
     expected = w[0] * hist[0, 0] + w[1] * hist[0, 1]
-    for impl in ("sdpa", "reference"):
-        module.impl = impl
+    for impl in ("sdpa", "reference", "fused"):
+        module.attention_impl = impl
         torch.testing.assert_close(module(c, hist, mask)[0], expected)
 
 
@@ -81,11 +90,31 @@ def test_single_target_equals_one_candidate_and_candidates_are_independent():
         torch.testing.assert_close(module(target[:, j], history, mask), many[:, j])
 
 
-def test_functional_dispatch_rejects_unknown_impl_and_matches_reference():
-    q, k, v = torch.randn(2, 1, 3, 4), torch.randn(2, 1, 5, 4), torch.randn(2, 1, 5, 6)
-    mask = torch.tensor([[True, False, True, True, False], [False] * 5])
-    torch.testing.assert_close(masked_attention(q, k, v, mask), masked_attention_reference(q, k, v, mask))
+def test_unknown_impl_and_indivisible_heads_are_rejected():
     with pytest.raises(ValueError, match="unknown attention impl"):
-        masked_attention(q, k, v, mask, impl="flash")
+        TargetAttention(8, impl="flash")
     with pytest.raises(ValueError, match="not divisible"):
         TargetAttention(6, heads=4)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("length", [1, 3, 9])
+def test_with_similarity_is_attention_plus_the_similarity_features(heads, length):
+    """The fused one-pass entry gives the same u and features (and gradients) as the two computations."""
+    target, history, mask = _inputs(7, 3, 4, length, 8)
+    torch.manual_seed(0)
+    fused = TargetAttention(8, heads, impl="fused")
+    ref = TargetAttention(8, heads, impl="reference")
+    ref.load_state_dict(fused.state_dict())
+    results = []
+    for module in (fused, ref):
+        t, h = target.clone().requires_grad_(), history.clone().requires_grad_()
+        if module is fused:
+            u, feats = module.with_similarity(t, h, mask, 4)
+        else:
+            u, feats = module(t, h, mask), similarity_features(t, h, mask, 4)
+        weights = torch.arange(u.numel() + feats.numel()).float().cos()
+        (torch.cat([u.flatten(), feats.flatten()]) * weights).sum().backward()
+        results.append([u.detach(), feats.detach(), t.grad, h.grad, *[_grad(p) for p in module.parameters()]])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -41,7 +41,10 @@ class InterestConfig:
     long_len: int = 0  # long history length (EM3 LoRA phase, LEMUR long sequence); 0 = off
     target_attention: bool = True  # EM3 eq. 7-8
     attention_heads: int = 1
-    attention_impl: str = "sdpa"  # sdpa: torch's fused attention | reference: the plain masked softmax
+    # Every attention of the model (target attention, decoder, FQ-Former): sdpa (torch's fused attention)
+    # | fused (the Triton kernel on CUDA, attention + cosine features in one pass; reference on CPU)
+    # | reference (the plain masked softmax)
+    attention_impl: str = "sdpa"
     decoder_layers: int = 0  # LEMUR/LONGER cross-attention decoder layers; 0 = off
     decoder_queries: int = 2  # global query tokens built from non-sequence features
     decoder_heads: int = 1

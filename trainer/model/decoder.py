@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from trainer.model.target_attention import ATTENTION_IMPLS, masked_attention
+from trainer.model.attention import check_impl, masked_attention, merge_heads, split_heads
 
 
 class CrossAttentionLayer(nn.Module):
@@ -22,7 +22,7 @@ class CrossAttentionLayer(nn.Module):
         super().__init__()
         if d % heads:
             raise ValueError(f"content dim {d} is not divisible by {heads} decoder heads")
-        self.heads, self.impl = heads, impl
+        self.heads, self.attention_impl = heads, check_impl(impl)
         self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
         self.norm_attn, self.norm_ffn = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
@@ -31,16 +31,12 @@ class CrossAttentionLayer(nn.Module):
     def forward(self, queries: Tensor, history: Tensor, mask: Tensor) -> Tensor:
         """queries [B, T, d], history [B, L, d], mask [B, L] -> [B, T, d]."""
         q, k, v = (
-            self._heads(self.query(queries)),
-            self._heads(self.key(history)),
-            self._heads(self.value(history)),
+            split_heads(lin(x), self.heads)
+            for lin, x in ((self.query, queries), (self.key, history), (self.value, history))
         )
-        attn = masked_attention(q, k, v, mask, self.impl).transpose(1, 2).flatten(-2)
+        attn = merge_heads(masked_attention(q, k, v, mask, impl=self.attention_impl))
         x = self.norm_attn(queries + self.dropout(self.out(attn)))
         return self.norm_ffn(x + self.dropout(self.ffn(x)))
-
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
 
 class CrossAttentionDecoder(nn.Module):
@@ -61,8 +57,6 @@ class CrossAttentionDecoder(nn.Module):
         impl: str = "sdpa",
     ):
         super().__init__()
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
         self.d, self.num_queries = d, num_queries
         self.query_tokens = nn.Linear(context_dim, num_queries * d)
         self.layers = nn.ModuleList(CrossAttentionLayer(d, heads, dropout, impl) for _ in range(layers))

@@ -13,7 +13,7 @@ GELU, Linear back, dropout, residual, LayerNorm) after every attention block.
 Masked tokens (a missing modality, padding) are removed as keys. The queries are always keys, so an
 item with every modality missing still gets a finite vector: its queries attend to themselves.
 
-The attention primitives here are shared by every fusion variant (fusion_variants.py).
+Attention runs through trainer.model.attention (one entry point, reference / sdpa / fused).
 """
 
 from __future__ import annotations
@@ -21,67 +21,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_BACKENDS = ("sdpa", "reference")
+from trainer.model.attention import masked_attention, merge_heads, split_heads
+
 LAYER_NORM_EPS = 1e-5
-
-
-def _safe_key_mask(key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """key_mask [B, Sk] -> (attention mask [B, 1, 1, Sk], has_key [B, 1, 1, 1]).
-
-    A row without any key would softmax over nothing (NaN, and NaN * 0 is still NaN); such rows attend
-    to every key instead and their output is zeroed afterwards with `has_key`.
-    """
-    has_key = key_mask.any(-1)
-    safe = key_mask | ~has_key.unsqueeze(-1)
-    return safe[:, None, None, :], has_key[:, None, None, None]
-
-
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Plain masked softmax attention: the reference the SDPA path is tested against."""
-    safe, has_key = _safe_key_mask(key_mask)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    probs = scores.masked_fill(~safe, float("-inf")).softmax(-1)
-    return torch.matmul(probs, v) * has_key.to(v.dtype)
-
-
-def attention_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """The same through torch's scaled_dot_product_attention (fused kernels where available)."""
-    safe, has_key = _safe_key_mask(key_mask)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
-    return out * has_key.to(v.dtype)
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: torch.Tensor,
-    scale: float,
-    backend: str = "sdpa",
-) -> torch.Tensor:
-    """q [B, H, Sq, Dh], k and v [B, H, Sk, Dh], key_mask [B, Sk] bool (True = may be attended to)
-    -> [B, H, Sq, Dh]. Query rows with no key at all get zeros."""
-    if backend == "sdpa":
-        return attention_sdpa(q, k, v, key_mask, scale)
-    if backend == "reference":
-        return attention_reference(q, k, v, key_mask, scale)
-    raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-
-
-def set_attention_backend(module: nn.Module, backend: str) -> None:
-    """Switch every MultiHeadAttention inside `module` to `backend` ('sdpa' or 'reference')."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-    for sub in module.modules():
-        if isinstance(sub, MultiHeadAttention):
-            sub.backend = backend
 
 
 class MultiHeadAttention(nn.Module):
@@ -97,11 +41,7 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(d, d)
         # EM3's code divides by sqrt(head_dim + 1e-5), not sqrt(head_dim); kept for fidelity.
         self.scale = 1.0 / math.sqrt(d // heads + 1e-5)
-        self.backend = "sdpa"
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        return x.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+        self.attention_impl = "sdpa"
 
     def forward(
         self,
@@ -115,11 +55,13 @@ class MultiHeadAttention(nn.Module):
         value_keep [B, Sk] (optional) zeroes the values of the context tokens it marks False: those
         tokens still take attention weight through Q.K but contribute nothing to the output.
         """
-        q, k, v = self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+        q, k, v = (
+            split_heads(lin(t), self.heads)
+            for lin, t in ((self.query, x), (self.key, context), (self.value, context))
+        )
         if value_keep is not None:
             v = v * value_keep[:, None, :, None].to(v.dtype)
-        out = attention(q, k, v, key_mask, self.scale, self.backend)
-        return out.transpose(1, 2).flatten(2)
+        return merge_heads(masked_attention(q, k, v, key_mask, self.scale, self.attention_impl))
 
 
 class AttentionBlock(nn.Module):

@@ -33,6 +33,7 @@ from mmrank.errors import MMRankError
 from trainer.data.batch import Batch
 from trainer.data.schema import PAD_ID
 from trainer.losses import cic_loss, sqdc_loss
+from trainer.model.attention import set_attention_impl
 from trainer.model.config import ModelConfig
 from trainer.model.content_tower import ContentTower
 from trainer.model.decoder import CrossAttentionDecoder
@@ -139,6 +140,7 @@ class RankingModel(nn.Module):
         self.cic_content = nn.Linear(d, ls.cic_dim) if ls.cic_alpha > 0 else None
         self.cic_ids = nn.Linear(self.ranker.item_dim, ls.cic_dim) if ls.cic_alpha > 0 else None
         self.sqdc_query = nn.Linear(self.ranker.user_dim + d, d) if ls.sqdc_lambda > 0 else None
+        set_attention_impl(self, it.attention_impl)  # the fusion's attention too: one switch for all
 
     # ---- serving path -------------------------------------------------------------------------------
     def score(
@@ -158,17 +160,27 @@ class RankingModel(nn.Module):
         user = self.ranker.user_features(user_id, user_feats)
         content = [cand_c] if self.cfg.ranker.use_content_item else []
         if self.cfg.ranker.use_content_user:
-            content.append(self._interest(self.interest, cand_c, hist_c, hist_mask))
+            interest, similarity = self._interest_and_similarity(cand_c, hist_c, hist_mask)
+            content.append(interest)
             if self.cfg.interest.long_len > 0:
                 content.append(self._interest(self.long_interest, cand_c, long_c, long_mask))
             if self.decoder is not None:
                 context = torch.cat([user[:, None, :].expand(-1, cand_c.shape[1], -1), cand_c], dim=-1)
                 content.append(self.decoder(context, hist_c, hist_mask))
-            if self.cfg.interest.similarity_topk > 0:
-                content.append(
-                    similarity_features(cand_c, hist_c, hist_mask, self.cfg.interest.similarity_topk)
-                )
+            if similarity is not None:
+                content.append(similarity)
         return self.ranker(user, cand_ids, content)
+
+    def _interest_and_similarity(
+        self, cand_c: Tensor, hist: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """u over the history and LEMUR's similarity features (None when off); target attention
+        computes both in one pass over the history when its implementation is the fused kernel."""
+        topk = self.cfg.interest.similarity_topk
+        if self.interest is not None and topk > 0:
+            return self.interest.with_similarity(cand_c, hist, mask, topk)
+        similarity = similarity_features(cand_c, hist, mask, topk) if topk > 0 else None
+        return self._interest(self.interest, cand_c, hist, mask), similarity
 
     @staticmethod
     def _interest(attention: TargetAttention | None, cand_c: Tensor, hist: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,149 @@
+"""The fused attention kernels themselves (trainer/kernels/attention_triton.py) against the reference.
+
+Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set in tests/conftest.py) on CPU
+tensors, at fp32; on a GPU the same tests run compiled, in fp16 and bf16 too. Shapes are small and
+chosen to hit the edges: tiles of 16 with N and L that are not multiples, L = 1, N = 1, histories
+shorter than k, rows with no history at all, d that is not a power of two, several heads.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.kernels.attention_op import attention_cosine_op, attention_reference, masked_attention_op
+from trainer.kernels.attention_triton import Blocks, fused_backward, fused_forward
+from trainer.model.similarity import similarity_features
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BLOCKS = Blocks(n=16, l=16, warps=4 if CUDA else 1, stages=1)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+# fp32 products stay fp32 ("ieee"); half types round q, k, v and the probabilities (about 2^-11 / 2^-8).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (B, N, L, D, topk): tile edges, L = 1, N = 1, k > L, d not a power of two, more than one tile each way
+SHAPES = [(2, 19, 37, 24, 5), (1, 1, 1, 16, 3), (3, 1, 20, 32, 4), (2, 33, 1, 16, 2), (1, 40, 50, 64, 10)]
+
+
+def _inputs(shape, dtype, seed=0):
+    b, n, length, d, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 1, n, d, generator=gen) / d**0.25
+    hist = torch.randn(b, length, d, generator=gen)
+    c = torch.randn(b, n, d, generator=gen)
+    mask = torch.rand(b, length, generator=gen) < 0.7
+    mask[0] = False  # a request with an empty history
+    if b > 1:
+        mask[1] = True  # and one with every position present
+    cast = lambda x: x.to(DEVICE, dtype)  # noqa: E731
+    return cast(q), cast(hist), cast(c), mask.to(DEVICE)
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def _reference(q, hist, c, mask, topk):
+    """Attention output and the similarity features, computed in float64 on the CPU."""
+    q, hist, c = (x.double().cpu() for x in (q, hist, c))
+    mask = mask.cpu()
+    out = attention_reference(q, hist[:, None], hist[:, None], mask, 0.7)[:, 0]
+    return out, similarity_features(c, hist, mask, topk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_forward_matches_reference_attention_and_cosine_features(shape, dtype):
+    q, hist, c, mask = _inputs(shape, dtype)
+    topk = shape[-1]
+    res = fused_forward(
+        q, hist[:, None], hist[:, None], mask, 0.7, F.normalize(c.float(), dim=-1).to(dtype), topk, BLOCKS
+    )
+    want_out, want_feat = _reference(q, hist, c, mask, topk)
+    _close(res.out[:, 0].cpu(), want_out, dtype)
+    assert torch.isfinite(res.out).all() and res.out[0].abs().max() == 0  # empty history: zeros
+    ranked, order = torch.sort(res.top_values, -1, descending=True)
+    index = res.top_index.gather(-1, order)
+    ranked = torch.where(index >= 0, ranked, 0.0)
+    _close(torch.cat([res.recent, ranked], -1).cpu(), want_feat, dtype)
+    present = mask.sum(-1).clamp(max=topk)
+    assert ((index >= 0).sum(-1) == present[:, None]).all()  # exactly the present items are ranked
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_backward_matches_reference_autograd(shape, dtype):
+    q, hist, c, mask = _inputs(shape, dtype, seed=1)
+    topk = shape[-1]
+    c_hat = F.normalize(c.float(), dim=-1).to(dtype)
+    res = fused_forward(q, hist[:, None], hist[:, None], mask, 0.7, c_hat, topk, BLOCKS)
+    _, order = torch.sort(res.top_values, -1, descending=True)
+    index = res.top_index.gather(-1, order)
+    gen = torch.Generator().manual_seed(2)
+    g_out = torch.randn(res.out.shape, generator=gen).to(DEVICE, dtype)
+    g_feat = torch.randn(*c.shape[:-1], 2 * topk, generator=gen).to(DEVICE)
+    grads = fused_backward(
+        q, hist[:, None], hist[:, None], mask, 0.7, res.out, res.lse, g_out,
+        c_hat, g_feat[..., :topk], g_feat[..., topk:], index, BLOCKS,
+    )  # fmt: skip
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, hist, c_hat)]
+    h = leaves[1][:, None]
+    out = attention_reference(leaves[0], h, h, mask.cpu(), 0.7)
+    feats = similarity_features(leaves[2], leaves[1], mask.cpu(), topk)
+    want = torch.autograd.grad((out, feats), leaves, (g_out.double().cpu(), g_feat.double().cpu()))
+    _close(grads.dq.cpu(), want[0], dtype)
+    _close((grads.dk + grads.dv)[:, 0].cpu(), want[1], dtype)
+    # The kernel differentiates cos = c_hat . h / |h| for a unit c_hat; the reference renormalises c_hat,
+    # which removes the radial part. Callers normalise c themselves, so only the tangential part counts.
+    unit = c_hat.double().cpu()
+    dc = grads.dc.double().cpu()
+    _close(dc - (dc * unit).sum(-1, keepdim=True) * unit, want[2], dtype)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_kernel_multi_head_attention_with_separate_keys_and_values(heads):
+    """The generic path (FQ-Former, decoder): per-head keys and values, DV != D, no cosine."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, length, d, dv = 3, 21, 18, 16, 24
+    q, k = (torch.randn(b, heads, s, d, generator=gen).to(DEVICE) for s in (n, length))
+    v = torch.randn(b, heads, length, dv, generator=gen).to(DEVICE)
+    mask = torch.rand(b, length, generator=gen) < 0.5
+    mask[2] = False
+    mask = mask.to(DEVICE)
+    res = fused_forward(q, k, v, mask, 0.25, blocks=BLOCKS)
+    want = attention_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.25)
+    _close(res.out.cpu(), want, torch.float32)
+    g = torch.randn(res.out.shape, generator=gen).to(DEVICE)
+    grads = fused_backward(q, k, v, mask, 0.25, res.out, res.lse, g, blocks=BLOCKS)
+    leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    want_grads = torch.autograd.grad(attention_reference(*leaves, mask.cpu(), 0.25), leaves, g.cpu())
+    for got, ref in zip((grads.dq, grads.dk, grads.dv), want_grads, strict=True):
+        _close(got.cpu(), ref, torch.float32)
+
+
+@pytest.mark.skipif(not CUDA, reason="the ops run their kernels on CUDA tensors only (CPU: the reference)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
+    q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)
+    c_hat = F.normalize(c.float(), dim=-1).to(dtype)
+    for x in (q, hist, c_hat):
+        x.requires_grad_()
+    out, feats, _, _ = attention_cosine_op(q, hist, mask, c_hat, 0.7, 10)
+    (out.float().sin().sum() + feats.float().cos().sum()).backward()
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, hist, c_hat)]
+    ref_out, ref_feats, _, _ = attention_cosine_op(*leaves[:2], mask.cpu(), leaves[2], 0.7, 10)
+    (ref_out.sin().sum() + ref_feats.cos().sum()).backward()
+    _close(out.cpu(), ref_out, dtype)
+    _close(feats.cpu(), ref_feats, dtype)
+    for x, ref in zip((q, hist, c_hat), leaves, strict=True):
+        _close(x.grad.cpu(), ref.grad, dtype)
+    k = hist[:, None].expand(4, 2, 130, 64).detach()
+    got = masked_attention_op(q.detach().expand(4, 2, 300, 64), k, k, mask, 0.7)[0]
+    _close(
+        got.cpu(),
+        attention_reference(
+            *(x.cpu().double() for x in (q.detach().expand(4, 2, 300, 64), k, k)), mask.cpu(), 0.7
+        ),
+        dtype,
+    )

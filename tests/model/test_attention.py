@@ -1,0 +1,99 @@
+"""The one masked-attention entry point: every implementation against the reference, masking, the
+custom op's registration, and the exporter's switch. ("fused" on CPU tensors is the custom op with its
+reference path and autograd formula; the Triton kernels themselves are tested in tests/kernels.)"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.kernels.attention_op import attention_cosine_op, masked_attention_op
+from trainer.model.attention import (
+    attention_sdpa,
+    masked_attention,
+    set_attention_impl,
+    standard_attention,
+)
+from trainer.model.decoder import CrossAttentionDecoder
+from trainer.model.target_attention import TargetAttention
+
+
+def _random_mask(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
+    mask = torch.rand(b, s, generator=gen) > 0.4
+    mask[0] = False  # always one row with no key at all
+    return mask
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "fused"])
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 4),
+    h=st.integers(1, 4),
+    sq=st.integers(1, 7),
+    sk=st.integers(1, 7),
+    dh=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_impls_match_reference_forward_and_gradients(impl, b, h, sq, sk, dh, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, s, dh, generator=gen, dtype=torch.float64) for s in (sq, sk, sk))
+    mask = _random_mask(gen, b, sk)
+    outs, grads = [], []
+    for which in (impl, "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = masked_attention(*leaves, mask, dh**-0.5, which)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append([leaf.grad for leaf in leaves])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for g_fast, g_ref in zip(grads[0], grads[1], strict=True):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+    assert outs[0][0].abs().max() == 0  # the row with no key gives zeros
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa", "fused"])
+def test_attention_ignores_masked_keys_and_rejects_unknown_impl(impl):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3, 4, generator=gen) for _ in range(3))
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    base = masked_attention(q, k, v, mask, 0.5, impl)
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 1], v2[0, :, 1] = 1e3, -1e4
+    k2[1, :, 0], v2[1, :, 0] = -1e3, 1e4
+    torch.testing.assert_close(masked_attention(q, k2, v2, mask, 0.5, impl), base)
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        masked_attention(q, k, v, mask, impl="flash")
+
+
+def test_default_scale_is_one_over_sqrt_head_dim():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 1, 3, 9, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(masked_attention(q, k, v, mask), attention_sdpa(q, k, v, mask, 1 / 3))
+
+
+def test_custom_ops_pass_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, s, 8, generator=gen, requires_grad=True) for s in (4, 5, 5))
+    mask = _random_mask(gen, 2, 5)
+    torch.library.opcheck(masked_attention_op, (q, k, v, mask, 0.3))
+    qf = torch.randn(2, 1, 4, 8, generator=gen, requires_grad=True)
+    hist = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    c_hat = torch.nn.functional.normalize(torch.randn(2, 4, 8, generator=gen), dim=-1).requires_grad_()
+    torch.library.opcheck(attention_cosine_op, (qf, hist, mask, c_hat, 0.3, 3))
+
+
+def test_one_switch_sets_every_attention_and_export_restores_it():
+    module = torch.nn.ModuleDict(
+        {"ta": TargetAttention(8, 2), "dec": CrossAttentionDecoder(8, 4, 2, 2, heads=2, impl="fused")}
+    )
+    impls = lambda: {getattr(m, "attention_impl") for m in module.modules() if hasattr(m, "attention_impl")}  # noqa: E731
+    assert impls() == {"sdpa", "fused"}
+    with standard_attention(module):
+        assert impls() == {"sdpa"}
+    assert impls() == {"sdpa", "fused"}
+    set_attention_impl(module, "reference")
+    assert impls() == {"reference"}
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        set_attention_impl(module, "flash")

@@ -1,0 +1,238 @@
+"""torch custom ops over the fused attention kernels: `mmrank::masked_attention` and
+`mmrank::attention_cosine`, each with a fake (meta) implementation and an autograd formula.
+
+CUDA tensors run the Triton kernels of attention_triton.py; every other device runs the plain PyTorch
+reference, so a model built with attention_impl="fused" trains and evaluates on a CPU too, and
+`torch.library.opcheck` exercises the registration there. ONNX export never sees these ops: the
+exporter switches models to the standard-op implementations first (trainer.model.attention).
+
+- masked_attention(q [B, H, N, D], k [B, H, L, D], v [B, H, L, DV], mask [B, L], scale)
+  -> (out [B, H, N, DV], lse [B, H, N])
+- attention_cosine(q [B, 1, N, D], history [B, L, D], mask [B, L], c_hat [B, N, D], scale, topk)
+  -> (out [B, N, D], features [B, N, 2 * topk], lse [B, N], top_index [B, N, topk] int32)
+  keys and values are the history itself; features are LEMUR's k most recent cosines then the k
+  largest in descending order (trainer.model.similarity), top_index where the largest were read
+  (-1 where the history has fewer than k items).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainer.model.similarity import similarity_features
+
+
+# ---- references (the CPU path, and what the kernels are tested against) ----------------------------
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Plain masked softmax attention; rows whose mask is all False give zeros, never NaN."""
+    has_key = mask.any(-1)
+    # An all-False row would softmax over nothing (NaN, and NaN * 0 is still NaN): let it attend to
+    # every key, then zero its output.
+    safe = (mask | ~has_key[:, None])[:, None, None, :]
+    probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~safe, float("-inf")).softmax(-1)
+    return torch.matmul(probs, v) * has_key[:, None, None, None].to(v.dtype)
+
+
+def _lse_reference(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
+    scores = (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).masked_fill(
+        ~mask[:, None, None, :], float("-inf")
+    )
+    lse = scores.logsumexp(-1)
+    return torch.where(mask.any(-1)[:, None, None], lse, torch.full_like(lse, float("inf")))
+
+
+def _top_index_reference(c_hat: Tensor, history: Tensor, mask: Tensor, topk: int) -> Tensor:
+    cos = c_hat.float() @ torch.nn.functional.normalize(history.float(), dim=-1).transpose(1, 2)
+    cos = cos.masked_fill(~mask[:, None, :], float("-inf"))
+    if cos.shape[-1] < topk:
+        cos = torch.cat([cos, cos.new_full((*cos.shape[:-1], topk - cos.shape[-1]), float("-inf"))], -1)
+    values, index = torch.topk(cos, topk, dim=-1)
+    return torch.where(torch.isfinite(values), index, -1).to(torch.int32)
+
+
+def attention_backward_reference(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """d(q, k, v) of `attention_reference` in closed form (custom-op bodies run below autograd)."""
+    has_key = mask.any(-1)
+    safe = (mask | ~has_key[:, None])[:, None, None, :]
+    probs = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~safe, float("-inf")).softmax(-1)
+    probs = probs * has_key[:, None, None, None].to(probs.dtype)
+    dv = torch.matmul(probs.transpose(-1, -2), grad_out)
+    dp = torch.matmul(grad_out, v.transpose(-1, -2))
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
+
+
+def cosine_backward_reference(
+    grad_features: Tensor, history: Tensor, mask: Tensor, c_hat: Tensor, top_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """d(history, c_hat) of the similarity features: each feature's gradient goes to the history
+    position it was read from (recent: the last k positions; ranked: top_index), then through
+    cos = c_hat . history / |history|."""
+    b, n, _ = c_hat.shape
+    length, topk = history.shape[1], top_index.shape[-1]
+    g_recent, g_ranked = grad_features[..., :topk].float(), grad_features[..., topk:].float()
+    # Recent feature t was read at position L - k + t: place it after the history, roll it into place
+    # (slots before position 0, for histories shorter than k, roll past the end and are cut off).
+    grad = torch.zeros(b, n, length + topk, dtype=torch.float32, device=history.device)
+    grad[..., length:] = g_recent
+    grad = torch.roll(grad, -topk, dims=-1)[..., :length]
+    grad = grad * mask[:, None, :]
+    valid = top_index >= 0
+    grad.scatter_add_(-1, top_index.long().clamp(min=0), torch.where(valid, g_ranked, 0.0))
+    h = history.float()
+    norm = h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    h_hat = h / norm
+    d_c = grad @ h_hat
+    d_hhat = grad.transpose(1, 2) @ c_hat.float()
+    d_h = (d_hhat - (d_hhat * h_hat).sum(-1, keepdim=True) * h_hat) / norm
+    return d_h.to(history.dtype), d_c.to(c_hat.dtype)
+
+
+# ---- mmrank::masked_attention ----------------------------------------------------------------------
+@torch.library.custom_op("mmrank::masked_attention", mutates_args=())
+def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    if q.is_cuda:
+        from trainer.kernels.attention_triton import fused_forward
+
+        res = fused_forward(q, k, v, mask, scale)
+        return res.out, res.lse
+    return attention_reference(q, k, v, mask, scale), _lse_reference(q, k, mask, scale)
+
+
+@masked_attention_op.register_fake
+def _(q, k, v, mask, scale):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmrank::masked_attention_backward", mutates_args=())
+def masked_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if q.is_cuda:
+        from trainer.kernels.attention_triton import fused_backward
+
+        res = fused_backward(q, k, v, mask, scale, out, lse, grad_out)
+        return res.dq.to(q.dtype), res.dk.to(k.dtype), res.dv.to(v.dtype)
+    return tuple(g.contiguous() for g in attention_backward_reference(grad_out, q, k, v, mask, scale))
+
+
+@masked_attention_backward_op.register_fake
+def _(grad_out, q, k, v, mask, out, lse, scale):
+    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _masked_setup(ctx, inputs, output):
+    q, k, v, mask, scale = inputs
+    ctx.save_for_backward(q, k, v, mask, *output)
+    ctx.scale = scale
+
+
+def _masked_backward(ctx, grad_out, _grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = masked_attention_backward_op(grad_out, q, k, v, mask, out, lse, ctx.scale)
+    return dq, dk.sum_to_size(k.shape), dv.sum_to_size(v.shape), None, None
+
+
+masked_attention_op.register_autograd(_masked_backward, setup_context=_masked_setup)
+
+
+# ---- mmrank::attention_cosine ----------------------------------------------------------------------
+@torch.library.custom_op("mmrank::attention_cosine", mutates_args=())
+def attention_cosine_op(
+    q: Tensor, history: Tensor, mask: Tensor, c_hat: Tensor, scale: float, topk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if q.is_cuda:
+        from trainer.kernels.attention_triton import fused_forward
+
+        hist = history[:, None]
+        res = fused_forward(q, hist, hist, mask, scale, c_hat.to(history.dtype), topk)
+        ranked, order = torch.sort(res.top_values, dim=-1, descending=True)
+        index = res.top_index.gather(-1, order)
+        ranked = torch.where(index >= 0, ranked, 0.0)
+        features = torch.cat([res.recent, ranked], -1).to(q.dtype)
+        return res.out[:, 0], features, res.lse[:, 0], index
+    hist = history[:, None]
+    out = attention_reference(q, hist, hist, mask, scale)[:, 0]
+    features = similarity_features(c_hat, history, mask, topk)
+    lse = _lse_reference(q, hist, mask, scale)[:, 0]
+    return out, features, lse, _top_index_reference(c_hat, history, mask, topk)
+
+
+@attention_cosine_op.register_fake
+def _(q, history, mask, c_hat, scale, topk):
+    b, _, n, _ = q.shape
+    return (
+        q.new_empty(b, n, history.shape[-1]),
+        q.new_empty(b, n, 2 * topk),
+        q.new_empty(b, n, dtype=torch.float32),
+        q.new_empty(b, n, topk, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("mmrank::attention_cosine_backward", mutates_args=())
+def attention_cosine_backward_op(
+    grad_out: Tensor,
+    grad_features: Tensor,
+    q: Tensor,
+    history: Tensor,
+    mask: Tensor,
+    c_hat: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    top_index: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    topk = top_index.shape[-1]
+    if q.is_cuda:
+        from trainer.kernels.attention_triton import fused_backward
+
+        hist = history[:, None]
+        res = fused_backward(
+            q, hist, hist, mask, scale, out[:, None], lse[:, None], grad_out[:, None],
+            c_hat.to(history.dtype), grad_features[..., :topk], grad_features[..., topk:], top_index,
+        )  # fmt: skip
+        dhist = res.dk[:, 0] + res.dv[:, 0]
+        return res.dq.to(q.dtype), dhist.to(history.dtype), res.dc.to(c_hat.dtype)
+    hist = history[:, None]
+    dq, dk, dv = attention_backward_reference(grad_out[:, None], q, hist, hist, mask, scale)
+    d_hist, d_c = cosine_backward_reference(grad_features, history, mask, c_hat, top_index)
+    return dq.contiguous(), (dk[:, 0] + dv[:, 0] + d_hist).contiguous(), d_c.contiguous()
+
+
+@attention_cosine_backward_op.register_fake
+def _(grad_out, grad_features, q, history, mask, c_hat, out, lse, top_index, scale):
+    return torch.empty_like(q), torch.empty_like(history), torch.empty_like(c_hat)
+
+
+def _cosine_setup(ctx, inputs, output):
+    q, history, mask, c_hat, scale, _topk = inputs
+    out, _features, lse, top_index = output
+    ctx.save_for_backward(q, history, mask, c_hat, out, lse, top_index)
+    ctx.scale = scale
+
+
+def _cosine_backward(ctx, grad_out, grad_features, _grad_lse, _grad_index):
+    q, history, mask, c_hat, out, lse, top_index = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+    if grad_features is None:
+        grad_features = out.new_zeros(*out.shape[:-1], 2 * top_index.shape[-1])
+    dq, dhist, dc = attention_cosine_backward_op(
+        grad_out.contiguous(),
+        grad_features.contiguous(),
+        q,
+        history,
+        mask,
+        c_hat,
+        out,
+        lse,
+        top_index,
+        ctx.scale,
+    )
+    return dq, dhist, None, dc, None, None
+
+
+attention_cosine_op.register_autograd(_cosine_backward, setup_context=_cosine_setup)

@@ -1,0 +1,502 @@
+"""Fused masked attention + LEMUR cosine features in Triton: forward and backward kernels, and launchers.
+
+Problem shape: B requests, each with N candidates (queries) sharing one history of L vectors and a key
+mask [B, L]; H heads. Per (request, head, tile of candidates) one program streams the history tiles
+once, keeping the online-softmax state (FlashAttention-2) and, with COSINE, the cosine features LEMUR
+feeds its ranker, so the scores never reach device memory:
+
+- attention  out[n] = sum_j softmax_j(scale * q_n . k_j) v_j over unmasked j; an empty history gives 0;
+- recent     cos(c_n, k_j) for the k most recent positions (j >= L - k; histories are right-aligned);
+- top-k      the k largest cos(c_n, k_j) over unmasked j and where they are (sorted by the caller).
+
+With COSINE the keys are the raw history vectors (EM3 eq. 7: values = history; the target-attention
+module folds its key projection into the query, see trainer/model/attention.py), so the tile that
+feeds the scores also feeds the cosines: `c` arrives L2-normalised and the key norms are taken
+in-kernel. Top-k keeps an unsorted set of k (value, position) slots per row and, per tile, inserts
+the row's tile maximum while it beats the set's minimum; after a few tiles almost no tile element
+qualifies, so that loop runs far fewer than k rounds per tile.
+
+The backward follows FlashAttention-2 (recompute the probabilities from the saved log-sum-exp): one
+kernel per history tile accumulates dK, dV and the cosine gradient of the history; one per candidate
+tile accumulates dQ and the cosine gradient of c. The cosine gradient routes each feature's gradient to
+the position it was read from, rebuilt per tile from the saved top-k positions.
+
+Launchers take strided tensors (a head dimension of stride 0 broadcasts one history to every head)
+and work under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how the tests run
+the kernels on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+COS_EPS = 1e-12  # F.normalize's eps: a zero history vector has cosine 0 with everything
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch shape. Candidates per program, history positions per tile, warps, stages."""
+
+    n: int = 64
+    l: int = 64  # noqa: E741
+    warps: int = 4
+    stages: int = 2
+
+
+def default_blocks(d: int, device: torch.device) -> Blocks:
+    if device.type != "cuda":
+        return Blocks(n=16, l=16, warps=1, stages=1)  # the interpreter: small tiles run fastest
+    return Blocks(n=64, l=64, warps=4 if d <= 64 else 8, stages=2)
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Mask, C,
+    Out, Lse, Recent, TopV, TopI,
+    scale,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    smb, sml,
+    scb, scn, scd,
+    sob, soh, son, sod,
+    H, N, L,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < N
+
+    if ATTENTION:
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if COSINE:
+        c = tl.load(
+            C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        offs_k = tl.arange(0, BLOCK_K)
+        # Slots past TOPK hold +inf so they are never the set's minimum, i.e. never filled.
+        top_v = tl.where(offs_k[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros(
+            [BLOCK_N, BLOCK_K], tl.float32
+        )
+        top_i = tl.full([BLOCK_N, BLOCK_K], -1, tl.int32)
+
+    for start in range(0, L, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        l_in = offs_l < L
+        keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
+        k = tl.load(
+            K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
+            mask=l_in[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        if ATTENTION:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no key yet keep m = -inf; shift by 0 there so exp() gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
+                mask=l_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        if COSINE:
+            kf = k.to(tl.float32)
+            k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+            cos = tl.dot(c, tl.trans(k), input_precision=PRECISION) / k_norm[None, :]
+            first_recent = L - TOPK
+            rec_ok = n_ok[:, None] & (offs_l[None, :] >= first_recent) & l_in[None, :]
+            tl.store(
+                Recent + (b * N + offs_n[:, None]) * TOPK + (offs_l[None, :] - first_recent),
+                tl.where(keep[None, :], cos, 0.0),
+                mask=rec_ok,
+            )
+            s_cos = tl.where(keep[None, :], cos, float("-inf"))
+            low = tl.min(top_v, 1)
+            while tl.max((s_cos > low[:, None]).to(tl.int32)) > 0:
+                best = tl.max(s_cos, 1)
+                where = tl.argmax(s_cos, 1)
+                slot = tl.argmin(top_v, 1)
+                put = (offs_k[None, :] == slot[:, None]) & (best > low)[:, None]
+                top_v = tl.where(put, best[:, None], top_v)
+                top_i = tl.where(put, (start + where)[:, None], top_i)
+                s_cos = tl.where(offs_l[None, :] - start == where[:, None], float("-inf"), s_cos)
+                low = tl.min(top_v, 1)
+
+    if ATTENTION:
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        tl.store(
+            Out + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+        )
+        # +inf for empty rows: the backward's exp(s - lse) is then 0 everywhere.
+        lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(Lse + pid_bh * N + offs_n, lse, mask=n_ok)
+    if COSINE:
+        top_ptr = (b * N + offs_n[:, None]) * TOPK + offs_k[None, :]
+        top_ok = n_ok[:, None] & (offs_k[None, :] < TOPK)
+        tl.store(TopV + top_ptr, top_v, mask=top_ok)
+        tl.store(TopI + top_ptr, top_i, mask=top_ok)
+
+
+# ---- backward --------------------------------------------------------------------------------------
+@triton.jit
+def _cos_grad_tile(
+    GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L,
+    TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """d loss / d cos[n, j] for one tile: the recent-k and top-k gradients routed to their positions."""
+    first_recent = L - TOPK
+    rec_ok = n_ok[:, None] & (offs_l[None, :] >= first_recent) & (offs_l[None, :] < L) & keep[None, :]
+    g = tl.load(
+        GRec + (b * N + offs_n[:, None]) * TOPK + (offs_l[None, :] - first_recent), mask=rec_ok, other=0.0
+    )
+    for t in range(TOPK):
+        pos = tl.load(TopIs + (b * N + offs_n) * TOPK + t, mask=n_ok, other=-1)
+        gt = tl.load(GTop + (b * N + offs_n) * TOPK + t, mask=n_ok, other=0.0)
+        g += tl.where(offs_l[None, :] == pos[:, None], gt[:, None], 0.0)
+    return g
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    Q, K, V, Mask, C, DO, Lse, Delta, GRec, GTop, TopIs,
+    DK, DV_, scale,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    smb, sml,
+    scb, scn, scd,
+    sob, soh, son, sod,
+    H, N, L,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_l = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    l_in = offs_l < L
+    keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
+    k = tl.load(
+        K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
+        mask=l_in[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
+    if ATTENTION:
+        v = tl.load(
+            V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
+            mask=l_in[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+    if COSINE:
+        kf = k.to(tl.float32)
+        k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+        dk_hat = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
+
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        if ATTENTION:
+            q = tl.load(
+                Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=n_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            do = tl.load(
+                DO + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
+            delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        if COSINE:
+            c = tl.load(
+                C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
+                mask=n_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            g = _cos_grad_tile(GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L, TOPK, BLOCK_N, BLOCK_L)
+            dk_hat += tl.dot(tl.trans(g.to(c.dtype)), c, input_precision=PRECISION)
+
+    if COSINE:
+        # cos = c_hat . k / |k|: through the normalisation, dk = (dk_hat - (dk_hat . k_hat) k_hat) / |k|.
+        k_hat = kf / k_norm[:, None]
+        dk += (dk_hat - tl.sum(dk_hat * k_hat, 1)[:, None] * k_hat) / k_norm[:, None]
+    tl.store(
+        DK + (pid_bh * L + offs_l[:, None]) * D + offs_d[None, :],
+        dk,
+        mask=l_in[:, None] & (offs_d[None, :] < D),
+    )
+    if ATTENTION:
+        tl.store(
+            DV_ + (pid_bh * L + offs_l[:, None]) * DV + offs_dv[None, :],
+            dv,
+            mask=l_in[:, None] & (offs_dv[None, :] < DV),
+        )
+
+
+@triton.jit
+def _bwd_q_kernel(
+    Q, K, V, Mask, C, DO, Lse, Delta, GRec, GTop, TopIs,
+    DQ, DC, scale,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skl, skd,
+    svb, svh, svl, svd,
+    smb, sml,
+    scb, scn, scd,
+    sob, soh, son, sod,
+    H, N, L,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < N
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if ATTENTION:
+        q = tl.load(
+            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
+            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
+        lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
+        delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
+    if COSINE:
+        dc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    for start in range(0, L, BLOCK_L):
+        offs_l = start + tl.arange(0, BLOCK_L)
+        l_in = offs_l < L
+        keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
+        k = tl.load(
+            K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
+            mask=l_in[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        if ATTENTION:
+            v = tl.load(
+                V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
+                mask=l_in[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        if COSINE:
+            kf = k.to(tl.float32)
+            k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+            g = _cos_grad_tile(GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L, TOPK, BLOCK_N, BLOCK_L)
+            g = g / k_norm[None, :]
+            dc += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(
+        DQ + (pid_bh * N + offs_n[:, None]) * D + offs_d[None, :],
+        dq,
+        mask=n_ok[:, None] & (offs_d[None, :] < D),
+    )
+    if COSINE:
+        tl.store(
+            DC + (b * N + offs_n[:, None]) * D + offs_d[None, :],
+            dc,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+        )
+
+
+# ---- launchers -------------------------------------------------------------------------------------
+@dataclass
+class ForwardResult:
+    out: Tensor | None  # [B, H, N, DV] in q's dtype (None without attention)
+    lse: Tensor | None  # [B, H, N] float32 log-sum-exp, +inf for empty rows
+    recent: Tensor | None  # [B, N, k] float32 cosines of the k most recent positions, 0 where absent
+    top_values: Tensor | None  # [B, N, k] float32, unsorted, -inf in unfilled slots
+    top_index: Tensor | None  # [B, N, k] int32 history positions of top_values, -1 in unfilled slots
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32 (1e-3 error): "ieee" keeps float32 products.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _c_strides(c: Tensor | None) -> tuple[int, int, int]:
+    return tuple(c.stride()) if c is not None else (0, 0, 0)
+
+
+def fused_forward(
+    q: Tensor | None,
+    k: Tensor,
+    v: Tensor | None,
+    mask: Tensor,
+    scale: float,
+    c: Tensor | None = None,
+    topk: int = 0,
+    blocks: Blocks | None = None,
+) -> ForwardResult:
+    """q [B, H, N, D], k [B, H, L, D], v [B, H, L, DV] (any strides), mask [B, L] bool.
+
+    q may be None for cosine features alone (then N comes from c). With c [B, N, D] (L2-normalised)
+    and topk > 0, k must be the raw history (the cosines are taken against it) and H must be 1.
+    """
+    cosine = c is not None and topk > 0
+    attention = q is not None
+    if not (attention or cosine):
+        raise ValueError("fused_forward needs queries or cosine targets")
+    ref = q if attention else c
+    b, h, length, d = k.shape
+    n = ref.shape[-2]
+    if cosine and h != 1:
+        raise ValueError(f"cosine features take one history per request (H = 1), got H = {h}")
+    dv = v.shape[-1] if attention else d
+    blocks = blocks or default_blocks(d, k.device)
+    dev = k.device
+    out = torch.empty(b, h, n, dv, dtype=ref.dtype, device=dev) if attention else None
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=dev) if attention else None
+    kk = max(topk, 1)
+    recent = torch.zeros(b, n, kk, dtype=torch.float32, device=dev) if cosine else None
+    top_v = torch.empty(b, n, kk, dtype=torch.float32, device=dev) if cosine else None
+    top_i = torch.empty(b, n, kk, dtype=torch.int32, device=dev) if cosine else None
+    dummy = k.new_empty(1)
+    qq = q if attention else k
+    vv = v if attention else k
+    oo = out if attention else dummy
+    grid = (triton.cdiv(n, blocks.n), b * h)
+    _fwd_kernel[grid](
+        qq, k, vv, mask.view(torch.uint8), c if cosine else dummy,
+        oo, lse if attention else dummy, recent if cosine else dummy,
+        top_v if cosine else dummy, top_i if cosine else dummy,
+        scale,
+        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_c_strides(c if cosine else None),
+        *(out.stride() if attention else (0, 0, 0, 0)),
+        h, n, length,
+        D=d, DV=dv, BLOCK_N=blocks.n, BLOCK_L=blocks.l, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        ATTENTION=attention, COSINE=cosine, TOPK=kk, BLOCK_K=triton.next_power_of_2(kk),
+        PRECISION=_precision(k.dtype), num_warps=blocks.warps, num_stages=blocks.stages,
+    )  # fmt: skip
+    return ForwardResult(out, lse, recent, top_v, top_i)
+
+
+@dataclass
+class BackwardResult:
+    dq: Tensor | None  # [B, H, N, D] float32
+    dk: Tensor  # [B, H, L, D] float32 (cosine gradient included when the forward had cosines)
+    dv: Tensor | None  # [B, H, L, DV] float32
+    dc: Tensor | None  # [B, N, D] float32 gradient of the normalised c
+
+
+def fused_backward(
+    q: Tensor | None,
+    k: Tensor,
+    v: Tensor | None,
+    mask: Tensor,
+    scale: float,
+    out: Tensor | None,
+    lse: Tensor | None,
+    grad_out: Tensor | None,
+    c: Tensor | None = None,
+    grad_recent: Tensor | None = None,
+    grad_top: Tensor | None = None,
+    top_index_sorted: Tensor | None = None,
+    blocks: Blocks | None = None,
+) -> BackwardResult:
+    """Gradients of `fused_forward`: grad_out [B, H, N, DV]; grad_recent / grad_top [B, N, k] with
+    the positions top_index_sorted [B, N, k] (int32, -1 = none) that grad_top's entries were read at."""
+    attention = q is not None
+    cosine = c is not None and top_index_sorted is not None
+    ref = q if attention else c
+    b, h, length, d = k.shape
+    n = ref.shape[-2]
+    dv_dim = v.shape[-1] if attention else d
+    blocks = blocks or default_blocks(d, k.device)
+    dev = k.device
+    dummy = k.new_empty(1)
+    topk = top_index_sorted.shape[-1] if cosine else 1
+    if attention:
+        grad_out = grad_out.to(q.dtype)
+        delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    dq = torch.empty(b, h, n, d, dtype=torch.float32, device=dev) if attention else dummy
+    dk = torch.empty(b, h, length, d, dtype=torch.float32, device=dev)
+    dvv = torch.empty(b, h, length, dv_dim, dtype=torch.float32, device=dev) if attention else dummy
+    dc = torch.empty(b, n, d, dtype=torch.float32, device=dev) if cosine else dummy
+    qq, vv, do = (q, v, grad_out) if attention else (k, k, k)
+    common = dict(
+        D=d, DV=dv_dim, BLOCK_N=blocks.n, BLOCK_L=blocks.l, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim),
+        ATTENTION=attention, COSINE=cosine, TOPK=topk, PRECISION=_precision(k.dtype),
+        num_warps=blocks.warps, num_stages=blocks.stages,
+    )  # fmt: skip
+    args = (
+        qq, k, vv, mask.view(torch.uint8), c if cosine else dummy, do,
+        lse if attention else dummy, delta if attention else dummy,
+        grad_recent.float().contiguous() if cosine else dummy,
+        grad_top.float().contiguous() if cosine else dummy,
+        top_index_sorted.contiguous() if cosine else dummy,
+    )  # fmt: skip
+    strides = (
+        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_c_strides(c if cosine else None),
+        *(do.stride() if attention else (0, 0, 0, 0)),
+    )  # fmt: skip
+    _bwd_kv_kernel[(triton.cdiv(length, blocks.l), b * h)](
+        *args, dk, dvv, scale, *strides, h, n, length, **common
+    )
+    _bwd_q_kernel[(triton.cdiv(n, blocks.n), b * h)](*args, dq, dc, scale, *strides, h, n, length, **common)
+    return BackwardResult(dq if attention else None, dk, dvv if attention else None, dc if cosine else None)
