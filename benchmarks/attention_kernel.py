@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,8 +67,33 @@ def implementations(q, hist, c, mask):
             similarity_features(c, hist, mask, TOPK),
         ),
         "sdpa": lambda: (attention_sdpa(q, h, h, mask, scale),),
-        "fused": lambda: attention_cosine_op(q, hist, mask, F.normalize(c, dim=-1), scale, TOPK)[:2],
+        "fused": lambda: attention_cosine_op(q, hist, mask, c, scale, TOPK)[:2],
     }
+
+
+def kernel_only_us(q, hist, c, mask, blocks=None) -> float:
+    """The forward kernel launched directly: the op's time minus this is dispatch and host overhead."""
+    from triton.testing import do_bench
+
+    from trainer.kernels.attention_triton import fused_forward
+
+    h = hist[:, None]
+    with torch.no_grad():
+        return 1e3 * do_bench(
+            lambda: fused_forward(q, h, h, mask, 1.0, c, TOPK, blocks), return_mode="median"
+        )
+
+
+def sweep(dtype: torch.dtype) -> list[str]:
+    """Forward kernel time at the largest shape for a few tile shapes (the defaults are one of them)."""
+    from trainer.kernels.attention_triton import Blocks
+
+    q, hist, c, mask = inputs(*QUICK[-1], dtype)
+    lines = []
+    for blocks in (Blocks(64, 64, 4, 2), Blocks(64, 64, 8, 2), Blocks(128, 64, 8, 2), Blocks(64, 32, 4, 3)):
+        lines.append(f"{blocks}: {kernel_only_us(q, hist, c, mask, blocks):.1f} us")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def problem_bytes(b: int, n: int, length: int, d: int, size: int, cosine: bool, backward: bool) -> int:
@@ -130,25 +154,40 @@ def time_case(b: int, n: int, length: int, d: int, dtype: torch.dtype) -> list[d
                 }
             )  # fmt: skip
         torch.cuda.empty_cache()
+    for x in leaves:
+        x.requires_grad_(False)
+    rows.append(
+        {
+            "B": b,
+            "N": n,
+            "L": length,
+            "d": d,
+            "impl": "kernel",
+            "mode": "fwd",
+            "us": kernel_only_us(q, hist, c, mask),
+        }
+    )
     return rows
 
 
 def table(rows: list[dict], copy_bw: float) -> str:
     by_key = {(r["B"], r["N"], r["L"], r["d"], r["mode"], r["impl"]): r for r in rows}
     lines = [
-        "| B | N | L | d | mode | eager us | sdpa us | fused us | fused / sdpa | eager / fused "
+        "| B | N | L | d | mode | eager us | sdpa us | fused us | kernel us | fused / sdpa | eager / fused "
         "| fused GB/s | % of copy BW | fused TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, n, length, d, mode, impl in by_key:
         if impl != "fused":
             continue
+        kern = by_key.get((b, n, length, d, mode, "kernel"))
+        kern_us = f"{kern['us']:.1f}" if kern else "-"
         f = by_key[(b, n, length, d, mode, "fused")]
         e = by_key[(b, n, length, d, mode, "eager")]
         s = by_key[(b, n, length, d, mode, "sdpa")]
         gbs = f["bytes"] / (f["us"] * 1e-6) / 1e9
         lines.append(
-            f"| {b} | {n} | {length} | {d} | {mode} | {e['us']:.1f} | {s['us']:.1f} | {f['us']:.1f} "
+            f"| {b} | {n} | {length} | {d} | {mode} | {e['us']:.1f} | {s['us']:.1f} | {f['us']:.1f} | {kern_us} "
             f"| {f['us'] / s['us']:.2f} | {e['us'] / f['us']:.1f} | {gbs:.0f} | {100 * gbs * 1e9 / copy_bw:.0f} "
             f"| {f['flops'] / (f['us'] * 1e-6) / 1e12:.0f} |"
         )
@@ -228,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
     print(f"{device}: device copy {copy_bw / 1e12:.2f} TB/s", flush=True)
+    sweep_lines = sweep(DTYPES[args.dtype])
     rows = []
     for case in QUICK if args.quick else GRID:
         rows += time_case(*case, DTYPES[args.dtype])
-        last = {r["impl"]: r["us"] for r in rows[-6:] if r["mode"] == "fwd"}
+        last = {r["impl"]: r["us"] for r in rows[-7:] if r["mode"] == "fwd"}
         print(f"{case}: fwd " + ", ".join(f"{k} {v:.1f} us" for k, v in last.items()), flush=True)
     # The same case twice, to show the run-to-run spread of these medians.
     again = time_case(*(QUICK[-1]), DTYPES[args.dtype])
@@ -274,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         backward_ratios(rows),
         "",
         f"Run-to-run spread, {QUICK[-1]} measured twice (first / second): {spread}.",
+        "",
+        "'kernel us' is the forward kernel launched directly (no custom op, no allocation reuse): the",
+        "difference to 'fused us' is dispatch and host overhead. Tile shapes at the largest case, forward kernel:",
+        "",
+        *[f"- {line}" for line in sweep_lines],
         "",
         "![kernel timings](kernel_attention.png)",
         "",

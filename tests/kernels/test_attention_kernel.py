@@ -44,6 +44,12 @@ def _close(got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+def _close_grad(got, want, dtype):
+    """Gradients sum over many positions: half-precision rounding scales with the largest entry."""
+    tol = TOL[dtype] * (1.0 if dtype == torch.float32 else float(want.abs().max()))
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=TOL[dtype])
+
+
 def _reference(q, hist, c, mask, topk):
     """Attention output and the similarity features, computed in float64 on the CPU."""
     q, hist, c = (x.double().cpu() for x in (q, hist, c))
@@ -57,18 +63,18 @@ def _reference(q, hist, c, mask, topk):
 def test_kernel_forward_matches_reference_attention_and_cosine_features(shape, dtype):
     q, hist, c, mask = _inputs(shape, dtype)
     topk = shape[-1]
-    res = fused_forward(
-        q, hist[:, None], hist[:, None], mask, 0.7, F.normalize(c.float(), dim=-1).to(dtype), topk, BLOCKS
-    )
+    res = fused_forward(q, hist[:, None], hist[:, None], mask, 0.7, c, topk, BLOCKS)
     want_out, want_feat = _reference(q, hist, c, mask, topk)
     _close(res.out[:, 0].cpu(), want_out, dtype)
     assert torch.isfinite(res.out).all() and res.out[0].abs().max() == 0  # empty history: zeros
-    ranked, order = torch.sort(res.top_values, -1, descending=True)
-    index = res.top_index.gather(-1, order)
-    ranked = torch.where(index >= 0, ranked, 0.0)
-    _close(torch.cat([res.recent, ranked], -1).cpu(), want_feat, dtype)
+    _close(res.features.cpu(), want_feat, dtype)
     present = mask.sum(-1).clamp(max=topk)
-    assert ((index >= 0).sum(-1) == present[:, None]).all()  # exactly the present items are ranked
+    assert ((res.top_index >= 0).sum(-1) == present[:, None]).all()  # exactly the present items are ranked
+    if dtype == torch.float32:  # ranked positions are where the reference's k largest were read
+        cos = F.normalize(c.double(), dim=-1) @ F.normalize(hist.double(), dim=-1).transpose(1, 2)
+        idx = res.top_index.long()
+        got = torch.where(idx >= 0, cos.gather(-1, idx.clamp(min=0)), 0.0)
+        _close(got.cpu(), want_feat[..., topk:], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -76,29 +82,21 @@ def test_kernel_forward_matches_reference_attention_and_cosine_features(shape, d
 def test_kernel_backward_matches_reference_autograd(shape, dtype):
     q, hist, c, mask = _inputs(shape, dtype, seed=1)
     topk = shape[-1]
-    c_hat = F.normalize(c.float(), dim=-1).to(dtype)
-    res = fused_forward(q, hist[:, None], hist[:, None], mask, 0.7, c_hat, topk, BLOCKS)
-    _, order = torch.sort(res.top_values, -1, descending=True)
-    index = res.top_index.gather(-1, order)
+    h = hist[:, None]
+    res = fused_forward(q, h, h, mask, 0.7, c, topk, BLOCKS)
     gen = torch.Generator().manual_seed(2)
     g_out = torch.randn(res.out.shape, generator=gen).to(DEVICE, dtype)
-    g_feat = torch.randn(*c.shape[:-1], 2 * topk, generator=gen).to(DEVICE)
+    g_feat = torch.randn(res.features.shape, generator=gen).to(DEVICE, dtype)
     grads = fused_backward(
-        q, hist[:, None], hist[:, None], mask, 0.7, res.out, res.lse, g_out,
-        c_hat, g_feat[..., :topk], g_feat[..., topk:], index, BLOCKS,
-    )  # fmt: skip
-    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, hist, c_hat)]
-    h = leaves[1][:, None]
-    out = attention_reference(leaves[0], h, h, mask.cpu(), 0.7)
+        q, h, h, mask, 0.7, res.out, res.lse, g_out, c, g_feat, res.top_index, same_kv=True, blocks=BLOCKS
+    )
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, hist, c)]
+    hh = leaves[1][:, None]
+    out = attention_reference(leaves[0], hh, hh, mask.cpu(), 0.7)
     feats = similarity_features(leaves[2], leaves[1], mask.cpu(), topk)
     want = torch.autograd.grad((out, feats), leaves, (g_out.double().cpu(), g_feat.double().cpu()))
-    _close(grads.dq.cpu(), want[0], dtype)
-    _close((grads.dk + grads.dv)[:, 0].cpu(), want[1], dtype)
-    # The kernel differentiates cos = c_hat . h / |h| for a unit c_hat; the reference renormalises c_hat,
-    # which removes the radial part. Callers normalise c themselves, so only the tangential part counts.
-    unit = c_hat.double().cpu()
-    dc = grads.dc.double().cpu()
-    _close(dc - (dc * unit).sum(-1, keepdim=True) * unit, want[2], dtype)
+    for got, ref in zip((grads.dq, grads.dk[:, 0], grads.dc), want, strict=True):
+        _close_grad(got.cpu(), ref, dtype)
 
 
 @pytest.mark.parametrize("heads", [1, 3])
@@ -119,31 +117,26 @@ def test_kernel_multi_head_attention_with_separate_keys_and_values(heads):
     leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
     want_grads = torch.autograd.grad(attention_reference(*leaves, mask.cpu(), 0.25), leaves, g.cpu())
     for got, ref in zip((grads.dq, grads.dk, grads.dv), want_grads, strict=True):
-        _close(got.cpu(), ref, torch.float32)
+        _close_grad(got.cpu(), ref, torch.float32)
 
 
 @pytest.mark.skipif(not CUDA, reason="the ops run their kernels on CUDA tensors only (CPU: the reference)")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)
-    c_hat = F.normalize(c.float(), dim=-1).to(dtype)
-    for x in (q, hist, c_hat):
+    for x in (q, hist, c):
         x.requires_grad_()
-    out, feats, _, _ = attention_cosine_op(q, hist, mask, c_hat, 0.7, 10)
+    out, feats, _, _ = attention_cosine_op(q, hist, mask, c, 0.7, 10)
     (out.float().sin().sum() + feats.float().cos().sum()).backward()
-    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, hist, c_hat)]
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, hist, c)]
     ref_out, ref_feats, _, _ = attention_cosine_op(*leaves[:2], mask.cpu(), leaves[2], 0.7, 10)
     (ref_out.sin().sum() + ref_feats.cos().sum()).backward()
     _close(out.cpu(), ref_out, dtype)
     _close(feats.cpu(), ref_feats, dtype)
-    for x, ref in zip((q, hist, c_hat), leaves, strict=True):
-        _close(x.grad.cpu(), ref.grad, dtype)
-    k = hist[:, None].expand(4, 2, 130, 64).detach()
-    got = masked_attention_op(q.detach().expand(4, 2, 300, 64), k, k, mask, 0.7)[0]
-    _close(
-        got.cpu(),
-        attention_reference(
-            *(x.cpu().double() for x in (q.detach().expand(4, 2, 300, 64), k, k)), mask.cpu(), 0.7
-        ),
-        dtype,
-    )
+    for x, ref in zip((q, hist, c), leaves, strict=True):
+        _close_grad(x.grad.cpu(), ref.grad, dtype)
+    heads = q.detach().expand(4, 2, 300, 64)
+    k = hist.detach()[:, None].expand(4, 2, 130, 64)
+    got = masked_attention_op(heads, k, k, mask, 0.7)[0]
+    want = attention_reference(*(x.cpu().double() for x in (heads, k, k)), mask.cpu(), 0.7)
+    _close(got.cpu(), want, dtype)

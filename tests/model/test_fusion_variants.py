@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmrank.errors import MMRankError
-from trainer.model.config import ContentConfig
 from trainer.model.attention import set_attention_impl
+from trainer.model.config import ContentConfig
 from trainer.model.fq_former import FQFormer
 from trainer.model.fusion_variants import (
     FUSIONS,

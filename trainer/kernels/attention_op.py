@@ -8,10 +8,10 @@ exporter switches models to the standard-op implementations first (trainer.model
 
 - masked_attention(q [B, H, N, D], k [B, H, L, D], v [B, H, L, DV], mask [B, L], scale)
   -> (out [B, H, N, DV], lse [B, H, N])
-- attention_cosine(q [B, 1, N, D], history [B, L, D], mask [B, L], c_hat [B, N, D], scale, topk)
+- attention_cosine(q [B, 1, N, D], history [B, L, D], mask [B, L], c [B, N, D], scale, topk)
   -> (out [B, N, D], features [B, N, 2 * topk], lse [B, N], top_index [B, N, topk] int32)
-  keys and values are the history itself; features are LEMUR's k most recent cosines then the k
-  largest in descending order (trainer.model.similarity), top_index where the largest were read
+  keys and values are the history itself; features are LEMUR's k most recent cos(c, history) then the
+  k largest in descending order (trainer.model.similarity), top_index where the largest were read
   (-1 where the history has fewer than k items).
 """
 
@@ -42,8 +42,9 @@ def _lse_reference(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
     return torch.where(mask.any(-1)[:, None, None], lse, torch.full_like(lse, float("inf")))
 
 
-def _top_index_reference(c_hat: Tensor, history: Tensor, mask: Tensor, topk: int) -> Tensor:
-    cos = c_hat.float() @ torch.nn.functional.normalize(history.float(), dim=-1).transpose(1, 2)
+def _top_index_reference(c: Tensor, history: Tensor, mask: Tensor, topk: int) -> Tensor:
+    unit = torch.nn.functional.normalize
+    cos = unit(c.float(), dim=-1) @ unit(history.float(), dim=-1).transpose(1, 2)
     cos = cos.masked_fill(~mask[:, None, :], float("-inf"))
     if cos.shape[-1] < topk:
         cos = torch.cat([cos, cos.new_full((*cos.shape[:-1], topk - cos.shape[-1]), float("-inf"))], -1)
@@ -66,12 +67,12 @@ def attention_backward_reference(
 
 
 def cosine_backward_reference(
-    grad_features: Tensor, history: Tensor, mask: Tensor, c_hat: Tensor, top_index: Tensor
+    grad_features: Tensor, history: Tensor, mask: Tensor, c: Tensor, top_index: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """d(history, c_hat) of the similarity features: each feature's gradient goes to the history
-    position it was read from (recent: the last k positions; ranked: top_index), then through
-    cos = c_hat . history / |history|."""
-    b, n, _ = c_hat.shape
+    """d(history, c) of the similarity features: each feature's gradient goes to the history position
+    it was read from (recent: the last k positions; ranked: top_index), then through
+    cos = (c / |c|) . (h / |h|)."""
+    b, n, _ = c.shape
     length, topk = history.shape[1], top_index.shape[-1]
     g_recent, g_ranked = grad_features[..., :topk].float(), grad_features[..., topk:].float()
     # Recent feature t was read at position L - k + t: place it after the history, roll it into place
@@ -82,13 +83,20 @@ def cosine_backward_reference(
     grad = grad * mask[:, None, :]
     valid = top_index >= 0
     grad.scatter_add_(-1, top_index.long().clamp(min=0), torch.where(valid, g_ranked, 0.0))
-    h = history.float()
-    norm = h.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    h_hat = h / norm
-    d_c = grad @ h_hat
-    d_hhat = grad.transpose(1, 2) @ c_hat.float()
-    d_h = (d_hhat - (d_hhat * h_hat).sum(-1, keepdim=True) * h_hat) / norm
-    return d_h.to(history.dtype), d_c.to(c_hat.dtype)
+    d_h = _through_unit(grad.transpose(1, 2) @ _unit(c.float()), history.float())
+    d_c = _through_unit(grad @ _unit(history.float()), c.float())
+    return d_h.to(history.dtype), d_c.to(c.dtype)
+
+
+def _unit(x: Tensor) -> Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _through_unit(grad_unit: Tensor, x: Tensor) -> Tensor:
+    """Gradient of x from that of x / max(|x|, eps): remove the radial part, divide by the norm."""
+    norm = x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    unit = x / norm
+    return (grad_unit - (grad_unit * unit).sum(-1, keepdim=True) * unit) / norm
 
 
 # ---- mmrank::masked_attention ----------------------------------------------------------------------
@@ -116,7 +124,7 @@ def masked_attention_backward_op(
         from trainer.kernels.attention_triton import fused_backward
 
         res = fused_backward(q, k, v, mask, scale, out, lse, grad_out)
-        return res.dq.to(q.dtype), res.dk.to(k.dtype), res.dv.to(v.dtype)
+        return res.dq, res.dk, res.dv
     return tuple(g.contiguous() for g in attention_backward_reference(grad_out, q, k, v, mask, scale))
 
 
@@ -143,27 +151,23 @@ masked_attention_op.register_autograd(_masked_backward, setup_context=_masked_se
 # ---- mmrank::attention_cosine ----------------------------------------------------------------------
 @torch.library.custom_op("mmrank::attention_cosine", mutates_args=())
 def attention_cosine_op(
-    q: Tensor, history: Tensor, mask: Tensor, c_hat: Tensor, scale: float, topk: int
+    q: Tensor, history: Tensor, mask: Tensor, c: Tensor, scale: float, topk: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if q.is_cuda:
         from trainer.kernels.attention_triton import fused_forward
 
         hist = history[:, None]
-        res = fused_forward(q, hist, hist, mask, scale, c_hat.to(history.dtype), topk)
-        ranked, order = torch.sort(res.top_values, dim=-1, descending=True)
-        index = res.top_index.gather(-1, order)
-        ranked = torch.where(index >= 0, ranked, 0.0)
-        features = torch.cat([res.recent, ranked], -1).to(q.dtype)
-        return res.out[:, 0], features, res.lse[:, 0], index
+        res = fused_forward(q, hist, hist, mask, scale, c.to(history.dtype), topk)
+        return res.out[:, 0], res.features.to(q.dtype), res.lse[:, 0], res.top_index
     hist = history[:, None]
     out = attention_reference(q, hist, hist, mask, scale)[:, 0]
-    features = similarity_features(c_hat, history, mask, topk)
+    features = similarity_features(c, history, mask, topk)
     lse = _lse_reference(q, hist, mask, scale)[:, 0]
-    return out, features, lse, _top_index_reference(c_hat, history, mask, topk)
+    return out, features, lse, _top_index_reference(c, history, mask, topk)
 
 
 @attention_cosine_op.register_fake
-def _(q, history, mask, c_hat, scale, topk):
+def _(q, history, mask, c, scale, topk):
     b, _, n, _ = q.shape
     return (
         q.new_empty(b, n, history.shape[-1]),
@@ -180,57 +184,46 @@ def attention_cosine_backward_op(
     q: Tensor,
     history: Tensor,
     mask: Tensor,
-    c_hat: Tensor,
+    c: Tensor,
     out: Tensor,
     lse: Tensor,
     top_index: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    topk = top_index.shape[-1]
     if q.is_cuda:
         from trainer.kernels.attention_triton import fused_backward
 
         hist = history[:, None]
         res = fused_backward(
             q, hist, hist, mask, scale, out[:, None], lse[:, None], grad_out[:, None],
-            c_hat.to(history.dtype), grad_features[..., :topk], grad_features[..., topk:], top_index,
+            c.to(history.dtype), grad_features, top_index, same_kv=True,
         )  # fmt: skip
-        dhist = res.dk[:, 0] + res.dv[:, 0]
-        return res.dq.to(q.dtype), dhist.to(history.dtype), res.dc.to(c_hat.dtype)
+        return res.dq, res.dk[:, 0], res.dc.to(c.dtype)
     hist = history[:, None]
     dq, dk, dv = attention_backward_reference(grad_out[:, None], q, hist, hist, mask, scale)
-    d_hist, d_c = cosine_backward_reference(grad_features, history, mask, c_hat, top_index)
+    d_hist, d_c = cosine_backward_reference(grad_features, history, mask, c, top_index)
     return dq.contiguous(), (dk[:, 0] + dv[:, 0] + d_hist).contiguous(), d_c.contiguous()
 
 
 @attention_cosine_backward_op.register_fake
-def _(grad_out, grad_features, q, history, mask, c_hat, out, lse, top_index, scale):
-    return torch.empty_like(q), torch.empty_like(history), torch.empty_like(c_hat)
+def _(grad_out, grad_features, q, history, mask, c, out, lse, top_index, scale):
+    return torch.empty_like(q), torch.empty_like(history), torch.empty_like(c)
 
 
 def _cosine_setup(ctx, inputs, output):
-    q, history, mask, c_hat, scale, _topk = inputs
+    q, history, mask, c, scale, _topk = inputs
     out, _features, lse, top_index = output
-    ctx.save_for_backward(q, history, mask, c_hat, out, lse, top_index)
+    ctx.save_for_backward(q, history, mask, c, out, lse, top_index)
     ctx.scale = scale
 
 
 def _cosine_backward(ctx, grad_out, grad_features, _grad_lse, _grad_index):
-    q, history, mask, c_hat, out, lse, top_index = ctx.saved_tensors
+    q, history, mask, c, out, lse, top_index = ctx.saved_tensors
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     if grad_features is None:
         grad_features = out.new_zeros(*out.shape[:-1], 2 * top_index.shape[-1])
     dq, dhist, dc = attention_cosine_backward_op(
-        grad_out.contiguous(),
-        grad_features.contiguous(),
-        q,
-        history,
-        mask,
-        c_hat,
-        out,
-        lse,
-        top_index,
-        ctx.scale,
+        grad_out.contiguous(), grad_features.contiguous(), q, history, mask, c, out, lse, top_index, ctx.scale
     )
     return dq, dhist, None, dc, None, None
 

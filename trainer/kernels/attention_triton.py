@@ -54,11 +54,40 @@ def default_blocks(d: int, device: torch.device) -> Blocks:
     return Blocks(n=64, l=64, warps=4 if d <= 64 else 8, stages=2)
 
 
+# A packed top-k key: the cosine's bits made order-preserving as a signed int32 (negative floats have
+# their magnitude bits flipped) in the high word, the history position in the low word. Sorting keys
+# sorts by cosine and carries the position along. NONE_KEY is below every packed cosine >= -1.
+NONE_KEY = -0x7FFFFFFFFFFFFFFF
+
+
+@triton.jit
+def _pack(cos, pos):
+    bits = cos.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | pos.to(tl.int64)[None, :]
+
+
+@triton.jit
+def _unpack(packed):
+    key = (packed >> 32).to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), (packed & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _unit_rows(ptrs, n_ok, offs_d, D: tl.constexpr):
+    """Rows of c divided by max(|c|, 1e-12) (F.normalize), in c's dtype."""
+    c = tl.load(ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    cf = c.to(tl.float32)
+    norm = tl.maximum(tl.sqrt(tl.sum(cf * cf, 1)), 1e-12)
+    return (cf / norm[:, None]).to(c.dtype)
+
+
 # ---- forward ---------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Mask, C,
-    Out, Lse, Recent, TopV, TopI,
+    Out, Lse, Feat, TopI,
     scale,
     sqb, sqh, sqn, sqd,
     skb, skh, skl, skd,
@@ -91,17 +120,10 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if COSINE:
-        c = tl.load(
-            C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        c = _unit_rows(C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd, n_ok, offs_d, D)
         offs_k = tl.arange(0, BLOCK_K)
-        # Slots past TOPK hold +inf so they are never the set's minimum, i.e. never filled.
-        top_v = tl.where(offs_k[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros(
-            [BLOCK_N, BLOCK_K], tl.float32
-        )
-        top_i = tl.full([BLOCK_N, BLOCK_K], -1, tl.int32)
+        # The k largest so far, as packed (cosine, position) keys, sorted descending.
+        best = tl.full([BLOCK_N, BLOCK_K], NONE_KEY, tl.int64)
 
     for start in range(0, L, BLOCK_L):
         offs_l = start + tl.arange(0, BLOCK_L)
@@ -135,21 +157,15 @@ def _fwd_kernel(
             first_recent = L - TOPK
             rec_ok = n_ok[:, None] & (offs_l[None, :] >= first_recent) & l_in[None, :]
             tl.store(
-                Recent + (b * N + offs_n[:, None]) * TOPK + (offs_l[None, :] - first_recent),
-                tl.where(keep[None, :], cos, 0.0),
+                Feat + (b * N + offs_n[:, None]) * (2 * TOPK) + (offs_l[None, :] - first_recent),
+                tl.where(keep[None, :], cos, 0.0).to(Feat.dtype.element_ty),
                 mask=rec_ok,
             )
-            s_cos = tl.where(keep[None, :], cos, float("-inf"))
-            low = tl.min(top_v, 1)
-            while tl.max((s_cos > low[:, None]).to(tl.int32)) > 0:
-                best = tl.max(s_cos, 1)
-                where = tl.argmax(s_cos, 1)
-                slot = tl.argmin(top_v, 1)
-                put = (offs_k[None, :] == slot[:, None]) & (best > low)[:, None]
-                top_v = tl.where(put, best[:, None], top_v)
-                top_i = tl.where(put, (start + where)[:, None], top_i)
-                s_cos = tl.where(offs_l[None, :] - start == where[:, None], float("-inf"), s_cos)
-                low = tl.min(top_v, 1)
+            keys = tl.where(keep[None, :], _pack(cos, offs_l), NONE_KEY)
+            # Fixed work per tile (two bitonic top-k's), no data-dependent loop: the tile's own k
+            # largest, then the k largest of those and the running ones.
+            tile_best = tl.topk(keys, BLOCK_K)
+            best = tl.topk(tl.reshape(tl.join(best, tile_best), [BLOCK_N, 2 * BLOCK_K]), BLOCK_K)
 
     if ATTENTION:
         empty = l_i == 0.0
@@ -163,10 +179,24 @@ def _fwd_kernel(
         lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
         tl.store(Lse + pid_bh * N + offs_n, lse, mask=n_ok)
     if COSINE:
-        top_ptr = (b * N + offs_n[:, None]) * TOPK + offs_k[None, :]
-        top_ok = n_ok[:, None] & (offs_k[None, :] < TOPK)
-        tl.store(TopV + top_ptr, top_v, mask=top_ok)
-        tl.store(TopI + top_ptr, top_i, mask=top_ok)
+        value, pos = _unpack(best)
+        found = best != NONE_KEY
+        row = (b * N + offs_n[:, None]) * (2 * TOPK)
+        slot_ok = n_ok[:, None] & (offs_k[None, :] < TOPK)
+        tl.store(
+            Feat + row + TOPK + offs_k[None, :],
+            tl.where(found, value, 0.0).to(Feat.dtype.element_ty),
+            mask=slot_ok,
+        )
+        tl.store(
+            TopI + (b * N + offs_n[:, None]) * TOPK + offs_k[None, :], tl.where(found, pos, -1), mask=slot_ok
+        )
+        # Recent slots before position 0 (histories shorter than k) hold 0.
+        tl.store(
+            Feat + row + offs_k[None, :],
+            tl.zeros([BLOCK_N, BLOCK_K], Feat.dtype.element_ty),
+            mask=slot_ok & (offs_k[None, :] < TOPK - L),
+        )
 
 
 # ---- backward --------------------------------------------------------------------------------------
@@ -201,7 +231,7 @@ def _bwd_kv_kernel(
     H, N, L,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr,
+    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_l = tl.program_id(0)
@@ -254,11 +284,7 @@ def _bwd_kv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
         if COSINE:
-            c = tl.load(
-                C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
-                mask=n_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
+            c = _unit_rows(C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd, n_ok, offs_d, D)
             g = _cos_grad_tile(GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L, TOPK, BLOCK_N, BLOCK_L)
             dk_hat += tl.dot(tl.trans(g.to(c.dtype)), c, input_precision=PRECISION)
 
@@ -266,15 +292,17 @@ def _bwd_kv_kernel(
         # cos = c_hat . k / |k|: through the normalisation, dk = (dk_hat - (dk_hat . k_hat) k_hat) / |k|.
         k_hat = kf / k_norm[:, None]
         dk += (dk_hat - tl.sum(dk_hat * k_hat, 1)[:, None] * k_hat) / k_norm[:, None]
+    if SAME_KV:  # keys and values are one tensor (the history): one gradient
+        dk += dv
     tl.store(
         DK + (pid_bh * L + offs_l[:, None]) * D + offs_d[None, :],
-        dk,
+        dk.to(DK.dtype.element_ty),
         mask=l_in[:, None] & (offs_d[None, :] < D),
     )
-    if ATTENTION:
+    if ATTENTION and not SAME_KV:
         tl.store(
             DV_ + (pid_bh * L + offs_l[:, None]) * DV + offs_dv[None, :],
-            dv,
+            dv.to(DV_.dtype.element_ty),
             mask=l_in[:, None] & (offs_dv[None, :] < DV),
         )
 
@@ -292,7 +320,7 @@ def _bwd_q_kernel(
     H, N, L,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr,
+    ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -347,15 +375,25 @@ def _bwd_q_kernel(
             g = g / k_norm[None, :]
             dc += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)
 
-    tl.store(
-        DQ + (pid_bh * N + offs_n[:, None]) * D + offs_d[None, :],
-        dq,
-        mask=n_ok[:, None] & (offs_d[None, :] < D),
-    )
+    if ATTENTION:
+        tl.store(
+            DQ + (pid_bh * N + offs_n[:, None]) * D + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+        )
     if COSINE:
+        # through c_hat = c / |c|: dc = (dc_hat - (dc_hat . c_hat) c_hat) / |c|
+        c = tl.load(
+            C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
+            mask=n_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        c_norm = tl.maximum(tl.sqrt(tl.sum(c * c, 1)), 1e-12)
+        c_hat = c / c_norm[:, None]
+        dc = (dc - tl.sum(dc * c_hat, 1)[:, None] * c_hat) / c_norm[:, None]
         tl.store(
             DC + (b * N + offs_n[:, None]) * D + offs_d[None, :],
-            dc,
+            dc.to(DC.dtype.element_ty),
             mask=n_ok[:, None] & (offs_d[None, :] < D),
         )
 
@@ -365,9 +403,8 @@ def _bwd_q_kernel(
 class ForwardResult:
     out: Tensor | None  # [B, H, N, DV] in q's dtype (None without attention)
     lse: Tensor | None  # [B, H, N] float32 log-sum-exp, +inf for empty rows
-    recent: Tensor | None  # [B, N, k] float32 cosines of the k most recent positions, 0 where absent
-    top_values: Tensor | None  # [B, N, k] float32, unsorted, -inf in unfilled slots
-    top_index: Tensor | None  # [B, N, k] int32 history positions of top_values, -1 in unfilled slots
+    features: Tensor | None  # [B, N, 2k] in c's dtype: k most recent cosines, then the k largest, descending
+    top_index: Tensor | None  # [B, N, k] int32 positions of the k largest, -1 where fewer than k exist
 
 
 def _pow2(x: int) -> int:
@@ -379,8 +416,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _c_strides(c: Tensor | None) -> tuple[int, int, int]:
-    return tuple(c.stride()) if c is not None else (0, 0, 0)
+def _strides(x: Tensor | None, dims: int) -> tuple[int, ...]:
+    return tuple(x.stride()) if x is not None else (0,) * dims
 
 
 def fused_forward(
@@ -395,53 +432,49 @@ def fused_forward(
 ) -> ForwardResult:
     """q [B, H, N, D], k [B, H, L, D], v [B, H, L, DV] (any strides), mask [B, L] bool.
 
-    q may be None for cosine features alone (then N comes from c). With c [B, N, D] (L2-normalised)
-    and topk > 0, k must be the raw history (the cosines are taken against it) and H must be 1.
+    With targets c [B, N, D] and topk > 0 the cosine features come too: k must then be the raw
+    history (the cosines are taken against it) and H must be 1. q may be None for the features alone.
     """
     cosine = c is not None and topk > 0
     attention = q is not None
     if not (attention or cosine):
         raise ValueError("fused_forward needs queries or cosine targets")
-    ref = q if attention else c
     b, h, length, d = k.shape
-    n = ref.shape[-2]
+    n = (q if attention else c).shape[-2]
     if cosine and h != 1:
         raise ValueError(f"cosine features take one history per request (H = 1), got H = {h}")
     dv = v.shape[-1] if attention else d
     blocks = blocks or default_blocks(d, k.device)
+    block_k = triton.next_power_of_2(max(topk, 1))
     dev = k.device
-    out = torch.empty(b, h, n, dv, dtype=ref.dtype, device=dev) if attention else None
+    out = torch.empty(b, h, n, dv, dtype=q.dtype, device=dev) if attention else None
     lse = torch.empty(b, h, n, dtype=torch.float32, device=dev) if attention else None
-    kk = max(topk, 1)
-    recent = torch.zeros(b, n, kk, dtype=torch.float32, device=dev) if cosine else None
-    top_v = torch.empty(b, n, kk, dtype=torch.float32, device=dev) if cosine else None
-    top_i = torch.empty(b, n, kk, dtype=torch.int32, device=dev) if cosine else None
+    feat = torch.empty(b, n, 2 * topk, dtype=c.dtype, device=dev) if cosine else None
+    top_i = torch.empty(b, n, topk, dtype=torch.int32, device=dev) if cosine else None
     dummy = k.new_empty(1)
-    qq = q if attention else k
-    vv = v if attention else k
-    oo = out if attention else dummy
+    qq, vv = (q, v) if attention else (k, k)
     grid = (triton.cdiv(n, blocks.n), b * h)
     _fwd_kernel[grid](
         qq, k, vv, mask.view(torch.uint8), c if cosine else dummy,
-        oo, lse if attention else dummy, recent if cosine else dummy,
-        top_v if cosine else dummy, top_i if cosine else dummy,
+        out if attention else dummy, lse if attention else dummy,
+        feat if cosine else dummy, top_i if cosine else dummy,
         scale,
-        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_c_strides(c if cosine else None),
-        *(out.stride() if attention else (0, 0, 0, 0)),
+        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_strides(c if cosine else None, 3),
+        *_strides(out, 4),
         h, n, length,
-        D=d, DV=dv, BLOCK_N=blocks.n, BLOCK_L=blocks.l, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        ATTENTION=attention, COSINE=cosine, TOPK=kk, BLOCK_K=triton.next_power_of_2(kk),
+        D=d, DV=dv, BLOCK_N=blocks.n, BLOCK_L=max(blocks.l, block_k), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        ATTENTION=attention, COSINE=cosine, TOPK=max(topk, 1), BLOCK_K=block_k,
         PRECISION=_precision(k.dtype), num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
-    return ForwardResult(out, lse, recent, top_v, top_i)
+    return ForwardResult(out, lse, feat, top_i)
 
 
 @dataclass
 class BackwardResult:
-    dq: Tensor | None  # [B, H, N, D] float32
-    dk: Tensor  # [B, H, L, D] float32 (cosine gradient included when the forward had cosines)
-    dv: Tensor | None  # [B, H, L, DV] float32
-    dc: Tensor | None  # [B, N, D] float32 gradient of the normalised c
+    dq: Tensor | None  # [B, H, N, D] in q's dtype
+    dk: Tensor  # [B, H, L, D] in k's dtype (plus dv when same_kv; plus the cosine gradient with c)
+    dv: Tensor | None  # [B, H, L, DV] in v's dtype (None when same_kv)
+    dc: Tensor | None  # [B, N, D] in c's dtype
 
 
 def fused_backward(
@@ -454,49 +487,50 @@ def fused_backward(
     lse: Tensor | None,
     grad_out: Tensor | None,
     c: Tensor | None = None,
-    grad_recent: Tensor | None = None,
-    grad_top: Tensor | None = None,
-    top_index_sorted: Tensor | None = None,
+    grad_features: Tensor | None = None,
+    top_index: Tensor | None = None,
+    same_kv: bool = False,
     blocks: Blocks | None = None,
 ) -> BackwardResult:
-    """Gradients of `fused_forward`: grad_out [B, H, N, DV]; grad_recent / grad_top [B, N, k] with
-    the positions top_index_sorted [B, N, k] (int32, -1 = none) that grad_top's entries were read at."""
+    """Gradients of `fused_forward`: grad_out [B, H, N, DV]; grad_features [B, N, 2k] with the
+    positions top_index [B, N, k] (int32, -1 = none) the ranked half was read at. `same_kv`: k and v
+    are the same tensor, and dk carries both gradients."""
     attention = q is not None
-    cosine = c is not None and top_index_sorted is not None
-    ref = q if attention else c
+    cosine = c is not None and top_index is not None
     b, h, length, d = k.shape
-    n = ref.shape[-2]
+    n = (q if attention else c).shape[-2]
     dv_dim = v.shape[-1] if attention else d
     blocks = blocks or default_blocks(d, k.device)
     dev = k.device
     dummy = k.new_empty(1)
-    topk = top_index_sorted.shape[-1] if cosine else 1
+    topk = top_index.shape[-1] if cosine else 1
     if attention:
-        grad_out = grad_out.to(q.dtype)
-        delta = (grad_out.float() * out.float()).sum(-1).contiguous()
-    dq = torch.empty(b, h, n, d, dtype=torch.float32, device=dev) if attention else dummy
-    dk = torch.empty(b, h, length, d, dtype=torch.float32, device=dev)
-    dvv = torch.empty(b, h, length, dv_dim, dtype=torch.float32, device=dev) if attention else dummy
-    dc = torch.empty(b, n, d, dtype=torch.float32, device=dev) if cosine else dummy
-    qq, vv, do = (q, v, grad_out) if attention else (k, k, k)
+        delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.empty(b, h, n, d, dtype=q.dtype, device=dev) if attention else dummy
+    dk = torch.empty(b, h, length, d, dtype=k.dtype, device=dev)
+    separate_dv = attention and not same_kv
+    dvv = torch.empty(b, h, length, dv_dim, dtype=v.dtype, device=dev) if separate_dv else dummy
+    dc = torch.empty(b, n, d, dtype=c.dtype, device=dev) if cosine else dummy
+    qq, vv, do = (q, v, grad_out.to(q.dtype)) if attention else (k, k, k)
     common = dict(
         D=d, DV=dv_dim, BLOCK_N=blocks.n, BLOCK_L=blocks.l, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv_dim),
-        ATTENTION=attention, COSINE=cosine, TOPK=topk, PRECISION=_precision(k.dtype),
-        num_warps=blocks.warps, num_stages=blocks.stages,
+        ATTENTION=attention, COSINE=cosine, TOPK=topk, SAME_KV=attention and same_kv,
+        PRECISION=_precision(k.dtype), num_warps=blocks.warps, num_stages=blocks.stages,
     )  # fmt: skip
+    g_feat = grad_features.float() if cosine else None
     args = (
         qq, k, vv, mask.view(torch.uint8), c if cosine else dummy, do,
         lse if attention else dummy, delta if attention else dummy,
-        grad_recent.float().contiguous() if cosine else dummy,
-        grad_top.float().contiguous() if cosine else dummy,
-        top_index_sorted.contiguous() if cosine else dummy,
+        g_feat[..., :topk].contiguous() if cosine else dummy,
+        g_feat[..., topk:].contiguous() if cosine else dummy,
+        top_index.contiguous() if cosine else dummy,
     )  # fmt: skip
     strides = (
-        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_c_strides(c if cosine else None),
-        *(do.stride() if attention else (0, 0, 0, 0)),
+        *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_strides(c if cosine else None, 3),
+        *_strides(do if attention else None, 4),
     )  # fmt: skip
     _bwd_kv_kernel[(triton.cdiv(length, blocks.l), b * h)](
         *args, dk, dvv, scale, *strides, h, n, length, **common
     )
     _bwd_q_kernel[(triton.cdiv(n, blocks.n), b * h)](*args, dq, dc, scale, *strides, h, n, length, **common)
-    return BackwardResult(dq if attention else None, dk, dvv if attention else None, dc if cosine else None)
+    return BackwardResult(dq if attention else None, dk, dvv if separate_dv else None, dc if cosine else None)

@@ -18,7 +18,6 @@ A history with no item (all-False mask row) gives u = 0, never NaN, in every imp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.kernels.attention_op import attention_cosine_op
@@ -50,9 +49,7 @@ class TargetAttention(nn.Module):
         over the history with the fused kernel (one head), the two computations otherwise."""
         if self.attention_impl == "fused" and self.heads == 1:
             q = self._folded_query(target)
-            out, features, _, _ = attention_cosine_op(
-                q, history, mask, F.normalize(target, dim=-1), 1.0, topk
-            )
+            out, features, _, _ = attention_cosine_op(q, history, mask, target, 1.0, topk)
             return out, features
         return self._attend(target, history, mask), similarity_features(target, history, mask, topk)
 
