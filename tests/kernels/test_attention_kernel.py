@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.kernels.attention_op import attention_cosine_op, attention_reference, masked_attention_op
+from trainer.kernels.attention_op import (
+    attention_backward_reference,
+    attention_cosine_op,
+    attention_reference,
+    cosine_backward_reference,
+    masked_attention_op,
+)
 from trainer.kernels.attention_triton import Blocks, fused_backward, fused_forward
 from trainer.model.similarity import similarity_features
 
@@ -46,7 +52,7 @@ def _close(got, want, dtype):
 
 def _close_grad(got, want, dtype):
     """Gradients sum over many positions: half-precision rounding scales with the largest entry."""
-    tol = TOL[dtype] * (1.0 if dtype == torch.float32 else float(want.abs().max()))
+    tol = TOL[dtype] * (1.0 if dtype == torch.float32 else max(1.0, float(want.abs().max())))
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=TOL[dtype])
 
 
@@ -90,13 +96,25 @@ def test_kernel_backward_matches_reference_autograd(shape, dtype):
     grads = fused_backward(
         q, h, h, mask, 0.7, res.out, res.lse, g_out, c, g_feat, res.top_index, same_kv=True, blocks=BLOCKS
     )
-    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, hist, c)]
-    hh = leaves[1][:, None]
-    out = attention_reference(leaves[0], hh, hh, mask.cpu(), 0.7)
-    feats = similarity_features(leaves[2], leaves[1], mask.cpu(), topk)
-    want = torch.autograd.grad((out, feats), leaves, (g_out.double().cpu(), g_feat.double().cpu()))
-    for got, ref in zip((grads.dq, grads.dk[:, 0], grads.dc), want, strict=True):
+    # In half precision near-equal cosines may rank in another order than in float64, which moves
+    # a feature's gradient to another position: the reference routes it where the kernel read it (the
+    # forward test checks the ranked values themselves).
+    want = _reference_grads(q, hist, c, mask, g_out, g_feat, res.top_index)
+    for got, ref in zip((grads.dq[:, 0], grads.dk[:, 0], grads.dc), want, strict=True):
         _close_grad(got.cpu(), ref, dtype)
+
+
+def _reference_grads(q, hist, c, mask, g_out, g_feat, top_index):
+    """float64 CPU gradients of (q, history, c): attention in closed form plus the cosine features'
+    gradient routed through `top_index`."""
+    q, hist, c, g_out, g_feat = (x.detach().double().cpu() for x in (q, hist, c, g_out, g_feat))
+    h = hist[:, None]
+    mask = mask.cpu()
+    dq, dk, dv = attention_backward_reference(
+        g_out.reshape(q.shape[0], 1, *g_out.shape[-2:]), q, h, h, mask, 0.7
+    )
+    d_hist, d_c = cosine_backward_reference(g_feat, hist, mask, c, top_index.cpu())
+    return dq[:, 0], dk[:, 0] + dv[:, 0] + d_hist, d_c
 
 
 @pytest.mark.parametrize("heads", [1, 3])
@@ -126,15 +144,17 @@ def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)
     for x in (q, hist, c):
         x.requires_grad_()
-    out, feats, _, _ = attention_cosine_op(q, hist, mask, c, 0.7, 10)
+    out, feats, _, index = attention_cosine_op(q, hist, mask, c, 0.7, 10)
+    g_out, g_feat = out.detach().float().cos(), -feats.detach().float().sin()
     (out.float().sin().sum() + feats.float().cos().sum()).backward()
-    leaves = [x.detach().cpu().double().requires_grad_() for x in (q, hist, c)]
-    ref_out, ref_feats, _, _ = attention_cosine_op(*leaves[:2], mask.cpu(), leaves[2], 0.7, 10)
-    (ref_out.sin().sum() + ref_feats.cos().sum()).backward()
+    ref_out, ref_feats, _, _ = attention_cosine_op(
+        *(x.detach().cpu().double() for x in (q, hist)), mask.cpu(), c.detach().cpu().double(), 0.7, 10
+    )
     _close(out.cpu(), ref_out, dtype)
     _close(feats.cpu(), ref_feats, dtype)
-    for x, ref in zip((q, hist, c), leaves, strict=True):
-        _close_grad(x.grad.cpu(), ref.grad, dtype)
+    want = _reference_grads(q, hist, c, mask, g_out, g_feat, index)
+    for x, ref in zip((q, hist, c), want, strict=True):
+        _close_grad(x.grad.reshape(ref.shape).cpu(), ref, dtype)
     heads = q.detach().expand(4, 2, 300, 64)
     k = hist.detach()[:, None].expand(4, 2, 130, 64)
     got = masked_attention_op(heads, k, k, mask, 0.7)[0]

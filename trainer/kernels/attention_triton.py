@@ -57,7 +57,7 @@ def default_blocks(d: int, device: torch.device) -> Blocks:
 # A packed top-k key: the cosine's bits made order-preserving as a signed int32 (negative floats have
 # their magnitude bits flipped) in the high word, the history position in the low word. Sorting keys
 # sorts by cosine and carries the position along. NONE_KEY is below every packed cosine >= -1.
-NONE_KEY = -0x7FFFFFFFFFFFFFFF
+NONE_KEY = tl.constexpr(-0x7FFFFFFFFFFFFFFF)
 
 
 @triton.jit
