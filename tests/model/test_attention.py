@@ -97,3 +97,26 @@ def test_one_switch_sets_every_attention_and_export_restores_it():
     assert impls() == {"reference"}
     with pytest.raises(ValueError, match="unknown attention impl"):
         set_attention_impl(module, "flash")
+
+
+def test_onnx_export_of_a_fused_model_holds_standard_ops_only(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    module = TargetAttention(8, 2, impl="fused").eval()
+    gen = torch.Generator().manual_seed(5)
+    target, history = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 6, 8, generator=gen)
+    mask = _random_mask(gen, 2, 6)
+    path = tmp_path / "ta.onnx"
+    with standard_attention(module), torch.inference_mode():
+        torch.onnx.export(module, (target, history, mask), str(path), opset_version=17, dynamo=False)
+    assert module.attention_impl == "fused"
+    graph = onnx.load(str(path)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}
+    feeds = dict(
+        zip([i.name for i in graph.input], (target.numpy(), history.numpy(), mask.numpy()), strict=True)
+    )
+    (got,) = ort.InferenceSession(str(path)).run(None, feeds)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), module(target, history, mask), atol=1e-5, rtol=1e-5)

@@ -23,6 +23,7 @@ class CrossAttentionLayer(nn.Module):
         if d % heads:
             raise ValueError(f"content dim {d} is not divisible by {heads} decoder heads")
         self.heads, self.attention_impl = heads, check_impl(impl)
+        self.scale = (d // heads) ** -0.5
         self.query, self.key, self.value, self.out = (nn.Linear(d, d) for _ in range(4))
         self.norm_attn, self.norm_ffn = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
@@ -34,7 +35,7 @@ class CrossAttentionLayer(nn.Module):
             split_heads(lin(x), self.heads)
             for lin, x in ((self.query, queries), (self.key, history), (self.value, history))
         )
-        attn = merge_heads(masked_attention(q, k, v, mask, impl=self.attention_impl))
+        attn = merge_heads(masked_attention(q, k, v, mask, self.scale, self.attention_impl))
         x = self.norm_attn(queries + self.dropout(self.out(attn)))
         return self.norm_ffn(x + self.dropout(self.ffn(x)))
 

@@ -33,6 +33,7 @@ class TargetAttention(nn.Module):
         if d % heads:
             raise ValueError(f"content dim {d} is not divisible by {heads} attention heads")
         self.heads, self.attention_impl = heads, check_impl(impl)
+        self.scale = (d // heads) ** -0.5  # a Python float: a constant in traced graphs
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
 
@@ -63,7 +64,9 @@ class TargetAttention(nn.Module):
         else:
             q = split_heads(self.query(target), self.heads)
             k = split_heads(self.key(history), self.heads)
-            out = masked_attention(q, k, split_heads(history, self.heads), mask, impl=self.attention_impl)
+            out = masked_attention(
+                q, k, split_heads(history, self.heads), mask, self.scale, self.attention_impl
+            )
         return merge_heads(out)
 
     def _folded_query(self, target: Tensor) -> Tensor:
@@ -72,4 +75,4 @@ class TargetAttention(nn.Module):
         dh = d // self.heads
         q = self.query(target).unflatten(-1, (self.heads, dh))
         w = self.key.weight.view(self.heads, dh, d).to(q.dtype)
-        return torch.einsum("bnhe,hed->bhnd", q, w) * dh**-0.5
+        return torch.einsum("bnhe,hed->bhnd", q, w) * self.scale
