@@ -72,7 +72,8 @@ def implementations(q, hist, c, mask):
 
 
 def kernel_only_us(q, hist, c, mask, blocks=None) -> float:
-    """The forward kernel launched directly: the op's time minus this is dispatch and host overhead."""
+    """The forward kernel launched directly: the op's time minus this is dispatch and host overhead.
+    q or c may be None: attention alone, or the cosine features alone."""
     from triton.testing import do_bench
 
     from trainer.kernels.attention_triton import fused_forward
@@ -80,18 +81,25 @@ def kernel_only_us(q, hist, c, mask, blocks=None) -> float:
     h = hist[:, None]
     with torch.no_grad():
         return 1e3 * do_bench(
-            lambda: fused_forward(q, h, h, mask, 1.0, c, TOPK, blocks), return_mode="median"
+            lambda: fused_forward(q, h, h, mask, 1.0, c, TOPK if c is not None else 0, blocks),
+            return_mode="median",
         )
 
 
 def sweep(dtype: torch.dtype) -> list[str]:
-    """Forward kernel time at the largest shape for a few tile shapes (the defaults are one of them)."""
+    """At the largest shape: the forward kernel for a few tile shapes (the default is the first), then
+    with attention alone and cosine features alone, which splits the kernel's time between the two."""
     from trainer.kernels.attention_triton import Blocks
 
     q, hist, c, mask = inputs(*QUICK[-1], dtype)
+    cases = [(str(b), q, c, b) for b in (Blocks(64, 64, 4, 2), Blocks(64, 64, 8, 2), Blocks(128, 64, 8, 2))]
+    cases += [
+        ("attention only, default tiles", q, None, None),
+        ("cosine features only, default tiles", None, c, None),
+    ]
     lines = []
-    for blocks in (Blocks(64, 64, 4, 2), Blocks(64, 64, 8, 2), Blocks(128, 64, 8, 2), Blocks(64, 32, 4, 3)):
-        lines.append(f"{blocks}: {kernel_only_us(q, hist, c, mask, blocks):.1f} us")
+    for label, qq, cc, blocks in cases:
+        lines.append(f"{label}: {kernel_only_us(qq, hist, cc, mask, blocks):.1f} us")
         print(lines[-1], flush=True)
     return lines
 

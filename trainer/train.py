@@ -622,6 +622,9 @@ def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist) -> None:
             )
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MMRankError(f"{out}: exists and is not an empty folder or a run folder")
+    # Every rank has looked at the folder before rank 0 writes into it: a rank still checking would
+    # otherwise see rank 0's half-written config and refuse the folder.
+    dist.barrier()
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and (out / TRAIN_LOG).exists():

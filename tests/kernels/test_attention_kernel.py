@@ -160,3 +160,12 @@ def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     got = masked_attention_op(heads, k, k, mask, 0.7)[0]
     want = attention_reference(*(x.cpu().double() for x in (heads, k, k)), mask.cpu(), 0.7)
     _close(got.cpu(), want, dtype)
+
+
+def test_kernel_cosine_features_alone():
+    """Without queries the kernel computes the cosine features only (the benchmark's attribution run)."""
+    q, hist, c, mask = _inputs(SHAPES[0], torch.float32, seed=6)
+    topk = SHAPES[0][-1]
+    res = fused_forward(None, hist[:, None], None, mask, 1.0, c, topk, BLOCKS)
+    assert res.out is None and res.lse is None
+    _close(res.features.cpu(), _reference(q, hist, c, mask, topk)[1], torch.float32)

@@ -48,9 +48,14 @@ class Blocks:
     stages: int = 2
 
 
-def default_blocks(d: int, device: torch.device) -> Blocks:
+def default_blocks(d: int, device: torch.device, backward: bool = False) -> Blocks:
     if device.type != "cuda":
         return Blocks(n=16, l=16, warps=1, stages=1)  # the interpreter: small tiles run fastest
+    if backward and d > 64:
+        # Three [64, d] float32 accumulators per program: with 64 x 64 tiles and 4 warps ptxas spills
+        # 2.4 KB per thread in the dK/dV kernel; 64 x 32 tiles and 8 warps spill 168 B and keep the
+        # Hopper matrix instructions (benchmarks/results/kernel_resources.md; not yet timed).
+        return Blocks(n=64, l=32, warps=8, stages=2)
     # Measured on an H200 at B, N, L, d = 32, 2000, 1000, 128 (fp16 forward, benchmarks/results/
     # kernel_attention.md): 4 warps 843 us, 8 warps 1404 us with 64 x 64 tiles.
     return Blocks(n=64, l=64, warps=4, stages=2)
@@ -502,7 +507,7 @@ def fused_backward(
     b, h, length, d = k.shape
     n = (q if attention else c).shape[-2]
     dv_dim = v.shape[-1] if attention else d
-    blocks = blocks or default_blocks(d, k.device)
+    blocks = blocks or default_blocks(d, k.device, backward=True)
     dev = k.device
     dummy = k.new_empty(1)
     topk = top_index.shape[-1] if cosine else 1
