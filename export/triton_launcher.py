@@ -62,6 +62,11 @@ class TritonDistribution:
     python_backend: Path
     stub: Path
 
+    @staticmethod
+    def installed() -> bool:
+        """Whether nvidia-pytriton (which carries the server) is installed at all."""
+        return importlib.util.find_spec("pytriton") is not None
+
     @classmethod
     def find(cls) -> TritonDistribution:
         spec = importlib.util.find_spec("pytriton")
@@ -177,6 +182,13 @@ def prepare_stub_env(path: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path / "bin"
+
+
+def check_can_start() -> None:
+    """Raise MMRankError saying why the installed server cannot start here: the binary does not run, or
+    the stub environment cannot be prepared."""
+    TritonDistribution.find().check_runs()
+    prepare_stub_env()
 
 
 def server_env(dist: TritonDistribution, python_bin: Path) -> dict[str, str]:

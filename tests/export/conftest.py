@@ -122,18 +122,13 @@ def small_export(tmp_path_factory, tiny_text_dir) -> SmallExport:
 
 
 @pytest.fixture(scope="session")
-def triton_server(small_export, tmp_path_factory):
+def triton_server(tritonserver, small_export, tmp_path_factory):
     """The real tritonserver on a python-backend repository rendered from `small_export`, shared by the
-    server and client tests (starting it takes seconds). Skipped only where the binary cannot run."""
+    server and client tests (starting it takes seconds). Skipped only where nvidia-pytriton is not
+    installed (the `tritonserver` fixture)."""
     from export.repository import RenderConfig, render_repository
-    from export.triton_launcher import TritonConfig, TritonDistribution, TritonServer, prepare_stub_env
-    from mmrank.errors import MMRankError
+    from export.triton_launcher import TritonConfig, TritonServer
 
-    try:
-        TritonDistribution.find().check_runs()
-        prepare_stub_env()
-    except MMRankError as e:
-        pytest.skip(f"tritonserver cannot start on this machine: {e}")
     repo = tmp_path_factory.mktemp("triton") / "repo"
     render_repository(small_export.out, repo, RenderConfig(backend="python", max_batch_size=8))
     with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:

@@ -16,7 +16,7 @@ from mmrank.cli import main
 
 @pytest.fixture(scope="module")
 def repo(small_export, triton_server, tmp_path_factory):
-    # triton_server: skips where the binary cannot run, and has prepared the stub environment.
+    # triton_server: fails where the installed server cannot start, and has prepared its environment.
     out = tmp_path_factory.mktemp("serve") / "repo"
     render_repository(small_export.out, out, RenderConfig(backend="python", max_batch_size=4))
     return out
