@@ -1,18 +1,23 @@
 """Triton Python-backend model that runs one exported ONNX graph with onnxruntime.
 
-Rendered as `<model>/1/model.py` next to `model.onnx` (the file named by the `onnx_file` parameter).
+Rendered as `<model>/1/model.py` next to `model.onnx` (the file named by the `onnx_file` parameter) and
+the runtime package.
 GPU instances use the CUDA execution provider when onnxruntime has it, CPU instances the CPU one.
 Requests of equal input shapes are concatenated along the batch axis and run as one call; the
 outputs are split back, one response per request, in request order.
 """
 
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package copied next to this file
 
-from export.ort_session import OrtGraph
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from model_repository.ort_graph import OrtGraph  # noqa: E402
+from model_repository.responses import error_response, output_dtypes  # noqa: E402
 
 
 class TritonPythonModel:
@@ -23,7 +28,7 @@ class TritonPythonModel:
         device = "gpu" if args["model_instance_kind"] == "GPU" else "cpu"
         self.graph = OrtGraph(folder / onnx_file, device, int(args["model_instance_device_id"]))
         self.inputs = [i["name"] for i in config["input"]]
-        self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        self.outputs = output_dtypes(pb_utils, config)
 
     def execute(self, requests):
         feeds = [
@@ -40,7 +45,7 @@ class TritonPythonModel:
                 out = self.graph.run(batch)
             except Exception as e:  # one failing group answers its own requests with the error
                 for i in members:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                    responses[i] = error_response(pb_utils, e)
                 continue
             sizes = np.cumsum([len(feeds[i][self.inputs[0]]) for i in members])[:-1]
             parts = {n: np.split(out[n], sizes) for n in self.outputs}
