@@ -6,9 +6,11 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
 
     rank            ensemble: history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1],
                     user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL
-      item_lookup   Python: ids -> the ranking graph's inputs from the item table (export/item_table.py
-                    documents the fallback for unknown ids); versioned, latest version served
-      ranking       the ranking graph
+      item_lookup   Python: checks the request's limits, ids -> the ranking graph's inputs from the item
+                    table (model_repository/item_table.py documents the fallback for unknown ids);
+                    versioned, latest version served. With the python backend it also runs the ranking
+                    graph (a copy in each version folder) and `rank` has this one step
+      ranking       the ranking graph (the second step of `rank` with the native backends)
     encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
                     BYTES, encoded image file, b"" = none) -> content [d] FP32
       tokenizer     Python: texts -> input_ids, attention_mask, text_mask
@@ -48,6 +50,7 @@ RUNTIME = Path(__file__).resolve().parents[1] / "model_repository"  # the servin
 PYTHON_CODE = RUNTIME / "models"
 RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", "README.md")
 REPOSITORY_README = RUNTIME / "README.md"
+RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
 GRAPH_MODELS = ("text_encoder", "image_encoder", "fusion", "ranking")
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
@@ -60,6 +63,10 @@ class RenderConfig:
     max_batch_size: int = 64  # per model and per ensemble
     queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
     graph_instances: int = 1  # instances per device of each graph model
+    lookup_instances: int = 1  # item_lookup instances (each holds the table)
+    # onnxruntime intra-op threads of the ranking graph inside item_lookup (python backend): one thread
+    # is as fast at p50 for one user's N candidates and keeps p99 low on a shared CPU (serving_overhead.md)
+    rank_graph_threads: int = 1
     engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds of one `rank` request
 
@@ -136,18 +143,37 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             _tensor(mc.ModelInput, it.USER_FEATS, "TYPE_INT64", [len(m.user_feature_cards)], optional=True)
         )
     ranking = manifest.graph("ranking")
-    # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
-    outputs = _outputs(ranking.inputs, reshape=False)
-    if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
-        outputs.append(_tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1]))
+    flag = _tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1])
+    params = {}
+    if rc.backend == "python":
+        # The lookup runs the ranking graph itself (RANKING_FILE in each version folder): one Python step
+        # instead of two, which is what benchmarks/results/serving_overhead.md measured the time going to.
+        outputs = [*_outputs(ranking.outputs), flag]
+        params["graph"] = RANKING_FILE
+        params["graph_threads"] = rc.rank_graph_threads
+    else:
+        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
+        outputs = _outputs(ranking.inputs, reshape=False)
+        if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
+            outputs.append(flag)
     lookup = {
         "history_len": m.history_len,
         "long_history_len": m.long_history_len,
         "num_users": m.num_users,
         "user_feature_cards": m.user_feature_cards,
     }
-    config = python_config("item_lookup", rc, inputs, outputs, lookup=lookup, limits=asdict(rc.limits))
+    widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
+    params["table_widths"] = {
+        "d": widths.get(it.CANDIDATE_C, 0),
+        "item_dim": widths.get(it.CANDIDATE_ITEM, 0),
+    }
+    config = python_config(
+        "item_lookup", rc, inputs, outputs, lookup=lookup, limits=asdict(rc.limits), **params
+    )
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
+    config.instance_group[0].count = rc.lookup_instances
+    # Requests queued while the instance is busy arrive in one execute() call (no added wait).
+    config.dynamic_batching.max_queue_delay_microseconds = 0
     return config
 
 
@@ -197,6 +223,9 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
 def rank_config(lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig) -> mc.ModelConfig:
     outputs = [o for o in ranking.output] + [o for o in lookup.output if o.name == it.CANDIDATE_KNOWN]
     config = _ensemble("rank", rc, list(lookup.input), outputs)
+    if "graph" in lookup.parameters:  # the lookup scores (python backend): one step
+        _step(config, lookup)
+        return config
     # The lookup's user tensors (ids checked against the tables) must not reuse the request's names.
     checked = {name: f"checked_{name}" for name in (it.USER_ID, it.USER_FEATS)}
     _step(config, lookup, writes=checked)
@@ -364,6 +393,8 @@ def render_repository(
         shutil.copytree(
             export_dir / str(manifest.item_table["dir"]), tmp / "item_lookup" / "1" / "item_table"
         )
+        if "graph" in models["item_lookup"].parameters:
+            shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
@@ -400,6 +431,9 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_python_model(tmp, PYTHON_MODELS["item_lookup"])
+    graph = model / str(versions[-1]) / RANKING_FILE
+    if graph.is_file():  # python backend: the lookup runs the ranking graph too
+        shutil.copy2(graph, tmp / RANKING_FILE)
     table.write(tmp / "item_table")
     it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
     final = model / str(versions[-1] + 1)

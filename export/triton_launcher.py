@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -280,11 +281,9 @@ def skipped_tables(repository: Path) -> list[str]:
     if not versions:
         return []
     config = text_format.Parse((model / "config.pbtxt").read_text(), mc.ModelConfig())
-    widths = {o.name: int(o.dims[-1]) for o in config.output}
+    widths = json.loads(config.parameters["table_widths"].string_value)
     try:
-        _, served, skipped = it.newest_valid_table(
-            model, versions[-1], widths.get(it.CANDIDATE_C, 0), widths.get(it.CANDIDATE_ITEM, 0)
-        )
+        _, served, skipped = it.newest_valid_table(model, versions[-1], widths["d"], widths["item_dim"])
     except MMRankError as e:
         return [str(e)]
     return [f"{line}; serving item table version {served}" for line in skipped]
