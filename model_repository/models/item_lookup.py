@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from model_repository.item_table import CANDIDATE_KNOWN, LookupConfig, newest_valid_table, rank_inputs  # noqa: E402
 from model_repository.limits import RequestLimits  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
-from model_repository.responses import output_dtypes, respond_each  # noqa: E402
+from model_repository.responses import output_dtypes, respond_grouped  # noqa: E402
 
 INPUTS = ("history_ids", "candidate_ids", "user_id", "user_feats")
 
@@ -49,10 +49,13 @@ class TritonPythonModel:
         # A per-row scalar (user_id) travels as [batch, 1].
         self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
-    def _lookup(self, request):
+    def _read(self, request):
         tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
         inputs = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
-        self.limits.check(inputs)
+        self.limits.check(inputs)  # per request, before any graph runs
+        return inputs
+
+    def _lookup(self, inputs):
         products = rank_inputs(self.table, self.lookup, *(inputs[name] for name in INPUTS))
         if self.graph is not None:
             return {**self.graph.run(products), CANDIDATE_KNOWN: products[CANDIDATE_KNOWN]}
@@ -64,4 +67,6 @@ class TritonPythonModel:
         }
 
     def execute(self, requests):
-        return respond_each(pb_utils, requests, self.outputs, self._lookup)
+        # Requests of equal shapes (e.g. several users' N candidates and L-item histories) are looked up
+        # and scored as one batch.
+        return respond_grouped(pb_utils, requests, self.outputs, self._read, self._lookup)

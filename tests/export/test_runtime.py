@@ -87,3 +87,44 @@ def test_add_table_version_checks_widths_and_publishes_whole_versions(tmp_path):
     assert final == model / "2" and (final / "model.py").is_file()
     assert (final / "model_repository" / "item_table.py").is_file()  # the runtime travels with it
     assert it.ItemTable.read(final / "item_table").version == 2
+
+
+class FakePbUtils:
+    """The few triton_python_backend_utils names the runtime's answer loops use."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARGUMENT", "INTERNAL"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.tensors = {t.name: t.array for t in output_tensors or []}
+            self.error = error
+
+
+def test_respond_grouped_batches_equal_shapes_and_answers_each_request_in_order():
+    from model_repository.responses import respond_grouped
+
+    requests = [np.array([[1, 2]]), np.array([[3]]), np.array([[4, 5], [6, 7]]), np.array([[-1, 0]])]
+    calls = []
+
+    def read(request):
+        if (request < 0).any():
+            raise RequestError("x holds a negative value")
+        return {"x": request, "absent": None}
+
+    def compute(batch):
+        calls.append(batch["x"].shape)
+        return {"y": batch["x"] * 10}
+
+    out = respond_grouped(FakePbUtils, requests, {"y": np.float32}, read, compute)
+    assert sorted(calls) == [(1, 1), (3, 2)]  # requests 0 and 2 ran as one batch
+    assert [r.tensors["y"].tolist() for r in out[:3]] == [[[10, 20]], [[30]], [[40, 50], [60, 70]]]
+    assert out[0].tensors["y"].dtype == np.float32
+    assert (out[3].error.code, out[3].error.message) == ("INVALID_ARGUMENT", "x holds a negative value")
