@@ -42,6 +42,10 @@ def _shape_key(feed: dict[str, np.ndarray | None]) -> tuple:
     return tuple((n, None if x is None else x.shape[1:]) for n, x in sorted(feed.items()))
 
 
+def _concat(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return None if arrays[0] is None else np.concatenate(arrays)
+
+
 def respond_grouped(
     pb_utils,
     requests,
@@ -64,7 +68,7 @@ def respond_grouped(
         groups.setdefault(_shape_key(feed), []).append((i, feed))
     for members in groups.values():
         feeds = [feed for _, feed in members]
-        batch = {n: None if x is None else np.concatenate([f[n] for f in feeds]) for n, x in feeds[0].items()}
+        batch = feeds[0] if len(feeds) == 1 else {n: _concat([f[n] for f in feeds]) for n in feeds[0]}
         try:
             values = compute(batch)
             sizes = np.cumsum([len(next(x for x in f.values() if x is not None)) for f in feeds])[:-1]
