@@ -4,9 +4,8 @@
 
 The repository is the one of benchmarks/serving_overhead.py (em3, L=50, `mmrank repo` defaults: at most
 2,000 candidates and 1,000 history ids per user, 4 MiB of inputs). Memory is the resident set of the
-server's whole process group (tritonserver and its backend stubs), read from /proc, before the bad
-requests, after one round of them and after `--rounds` more: under a stream of refused requests it must
-stay flat.
+server's whole process group (tritonserver and its backend stubs), read from /proc, before and after a
+stream of `--rounds` refused requests of each kind in STREAMS: under such a stream it must stay flat.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ CASES = {
     "user_feats 5 wide (model has 2)": {"user_feats": np.zeros((1, 5), np.int64)},
     "history_ids [50] without the batch axis": {"history_ids": np.ones(50, np.int64)},
 }
+STREAMS = ("300,000 candidates", "13,000,000 history ids (104 MB)")
 DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
 
 
@@ -73,21 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/bad_requests.md")
     p.add_argument("--rounds", type=int, default=20, help="rounds of every bad request for the memory check")
     args = p.parse_args(argv)
-    rows, rss = [], []
+    rows, streams = [], []
     with tempfile.TemporaryDirectory(prefix="mmrank-bad-") as tmp:
         build(Path(tmp), 50, RenderConfig(backend="python"))
         with TritonServer(TritonConfig(Path(tmp) / "repo", control_mode="explicit")) as server:
             client = grpc.InferenceServerClient(server.grpc_url)
             base = {"history_ids": OK_HIST, "candidate_ids": OK_CANDS}
             call(client, grpc, base)
-            rss.append(group_rss_mib(server.process.pid))
             for name, change in CASES.items():
                 rows.append((name, *call(client, grpc, {**base, **change})))
-            rss.append(group_rss_mib(server.process.pid))
-            for _ in range(args.rounds):
-                for change in CASES.values():
-                    call(client, grpc, {**base, **change})
-            rss.append(group_rss_mib(server.process.pid))
+            for name in STREAMS:
+                before = group_rss_mib(server.process.pid)
+                for _ in range(args.rounds):
+                    call(client, grpc, {**base, **CASES[name]})
+                streams.append((name, before, group_rss_mib(server.process.pid)))
             ok, _ = call(client, grpc, base)
     lines = [
         "# Bad `rank` requests: answers and server memory",
@@ -100,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|",
         *[f"| {name} | {answer} | {ms:.1f} |" for name, answer, ms in rows],
         "",
-        "Resident memory of the server's process group (tritonserver + backend stubs), MiB: "
-        f"before {rss[0]:.0f}, after one round of the bad requests {rss[1]:.0f}, after {args.rounds} more "
-        f"rounds {rss[2]:.0f}. A good request afterwards: {ok}.",
+        f"Resident memory of the server's process group (tritonserver + backend stubs) around a stream of "
+        f"{args.rounds} refused requests of one kind, in this order:",
+        "",
+        "| stream | MiB before | MiB after |",
+        "|---|---:|---:|",
+        *[f"| {name} | {before:.0f} | {after:.0f} |" for name, before, after in streams],
+        "",
+        f"A good request afterwards: {ok}.",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
