@@ -1,8 +1,10 @@
 """The rendered repository deploys on its own: `mmrank serve --python-env VENV` with a venv holding only
 numpy<2, onnxruntime, tokenizers and Pillow (Python 3.10 where this machine has it) serves `rank` and
-`encode_items` with the default server's results, and serving writes nothing into the repository."""
+`encode_items` with the default server's results; serving writes nothing into the repository and poll
+mode reloads nothing unchanged."""
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +19,10 @@ def _input(name, array, dtype):
     t = grpc.InferInput(name, list(array.shape), dtype)
     t.set_data_from_numpy(array)
     return t
+
+
+def _loads(server) -> int:
+    return server.log_path.read_text(errors="replace").count("successfully loaded")
 
 
 def _png() -> bytes:
@@ -53,6 +59,10 @@ def test_bare_python_env_serves_the_default_servers_results(
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
     with TritonServer(TritonConfig(repo, control_mode="poll", python_env=bare_python_env)) as bare:
         got = _answers(bare.grpc_url, small_export.model.schema.num_items)
+        loads = _loads(bare)
+        assert loads > 0
+        time.sleep(3 * bare.config.poll_secs)  # three polls of an unchanged repository
+        assert _loads(bare) == loads, "poll mode reloaded an unchanged model"
     want = _answers(triton_server.grpc_url, small_export.model.schema.num_items)
     assert got["known"].tolist() == want["known"].tolist() == [[True, True, False, True, True]]
     assert np.isneginf(got["scores"][0, 2])
