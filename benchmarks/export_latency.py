@@ -30,8 +30,8 @@ import torch
 
 from export.manifest import Manifest
 from export.onnx_graphs import ExportConfig, TextSetup, export_model, graph_builds
-from export.ort_session import OrtGraph
 from export.parity import random_feeds
+from model_repository.ort_graph import OrtGraph
 
 CASES = [(100, 50), (500, 200)]
 NUM_ITEMS, NUM_USERS, FIELDS = 1682, 943, ["title", "overview"]
@@ -48,11 +48,14 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_model(preset: str):
+def build_model(preset: str, history_len: int | None = None):
+    """The preset's model on the random schema; `history_len` overrides its short history length."""
     from trainer.config import resolve
     from trainer.model.ranking_model import ModelSchema, RankingModel
 
     cfg = resolve(preset).model
+    if history_len is not None:
+        cfg.interest.short_len = history_len
     gen = torch.Generator().manual_seed(0)
     n = NUM_ITEMS
     text, image = torch.randn(n + 1, 2, 384, generator=gen), torch.rand(n + 1, 1, 1280, generator=gen)

@@ -13,10 +13,16 @@ def cli(args) -> int:
     history = parse_id_list(args.history, "--history")
     candidates = parse_id_list(args.candidates, "--candidates")
     with RankingClient(ClientConfig(url=args.url, timeout_s=args.timeout)) as client:
-        scores, known = client.rank_known(history, candidates, args.user)
+        scores, known = client.rank(history, candidates, args.user)
     order = np.argsort(-scores, kind="stable")
     ranked = [
-        {"item_id": int(candidates[i]), "score": float(scores[i]), "known": bool(known[i])} for i in order
+        # An unknown candidate has no score (the server's -inf; JSON has no infinity): null, last.
+        {
+            "item_id": int(candidates[i]),
+            "score": float(scores[i]) if known[i] else None,
+            "known": bool(known[i]),
+        }
+        for i in order
     ]
     print(json.dumps({"history": history, "ranked": ranked}, indent=2))
     return 0

@@ -1,6 +1,8 @@
-"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids, user_id=None) -> scores`.
+"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids, user_id=None) -> Ranking`.
 
-Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
+A Ranking is (scores, known): `known` is False for candidates the item table does not hold, which the
+server scores -inf (ranked last); with `ClientConfig(unknown_ids="raise")` such a request raises a
+RankingError naming them instead. Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
 restarting or overloaded) is retried with exponential backoff; every other failure raises a
 RankingError that says what was wrong (bad ids, server down, model missing, timeout).
 """
@@ -11,18 +13,25 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from mmrank.errors import MMRankError
 
 HISTORY, CANDIDATES, USER, SCORES = "history_ids", "candidate_ids", "user_id", "scores"
-KNOWN = "candidate_known"  # False where the item table has no row for a candidate (scored as padding)
+KNOWN = "candidate_known"  # False where the item table has no row for a candidate (scored -inf)
+UNKNOWN_IDS = ("flag", "raise")
 PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
 
 
 class RankingError(MMRankError):
     pass
+
+
+class Ranking(NamedTuple):
+    scores: np.ndarray  # [N] float32 logits in candidate order; -inf for unknown candidates
+    known: np.ndarray  # [N] bool: False where the item table has no row for the candidate
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,11 @@ class ClientConfig:
     timeout_s: float = 5.0  # per attempt
     retries: int = 3  # extra attempts on UNAVAILABLE
     backoff_s: float = 0.2  # doubles each retry
+    unknown_ids: str = "flag"  # flag: return them with known False; raise: RankingError naming them
+
+    def __post_init__(self):
+        if self.unknown_ids not in UNKNOWN_IDS:
+            raise RankingError(f"unknown_ids must be one of {UNKNOWN_IDS}, got {self.unknown_ids!r}")
 
 
 def as_ids(values: Sequence[int] | np.ndarray, name: str, allow_empty: bool) -> np.ndarray:
@@ -115,9 +129,17 @@ class _Base:
             raise RankingError(f"response has no {KNOWN!r} output (is {self.cfg.model!r} the rank ensemble?)")
         return known.reshape(-1).astype(bool)[:n]
 
-    def _outputs(self, with_known: bool) -> list:
-        names = [SCORES, KNOWN] if with_known else [SCORES]
-        return [self._module.InferRequestedOutput(name) for name in names]
+    def _ranking(self, result, candidates, n: int) -> Ranking:
+        ranking = Ranking(self._scores(result, n), self._known(result, n))
+        if self.cfg.unknown_ids == "raise" and not ranking.known.all():
+            unknown = np.asarray(candidates)[~ranking.known]
+            raise RankingError(
+                f"{len(unknown)} candidate ids are not in the item table: {unknown[:10].tolist()}"
+            )
+        return ranking
+
+    def _outputs(self) -> list:
+        return [self._module.InferRequestedOutput(name) for name in (SCORES, KNOWN)]
 
 
 class RankingClient(_Base):
@@ -149,21 +171,13 @@ class RankingClient(_Base):
         except RankingError:
             return False
 
-    def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> np.ndarray:
-        """Scores [N] (logits) of the candidates, in their order."""
-        result, n = self._infer(history_ids, candidate_ids, user_id, with_known=False)
-        return self._scores(result, n)
-
-    def rank_known(self, history_ids, candidate_ids, user_id: int | None = None):
-        """(scores [N], known [N]): known is False for candidates the item table does not hold."""
-        result, n = self._infer(history_ids, candidate_ids, user_id, with_known=True)
-        return self._scores(result, n), self._known(result, n)
-
-    def _infer(self, history_ids, candidate_ids, user_id, with_known: bool):
+    def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
+        """(scores [N] logits, known [N]) of the candidates, in their order."""
         if self._batched is None:
             self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
         inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
-        return self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs(with_known)), n
+        result = self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs())
+        return self._ranking(result, candidate_ids, n)
 
     def close(self) -> None:
         self._client.close()
@@ -198,13 +212,13 @@ class AsyncRankingClient(_Base):
                 delay *= 2
         raise AssertionError("unreachable")
 
-    async def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> np.ndarray:
+    async def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
         if self._batched is None:
             meta = await self._call(self._client.get_model_metadata, self.cfg.model)
             self._batched = self._batched_from(meta)
         inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
-        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs(False))
-        return self._scores(result, n)
+        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs())
+        return self._ranking(result, candidate_ids, n)
 
     async def close(self) -> None:
         await self._client.close()

@@ -4,7 +4,8 @@
     encoder_image.onnx  pixels [B, 3, 224, 224] float32 -> image_feats [B, 1, 1280]
     fusion.onnx         {m}_feats [B, K_m, D_m], {m}_mask [B, K_m] per modality -> content [B, d]
     ranking.onnx        user_id [B], user_feats [B, U], candidate_item [B, N, E], candidate_c [B, N, d],
-                        history_c [B, L, d], history_mask [B, L] (+ long_history_*) -> scores [B, N]
+                        history_c [B, L, d], history_mask [B, L] (+ long_history_*), candidate_known
+                        [B, N] -> scores [B, N] (-inf for unknown candidates)
     *.fp16.onnx         the same graphs with fp16 weights and arithmetic, fp32 / int / bool at the edges
     item_table/         content vectors + item ID rows of every item (export/item_table.py)
     tokenizer/          the text encoder's tokenizer files
@@ -35,10 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from export import item_table as it
+from export.item_table import build_item_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
-from export.text_inputs import copy_tokenizer_files
 from mmrank.errors import MMRankError
+from model_repository import item_table as it
+from model_repository.text_inputs import copy_tokenizer_files
 from trainer.data.schema import atomic_dir
 from trainer.model.attention import standard_attention, use_standard_attention
 
@@ -104,7 +106,10 @@ def table_ranker(model: nn.Module) -> nn.Module:
 
 
 class RankingGraph(nn.Module):
-    """RankingModel.score on lookup products. `names` are the graph inputs in order (item_table names)."""
+    """RankingModel.score on lookup products. `names` are the graph inputs in order (item_table names).
+
+    `candidate_known` (False where the item table has no row for the candidate) sets that candidate's
+    score to -inf: an unknown id is ranked last, never scored from the padding row."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -122,6 +127,7 @@ class RankingGraph(nn.Module):
         self.names += [it.CANDIDATE_C] if self.has_content else []
         self.names += [it.HISTORY_C, it.HISTORY_MASK] if user_side else []
         self.names += [it.LONG_HISTORY_C, it.LONG_HISTORY_MASK] if self.long else []
+        self.names += [it.CANDIDATE_KNOWN]
 
     def forward(self, *inputs: Tensor) -> Tensor:
         x = dict(zip(self.names, inputs, strict=True))
@@ -131,7 +137,7 @@ class RankingGraph(nn.Module):
         rows = x.get(it.CANDIDATE_ITEM)
         if rows is None:
             rows = cand_c.new_zeros(*cand_c.shape[:2], 0)
-        return self.model.score(
+        scores = self.model.score(
             user_id,
             user_feats,
             rows,
@@ -141,6 +147,7 @@ class RankingGraph(nn.Module):
             x.get(it.LONG_HISTORY_C),
             x.get(it.LONG_HISTORY_MASK),
         )
+        return scores.masked_fill(~x[it.CANDIDATE_KNOWN], float("-inf"))
 
 
 class Fp16Graph(nn.Module):
@@ -269,6 +276,7 @@ def ranking_build(model: nn.Module) -> GraphBuild:
         it.HISTORY_MASK: torch.arange(lengths[it.HISTORY_C]).expand(b, -1) >= 2,
         it.LONG_HISTORY_C: torch.randn(b, lengths[it.LONG_HISTORY_C], d, generator=gen),
         it.LONG_HISTORY_MASK: torch.arange(lengths[it.LONG_HISTORY_C]).expand(b, -1) >= 3,
+        it.CANDIDATE_KNOWN: torch.tensor([[True, False, True], [True, True, True]]),
     }
     axes = {
         it.USER_ID: ("batch",),
@@ -279,6 +287,7 @@ def ranking_build(model: nn.Module) -> GraphBuild:
         it.HISTORY_MASK: ("batch", "history"),
         it.LONG_HISTORY_C: ("batch", "long_history"),
         it.LONG_HISTORY_MASK: ("batch", "long_history"),
+        it.CANDIDATE_KNOWN: ("batch", "candidates"),
         "scores": ("batch", "candidates"),
     }
     inputs = {name: examples[name] for name in graph.names}
@@ -423,7 +432,7 @@ def export_model(
             graphs[name] = write_graph(name, build, tmp, config.fp16)
             if config.progress:
                 print(f"export: {name} graph written ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-        table = it.build_item_table(
+        table = build_item_table(
             model, model.schema.num_items, {"checkpoint_sha256": checkpoint["sha256"]}, user_feats
         )
         table.write(tmp / "item_table")

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from export import item_table as it
 from export.manifest import GraphSpec, Manifest, ModelInfo
-from export.ort_session import OrtGraph
 from mmrank.errors import MMRankError
+from model_repository import item_table as it
+from model_repository.ort_graph import OrtGraph
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
 # The one exception, measured: EfficientNet-Lite0's activations reach ~80 inside the backbone, where
@@ -91,6 +91,8 @@ def random_feeds(
             feeds[t.name] = rng.integers(0, info.num_users + 1, shape)
         elif t.name == it.USER_FEATS:
             feeds[t.name] = np.stack([rng.integers(0, c, shape[0]) for c in info.user_feature_cards], axis=1)
+        elif t.name == it.CANDIDATE_KNOWN:  # all known: an unknown candidate's -inf has no error to measure
+            feeds[t.name] = np.ones(shape, bool)
         elif t.dtype == "bool":
             mask = _prefix_mask(rng, int(np.prod(shape[:-1])), shape[-1], right_aligned=True)
             feeds[t.name] = mask.reshape(shape)

@@ -6,21 +6,24 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
 
     rank            ensemble: history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1],
                     user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL
-      item_lookup   Python: ids -> the ranking graph's inputs from the item table (export/item_table.py
-                    documents the fallback for unknown ids); versioned, latest version served
-      ranking       the ranking graph
+      item_lookup   Python: checks the request's limits, ids -> the ranking graph's inputs from the item
+                    table (model_repository/item_table.py documents the fallback for unknown ids);
+                    versioned, latest version served. With the python backend it also runs the ranking
+                    graph (a copy in each version folder) and `rank` has this one step
+      ranking       the ranking graph (the second step of `rank` with the native backends)
     encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
                     BYTES, encoded image file, b"" = none) -> content [d] FP32
       tokenizer     Python: texts -> input_ids, attention_mask, text_mask
       text_encoder, image_preprocess (Python: bytes -> pixels, image_mask), image_encoder, fusion
 
 Backends: `python` runs every graph with onnxruntime inside Triton's Python backend
-(model_repository/python/graph_model.py; CUDA EP on GPU instances); `onnxruntime` and `tensorrt` use
+(model_repository/models/graph_model.py; CUDA EP on GPU instances); `onnxruntime` and `tensorrt` use
 Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (TensorRT engines come
 from export/tensorrt.py), the lookup, tokenizer and image preprocessing stay Python. Every model
 batches (the first dimension of every tensor is the batch); graph models have dynamic batching.
-The Python-backend models import this project (`export`, `trainer.features.image`): the server's
-Python environment is this venv (export/triton_launcher.py arranges it).
+Every Python-backend version folder gets its `model.py` and a copy of the serving runtime package
+(model_repository/, numpy + onnxruntime + tokenizers + Pillow, no torch, no project), so the rendered
+folder alone deploys; its README.md says what a stock server's Python needs.
 
 The repository is rendered into a temporary sibling and renamed into place.
 """
@@ -29,20 +32,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import item_table as it
 from export.manifest import GraphSpec, Manifest, TensorSpec
 from mmrank.errors import MMRankError
+from model_repository import item_table as it
+from model_repository.limits import RequestLimits
 from trainer.data.schema import atomic_dir
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
-PYTHON_CODE = Path(__file__).resolve().parents[1] / "model_repository" / "python"
+RUNTIME = Path(__file__).resolve().parents[1] / "model_repository"  # the serving runtime package
+PYTHON_CODE = RUNTIME / "models"
+RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", "README.md")
+REPOSITORY_README = RUNTIME / "README.md"
+RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
 GRAPH_MODELS = ("text_encoder", "image_encoder", "fusion", "ranking")
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
@@ -55,7 +63,12 @@ class RenderConfig:
     max_batch_size: int = 64  # per model and per ensemble
     queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
     graph_instances: int = 1  # instances per device of each graph model
+    lookup_instances: int = 1  # item_lookup instances (each holds the table)
+    # onnxruntime intra-op threads of the ranking graph inside item_lookup (python backend): one thread
+    # is as fast at p50 for one user's N candidates and keeps p99 low on a shared CPU (serving_overhead.md)
+    rank_graph_threads: int = 1
     engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
+    limits: RequestLimits = field(default_factory=RequestLimits)  # bounds of one `rank` request
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -130,17 +143,37 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             _tensor(mc.ModelInput, it.USER_FEATS, "TYPE_INT64", [len(m.user_feature_cards)], optional=True)
         )
     ranking = manifest.graph("ranking")
-    # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
-    outputs = _outputs(ranking.inputs, reshape=False)
-    outputs.append(_tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1]))
+    flag = _tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1])
+    params = {}
+    if rc.backend == "python":
+        # The lookup runs the ranking graph itself (RANKING_FILE in each version folder): one Python step
+        # instead of two, which is what benchmarks/results/serving_overhead.md measured the time going to.
+        outputs = [*_outputs(ranking.outputs), flag]
+        params["graph"] = RANKING_FILE
+        params["graph_threads"] = rc.rank_graph_threads
+    else:
+        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
+        outputs = _outputs(ranking.inputs, reshape=False)
+        if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
+            outputs.append(flag)
     lookup = {
         "history_len": m.history_len,
         "long_history_len": m.long_history_len,
         "num_users": m.num_users,
         "user_feature_cards": m.user_feature_cards,
     }
-    config = python_config("item_lookup", rc, inputs, outputs, lookup=lookup)
+    widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
+    params["table_widths"] = {
+        "d": widths.get(it.CANDIDATE_C, 0),
+        "item_dim": widths.get(it.CANDIDATE_ITEM, 0),
+    }
+    config = python_config(
+        "item_lookup", rc, inputs, outputs, lookup=lookup, limits=asdict(rc.limits), **params
+    )
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
+    config.instance_group[0].count = rc.lookup_instances
+    # Requests queued while the instance is busy arrive in one execute() call (no added wait).
+    config.dynamic_batching.max_queue_delay_microseconds = 0
     return config
 
 
@@ -190,6 +223,9 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
 def rank_config(lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig) -> mc.ModelConfig:
     outputs = [o for o in ranking.output] + [o for o in lookup.output if o.name == it.CANDIDATE_KNOWN]
     config = _ensemble("rank", rc, list(lookup.input), outputs)
+    if "graph" in lookup.parameters:  # the lookup scores (python backend): one step
+        _step(config, lookup)
+        return config
     # The lookup's user tensors (ids checked against the tables) must not reuse the request's names.
     checked = {name: f"checked_{name}" for name in (it.USER_ID, it.USER_FEATS)}
     _step(config, lookup, writes=checked)
@@ -302,6 +338,12 @@ PYTHON_MODELS = {
 }
 
 
+def write_python_model(version: Path, code: str) -> None:
+    """`code` (a file of model_repository/models) as version/model.py, the runtime package beside it."""
+    shutil.copy2(PYTHON_CODE / code, version / "model.py")
+    shutil.copytree(RUNTIME, version / RUNTIME.name, ignore=RUNTIME_IGNORE)
+
+
 def write_config(folder: Path, config: mc.ModelConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
@@ -345,37 +387,65 @@ def render_repository(
                 src, dst = sources[name]
                 shutil.copy2(src, version / dst)
                 if rc.backend == "python":
-                    shutil.copy2(PYTHON_CODE / "graph_model.py", version / "model.py")
+                    write_python_model(version, "graph_model.py")
             if name in PYTHON_MODELS:
-                shutil.copy2(PYTHON_CODE / PYTHON_MODELS[name], version / "model.py")
+                write_python_model(version, PYTHON_MODELS[name])
         shutil.copytree(
             export_dir / str(manifest.item_table["dir"]), tmp / "item_lookup" / "1" / "item_table"
         )
+        if "graph" in models["item_lookup"].parameters:
+            shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
+        shutil.copy2(REPOSITORY_README, tmp / "README.md")
     return models
 
 
+def check_table_fits(table: it.ItemTable, served: it.ItemTable) -> None:
+    """A new table must have the served one's widths (the ranking graph's content and item-token
+    dims, the user-feature columns); raises MMRankError naming the first that differs."""
+    widths = {
+        "content width d": (table.d, served.d),
+        "item token width": (table.item_dim, served.item_dim),
+        "user_feats columns": tuple(
+            None if t.user_feats is None else t.user_feats.shape[1] for t in (table, served)
+        ),
+    }
+    for name, (new, old) in widths.items():
+        if new != old:
+            raise MMRankError(f"the new item table's {name} is {new}, the served table's is {old}")
+
+
 def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
-    """Write `table` as the next version of item_lookup (model.py copied along); a server in poll or
-    explicit mode serves it after a (re)load of item_lookup, without a restart."""
+    """Publish `table` as the next version of item_lookup: checked against the newest version's widths,
+    written and read back in a hidden folder, then renamed into place in one step, so a server in poll
+    or explicit mode only ever sees complete, valid versions (and serves it after a (re)load of
+    item_lookup, without a restart)."""
     model = Path(repo) / "item_lookup"
-    versions = sorted(int(p.name) for p in model.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
         raise MMRankError(f"{model}: not an item_lookup model folder")
+    check_table_fits(table, it.ItemTable.read(model / str(versions[-1]) / "item_table"))
     tmp = model / f".{versions[-1] + 1}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    shutil.copy2(model / str(versions[-1]) / "model.py", tmp / "model.py")
+    write_python_model(tmp, PYTHON_MODELS["item_lookup"])
+    graph = model / str(versions[-1]) / RANKING_FILE
+    if graph.is_file():  # python backend: the lookup runs the ranking graph too
+        shutil.copy2(graph, tmp / RANKING_FILE)
     table.write(tmp / "item_table")
+    it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
     final = model / str(versions[-1] + 1)
     tmp.rename(final)  # the server sees the version folder only once it is complete
     return final
 
 
 def cli(args) -> int:
-    rc = RenderConfig(backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size)
+    limits = RequestLimits(args.max_candidates, args.max_history, args.max_request_bytes)
+    rc = RenderConfig(
+        backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size, limits=limits
+    )
     models = render_repository(args.export, args.out, rc, force=args.force)
     print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")
     return 0

@@ -32,9 +32,9 @@ Shape = tuple[int, ...]
 class EngineConfig:
     fp16: bool = True
     max_batch: int = 64  # the repository's max_batch_size
-    opt_batch: int = 8
+    opt_batch: int = 8  # capped at max_batch
     max_candidates: int = 1000
-    opt_candidates: int = 100
+    opt_candidates: int = 100  # capped at max_candidates
     opt_tokens: int = 32
     workspace_gib: float = 4.0
 
@@ -43,8 +43,9 @@ def _axis_ranges(manifest: Manifest, cfg: EngineConfig) -> dict[str, tuple[int, 
     m = manifest.model
     max_tokens = manifest.tokenizer.max_length if manifest.tokenizer else cfg.opt_tokens
     return {
-        "batch": (1, cfg.opt_batch, cfg.max_batch),
-        "candidates": (1, cfg.opt_candidates, cfg.max_candidates),
+        # TensorRT refuses a profile whose opt exceeds its max: a small max caps the opt.
+        "batch": (1, min(cfg.opt_batch, cfg.max_batch), cfg.max_batch),
+        "candidates": (1, min(cfg.opt_candidates, cfg.max_candidates), cfg.max_candidates),
         "history": (m.history_len,) * 3,
         "long_history": (max(m.long_history_len, 1),) * 3,
         "tokens": (1, min(cfg.opt_tokens, max_tokens), max_tokens),

@@ -6,25 +6,41 @@ version (`python_backend_stubs/X.Y`). The launcher assembles a backend directory
 interpreter's version, binds every endpoint to 127.0.0.1, waits for readiness and shuts the server
 down cleanly. `pytriton` itself is never imported: its client side needs packages we do not install.
 
-The stub's embedded Python finds its environment through the `python` first on PATH. The stubs of
+The stub's embedded Python finds its environment through the `python` first on PATH. By default that
+is this project's venv (below); `python_env` (`mmrank serve --python-env VENV`) runs the models with
+another environment's Python and nothing added, with the stub built for that Python's version: a venv
+holding only what the rendered repository's README lists (numpy<2, onnxruntime, tokenizers, Pillow)
+serves it, as a stock server would.
+
+The stubs of
 nvidia-pytriton 0.7.0 are built with a pybind11 that predates NumPy 2's ABI: under NumPy 2 every
 tensor crossing the stub is corrupted (inputs read as copies of their first element, outputs arrive
 empty; measured here). So the models run in a small "stub environment", `<venv>/triton-env`: a venv
 with NumPy 1.26 whose site-packages then adds this venv's (a .pth line), so the models import this
 project, onnxruntime and tokenizers while NumPy resolves to 1.26. `prepare_stub_env` creates it once
 (pip, from PyPI); `python -m export.triton_launcher --prepare-env` does it ahead of time.
+
+Stopping never leaks: the server runs in a session of its own with PR_SET_PDEATHSIG, so it gets SIGTERM
+when the launcher dies, even by SIGKILL; stop() (SIGINT/SIGTERM before or after ready) waits for it, then
+kills whatever is left of its session (backend stubs that were still loading) and removes the shared
+memory regions its Python backend created (their names carry a prefix of this launcher's own).
+The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE): `__pycache__` folders in the
+version folders would read as changed models and make poll mode reload every model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -51,6 +67,7 @@ class TritonConfig:
     exit_timeout_s: int = 10  # server's own grace period for in-flight requests on shutdown
     log_file: Path | None = None  # server log; None = a file in the launcher's work folder
     extra_args: list[str] = field(default_factory=list)
+    python_env: Path | None = None  # venv whose Python runs the models, nothing added; None = this project's
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,12 @@ class TritonDistribution:
     binary: Path
     libs: Path
     python_backend: Path
-    stub: Path
+    stubs: Path  # python_backend_stubs/X.Y/triton_python_backend_stub, one per Python version
+
+    @staticmethod
+    def installed() -> bool:
+        """Whether nvidia-pytriton (which carries the server) is installed at all."""
+        return importlib.util.find_spec("pytriton") is not None
 
     @classmethod
     def find(cls) -> TritonDistribution:
@@ -69,14 +91,13 @@ class TritonDistribution:
             raise MMRankError("tritonserver not found: install nvidia-pytriton (`make setup` does)")
         root = Path(next(iter(spec.submodule_search_locations)))
         dist = root / "tritonserver"
-        version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(
             binary=dist / "bin" / "tritonserver",
             libs=root.parent / "nvidia_pytriton.libs",
             python_backend=dist / "backends" / "python",
-            stub=dist / "python_backend_stubs" / version / "triton_python_backend_stub",
+            stubs=dist / "python_backend_stubs",
         )
-        for path in (found.binary, found.libs, found.python_backend, found.stub):
+        for path in (found.binary, found.libs, found.python_backend, found.stubs):
             if not path.exists():
                 raise MMRankError(f"incomplete tritonserver distribution: {path} is missing")
         return found
@@ -95,6 +116,15 @@ class TritonDistribution:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
             raise MMRankError(f"{self.binary} cannot run here (exit {done.returncode}: {tail[0]})")
 
+    def stub(self, python_version: str) -> Path:
+        path = self.stubs / python_version / "triton_python_backend_stub"
+        if not path.is_file():
+            have = sorted(p.name for p in self.stubs.iterdir())
+            raise MMRankError(
+                f"the tritonserver has no Python backend stub for Python {python_version} ({have})"
+            )
+        return path
+
 
 def free_port() -> int:
     """A port the kernel reports free on 127.0.0.1 (bound and released, so a race is possible but rare)."""
@@ -103,13 +133,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def assemble_backends(dist: TritonDistribution, out: Path) -> Path:
-    """`out/python/` with the backend library, its utils module and this Python version's stub."""
+def assemble_backends(dist: TritonDistribution, out: Path, python_version: str) -> Path:
+    """`out/python/` with the backend library, its utils module and the stub for `python_version`."""
     python = out / "python"
     python.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         shutil.copy2(dist.python_backend / name, python / name)
-    shutil.copy2(dist.stub, python / "triton_python_backend_stub")
+    shutil.copy2(dist.stub(python_version), python / "triton_python_backend_stub")
     return out
 
 
@@ -179,11 +209,112 @@ def prepare_stub_env(path: Path | None = None) -> Path:
     return path / "bin"
 
 
-def server_env(dist: TritonDistribution, python_bin: Path) -> dict[str, str]:
-    env = os.environ.copy()
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH")) if p)
-    env["PATH"] = os.pathsep.join(p for p in (str(python_bin), env.get("PATH")) if p)
+@dataclass(frozen=True)
+class ModelPython:
+    """The Python that runs the models: the bin/ folder put first on PATH, its X.Y version (which stub)
+    and the folder of its libpython, which the stub links against (None: the system's)."""
+
+    bin: Path
+    version: str
+    libdir: Path | None = None
+
+
+def check_python_env(venv: Path) -> ModelPython:
+    """`--python-env VENV` as a ModelPython; MMRankError when it is not a venv or its NumPy is not the 1.x
+    the backend stub needs."""
+    python = Path(venv) / "bin" / "python"
+    if not python.is_file():
+        raise MMRankError(f"--python-env {venv}: no bin/python (not a virtual environment)")
+    probe = (
+        "import sys, sysconfig, numpy; "
+        "print(f'{sys.version_info[0]}.{sys.version_info[1]}', numpy.__version__, sysconfig.get_config_var('LIBDIR'))"
+    )
+    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MMRankError(f"--python-env {venv}: cannot import numpy ({tail})")
+    version, numpy_version, libdir = done.stdout.split()
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise MMRankError(
+            f"--python-env {venv}: numpy {numpy_version}; the tritonserver's Python backend stub needs numpy<2"
+        )
+    return ModelPython(Path(venv) / "bin", version, Path(libdir))
+
+
+def model_python(config: TritonConfig) -> ModelPython:
+    if config.python_env is not None:
+        return check_python_env(Path(config.python_env))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return ModelPython(prepare_stub_env(), version, Path(libdir) if libdir else None)
+
+
+def check_can_start() -> None:
+    """Raise MMRankError saying why the installed server cannot start here: the binary does not run, or
+    the stub environment cannot be prepared."""
+    TritonDistribution.find().check_runs()
+    prepare_stub_env()
+
+
+def server_env(dist: TritonDistribution, python: ModelPython) -> dict[str, str]:
+    """The caller's environment with the server's and libpython's libraries, the models' python first on
+    PATH, no Python path of the caller's (the models see their environment and nothing added) and no
+    bytecode written."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    libs = (str(dist.libs), str(python.libdir or ""), env.get("LD_LIBRARY_PATH"))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    env["PATH"] = os.pathsep.join(p for p in (str(python.bin), env.get("PATH")) if p)
     return env
+
+
+def skipped_tables(repository: Path) -> list[str]:
+    """What item_lookup's newest version will skip at load (model_repository/models/item_lookup.py
+    serves the newest valid table in its place): one line per unreadable or wrong-width table."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from model_repository import item_table as it
+
+    model = repository / "item_lookup"
+    versions = it.table_versions(model) if (model / "config.pbtxt").is_file() else []
+    if not versions:
+        return []
+    config = text_format.Parse((model / "config.pbtxt").read_text(), mc.ModelConfig())
+    widths = json.loads(config.parameters["table_widths"].string_value)
+    try:
+        _, served, skipped = it.newest_valid_table(model, versions[-1], widths["d"], widths["item_dim"])
+    except MMRankError as e:
+        return [str(e)]
+    return [f"{line}; serving item table version {served}" for line in skipped]
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SHM_PREFIX = "mmrank_triton_"
+
+
+def _die_with(parent: int):
+    """preexec_fn for the server: SIGTERM when `parent` (the launcher) dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded in the parent: nothing to import after fork
+
+    def arm() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the launcher defers signals around the fork
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends (a second Ctrl-C must not interrupt a shutdown)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class TritonServer:
@@ -205,6 +336,8 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.log_path: Path | None = None
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{id(self):x}_"
+        self.skipped = skipped_tables(self.repository)  # bad newest table versions, said at start
 
     @property
     def grpc_url(self) -> str:
@@ -227,6 +360,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
             f"--model-control-mode={c.control_mode}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if c.control_mode == "explicit":
             args.append("--load-model=*")
@@ -235,21 +369,23 @@ class TritonServer:
         return [*args, *c.extra_args]
 
     def start(self) -> TritonServer:
-        dist = TritonDistribution.find()
-        python_bin = prepare_stub_env()
-        self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
-        backends = assemble_backends(dist, self._workdir / "backends")
-        self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
-        with open(self.log_path, "wb") as log:
-            # A session of its own, so a forced stop can end the server's backend stubs with it.
-            self.process = subprocess.Popen(
-                [str(dist.binary), *self.command(backends)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=server_env(dist, python_bin),
-                start_new_session=True,
-            )
         try:
+            dist = TritonDistribution.find()
+            python = model_python(self.config)
+            with signals_deferred():  # the process handle is recorded before a stop can ask for it
+                self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
+                backends = assemble_backends(dist, self._workdir / "backends", python.version)
+                self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
+                with open(self.log_path, "wb") as log:
+                    # A session of its own, so a stop can end the server's backend stubs with it.
+                    self.process = subprocess.Popen(
+                        [str(dist.binary), *self.command(backends)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=server_env(dist, python),
+                        start_new_session=True,
+                        preexec_fn=_die_with(os.getpid()),
+                    )
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -282,22 +418,27 @@ class TritonServer:
         return " | ".join((errors or useful)[-lines:])
 
     def stop(self) -> int | None:
-        """SIGTERM, wait for the server's own exit timeout, then SIGKILL its whole session."""
-        code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=self.config.exit_timeout_s + 15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            code = self.process.returncode
-            self.process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        """SIGTERM and wait for the server's own exit timeout (SIGKILL after it), then SIGKILL what is
+        left of its session and remove its shared-memory regions. Signals wait until it is done."""
+        with signals_deferred():
+            code = None
+            if self.process is not None:
+                if self.process.poll() is None:
+                    self.process.send_signal(signal.SIGTERM)
+                    try:
+                        self.process.wait(timeout=self.config.exit_timeout_s + 15)
+                    except subprocess.TimeoutExpired:
+                        self.process.kill()
+                        self.process.wait()
+                with contextlib.suppress(ProcessLookupError):  # stubs still loading outlive the server
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.returncode
+                self.process = None
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
         return code
 
     def __enter__(self) -> TritonServer:
@@ -327,25 +468,34 @@ def serve(config: TritonConfig) -> int:
         if port and not _port_free(port):
             raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
     server = TritonServer(config)
-    previous = signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    for line in server.skipped:
+        print(f"item_lookup: {line}", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, at any moment
     try:
-        server.start()
-        print(
-            f"tritonserver ready on {server.repository}: grpc {server.grpc_url}, http {server.http_url}, "
-            f"metrics 127.0.0.1:{server.metrics_port}; log {server.log_path} (Ctrl-C stops it)",
-            flush=True,
-        )
-        with contextlib.suppress(KeyboardInterrupt):
-            while server.process is not None and server.process.poll() is None:
+        try:
+            server.start()
+            print(
+                f"tritonserver ready on {server.repository}: grpc {server.grpc_url}, "
+                f"http {server.http_url}, metrics 127.0.0.1:{server.metrics_port}; log {server.log_path} "
+                "(Ctrl-C stops it)",
+                flush=True,
+            )
+            while server.process.poll() is None:
                 time.sleep(0.5)
-        if server.process is not None and server.process.returncode not in (None, 0):
             raise MMRankError(
                 f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
             )
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.stop()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def cli(args) -> int:
@@ -359,6 +509,7 @@ def cli(args) -> int:
             metrics_port=args.metrics_port,
             control_mode=args.control_mode,
             log_file=log,
+            python_env=Path(args.python_env) if args.python_env else None,
         )
     )
 

@@ -155,6 +155,14 @@ def _repo(p):
         help="ONNX variant of the graphs (python / onnxruntime backends)",
     )
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
+    p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
+    p.add_argument(
+        "--max-history",
+        type=int,
+        default=1000,
+        help="history ids per user in one request (the model reads the most recent L)",
+    )
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="input bytes of one rank request")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
@@ -184,6 +192,11 @@ def _serve(p):
     )
     p.add_argument(
         "--log", help="server log file; without one the log goes to a temporary folder removed on exit"
+    )
+    p.add_argument(
+        "--python-env",
+        help="venv whose Python runs the models, nothing added (numpy<2, onnxruntime, tokenizers, Pillow: "
+        "the repository's README); default: this project's environment",
     )
 
 

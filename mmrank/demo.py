@@ -173,7 +173,7 @@ def serve_and_rank(repo: Path, req: Requests, timeout_s: float) -> tuple[list[np
             scores, latency = [], []
             for user, hist, cands in zip(req.users, req.histories, req.candidates, strict=True):
                 t = time.perf_counter()
-                scores.append(client.rank(hist, cands, user))
+                scores.append(client.rank(hist, cands, user).scores)
                 latency.append(time.perf_counter() - t)
     return scores, np.array(latency) * 1e3, {"server_start_s": start_s, "url": server.grpc_url}
 

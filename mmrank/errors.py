@@ -1,8 +1,10 @@
-"""User-facing errors: the CLI prints one line naming the problem and exits non-zero."""
+"""User-facing errors: the CLI prints one line naming the problem and exits non-zero.
 
+MMRankError itself is defined by the serving runtime (model_repository/errors.py), which cannot import
+this project, so errors raised inside the runtime are MMRankErrors too.
+"""
 
-class MMRankError(Exception):
-    """An error caused by the user's input or environment (bad file, unknown id, server down)."""
+from model_repository.errors import MMRankError
 
 
 class DataError(MMRankError):

@@ -1,5 +1,7 @@
 """Suite-wide settings.
 
+- `tritonserver`: tests that start the real server skip only where nvidia-pytriton is not installed;
+  a server that is installed but cannot start fails them, so a broken server never leaves the suite green.
 - hypothesis runs derandomized, so every run explores the same examples.
 - Triton kernels run interpreted when there is no CUDA device (below).
 - torch's intra-op thread count is process-global state; each test starts from the same count
@@ -36,3 +38,16 @@ def torch_threads(request):
     torch.set_num_threads(marker.args[0] if marker else DEFAULT_THREADS)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tritonserver():
+    from export.triton_launcher import TritonDistribution, check_can_start
+    from mmrank.errors import MMRankError
+
+    if not TritonDistribution.installed():
+        pytest.skip("nvidia-pytriton (the tritonserver) is not installed")
+    try:
+        check_can_start()
+    except MMRankError as e:
+        pytest.fail(f"tritonserver is installed but cannot start: {e}")

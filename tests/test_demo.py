@@ -8,21 +8,10 @@ import json
 
 import pytest
 
-from export.triton_launcher import TritonDistribution, prepare_stub_env
 from mmrank.demo import PARITY_ATOL, DemoConfig, run_demo
-from mmrank.errors import MMRankError
 
 
-@pytest.fixture(scope="module")
-def triton_runs():
-    try:
-        TritonDistribution.find().check_runs()
-        prepare_stub_env()
-    except MMRankError as e:
-        pytest.skip(f"tritonserver cannot start on this machine: {e}")
-
-
-def test_demo_trains_serves_and_reuses_finished_steps(triton_runs, tmp_path):
+def test_demo_trains_serves_and_reuses_finished_steps(tritonserver, tmp_path):
     cfg = DemoConfig(users=150, items=160, events=16_000, requests=40)
     report = run_demo(tmp_path / "demo", cfg)
     s = report["serving"]

@@ -35,7 +35,7 @@ def make_tiny_text_model(folder: Path) -> Path:
     """A one-layer, 384-wide BERT with random weights and the real MiniLM tokenizer files."""
     from transformers import BertConfig, BertModel
 
-    from export.text_inputs import TOKENIZER_FILES
+    from model_repository.text_inputs import TOKENIZER_FILES
     from trainer.features.text import text_model_path
 
     torch.manual_seed(0)
@@ -122,20 +122,46 @@ def small_export(tmp_path_factory, tiny_text_dir) -> SmallExport:
 
 
 @pytest.fixture(scope="session")
-def triton_server(small_export, tmp_path_factory):
+def triton_server(tritonserver, small_export, tmp_path_factory):
     """The real tritonserver on a python-backend repository rendered from `small_export`, shared by the
-    server and client tests (starting it takes seconds). Skipped only where the binary cannot run."""
+    server and client tests (starting it takes seconds). Skipped only where nvidia-pytriton is not
+    installed (the `tritonserver` fixture)."""
     from export.repository import RenderConfig, render_repository
-    from export.triton_launcher import TritonConfig, TritonDistribution, TritonServer, prepare_stub_env
-    from mmrank.errors import MMRankError
+    from export.triton_launcher import TritonConfig, TritonServer
 
-    try:
-        TritonDistribution.find().check_runs()
-        prepare_stub_env()
-    except MMRankError as e:
-        pytest.skip(f"tritonserver cannot start on this machine: {e}")
     repo = tmp_path_factory.mktemp("triton") / "repo"
     render_repository(small_export.out, repo, RenderConfig(backend="python", max_batch_size=8))
     with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
         srv.repo = repo
         yield srv
+
+
+BARE_PACKAGES = ("numpy<2", "onnxruntime", "tokenizers", "Pillow")  # what the rendered README lists
+
+
+@pytest.fixture(scope="session")
+def bare_python_env() -> Path:
+    """A venv holding only BARE_PACKAGES, for Python 3.10 (the oldest the runtime supports) where this
+    machine has it on PATH or under pyenv, else this interpreter's; created once under this venv and
+    reused (pip, from PyPI)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
+    pyenv = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser()
+    candidates = [shutil.which("python3.10"), *sorted(pyenv.glob("versions/3.10*/bin/python3.10"))]
+    for python in [*filter(None, candidates), sys.executable]:  # a pyenv shim may not run: try each
+        done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            version = done.stdout.strip()
+            break
+    env = Path(sys.prefix) / f"bare-serving-env-{version}"
+    ready = env / ".ready"
+    if not ready.is_file():
+        shutil.rmtree(env, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(env)], check=True)
+        pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, *BARE_PACKAGES], check=True)
+        ready.write_text(" ".join(BARE_PACKAGES) + "\n")
+    return env

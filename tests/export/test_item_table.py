@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export import item_table as it
 from mmrank.errors import MMRankError
+from model_repository import item_table as it
 
 
 def _table(n=5, d=3, e=2):

@@ -15,7 +15,7 @@ from conftest import make_model
 from export.manifest import Manifest
 from export.onnx_graphs import ExportConfig, export_model, graph_builds
 from export.parity import dataset_scores, graph_parity
-from export.text_inputs import ItemTokenizer
+from model_repository.text_inputs import ItemTokenizer
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml100k_tmdb_posters"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real data not at {REAL}")
@@ -72,7 +72,7 @@ def test_encoder_graphs_on_real_overviews_and_posters(ml100k, small_export):
 def test_pretrained_minilm_graph_on_real_overviews(ml100k, tmp_path):
     """The real all-MiniLM-L6-v2 (the frozen text encoder of every preset) exported and compared."""
     from export.onnx_graphs import text_build, write_graph
-    from export.ort_session import OrtGraph
+    from model_repository.ort_graph import OrtGraph
     from trainer.features.text import TextEncoder, text_model_path
 
     encoder = TextEncoder().eval()

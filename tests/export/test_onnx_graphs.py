@@ -5,11 +5,11 @@ import onnx
 import pytest
 import torch
 
-from export.item_table import ItemTable
 from export.manifest import MANIFEST, Manifest
 from export.onnx_graphs import OPSET, export_run, table_ranker
 from mmrank.cli import main
 from mmrank.errors import MMRankError
+from model_repository.item_table import ItemTable
 
 
 def test_manifest_describes_every_graph_with_dynamic_axes(small_export):

@@ -18,9 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the trai
 from trainer_data import synth_with_features  # noqa: E402
 
 from export.parity import check_export, dataset_scores  # noqa: E402
-from export.triton_launcher import TritonConfig, TritonDistribution, TritonServer, prepare_stub_env  # noqa: E402
+from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from mmrank.cli import main  # noqa: E402
-from mmrank.errors import MMRankError  # noqa: E402
 
 grpc = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.slow
@@ -57,13 +56,8 @@ def test_exported_graphs_match_the_trained_model(pipeline):
     np.testing.assert_allclose(served, trained, atol=1e-5, rtol=0)
 
 
-def test_served_by_tritonserver(pipeline):
+def test_served_by_tritonserver(tritonserver, pipeline):
     ds, model, root = pipeline
-    try:
-        TritonDistribution.find().check_runs()
-        prepare_stub_env()
-    except MMRankError as e:
-        pytest.skip(f"tritonserver cannot start on this machine: {e}")
     from trainer.data.samples import make_samples
 
     samples = make_samples(ds, "test", model.cfg.interest.short_len)

@@ -37,39 +37,45 @@ def test_sync_client_scores_equal_the_model(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
         assert client.ready()
         history, candidates = [3, 9, 4, 17], [1, 2, 5, 8, 13]
-        scores = client.rank(history, candidates)
-        assert scores.shape == (5,) and scores.dtype == np.float32
+        scores, known = client.rank(history, candidates)
+        assert scores.shape == (5,) and scores.dtype == np.float32 and known.all()
         np.testing.assert_allclose(scores, _want(small_export.model, history, candidates), atol=1e-5)
-        with_user = client.rank(history, candidates, user_id=NUM_USERS)
+        with_user = client.rank(history, candidates, user_id=NUM_USERS).scores
         np.testing.assert_allclose(
             with_user, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
         )
 
 
-def test_rank_known_flags_candidates_missing_from_the_item_table(small_export, url):
+def test_unknown_candidates_are_flagged_and_ranked_last_or_raise(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-        scores, known = client.rank_known([3, 9], [2, 99_999, 5])
-    assert known.tolist() == [True, False, True]
+        scores, known = client.rank([3, 9], [2, 99_999, 5])
+    assert known.tolist() == [True, False, True] and scores[1] == -np.inf
     np.testing.assert_allclose(scores[[0, 2]], _want(small_export.model, [3, 9], [2, 5]), atol=1e-5)
+    strict = ClientConfig(url=url, timeout_s=30, unknown_ids="raise")
+    with (
+        RankingClient(strict) as client,
+        pytest.raises(RankingError, match=r"not in the item table: \[99999\]"),
+    ):
+        client.rank([3, 9], [2, 99_999, 5])
 
 
 def test_empty_history_is_the_padding_history(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-        scores = client.rank([], [4, 6])
+        scores = client.rank([], [4, 6]).scores
     np.testing.assert_allclose(scores, _want(small_export.model, [], [4, 6]), atol=1e-5)
 
 
 def test_async_client_matches_the_sync_client(url):
     history, candidates = [1, 2, 3], [7, NUM_ITEMS, 11]
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-        want = client.rank(history, candidates)
+        want = client.rank(history, candidates).scores
 
     async def many():
         async with AsyncRankingClient(ClientConfig(url=url, timeout_s=30)) as client:
             return await asyncio.gather(*(client.rank(history, candidates) for _ in range(4)))
 
     for got in asyncio.run(many()):
-        np.testing.assert_allclose(got, want, atol=1e-6)
+        np.testing.assert_allclose(got.scores, want, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,9 @@ def test_rank_ensemble_contract(python_repo):
     assert inputs["user_id"].optional and inputs["user_feats"].optional
     scores = {t.name: t for t in rank.output}["scores"]
     assert scores.data_type == mc.TYPE_FP32 and list(scores.dims) == [-1]
-    assert [s.model_name for s in rank.ensemble_scheduling.step] == ["item_lookup", "ranking"]
+    # python backend: the lookup runs the ranking graph itself, one step (serving_overhead.md)
+    assert [s.model_name for s in rank.ensemble_scheduling.step] == ["item_lookup"]
+    assert (python_repo / "item_lookup" / "1" / "ranking.onnx").is_file()
 
 
 def test_tensor_specs_come_from_the_manifest(small_export, python_repo):
@@ -100,6 +102,7 @@ def test_native_backend_configs(small_export, backend, platform):
             assert config.backend == "python"  # pure-Python steps stay Python
     if backend == "tensorrt":
         assert configs["ranking"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert [s.model_name for s in configs["rank"].ensemble_scheduling.step] == ["item_lookup", "ranking"]
     check_ensembles(configs)
 
 
@@ -114,7 +117,7 @@ def test_onnxruntime_render_and_fp16_variant(small_export, tmp_path):
 
 
 def _mutated(small_export):
-    return build_configs(Manifest.read(small_export.out), RenderConfig())
+    return build_configs(Manifest.read(small_export.out), RenderConfig(backend="onnxruntime"))
 
 
 def test_ensemble_check_catches_broken_maps(small_export):

@@ -1,22 +1,28 @@
 """`mmrank serve` as a user runs it: a foreground process that serves until SIGTERM, on loopback."""
 
+import contextlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clients.ranking_client import ClientConfig, RankingClient
+from export.parity import composed_scores
 from export.repository import RenderConfig, render_repository
 from export.triton_launcher import free_port
 from mmrank.cli import main
+from model_repository.item_table import ItemTable
 
 
 @pytest.fixture(scope="module")
 def repo(small_export, triton_server, tmp_path_factory):
-    # triton_server: skips where the binary cannot run, and has prepared the stub environment.
+    # triton_server: fails where the installed server cannot start, and has prepared its environment.
     out = tmp_path_factory.mktemp("serve") / "repo"
     render_repository(small_export.out, out, RenderConfig(backend="python", max_batch_size=4))
     return out
@@ -42,8 +48,8 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         line = proc.stdout.readline()
         assert "tritonserver ready" in line and f"127.0.0.1:{grpc_port}" in line
         with RankingClient(ClientConfig(url=f"127.0.0.1:{grpc_port}", timeout_s=30)) as client:
-            scores = client.rank([1, 2, 3], [4, 5])
-        assert scores.shape == (2,) and np.isfinite(scores).all()
+            scores, known = client.rank([1, 2, 3], [4, 5])
+        assert scores.shape == (2,) and np.isfinite(scores).all() and known.all()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -74,3 +80,108 @@ def test_serve_names_a_missing_repository(tmp_path, capsys):
     ]
     assert main(["serve", "--repo", str(tmp_path / "nope"), *ports]) == 1
     assert "model repository not found" in capsys.readouterr().err
+
+
+def _serve(repo, *extra):
+    ports = [
+        "--grpc-port",
+        str(free_port()),
+        "--http-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of the process group `pgid` (the server and its backend stubs)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
+def _wait_gone(pgid: int, timeout_s: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while _group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _group(pgid)
+
+
+def _server_of(proc, stubs: int) -> int:
+    """The tritonserver pid under `mmrank serve`, once it has started `stubs` backend stubs."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for pid in _children(proc.pid):
+            if len(_group(pid)) > stubs:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError("tritonserver did not start its backend stubs")
+
+
+def _regions(launcher_pid: int) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(f"mmrank_triton_{launcher_pid}_*")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_models_load_leaves_no_process_or_shared_memory(repo, sig):
+    proc = _serve(repo)
+    server = _server_of(proc, stubs=1)  # stopped while its models are still loading
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and _wait_gone(server) == [] and _regions(proc.pid) == []
+
+
+def test_sigkill_of_mmrank_serve_takes_the_server_down(repo):
+    proc = _serve(repo)
+    try:
+        assert "tritonserver ready" in proc.stdout.readline()
+        server = _children(proc.pid)[0]
+        assert len(_group(server)) > 1  # the server and its stubs
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _wait_gone(server) == []
+
+
+def test_a_bad_newest_table_version_serves_the_newest_valid_one(small_export, repo, tmp_path):
+    bad = tmp_path / "repo"
+    shutil.copytree(repo, bad)
+    table = ItemTable.read(bad / "item_lookup" / "1" / "item_table")
+    wrong = ItemTable(table.ids, np.zeros((len(table.ids), table.d + 1), np.float32), table.item_rows)
+    shutil.copytree(bad / "item_lookup" / "1", bad / "item_lookup" / "2")  # model.py and the runtime
+    shutil.rmtree(bad / "item_lookup" / "2" / "item_table")
+    wrong.write(bad / "item_lookup" / "2" / "item_table")
+    proc = _serve(bad)
+    try:
+        said = proc.stdout.readline()
+        assert (
+            "item table version 2 skipped: content width d is 17" in said
+            and "serving item table version 1" in said
+        )
+        ready = proc.stdout.readline()
+        assert "tritonserver ready" in ready
+        url = ready.split("grpc ")[1].split(",")[0]
+        with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
+            scores, known = client.rank([1, 2, 3], [4, 5])
+        want = composed_scores(small_export.out, np.array([[1, 2, 3]]), np.array([[4, 5]]))[0]
+        assert known.all()
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -19,6 +19,15 @@ def test_profiles_cover_every_dynamic_axis(small_export):
             assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
 
 
+def test_a_small_maximum_caps_the_optimum(small_export):
+    manifest = Manifest.read(small_export.out)
+    cfg = EngineConfig(max_batch=4, max_candidates=64)
+    for name in manifest.graphs:
+        for low, opt, high in profile_shapes(manifest.graph(name), manifest, cfg).values():
+            assert all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True))
+    assert profile_shapes(manifest.graph("ranking"), manifest, cfg)["candidate_c"][1][:2] == (4, 64)
+
+
 def test_engines_build_from_the_export(small_export, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT not installed")
     torch = pytest.importorskip("torch")

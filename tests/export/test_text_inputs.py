@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from export.text_inputs import ItemTokenizer, copy_tokenizer_files
 from mmrank.errors import MMRankError
+from model_repository.text_inputs import ItemTokenizer, copy_tokenizer_files
 
 FIELDS = np.array(
     [

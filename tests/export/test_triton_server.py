@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import NUM_ITEMS, NUM_USERS, TEXT_FIELDS
 
-from export import item_table as it
 from export.manifest import Manifest
-from export.ort_session import OrtGraph
 from export.parity import training_scores
 from export.repository import add_table_version
+from model_repository import item_table as it
+from model_repository.ort_graph import OrtGraph
 
 grpc = pytest.importorskip("tritonclient.grpc")
 
@@ -67,7 +67,7 @@ def test_optional_user_inputs_and_unknown_ids(small_export, client):
     hist = np.array([[4, 12345, 7]], np.int64)  # an unknown history item is dropped
     cands = np.array([[1, 99999, 3]], np.int64)
     scores, known = _rank(client, hist, cands)
-    assert known.tolist() == [[True, False, True]]
+    assert known.tolist() == [[True, False, True]] and scores[0, 1] == -np.inf  # ranked last
     zeros = np.zeros(1, np.int64)
     want = training_scores(
         small_export.model, np.array([[4, 7]]), np.array([[1, 3]]), zeros, np.zeros((1, 1), np.int64)
@@ -108,6 +108,35 @@ def test_bad_request_names_the_problem(client):
         )
     with pytest.raises(grpc.InferenceServerException, match=r"missing required input\(s\) \['history_ids'\]"):
         client.infer("rank", [_input("candidate_ids", np.ones((1, 2), np.int64), "INT64")])
+
+
+def _refused(client, hist, cands, feats=None):
+    """The error message of a `rank` call the server must refuse with INVALID_ARGUMENT."""
+    with pytest.raises(grpc.InferenceServerException) as caught:
+        _rank(client, hist, cands, user_feats=feats)
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+    return caught.value.message()
+
+
+def test_oversize_and_empty_requests_are_refused_before_any_graph_runs(client):
+    ok = np.array([[1, 2]], np.int64)
+    # The repository of conftest.py is rendered with the default limits (2000 candidates, 1000 history).
+    assert "candidate_ids is empty: send 1 to 2000" in _refused(client, ok, np.zeros((1, 0), np.int64))
+    many = np.ones((1, 2001), np.int64)
+    assert "candidate_ids has 2001 candidates per user, over the limit of 2000" in _refused(client, ok, many)
+    long = np.ones((1, 1001), np.int64)
+    assert "history_ids has 1001 ids per user, over the limit of 1000" in _refused(client, long, ok)
+    wide = np.zeros((1, 2), np.int64)  # the model has one user feature
+    assert "user_feats" in _refused(client, ok, ok, wide)
+
+
+def test_a_history_longer_than_the_model_keeps_its_most_recent_items(small_export, client):
+    rng = np.random.default_rng(4)
+    hist = rng.integers(1, NUM_ITEMS + 1, (1, 40)).astype(np.int64)  # the model reads L = 6
+    cands = np.array([[1, 2, 3]], np.int64)
+    scores, _ = _rank(client, hist, cands)
+    recent, _ = _rank(client, hist[:, -6:], cands)
+    np.testing.assert_allclose(scores, recent, atol=1e-6)
 
 
 def _png(seed: int) -> bytes:

@@ -8,19 +8,15 @@ so posters keep their aspect ratio instead of being squashed.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
+
+from model_repository.image_inputs import IMAGE_SIZE, image_pixels
 
 IMAGE_MODEL = "efficientnet-lite0"
 IMAGE_DIM = 1280
-IMAGE_SIZE = 224
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def image_weights_path() -> Path:
@@ -59,18 +55,6 @@ class ImageEncoder(nn.Module):
 
 
 def load_image(blob: bytes) -> torch.Tensor:
-    """Encoded image bytes (any format PIL reads) -> float32 [3, 224, 224], ImageNet-normalised.
-
-    Raises PIL.UnidentifiedImageError / OSError on bytes that are not a readable image.
-    """
-    with Image.open(io.BytesIO(blob)) as im:
-        rgb = im.convert("RGB")
-    w, h = rgb.size
-    scale = IMAGE_SIZE / min(w, h)
-    size = (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale)))
-    rgb = rgb.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - IMAGE_SIZE) // 2, (size[1] - IMAGE_SIZE) // 2
-    rgb = rgb.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE))
-    x = np.asarray(rgb, dtype=np.float32) / 255.0
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    """Encoded image bytes -> float32 [3, 224, 224], ImageNet-normalised: the serving runtime's
+    `image_pixels`, so training features and served ones share one preprocessing."""
+    return torch.from_numpy(image_pixels(blob))

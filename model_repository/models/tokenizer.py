@@ -1,18 +1,21 @@
 """Triton Python-backend model: item text fields (BYTES [K]) -> the text encoder graph's inputs.
 
-Rendered as `tokenizer/1/model.py` next to `tokenizer/` (the exported tokenizer files). The layout
-(one text per field, or the fields joined) and the token limit come from the config parameters; the
-tokenization itself is `export.text_inputs.ItemTokenizer`. Outputs: input_ids, attention_mask
-[K', T] and text_mask [K'] per item, T = the longest text of the request.
+Rendered as `tokenizer/1/model.py` next to `tokenizer/` (the exported tokenizer files) and the runtime
+package. The layout (one text per field, or the fields joined) and the token limit come from the config
+parameters; the tokenization itself is `model_repository.text_inputs.ItemTokenizer`. Outputs:
+input_ids, attention_mask [K', T] and text_mask [K'] per item, T = the longest text of the request.
 """
 
 import json
+import sys
 from pathlib import Path
 
-import triton_python_backend_utils as pb_utils
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package copied next to this file
 
-from export.backend_responses import respond_each
-from export.text_inputs import ItemTokenizer
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from model_repository.responses import output_dtypes, respond_each  # noqa: E402
+from model_repository.text_inputs import ItemTokenizer  # noqa: E402
 
 
 class TritonPythonModel:
@@ -21,7 +24,7 @@ class TritonPythonModel:
         params = {k: json.loads(v["string_value"]) for k, v in config["parameters"].items()}
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.tokenizer = ItemTokenizer(folder, int(params["max_length"]), bool(params["join_fields"]))
-        self.outputs = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        self.outputs = output_dtypes(pb_utils, config)
 
     def _tokenize(self, request):
         fields = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()

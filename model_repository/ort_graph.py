@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from model_repository.errors import MMRankError
 
 ORT_TO_NUMPY = {
     "tensor(float)": np.float32,

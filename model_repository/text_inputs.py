@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from model_repository.errors import MMRankError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 

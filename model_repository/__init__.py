@@ -1,0 +1,15 @@
+"""The serving runtime: the code that runs inside Triton's Python backend, and nothing else.
+
+    errors.py        MMRankError (the project's user-facing error) and RequestError (INVALID_ARGUMENT)
+    item_table.py    the item table (a version of `item_lookup`) and the lookup: ids -> ranking inputs
+    limits.py        request bounds (candidates, history, message size), checked before any graph runs
+    ort_graph.py     one onnxruntime session over an exported graph
+    text_inputs.py   item text fields -> the text encoder's inputs (tokenizers)
+    image_inputs.py  encoded image bytes -> the image encoder's pixels (Pillow)
+    responses.py     the per-request answer loop of every Python-backend model
+    models/          the Python-backend `model.py` files
+
+It imports numpy, onnxruntime, tokenizers and Pillow only (never torch, the trainer or `export/`) and
+runs on Python 3.10-3.12: `mmrank repo` copies it next to every rendered `model.py`, so a rendered
+repository deploys on a stock tritonserver. The trainer and `export/` import it, never the reverse.
+"""

@@ -1,0 +1,256 @@
+"""The serving item table and the lookup that turns request ids into the ranking graph's inputs.
+
+A table is a folder (a version of the `item_lookup` model in the Triton repository):
+
+    ids.npy         int64 [R]       item id of each row, ascending; row 0 is id 0 (padding)
+    content.npy     float32 [R, d]  content vector c (the memory bank where present, else the tower)
+    item_rows.npy   float32 [R, E]  the ranker's item token: item ID + item categorical embeddings
+    user_feats.npy  int64 [U+1, F]  optional: each user's categorical features, row 0 (unknown) zeros
+    table.json      version, rows, d, item_dim, the checkpoint it came from; written last
+
+Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the padding row:
+- a candidate reads c = 0 and row 0 of the item token (item id 0, never a training target, and the
+  "unknown" categorical embeddings) and is flagged in `candidate_known` (False); the ranking graph
+  then scores it -inf (ranked last; see export/onnx_graphs.py RankingGraph), never from the padding row;
+- a history item is dropped: the known items are kept in order, right-aligned, most recent last,
+  exactly like the training histories (which never hold unknown items); unused slots are masked.
+  A history longer than the model's L keeps its most recent L known items (the request's last ids).
+Users: an id outside 1..num_users becomes 0 (unknown user), a user feature outside its cardinality
+becomes 0 (unknown value). Features a request does not send come from user_feats.npy by user id (the
+dataset's user table at export time), so a caller needs only the user id; without either they are 0.
+
+Part of the serving runtime (numpy only); `export/item_table.py` builds a table from a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from model_repository.errors import MMRankError
+
+TABLE_JSON = "table.json"
+PAD_ID = 0
+# Lookup products: each is a ranking-graph input of the same name, except candidate_known (an output
+# of the `rank` ensemble).
+USER_ID, USER_FEATS = "user_id", "user_feats"
+CANDIDATE_C, CANDIDATE_ITEM, CANDIDATE_KNOWN = "candidate_c", "candidate_item", "candidate_known"
+HISTORY_C, HISTORY_MASK = "history_c", "history_mask"
+LONG_HISTORY_C, LONG_HISTORY_MASK = "long_history_c", "long_history_mask"
+
+
+@dataclass
+class ItemTable:
+    ids: np.ndarray  # [R] int64, ascending, ids[0] == 0
+    content: np.ndarray | None  # [R, d] float32
+    item_rows: np.ndarray | None  # [R, E] float32
+    version: int = 1
+    source: dict | None = None  # what the table was built from (checkpoint sha256, export time)
+    user_feats: np.ndarray | None = None  # [num_users + 1, F] int64 user features by id; row 0 zeros
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        r = len(self.ids)
+        if r == 0 or self.ids[0] != PAD_ID or (r > 1 and not np.all(np.diff(self.ids) > 0)):
+            raise MMRankError("item table ids must start with 0 (padding) and be strictly ascending")
+        for name in ("content", "item_rows"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.ascontiguousarray(value, dtype=np.float32)
+                if value.ndim != 2 or value.shape[0] != r:
+                    raise MMRankError(f"item table {name} has shape {value.shape}, expected [{r}, width]")
+                setattr(self, name, value)
+        if self.user_feats is not None:
+            self.user_feats = np.ascontiguousarray(self.user_feats, dtype=np.int64)
+            if self.user_feats.ndim != 2 or len(self.user_feats) == 0 or self.user_feats[0].any():
+                raise MMRankError("user_feats must be [num_users + 1, F] with row 0 (unknown user) all zeros")
+
+    @property
+    def d(self) -> int:
+        return 0 if self.content is None else int(self.content.shape[1])
+
+    @property
+    def item_dim(self) -> int:
+        return 0 if self.item_rows is None else int(self.item_rows.shape[1])
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Table rows and a known flag for ids of any shape; unknown ids and 0 -> row 0, False."""
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids).clip(0, len(self.ids) - 1)
+        known = (self.ids[pos] == ids) & (ids != PAD_ID)
+        return np.where(known, pos, 0), known
+
+    def with_items(self, ids: np.ndarray, content: np.ndarray, version: int) -> ItemTable:
+        """A new version with `content` rows for `ids` (new ids appended, known ids overwritten).
+
+        New items get row 0's item token: the ranker never saw their id, so their content vector is
+        what it knows about them (EM3's cold start)."""
+        if self.content is None:
+            raise MMRankError("this table has no content vectors to update")
+        ids = np.asarray(ids, dtype=np.int64)
+        content = np.asarray(content, dtype=np.float32).reshape(len(ids), self.d)
+        if np.any(ids <= PAD_ID) or len(np.unique(ids)) != len(ids):
+            raise MMRankError("new item ids must be positive and distinct")
+        all_ids = np.union1d(self.ids, ids)
+        old_pos = np.searchsorted(all_ids, self.ids)
+        new_content = np.zeros((len(all_ids), self.d), np.float32)
+        new_content[old_pos] = self.content
+        new_content[np.searchsorted(all_ids, ids)] = content
+        new_rows = None
+        if self.item_rows is not None:
+            new_rows = np.repeat(self.item_rows[:1], len(all_ids), axis=0)
+            new_rows[old_pos] = self.item_rows
+        return ItemTable(all_ids, new_content, new_rows, version, self.source, self.user_feats)
+
+    # ---- files --------------------------------------------------------------------------------------
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "ids.npy", self.ids)
+        if self.content is not None:
+            np.save(folder / "content.npy", self.content)
+        if self.item_rows is not None:
+            np.save(folder / "item_rows.npy", self.item_rows)
+        if self.user_feats is not None:
+            np.save(folder / "user_feats.npy", self.user_feats)
+        meta = {
+            "version": self.version,
+            "rows": len(self.ids),
+            "d": self.d,
+            "item_dim": self.item_dim,
+            "user_feats": self.user_feats is not None,
+            "source": self.source or {},
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        tmp = folder / f".{TABLE_JSON}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+        os.replace(tmp, folder / TABLE_JSON)
+        return folder
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ItemTable:
+        folder = Path(folder)
+        path = folder / TABLE_JSON
+        if not path.is_file():
+            raise MMRankError(f"{folder}: not an item table (no {TABLE_JSON})")
+        try:
+            meta = json.loads(path.read_text())
+            ids = np.load(folder / "ids.npy")
+            content = np.load(folder / "content.npy") if meta["d"] else None
+            rows = np.load(folder / "item_rows.npy") if meta["item_dim"] else None
+            users = np.load(folder / "user_feats.npy") if meta.get("user_feats") else None
+        except (OSError, ValueError, KeyError) as e:
+            raise MMRankError(f"{folder}: unreadable item table ({type(e).__name__}: {e})") from e
+        table = cls(ids, content, rows, int(meta["version"]), meta.get("source"), users)
+        if len(table.ids) != meta["rows"]:
+            raise MMRankError(f"{folder}: {len(table.ids)} rows, {TABLE_JSON} says {meta['rows']}")
+        return table
+
+
+@dataclass
+class LookupConfig:
+    """What the lookup needs besides the table (from the export manifest's model section)."""
+
+    history_len: int
+    long_history_len: int
+    num_users: int
+    user_feature_cards: list[int]
+
+
+def recent_known(rows: np.ndarray, known: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """rows, known [B, L'] -> the last `length` known rows per line, right-aligned; [B, length] rows
+    (0 where empty) and mask."""
+    order = np.argsort(known, axis=1, kind="stable")  # unknown first, known last, order kept
+    rows = np.take_along_axis(rows, order, axis=1)
+    known = np.take_along_axis(known, order, axis=1)
+    pad = max(length - rows.shape[1], 0)
+    rows = np.pad(rows, ((0, 0), (pad, 0)))[:, -length:] if length else rows[:, :0]
+    known = np.pad(known, ((0, 0), (pad, 0)))[:, -length:] if length else known[:, :0]
+    return np.where(known, rows, 0), known
+
+
+def rank_inputs(
+    table: ItemTable,
+    cfg: LookupConfig,
+    history_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    user_id: np.ndarray | None = None,
+    user_feats: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Request tensors (history_ids [B, L'], candidate_ids [B, N], user_id [B], user_feats [B, U])
+    -> every lookup product, named as the ranking graph's inputs (plus candidate_known)."""
+    history_ids = np.asarray(history_ids, dtype=np.int64)
+    candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
+    if history_ids.ndim != 2 or candidate_ids.ndim != 2 or history_ids.shape[0] != candidate_ids.shape[0]:
+        raise MMRankError(
+            f"history_ids {history_ids.shape} and candidate_ids {candidate_ids.shape} must be [B, L] and [B, N]"
+        )
+    b = candidate_ids.shape[0]
+    users = _users(user_id, b, cfg.num_users)
+    if user_feats is None and table.user_feats is not None:
+        user_feats = table.user_feats[np.minimum(users, len(table.user_feats) - 1)]
+    out = {USER_ID: users, USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards)}
+    cand_rows, out[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
+    if table.content is not None:
+        out[CANDIDATE_C] = table.content[cand_rows]
+    if table.item_rows is not None:
+        out[CANDIDATE_ITEM] = table.item_rows[cand_rows]
+    hist_rows, hist_known = table.rows_of(history_ids)
+    for name_c, name_mask, length in (
+        (HISTORY_C, HISTORY_MASK, cfg.history_len),
+        (LONG_HISTORY_C, LONG_HISTORY_MASK, cfg.long_history_len),
+    ):
+        if length and table.content is not None:
+            rows, mask = recent_known(hist_rows, hist_known, length)
+            out[name_c], out[name_mask] = table.content[rows], mask
+    return out
+
+
+def _users(user_id: np.ndarray | None, b: int, num_users: int) -> np.ndarray:
+    if user_id is None:
+        return np.zeros(b, np.int64)
+    ids = np.asarray(user_id, dtype=np.int64).reshape(b)
+    return np.where((ids >= 0) & (ids <= num_users), ids, 0)
+
+
+def _user_feats(feats: np.ndarray | None, b: int, cards: list[int]) -> np.ndarray:
+    if feats is None:
+        return np.zeros((b, len(cards)), np.int64)
+    feats = np.asarray(feats, dtype=np.int64).reshape(b, len(cards))
+    return np.where((feats >= 0) & (feats < np.asarray(cards, np.int64)), feats, 0)
+
+
+def table_versions(model_dir: str | Path) -> list[int]:
+    """The version numbers of a model folder (its numeric subfolders), ascending."""
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_widths(table: ItemTable, d: int, item_dim: int) -> None:
+    """The table must have the widths the ranking graph reads; raises MMRankError naming the first that
+    differs."""
+    for name, have, want in (("content width d", table.d, d), ("item token width", table.item_dim, item_dim)):
+        if have != want:
+            raise MMRankError(f"{name} is {have}, the ranking graph reads {want}")
+
+
+def newest_valid_table(model_dir: str | Path, version: int, d: int, item_dim: int):
+    """(table, its version, skipped): the table of `version`, or where it does not read or has the wrong
+    widths, of the newest older version that does; `skipped` says which versions were passed over and
+    why. A bad newest version then never blocks a (re)start: the newest valid table serves."""
+    skipped = []
+    for v in sorted((v for v in table_versions(model_dir) if v <= version), reverse=True):
+        try:
+            table = ItemTable.read(Path(model_dir) / str(v) / "item_table")
+            check_widths(table, d, item_dim)
+        except MMRankError as e:
+            skipped.append(f"item table version {v} skipped: {e}")
+            continue
+        return table, v, skipped
+    raise MMRankError(
+        f"{model_dir}: no valid item table at or below version {version} ({'; '.join(skipped)})"
+    )

@@ -1,0 +1,42 @@
+"""Triton Python-backend model: encoded image files (BYTES [1]) -> pixels [3, 224, 224], image_mask [1].
+
+The preprocessing is `model_repository.image_inputs.image_pixels`, the one the trainer's feature cache
+uses, so served vectors match the cached training features. An empty value means "no image": zero
+pixels and image_mask False. An unreadable image fails its request (INVALID_ARGUMENT) with the reason.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package copied next to this file
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from model_repository.errors import RequestError  # noqa: E402
+from model_repository.image_inputs import IMAGE_SIZE, image_pixels  # noqa: E402
+from model_repository.responses import output_dtypes, respond_each  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.outputs = output_dtypes(pb_utils, json.loads(args["model_config"]))
+
+    def _preprocess(self, blobs):
+        pixels = np.zeros((len(blobs), 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        present = np.zeros((len(blobs), 1), bool)
+        for row, blob in enumerate(blobs):
+            if blob:
+                try:
+                    pixels[row] = image_pixels(bytes(blob))
+                except Exception as e:  # PIL raises several types for bytes that are not an image
+                    raise RequestError(f"image {row}: unreadable ({type(e).__name__}: {e})") from e
+                present[row] = True
+        return {"pixels": pixels, "image_mask": present}
+
+    def _respond(self, request):
+        return self._preprocess(pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1))
+
+    def execute(self, requests):
+        return respond_each(pb_utils, requests, self.outputs, self._respond)

@@ -1,0 +1,72 @@
+"""Triton Python-backend model: request ids -> the ranking graph's inputs, from the item table.
+
+Rendered as `item_lookup/<version>/model.py` next to `item_table/` and the runtime package; each version
+folder is one table, so a new table is served by adding a version (export/repository.py
+`add_table_version`). A version whose table does not read or has the wrong widths serves the newest
+valid older table instead (and logs which it skipped), so a bad table never blocks a (re)start. Each request is first checked against the limits of the config's `limits`
+parameter (model_repository/limits.py), then looked up (`item_table.rank_inputs`, which documents the
+fallback for unknown ids). With a `graph` parameter (the python backend) the ranking graph in the
+version folder runs here too and the outputs are scores and candidate_known; otherwise they are the
+ranking graph's inputs plus candidate_known. Dtypes are the config's.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package copied next to this file
+
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from model_repository.item_table import CANDIDATE_KNOWN, LookupConfig, newest_valid_table, rank_inputs  # noqa: E402
+from model_repository.limits import RequestLimits  # noqa: E402
+from model_repository.ort_graph import OrtGraph  # noqa: E402
+from model_repository.responses import output_dtypes, respond_grouped  # noqa: E402
+
+INPUTS = ("history_ids", "candidate_ids", "user_id", "user_feats")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        widths = json.loads(params["table_widths"])
+        self.table, served, skipped = newest_valid_table(
+            args["model_repository"], int(args["model_version"]), widths["d"], widths["item_dim"]
+        )
+        for line in skipped:  # the server log says which table serves in this version's place
+            pb_utils.Logger.log_warn(
+                f"item_lookup version {args['model_version']}: {line}; serving version {served}"
+            )
+        self.lookup = LookupConfig(**json.loads(params["lookup"]))
+        self.limits = RequestLimits(**json.loads(params.get("limits", "{}")))
+        self.outputs = output_dtypes(pb_utils, config)
+        # python backend: the ranking graph runs here, in the same step (one Python hop per request).
+        self.graph = None
+        if "graph" in params:
+            self.graph = OrtGraph(folder / params["graph"], threads=int(params.get("graph_threads", "0")))
+        # A per-row scalar (user_id) travels as [batch, 1].
+        self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
+
+    def _read(self, request):
+        tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
+        inputs = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
+        self.limits.check(inputs)  # per request, before any graph runs
+        return inputs
+
+    def _lookup(self, inputs):
+        products = rank_inputs(self.table, self.lookup, *(inputs[name] for name in INPUTS))
+        if self.graph is not None:
+            return {**self.graph.run(products), CANDIDATE_KNOWN: products[CANDIDATE_KNOWN]}
+        return {
+            name: products[name][:, None]
+            if name in self.per_row and products[name].ndim == 1
+            else products[name]
+            for name in self.outputs
+        }
+
+    def execute(self, requests):
+        # Requests of equal shapes (e.g. several users' N candidates and L-item histories) are looked up
+        # and scored as one batch.
+        return respond_grouped(pb_utils, requests, self.outputs, self._read, self._lookup)
