@@ -22,10 +22,13 @@ import csv
 import ipaddress
 import json
 import math
+import os
+import platform
 import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,26 @@ def check_loopback(url: str) -> tuple[str, int]:
             f"--url {url!r}: {outside[0]} is not a loopback address; load tests run on loopback only"
         )
     return host, int(port)
+
+
+def provenance(command: list[str]) -> dict:
+    """Where a result comes from: the command, commit, machine, date and how busy the CPU was."""
+    from trainer.ablation import machine
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") + (
+        " (uncommitted changes)" if git("status", "--porcelain") else ""
+    )
+    return {
+        "command": " ".join(command),
+        "commit": commit,
+        "machine": f"{machine()}, {platform.platform()}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_1min": os.getloadavg()[0],
+    }
 
 
 def check_ready(url: str, model: str) -> None:
@@ -110,7 +133,17 @@ def summarise(calls: dict[str, np.ndarray], cfg: LoadTestConfig) -> list[dict]:
     return steps
 
 
-def markdown(steps: list[dict]) -> str:
+def command_line(out: Path, data: Path, cfg: LoadTestConfig) -> list[str]:
+    """The `mmrank loadtest` command that runs `cfg` (recorded with the results)."""
+    s = cfg.sample
+    return (
+        f"mmrank loadtest --url {cfg.url} --out {out} --data {data} --users {','.join(map(str, cfg.user_steps))} "
+        f"--duration {cfg.duration_s:g} --candidates {s.candidates} --history {s.history} "
+        f"--requests {s.requests} --seed {s.seed} --timeout {cfg.timeout_s:g}"
+    ).split()
+
+
+def table(steps: list[dict]) -> str:
     lines = [
         "| users | requests | failures | p50 ms | p95 ms | p99 ms | requests/s | candidates/s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -121,6 +154,27 @@ def markdown(steps: list[dict]) -> str:
             f"| {s['p99_ms']:.2f} | {s['requests_per_s']:.1f} | {s['candidates_per_s']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def markdown(summary: dict) -> str:
+    p, s = summary["provenance"], summary["config"]["sample"]
+    return "\n".join(
+        [
+            f"# Load test of `{summary['config']['model']}` (locust over gRPC)",
+            "",
+            f"Command: `{p['command']}`  ",
+            f"Commit: {p['commit']}  ",
+            f"Machine: {p['machine']}  ",
+            f"Date: {p['date']}; 1-minute load average before / after: {p['load_average_1min']:.2f} / "
+            f"{summary['load_average_after']:.2f}  ",
+            f"Requests: {summary['requests_drawn']} test requests of `{summary['data']}` in turn, "
+            f"N={s['candidates']} candidates, L={s['history']} history items; each step "
+            f"{summary['config']['duration_s']:g} s; percentiles exact (nearest rank) over the calls started "
+            "in the step, failed calls included; throughput counts successful calls.",
+            "",
+            table(summary["steps"]),
+        ]
+    )
 
 
 def plot(steps: list[dict], path: Path, title: str) -> Path:
@@ -203,7 +257,8 @@ def run_loadtest(out: str | Path, data: str | Path, cfg: LoadTestConfig = LoadTe
         )
     check_ready(cfg.url, cfg.model)
     sample = draw_requests(data, cfg.sample)
-    out = Path(out)
+    out, data = Path(out), Path(data)
+    started = provenance(command_line(out, data, cfg))
     out.mkdir(parents=True, exist_ok=True)
     sample.save(out / "requests.npz")
     run_locust(cfg, out)
@@ -211,6 +266,8 @@ def run_loadtest(out: str | Path, data: str | Path, cfg: LoadTestConfig = LoadTe
     steps = summarise(calls, cfg)
     errors = sorted(set(calls["error"][calls["ok"] == 0]))
     summary = {
+        "provenance": started,
+        "load_average_after": os.getloadavg()[0],
         "config": asdict(cfg),
         "data": str(data),
         "requests_drawn": len(sample),
@@ -218,7 +275,7 @@ def run_loadtest(out: str | Path, data: str | Path, cfg: LoadTestConfig = LoadTe
         "errors": errors[:10],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown(steps))
+    (out / "summary.md").write_text(markdown(summary))
     n, length = cfg.sample.candidates, cfg.sample.history
     plot(steps, out / "latency_throughput.png", f"{cfg.model} over gRPC, N={n}, L={length}")
     return summary
@@ -233,7 +290,7 @@ def cli(args) -> int:
         url=args.url, user_steps=steps, duration_s=args.duration, sample=sample, timeout_s=args.timeout
     )
     summary = run_loadtest(args.out, args.data, cfg)
-    print(markdown(summary["steps"]), end="")
+    print(markdown(summary), end="")
     failures = sum(s["failures"] for s in summary["steps"])
     if failures:
         raise MMRankError(f"{failures} calls failed (first: {summary['errors'][0]}); reports in {args.out}")

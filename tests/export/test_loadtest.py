@@ -107,3 +107,48 @@ def test_cli_says_in_one_line_what_is_wrong(tmp_path, capsys):
     assert "no ready model 'rank'" in err and len(err.splitlines()) == 1
     with pytest.raises(MMRankError, match="not a dataset folder"):
         draw_requests(tmp_path / "missing")
+
+
+METRICS_TEXT = """# HELP nv_inference_request_success Number of successful inference requests
+nv_inference_request_success{model="ranking",version="1"} 10
+nv_inference_request_success{model="ranking",version="2"} 5
+nv_inference_exec_count{model="ranking",version="1"} 5
+nv_inference_queue_duration_us{model="ranking",version="1"} 1500
+nv_inference_compute_infer_duration_us{model="ranking",version="1"} 3000
+nv_inference_request_success{model="rank",version="1"} 15
+nv_gpu_utilization{gpu_uuid="x"} 0.5
+"""
+
+
+def test_triton_counters_sum_versions_and_give_times_per_request():
+    from clients.triton_metrics import parse, per_request
+
+    after = parse(METRICS_TEXT)
+    assert after["ranking"]["success"] == 15 and after["ranking"]["queue_us"] == 1500
+    before = parse('nv_inference_request_success{model="ranking",version="1"} 5\n')
+    times = per_request(before, after)
+    assert times["ranking"].requests == 10 and times["ranking"].batch == 2.0
+    assert times["ranking"].queue_us == 150.0 and times["ranking"].compute_us == 300.0
+    assert times["rank"].requests == 15 and np.isnan(times["rank"].batch)
+
+
+def test_latency_benchmark_runs_against_the_real_server(triton_server, tiny_data, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serving_latency.py"
+    spec = importlib.util.spec_from_file_location("serving_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "latency.md"
+    args = ["--url", triton_server.grpc_url, "--metrics-url", f"127.0.0.1:{triton_server.metrics_port}"]
+    args += ["--repo", str(triton_server.repo), "--data", str(tiny_data), "--out", str(out)]
+    args += ["--concurrency", "1,2", "--calls", "20", "--warmup", "2", "--candidates", "20", "--history", "5"]
+    assert bench.main(args) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert all(r["failures"] == 0 and r["calls"] == 20 for r in report["closed_loop"].values())
+    assert set(report["breakdown_server"]["rank (ensemble, gRPC)"]) == {"rank", "item_lookup", "ranking"}
+    assert report["closed_loop_server"]["2"]["ranking"]["requests"] == 20
+    assert "## Breakdown at 1 caller" in out.read_text()
