@@ -78,7 +78,7 @@ def provenance(command: list[str]) -> dict:
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") + (
-        " (uncommitted changes)" if git("status", "--porcelain") else ""
+        " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
     )
     return {
         "command": " ".join(command),
