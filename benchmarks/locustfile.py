@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import csv
 import itertools
+import sys
 import time
 
 # Before any channel exists: grpc's blocking calls must yield to gevent, or one user blocks them all.
 import grpc.experimental.gevent as grpc_gevent
 from locust import LoadTestShape, User, events, task
 
+from clients.loadtest import check_loopback
 from clients.ranking_client import ClientConfig, RankingClient
 from clients.request_sample import RequestSample
+from mmrank.errors import MMRankError
 
 grpc_gevent.init_gevent()
 
@@ -50,13 +53,18 @@ def _arguments(parser):
     parser.add_argument("--model", default="rank", help="the ensemble to call")
 
 
-@events.test_start.add_listener
-def _load_requests(environment, **_kwargs):
+@events.init.add_listener
+def _setup(environment, **_kwargs):
+    """Refuse a non-loopback --host and load the requests; locust logs and ignores a listener's
+    exceptions, so a bad input exits here (SystemExit is not caught) with one line naming it."""
     global _requests
-    sample = RequestSample.load(environment.parsed_options.requests_file)
+    try:
+        check_loopback(environment.host or "", "--host")
+        sample = RequestSample.load(environment.parsed_options.requests_file)
+    except MMRankError as e:
+        sys.exit(f"locustfile: {e}")
     rows = zip(sample.users.tolist(), sample.histories, sample.candidates, strict=True)
     _requests = itertools.cycle(list(rows))
-    _calls.clear()
 
 
 @events.test_stop.add_listener

@@ -253,7 +253,7 @@ def markdown(report: dict) -> str:
 
 def run(cfg: BenchConfig, repo: Path, data: Path, argv: list[str]) -> dict:
     check_loopback(cfg.url)
-    check_loopback(cfg.metrics_url)
+    check_loopback(cfg.metrics_url, "--metrics-url")
     sample = draw_requests(data, cfg.sample)
     report = {
         "provenance": provenance(["python", *argv]),

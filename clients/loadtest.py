@@ -51,20 +51,20 @@ class LoadTestConfig:
     grace_s: float = 60.0  # locust start-up and shutdown allowance before the run is killed
 
 
-def check_loopback(url: str) -> tuple[str, int]:
+def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
     """HOST:PORT whose host resolves only to loopback addresses, else MMRankError naming it."""
     host, sep, port = url.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():
-        raise MMRankError(f"--url {url!r}: expected HOST:PORT")
+        raise MMRankError(f"{option} {url!r}: expected HOST:PORT")
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
     except socket.gaierror as e:
-        raise MMRankError(f"--url {url!r}: cannot resolve {host!r} ({e})") from e
+        raise MMRankError(f"{option} {url!r}: cannot resolve {host!r} ({e})") from e
     outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
     if outside:
         raise MMRankError(
-            f"--url {url!r}: {outside[0]} is not a loopback address; load tests run on loopback only"
+            f"{option} {url!r}: {outside[0]} is not a loopback address; load tests run on loopback only"
         )
     return host, int(port)
 
