@@ -33,7 +33,7 @@ import numpy as np
 
 from clients.loadtest import check_loopback, percentiles, provenance
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
-from clients.triton_metrics import ModelTimes, per_request, scrape
+from clients.triton_metrics import ModelTimes, per_request, settled_scrape
 from mmrank.errors import MMRankError
 
 LOOKUP, RANKING, RANK = "item_lookup", "ranking", "rank"
@@ -108,11 +108,13 @@ class Timing:
 
 def measured(cfg: BenchConfig, run) -> Timing:
     """`run()` -> (latencies ms, failures), timed, with Triton's counters read around it."""
-    before = scrape(cfg.metrics_url)
+    before = settled_scrape(cfg.metrics_url)
     t0 = time.perf_counter()
     latency_ms, failures = run()
     seconds = time.perf_counter() - t0
-    return Timing(np.asarray(latency_ms), failures, seconds, per_request(before, scrape(cfg.metrics_url)))
+    return Timing(
+        np.asarray(latency_ms), failures, seconds, per_request(before, settled_scrape(cfg.metrics_url))
+    )
 
 
 def loop(calls: list, fn) -> tuple[list[float], int]:

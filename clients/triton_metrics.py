@@ -9,6 +9,7 @@ server saw it (an ensemble's own queue and compute are its scheduling, not its m
 from __future__ import annotations
 
 import re
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -39,6 +40,10 @@ def parse(text: str) -> Scrape:
         if match and match.group(1) in names:
             out[match.group(2)][names[match.group(1)]] += float(match.group(3))
     return dict(out)
+
+
+SETTLE_S = 0.1  # pause between the scrapes of `settled_scrape`
+SETTLE_TRIES = 50
 
 
 def scrape(metrics_url: str, timeout_s: float = 5.0) -> Scrape:
@@ -88,3 +93,17 @@ def per_request(before: Scrape, after: Scrape) -> dict[str, ModelTimes]:
             request_us=_per(d["request_us"], n),
         )
     return out
+
+
+def settled_scrape(metrics_url: str) -> Scrape:
+    """A scrape equal to the one SETTLE_S before it. Triton may count a request a moment after its
+    response reached the client (seen here: a step's delta of an ensemble member held 21 requests for
+    20 calls, a warm-up call counted late), so a scrape taken at once can miss calls or count extra."""
+    previous = scrape(metrics_url)
+    for _ in range(SETTLE_TRIES):
+        time.sleep(SETTLE_S)
+        current = scrape(metrics_url)
+        if current == previous:
+            return current
+        previous = current
+    raise MMRankError(f"Triton metrics at {metrics_url} keep changing: is another client calling the server?")
