@@ -78,7 +78,10 @@ def provenance(command: list[str]) -> dict:
         return done.stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") + (
-        " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
+        " (uncommitted changes)"
+        # Results written by an earlier benchmark of the same session do not change the code measured.
+        if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        else ""
     )
     return {
         "command": " ".join(command),
