@@ -14,7 +14,6 @@ from collections.abc import Callable
 from mmrank.errors import MMRankError
 
 Handler = str  # "package.module:function", resolved at call time
-NOT_IMPLEMENTED = "not-implemented"
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -209,10 +208,20 @@ def _rank(p):
 
 
 def _loadtest(p):
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    p.add_argument("--out", required=True, help="folder for CSV, plot and summary.json")
-    p.add_argument("--users", type=int, default=8, help="concurrent simulated users")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (loopback only)")
+    p.add_argument("--out", required=True, help="folder for locust's CSV and HTML, summary.json and the plot")
+    p.add_argument(
+        "--data", required=True, help="dataset folder (canonical form) the served model was trained on"
+    )
+    p.add_argument(
+        "--users", default="1,2,4,8", help="comma-separated concurrent simulated users, one ramp step each"
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per step (concurrency level)")
+    p.add_argument("--candidates", type=int, default=100, help="N, candidates per request")
+    p.add_argument("--history", type=int, default=50, help="L, history items per request")
+    p.add_argument("--requests", type=int, default=1000, help="distinct test requests drawn from --data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sample")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call; a slower call fails")
 
 
 def _demo(p):
@@ -264,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "repo", "render a Triton model repository", "export.repository:cli", _repo)
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
-    _add(sub, "loadtest", "locust load test over gRPC", NOT_IMPLEMENTED, _loadtest)
+    _add(
+        sub, "loadtest", "locust load test of the rank ensemble over gRPC", "clients.loadtest:cli", _loadtest
+    )
     _add(sub, "demo", "the whole pipeline on the synthetic dataset", "mmrank.demo:cli", _demo)
     return parser
 
@@ -277,9 +288,6 @@ def _resolve(handler: Handler) -> Callable[[argparse.Namespace], int | None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(x for x in (args.command, getattr(args, "source", None)) if x)
-    if args._handler == NOT_IMPLEMENTED:
-        print(f"mmrank {name}: not implemented yet", file=sys.stderr)
-        return 2
     try:
         return int(_resolve(args._handler)(args) or 0)
     except MMRankError as e:

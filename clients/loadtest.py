@@ -1,0 +1,301 @@
+"""`mmrank loadtest`: a headless locust run against the `rank` ensemble, stepping the number of callers.
+
+Steps: check the address is loopback and the ensemble ready -> draw requests from the dataset
+(clients/request_sample.py) -> run benchmarks/locustfile.py in a locust subprocess (gevent patches the
+process it runs in, so it gets its own) with a step ramp of user counts, each held `duration_s` ->
+summarise every call per step. The subprocess is killed if it outlives the ramp by `grace_s`, so the
+run is bounded in time whatever happens. OUT receives:
+
+    requests.npz                the requests sent          calls.csv        every call (step, latency, outcome)
+    locust_*.csv, locust.html   locust's own reports        locust.log       locust's output
+    summary.json, summary.md    per step: users, requests, failures, p50/p95/p99 (exact, nearest rank),
+                                requests/s and candidates/s
+    latency_throughput.png      p50/p95/p99 against requests/s, one point per step
+
+Percentiles are over the calls that started in the step, failed calls included (a timeout is a latency
+too); throughput counts successful calls only.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from clients.request_sample import SampleConfig, draw_requests
+from mmrank.errors import MMRankError
+
+LOCUSTFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "locustfile.py"
+PERCENTILES = (50, 95, 99)
+
+
+@dataclass(frozen=True)
+class LoadTestConfig:
+    url: str = "127.0.0.1:8001"  # Triton gRPC address; loopback only
+    user_steps: tuple[int, ...] = (1, 2, 4, 8)  # concurrent simulated users, one step each
+    duration_s: float = 20.0  # seconds each step lasts
+    sample: SampleConfig = field(default_factory=SampleConfig)  # N, L, how many requests, seed
+    timeout_s: float = 5.0  # per call; a slower call is a failure
+    model: str = "rank"
+    grace_s: float = 60.0  # locust start-up and shutdown allowance before the run is killed
+
+
+def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
+    """HOST:PORT whose host resolves only to loopback addresses, else MMRankError naming it."""
+    host, sep, port = url.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise MMRankError(f"{option} {url!r}: expected HOST:PORT")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
+    except socket.gaierror as e:
+        raise MMRankError(f"{option} {url!r}: cannot resolve {host!r} ({e})") from e
+    outside = sorted(a for a in addresses if not ipaddress.ip_address(a).is_loopback)
+    if outside:
+        raise MMRankError(
+            f"{option} {url!r}: {outside[0]} is not a loopback address; load tests run on loopback only"
+        )
+    return host, int(port)
+
+
+def provenance(command: list[str]) -> dict:
+    """Where a result comes from: the command, commit, machine, date and how busy the CPU was."""
+    from trainer.ablation import machine
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") + (
+        " (uncommitted changes)"
+        # Results written by an earlier benchmark of the same session do not change the code measured.
+        if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        else ""
+    )
+    return {
+        "command": " ".join(command),
+        "commit": commit,
+        "machine": f"{machine()}, {platform.platform()}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def check_ready(url: str, model: str) -> None:
+    from clients.ranking_client import ClientConfig, RankingClient
+
+    with RankingClient(ClientConfig(url=url, model=model, timeout_s=5.0, retries=0)) as client:
+        if not client.ready():
+            raise MMRankError(f"no ready model {model!r} at {url} (is `mmrank serve` running?)")
+
+
+def percentiles(latency_ms: np.ndarray) -> dict[str, float]:
+    """Exact nearest-rank percentiles: each one is a latency some call actually had."""
+    if latency_ms.size == 0:
+        return {f"p{q}_ms": float("nan") for q in PERCENTILES}
+    values = np.percentile(latency_ms, PERCENTILES, method="inverted_cdf")
+    return {f"p{q}_ms": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
+
+
+def read_calls(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cols = {"step": int, "users": int, "latency_ms": float, "ok": int, "candidates": int}
+    return {name: np.array([kind(r[name]) for r in rows], dtype=kind) for name, kind in cols.items()} | {
+        "error": np.array([r["error"] for r in rows], dtype=object)
+    }
+
+
+def summarise(calls: dict[str, np.ndarray], cfg: LoadTestConfig) -> list[dict]:
+    steps = []
+    for index, users in enumerate(cfg.user_steps):
+        here = calls["step"] == index
+        ok = here & (calls["ok"] == 1)
+        steps.append(
+            {
+                "step": index,
+                "users": users,
+                "requests": int(here.sum()),
+                "failures": int(here.sum() - ok.sum()),
+                **percentiles(calls["latency_ms"][here]),
+                "requests_per_s": float(ok.sum() / cfg.duration_s),
+                "candidates_per_s": float(calls["candidates"][ok].sum() / cfg.duration_s),
+            }
+        )
+    return steps
+
+
+def command_line(out: Path, data: Path, cfg: LoadTestConfig) -> list[str]:
+    """The `mmrank loadtest` command that runs `cfg` (recorded with the results)."""
+    s = cfg.sample
+    return (
+        f"mmrank loadtest --url {cfg.url} --out {out} --data {data} --users {','.join(map(str, cfg.user_steps))} "
+        f"--duration {cfg.duration_s:g} --candidates {s.candidates} --history {s.history} "
+        f"--requests {s.requests} --seed {s.seed} --timeout {cfg.timeout_s:g}"
+    ).split()
+
+
+def table(steps: list[dict]) -> str:
+    lines = [
+        "| users | requests | failures | p50 ms | p95 ms | p99 ms | requests/s | candidates/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in steps:
+        lines.append(
+            f"| {s['users']} | {s['requests']} | {s['failures']} | {s['p50_ms']:.2f} | {s['p95_ms']:.2f} "
+            f"| {s['p99_ms']:.2f} | {s['requests_per_s']:.1f} | {s['candidates_per_s']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(summary: dict) -> str:
+    p, s = summary["provenance"], summary["config"]["sample"]
+    return "\n".join(
+        [
+            f"# Load test of `{summary['config']['model']}` (locust over gRPC)",
+            "",
+            f"Command: `{p['command']}`  ",
+            f"Commit: {p['commit']}  ",
+            f"Machine: {p['machine']}  ",
+            f"Date: {p['date']}; 1-minute load average before / after: {p['load_average_1min']:.2f} / "
+            f"{summary['load_average_after']:.2f}  ",
+            f"Requests: {summary['requests_drawn']} test requests of `{summary['data']}` in turn, "
+            f"N={s['candidates']} candidates, L={s['history']} history items; each step "
+            f"{summary['config']['duration_s']:g} s; percentiles exact (nearest rank) over the calls started "
+            "in the step, failed calls included; throughput counts successful calls.",
+            "",
+            table(summary["steps"]),
+        ]
+    )
+
+
+def plot(steps: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [s["requests_per_s"] for s in steps]
+    for q in PERCENTILES:
+        ax.plot(x, [s[f"p{q}_ms"] for s in steps], marker="o", label=f"p{q}")
+    for s in steps:
+        ax.annotate(
+            f"{s['users']}u", (s["requests_per_s"], s["p99_ms"]), textcoords="offset points", xytext=(4, 4)
+        )
+    ax.set_xlabel("throughput (successful requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def locust_command(cfg: LoadTestConfig, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--only-summary",
+        "--host",
+        cfg.url,
+        "--requests-file",
+        str(out / "requests.npz"),
+        "--user-steps",
+        ",".join(map(str, cfg.user_steps)),
+        "--step-seconds",
+        str(cfg.duration_s),
+        "--calls-file",
+        str(out / "calls.csv"),
+        "--call-timeout",
+        str(cfg.timeout_s),
+        "--model",
+        cfg.model,
+        # In-flight calls finish (and are reported) when the ramp ends, instead of being cut off.
+        "--stop-timeout",
+        f"{math.ceil(cfg.timeout_s)}s",
+        "--csv",
+        str(out / "locust"),
+        "--html",
+        str(out / "locust.html"),
+    ]
+
+
+def run_locust(cfg: LoadTestConfig, out: Path) -> None:
+    limit = len(cfg.user_steps) * cfg.duration_s + cfg.timeout_s + cfg.grace_s
+    with open(out / "locust.log", "wb") as log:
+        try:
+            subprocess.run(
+                locust_command(cfg, out), stdout=log, stderr=subprocess.STDOUT, timeout=limit, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise MMRankError(f"locust did not stop within {limit:.0f} s; see {out / 'locust.log'}") from e
+    if not (out / "calls.csv").is_file():
+        tail = (out / "locust.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise MMRankError(f"locust wrote no calls ({tail[0]}); see {out / 'locust.log'}")
+
+
+def run_loadtest(out: str | Path, data: str | Path, cfg: LoadTestConfig = LoadTestConfig()) -> dict:
+    check_loopback(cfg.url)
+    if not cfg.user_steps or min(cfg.user_steps) < 1 or cfg.duration_s <= 0:
+        raise MMRankError(
+            f"need user steps >= 1 and a positive duration, got {cfg.user_steps}, {cfg.duration_s}"
+        )
+    check_ready(cfg.url, cfg.model)
+    sample = draw_requests(data, cfg.sample)
+    out, data = Path(out), Path(data)
+    started = provenance(command_line(out, data, cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    sample.save(out / "requests.npz")
+    run_locust(cfg, out)
+    calls = read_calls(out / "calls.csv")
+    steps = summarise(calls, cfg)
+    errors = sorted(set(calls["error"][calls["ok"] == 0]))
+    summary = {
+        "provenance": started,
+        "load_average_after": os.getloadavg()[0],
+        "config": asdict(cfg),
+        "data": str(data),
+        "requests_drawn": len(sample),
+        "steps": steps,
+        "errors": errors[:10],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown(summary))
+    n, length = cfg.sample.candidates, cfg.sample.history
+    plot(steps, out / "latency_throughput.png", f"{cfg.model} over gRPC, N={n}, L={length}")
+    return summary
+
+
+def cli(args) -> int:
+    steps = tuple(int(x) for x in args.users.split(",") if x.strip())
+    sample = SampleConfig(
+        candidates=args.candidates, history=args.history, requests=args.requests, seed=args.seed
+    )
+    cfg = LoadTestConfig(
+        url=args.url, user_steps=steps, duration_s=args.duration, sample=sample, timeout_s=args.timeout
+    )
+    summary = run_loadtest(args.out, args.data, cfg)
+    print(markdown(summary), end="")
+    failures = sum(s["failures"] for s in summary["steps"])
+    if failures:
+        raise MMRankError(f"{failures} calls failed (first: {summary['errors'][0]}); reports in {args.out}")
+    print(f"loadtest: reports in {args.out} (summary.json, locust.html, latency_throughput.png)")
+    return 0
