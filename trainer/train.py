@@ -46,12 +46,22 @@ from tqdm import tqdm
 from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
-from trainer.config import TOPK_METRICS, RunConfig, from_dict, higher_is_better, parse_sets, resolve, validate
+from trainer.config import (
+    TOPK_METRICS,
+    RunConfig,
+    from_dict,
+    higher_is_better,
+    parse_sets,
+    resolve,
+    stop_metric,
+    validate,
+)
 from trainer.data.batch import Batch
+from trainer.data.negatives import NegativeSampler
 from trainer.data.samples import HistoryIndex, SampleSet, make_samples
 from trainer.data.schema import SPLITS, Dataset, load_dataset, write_json_atomic
 from trainer.evaluate import evaluate_ctr, evaluate_split, evaluate_topk, item_vectors, train_item_ids
-from trainer.losses import bce
+from trainer.losses import bce, bpr
 from trainer.model.pca_table import pca_table, save_content_table
 from trainer.model.ranking_model import RankingModel
 from trainer.run import (
@@ -221,12 +231,14 @@ class Trainer:
             self._resume()
         self.ddp = self._wrap()
         self.topk = ds.manifest.topk_protocol
-        if self.t.early_stop_metric.startswith(TOPK_METRICS) and not self.topk:
+        self.stop_metric = stop_metric(self.t.early_stop_metric, self.topk)
+        if self.stop_metric.startswith(TOPK_METRICS) and not self.topk:
             raise MMRankError(
-                f"train.early_stop_metric={self.t.early_stop_metric!r} needs data with a top-K protocol"
+                f"train.early_stop_metric={self.stop_metric!r} needs data with a top-K protocol"
             )
         self.history_splits = ("train",) if self.topk else tuple(SPLITS)
         self.train_items = train_item_ids(ds)
+        self.negatives = self._negative_sampler() if self.model_cfg.loss.main == "bpr" else None
         self._samples: dict[tuple[str, int, int], SampleSet] = {}
         self._log_sums: dict[str, list[float]] = {}
         self._log_t0 = time.perf_counter()
@@ -234,6 +246,11 @@ class Trainer:
         self._saved_step = -1
 
     # -- setup
+    def _negative_sampler(self) -> NegativeSampler:
+        train = self.ds.split("train")
+        pos = train[train["label"] == 1]
+        return NegativeSampler(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), self.ds.num_items)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = self.model.param_groups(self.t.lr_content, self.t.lr_ranker, self.t.weight_decay)
         return torch.optim.AdamW(groups, lr=self.t.lr_ranker)
@@ -282,7 +299,10 @@ class Trainer:
         short, long = lengths or self.lengths(self.state.lora_phase)
         key = (split, short, long)
         if key not in self._samples:
-            self._samples[key] = make_samples(self.ds, split, short, long, history_splits=self.history_splits)
+            samples = make_samples(self.ds, split, short, long, history_splits=self.history_splits)
+            if split == "train" and self.negatives is not None:  # BPR pairs positives with sampled items
+                samples = take(samples, np.flatnonzero(samples.label == 1))
+            self._samples[key] = samples
         return self._samples[key]
 
     # -- one step
@@ -291,7 +311,13 @@ class Trainer:
         autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else nullcontext()
         with autocast:
             out = self.ddp(batch)
-        main = bce(out.logits.float(), batch.label)
+            if self.negatives is not None:
+                negative = dataclasses.replace(batch, item_id=self.negatives.sample(batch.user_id))
+                main = bpr(out.logits.float(), self.ddp(negative).logits.float())
+            elif self.model_cfg.loss.main == "none":
+                main = out.logits.new_zeros((), dtype=torch.float)
+            else:
+                main = bce(out.logits.float(), batch.label)
         aux = {name: value.float() for name, value in out.losses.items()}
         loss = main + sum(aux.values())
         value = loss.item()
@@ -301,7 +327,11 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        values = {"loss": value, "bce": main.item(), **{n: v.item() for n, v in aux.items()}}
+        values = {
+            "loss": value,
+            self.model_cfg.loss.main: main.item(),
+            **{n: v.item() for n, v in aux.items()},
+        }
         if self.t.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -405,17 +435,25 @@ class Trainer:
             self.model, self.samples("valid"), "valid", self.train_items, self.lengths(s.lora_phase)
         )
         s.last_eval_step = s.global_step
-        name = self.t.early_stop_metric
+        name = self.stop_metric
         value, higher = metrics.get(name), higher_is_better(name)
-        improved = value is not None and (
-            s.best_metric is None or (value > s.best_metric if higher else value < s.best_metric)
+        if value is None:  # a null metric would keep the first checkpoint forever, silently
+            known = sorted(k for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
+            raise MMRankError(
+                f"valid {name} is null on this data (defined: {', '.join(known) or 'none'}); "
+                "choose one with --set train.early_stop_metric=NAME"
+            )
+        improved = (
+            s.best_metric is None
+            # Without a ranking loss the ranking metrics say nothing of the model: keep the latest.
+            or self.model_cfg.loss.main == "none"
+            or (value > s.best_metric if higher else value < s.best_metric)
         )
-        if improved or s.best_step < 0:  # the first validation is the best so far even without a value
+        if improved:
             s.best_metric, s.best_step, s.best_valid = value, s.global_step, metrics
+            s.bad_evals = 0
             if self.dist.main:
                 checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
-        if improved:
-            s.bad_evals = 0
         else:
             s.bad_evals += 1
             s.stopped_early = 0 < self.t.patience <= s.bad_evals
@@ -636,6 +674,8 @@ def stage1_config(cfg: RunConfig) -> RunConfig:
     stage.train.task_pe = False
     stage.train.epochs = cfg.train.task_pe_epochs
     stage.train.lora_epochs = 0
+    if cfg.train.task_pe_stage1_loss != "same":
+        stage.model.loss.main = cfg.train.task_pe_stage1_loss
     stage.description = (
         f"task_pe stage 1 of {cfg.preset or 'a config'}: end-to-end training for the content table"
     )
