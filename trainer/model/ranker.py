@@ -128,6 +128,9 @@ class Ranker(nn.Module):
         self.user_emb = nn.Embedding(num_users + 1, e)
         self.user_feat_embs = nn.ModuleList(nn.Embedding(card, e) for card in user_feat_cards)
         self.item_emb = nn.Embedding(num_items + 1, e) if cfg.use_item_id else None
+        if dot:  # MMRec's BPR initialisation: N(0, 1) rows would start dot products at std sqrt(e)
+            nn.init.xavier_normal_(self.user_emb.weight)
+            nn.init.xavier_normal_(self.item_emb.weight)
         if self.item_emb is not None:
             with torch.no_grad():
                 self.item_emb.weight[NEW_ITEM].zero_()  # a neutral start; ID dropout trains it
