@@ -1,26 +1,17 @@
-"""Training (`mmrank train`) and evaluation of a finished run (`mmrank evaluate`), SPEC §2.6 and §8.
+"""One stage of training: the `Trainer` loop (SPEC §2.6).
 
-One stage of training is a `Trainer`: AdamW with separate learning rates for the content tower and the
-ranker, loss = BCE + the model's weighted auxiliary losses (CIC, SQDC), autocast per `train.amp`,
-gradient clipping, validation every N steps or per epoch with early stopping on the best checkpoint,
-and the best model evaluated on test at the end. Stages around it:
-- `train.task_pe`: stage 1 (RUN/stage1/, a complete run of its own) trains the model end to end, its
-  tower fills RUN/content_table.npy, stage 2 trains a fresh model on that table;
-- the `pe` preset (fixed source without a table): RUN/content_table.npy is the PCA of the frozen features;
-- `train.lora_epochs`: after `train.epochs`, `start_lora_phase()` and longer histories (EM3 §3.3.2).
+AdamW with separate learning rates for the content tower and the ranker, loss = the main loss (BCE,
+or BPR against sampled negatives, or none) + the model's weighted auxiliary losses (CIC, SQDC),
+autocast per `train.amp`, gradient clipping, validation every N steps or per epoch with early stopping
+on the best checkpoint, and the best model evaluated on test at the end. `train.lora_epochs`: after
+`train.epochs`, `start_lora_phase()` and longer histories (EM3 §3.3.2).
 
 Resume: every row order is a pure function of (seed, epoch) (`SampleSet.order`) and last.pt records
 the batches consumed in the epoch, the RNG states of every process and the optimizer, so a resumed run
 continues with the same batches and random draws as one that never stopped. Evaluation runs in eval
 mode on a forked RNG and never writes the memory bank, so it does not perturb training either.
 
-Streaming (`train.streaming`): one pass in time order over the train split cut into windows, then the
-valid and the test window; each window is evaluated before the model trains on it (prequential), and
-the final model is the run's model.
-
-DDP: under `torchrun --nproc_per_node N` every process takes an equal share of each epoch's rows
-(interleaved), gradients are all-reduced by DistributedDataParallel, the model all-gathers memory-bank
-writes itself, and rank 0 evaluates and writes every file.
+Streaming (`train.streaming`) is the other way through the same loop: `trainer.train.streaming`.
 """
 
 from __future__ import annotations
@@ -28,126 +19,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
-from trainer.config import (
-    TOPK_METRICS,
-    RunConfig,
-    from_dict,
-    higher_is_better,
-    parse_sets,
-    resolve,
-    stop_metric,
-    validate,
-)
+from trainer.config import TOPK_METRICS, RunConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
 from trainer.data.negatives import NegativeSampler
-from trainer.data.samples import HistoryIndex, SampleSet, make_samples
-from trainer.data.schema import SPLITS, Dataset, load_dataset, write_json_atomic
-from trainer.evaluate import evaluate_ctr, evaluate_split, evaluate_topk, item_vectors, train_item_ids
+from trainer.data.samples import SampleSet, make_samples
+from trainer.data.schema import SPLITS, Dataset, write_json_atomic
+from trainer.evaluate import evaluate_ctr, evaluate_topk, train_item_ids
 from trainer.losses import bce, bpr
-from trainer.model.pca_table import pca_table, save_content_table
 from trainer.model.ranking_model import RankingModel
-from trainer.run import (
-    CONFIG,
-    CONTENT_TABLE,
-    METRICS,
-    STAGE1,
-    TRAIN_LOG,
-    build_schema,
-    final_model_config,
-    load_run,
-    on_own_table,
-    read_config,
-    restore,
-)
-
-# Keys a resumed run may change: when to stop, not what to train.
-RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
-
-
-# ---- processes ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    """This process's place in the job; a single process is rank 0 of 1 with no process group."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def init(cls) -> Dist:
-        """Join the torchrun job described by the environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        if world == 1:
-            return cls(device=device)
-        owns = not torch_dist.is_initialized()
-        if owns:
-            torch_dist.init_process_group("nccl" if cuda else "gloo")
-        return cls(torch_dist.get_rank(), torch_dist.get_world_size(), device, owns)
-
-    def close(self) -> None:
-        if self.owns_group and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch_dist.barrier()
-
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch_dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        torch_dist.all_gather_object(out, obj)
-        return out
-
-    def shard(self, rows: np.ndarray) -> np.ndarray:
-        """This rank's rows: an interleaved, equal share (the remainder is dropped so all ranks step together)."""
-        per = len(rows) // self.world
-        return rows[: per * self.world].reshape(per, self.world)[:, self.rank] if self.world > 1 else rows
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from trainer.run import METRICS, TRAIN_LOG, build_schema, final_model_config, restore
+from trainer.train.batches import batches, take
+from trainer.train.distributed import Dist, seed_everything
+from trainer.train.streaming import stream
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -157,55 +53,6 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-# ---- data --------------------------------------------------------------------------------------------
-
-
-def take(samples: SampleSet, rows: np.ndarray) -> SampleSet:
-    """The samples of `rows`, in that order (a stream window)."""
-    h = samples.history
-    return dataclasses.replace(
-        samples,
-        user_id=samples.user_id[rows],
-        item_id=samples.item_id[rows],
-        label=samples.label[rows],
-        request_id=samples.request_id[rows],
-        ts=samples.ts[rows],
-        history=HistoryIndex(h.pos_item, h.start[rows], h.end[rows]),
-    )
-
-
-class _RowBatches(torch.utils.data.Dataset):
-    """Batch i = rows[i * size : (i + 1) * size], for DataLoader workers."""
-
-    def __init__(self, samples: SampleSet, rows: np.ndarray, size: int):
-        self.samples, self.rows, self.size = samples, rows, size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.size)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.samples.batch(self.rows[i * self.size : (i + 1) * self.size])
-
-
-def batches(
-    samples: SampleSet, rows: np.ndarray, size: int, start: int, workers: int, pin: bool
-) -> Iterator[Batch]:
-    """Batches of `rows` from batch index `start` on; built in worker processes when workers > 0."""
-    rows = rows[start * size :]
-    source = _RowBatches(samples, rows, size)
-    if workers == 0:
-        yield from (source[i] for i in range(len(source)))
-        return
-    # Batches are pure functions of rows; the loader's own generator keeps its worker seeding from
-    # drawing on the global RNG, which must advance exactly as without workers (dropout, sampling).
-    yield from torch.utils.data.DataLoader(
-        source, batch_size=None, num_workers=workers, pin_memory=pin, generator=torch.Generator()
-    )
-
-
-# ---- one training stage ------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -516,59 +363,11 @@ class Trainer:
         if self._saved_step != s.global_step:
             self._save_last()
 
-    def stream_windows(self) -> list[tuple[str, str, int, int]]:
-        """(name, split, first row, end row): the train split cut by time into equal windows, then valid, test."""
-        n = len(self.samples("train"))
-        cuts = np.linspace(0, n, self.t.stream_windows + 1).astype(int)
-        windows = [
-            (f"train{i}", "train", int(a), int(b))
-            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True))
-        ]
-        return windows + [(split, split, 0, len(self.samples(split))) for split in ("valid", "test")]
-
-    def stream(self) -> None:
-        """One time-ordered pass; window w is evaluated (items of windows < w count as seen) before training on it."""
-        s = self.state
-        windows = self.stream_windows()
-        total = sum(self._steps_per_epoch(b - a) for _, _, a, b in windows)
-        total = min(total, self.t.max_steps) if self.t.max_steps else total
-        with self._bar(total) as bar:
-            while s.epoch < len(windows) and not self._at_max_steps():
-                self._stream_eval(windows, s.epoch)
-                _, split, lo, hi = windows[s.epoch]
-                if not self._train_rows(self.samples(split), self.dist.shard(np.arange(lo, hi)), bar):
-                    break
-                s.epoch += 1
-                s.batch_in_epoch = 0
-                self._save_last()
-        for w, (_, split, _, _) in enumerate(windows):
-            if split != "train":
-                self._stream_eval(windows, w)
-        self._save_last()  # the evaluations above belong to the state
-        if self.dist.main:
-            checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
-
-    def _stream_eval(self, windows: list[tuple[str, str, int, int]], w: int) -> None:
-        s = self.state
-        if w == 0 or any(entry["window"] == windows[w][0] for entry in s.windows):
-            return
-        seen = [self.samples(split).item_id[lo:hi] for _, split, lo, hi in windows[:w]]
-        name, split, lo, hi = windows[w]
-        metrics = self.evaluate(
-            self.model,
-            take(self.samples(split), np.arange(lo, hi)),
-            split,
-            np.unique(np.concatenate(seen)),
-            self.lengths(False),
-        )
-        s.windows.append({"window": name, "split": split, "step": s.global_step, **metrics})
-        self._log({"event": "stream_eval", **s.windows[-1]})
-
     def run(self) -> dict:
         """Train, then evaluate the best model on test; returns (and rank 0 writes) metrics.json."""
         t0 = time.perf_counter()
         if self.t.streaming:
-            self.stream()
+            stream(self)
         else:
             self.fit()
         metrics = self._final_metrics()
@@ -611,169 +410,3 @@ class Trainer:
         if self.t.streaming:
             out["stream"] = s.windows
         return out
-
-
-# ---- run folders and stages --------------------------------------------------------------------------
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(a) | set(b))
-    out = []
-    for k in keys:
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist) -> None:
-    """Check the run folder against --resume and write config.json (rank 0); nothing of value is overwritten.
-
-    A folder holding a checkpoint or metrics needs --resume; one holding only config.json (a run that
-    failed before its first checkpoint) starts over; any other non-empty folder is refused.
-    """
-    has_run = (out / CONFIG).is_file()
-    if resume:
-        if not has_run:
-            raise MMRankError(f"{out}: nothing to resume (no {CONFIG})")
-        saved = read_config(out)
-        diff = [k for k in _differences(saved.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
-        if diff:
-            raise MMRankError(
-                f"{out}: the config differs from the run's {CONFIG} in {', '.join(diff[:4])}; "
-                f"resume with --config {out / CONFIG}"
-            )
-    elif has_run:
-        names = (
-            checkpoint.LAST,
-            checkpoint.BEST,
-            METRICS,
-            CONTENT_TABLE,
-            f"{STAGE1}/{checkpoint.LAST}",
-            f"{STAGE1}/{METRICS}",
-        )
-        kept = [n for n in names if (out / n).exists()]
-        if kept:
-            raise MMRankError(
-                f"{out}: already holds a run ({', '.join(kept)}); pass --resume or choose another --out"
-            )
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MMRankError(f"{out}: exists and is not an empty folder or a run folder")
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / TRAIN_LOG).exists():
-            (out / TRAIN_LOG).unlink()
-        write_json_atomic(out / CONFIG, cfg.to_dict())
-    dist.barrier()
-
-
-def stage1_config(cfg: RunConfig) -> RunConfig:
-    """task_pe stage 1: the same model trained end to end for task_pe_epochs (no LoRA phase)."""
-    stage = from_dict(cfg.to_dict())
-    stage.train.task_pe = False
-    stage.train.epochs = cfg.train.task_pe_epochs
-    stage.train.lora_epochs = 0
-    if cfg.train.task_pe_stage1_loss != "same":
-        stage.model.loss.main = cfg.train.task_pe_stage1_loss
-    stage.description = (
-        f"task_pe stage 1 of {cfg.preset or 'a config'}: end-to-end training for the content table"
-    )
-    return stage
-
-
-def build_content_table(ds: Dataset, cfg: RunConfig, out: Path, dist: Dist, stage1: Path | None) -> None:
-    """RUN/content_table.npy: the stage-1 tower's vectors (task_pe) or the PCA of frozen features (pe)."""
-    path = out / CONTENT_TABLE
-    if dist.main and not path.is_file():
-        if stage1 is not None:
-            _, model = load_run(stage1, ds)
-            with torch.no_grad():
-                table = item_vectors(model, ds.num_items).float().numpy()
-        else:
-            schema = build_schema(ds, cfg.model, build_table=True)
-            table = pca_table(schema.modalities, cfg.model.content.d)
-        save_content_table(table, path)
-    dist.barrier()
-
-
-def train_stages(
-    ds: Dataset, cfg: RunConfig, out: Path, resume: bool, dist: Dist, progress: bool | None
-) -> dict:
-    open_run_dir(out, cfg, resume, dist)
-    stage1 = None
-    if cfg.train.task_pe:
-        stage1_dir = out / STAGE1
-        if resume and (stage1_dir / METRICS).is_file():
-            stage1 = json.loads((stage1_dir / METRICS).read_text())
-        else:
-            stage1 = train_stages(
-                ds, stage1_config(cfg), stage1_dir, resume and (stage1_dir / CONFIG).is_file(), dist, progress
-            )
-        build_content_table(ds, cfg, out, dist, stage1_dir)
-    elif on_own_table(cfg):
-        build_content_table(ds, cfg, out, dist, None)
-    metrics = Trainer(cfg, ds, out, dist, resume, progress).run()
-    if stage1 is not None:
-        metrics["stage1"] = stage1
-        if dist.main:
-            write_json_atomic(out / METRICS, metrics)
-    return metrics
-
-
-def train(
-    data_dir: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool | None = None
-) -> dict:
-    """Train `cfg` on the dataset in `data_dir` into the run folder `out`; returns metrics.json's content."""
-    validate(cfg)
-    ds = load_dataset(data_dir)
-    dist = Dist.init()
-    try:
-        return train_stages(ds, cfg, Path(out), resume, dist, progress)
-    finally:
-        dist.close()
-
-
-def _summary(metrics: dict) -> str:
-    parts = []
-    for name in ("auc", "gauc", "cold_auc", "logloss", "recall@20", "ndcg@20"):
-        value = metrics.get("test", {}).get(name)
-        if value is not None:
-            parts.append(f"{name} {value:.4f}")
-    return ", ".join(parts)
-
-
-def cli(args) -> int:
-    cfg = resolve(args.preset, args.config, parse_sets(args.set), args.seed, args.epochs, args.max_steps)
-    metrics = train(args.data, cfg, args.out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        tr = metrics["train"]
-        print(
-            f"train: {args.out}: test {_summary(metrics)}; {tr['steps']} steps, "
-            f"{tr['samples_per_s']:.0f} samples/s ({tr['stopped']})"
-        )
-    return 0
-
-
-def evaluate_run(run_dir: str | Path, data_dir: str | Path) -> dict:
-    """Valid and test metrics of a run's best model on a dataset; written to RUN/evaluation.json."""
-    ds = load_dataset(data_dir)
-    cfg, model = load_run(run_dir, ds)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    it = cfg.model.interest
-    out = {"data": str(Path(data_dir).resolve())}
-    for split in ("valid", "test"):
-        out[split] = evaluate_split(
-            model, ds, split, it.short_len, it.long_len, cfg.train.topk, cfg.train.eval_batch_size
-        )
-    write_json_atomic(Path(run_dir) / "evaluation.json", out)
-    return out
-
-
-def cli_evaluate(args) -> int:
-    metrics = evaluate_run(args.run, args.data)
-    print(
-        f"evaluate: {args.run} on {args.data}: test {_summary(metrics)} (written to {Path(args.run) / 'evaluation.json'})"
-    )
-    return 0
