@@ -176,7 +176,7 @@ class Trainer:
         self.scaler.scale(loss).backward()
         values = {
             "loss": value,
-            self.model_cfg.loss.main: main.item(),
+            **({} if self.model_cfg.loss.main == "none" else {self.model_cfg.loss.main: main.item()}),
             **{n: v.item() for n, v in aux.items()},
         }
         if self.t.grad_clip > 0:
