@@ -149,9 +149,9 @@ def run_ablation(
             t0 = time.perf_counter()
             metrics = run_one(data, preset, seed, out, sets, epochs, max_steps)
             results.setdefault(preset, []).append(metrics)
+            shown = {k: metrics["test"].get(k) for k in CLAIMS if metrics["test"].get(k) is not None}
             print(
-                f"ablation: {preset} seed {seed}: test auc {metrics['test'].get('auc')}, cold_auc "
-                f"{metrics['test'].get('cold_auc')} ({time.perf_counter() - t0:.0f} s)",
+                f"ablation: {preset} seed {seed}: test {json.dumps(shown)} ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
             )
     lines = [
