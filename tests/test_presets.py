@@ -67,7 +67,7 @@ def test_preset_builds_and_trains_one_step(world, name):
     ranker_grads = _grad_norm(model.ranker.parameters())
     assert ranker_grads > 0
     tower = model.tower
-    if name.startswith("id_only"):
+    if name.startswith("id_only") or name == "bpr":
         assert tower is None
         return
     if model_cfg.content.source == "fixed":  # pe, task_pe and two-stage LEMUR train on a frozen table
@@ -93,3 +93,27 @@ def test_pe_table_is_built_for_the_run(world):
     assert table.shape == (ds.num_items + 1, resolve("pe").model.content.d)
     assert not table[0].any() and np.isfinite(table).all()
     assert table[1:].std(0).min() > 0  # every component varies across items
+
+
+def test_stop_gradient_cuts_the_ranking_loss_from_the_tower_but_not_sqdc(world):
+    ds, schema, _ = world
+    cfg = resolve("lemur_stop_gradient")
+    torch.manual_seed(0)
+    model = RankingModel(cfg.model, schema).train()
+    samples = make_samples(ds, "train", cfg.model.interest.short_len, cfg.model.interest.long_len)
+    batch = samples.batch(samples.order(0, 0, True)[:BATCH])
+    out = model(batch)
+    tower = [p for p in model.tower.parameters() if p.requires_grad]
+    ranking = torch.autograd.grad(bce(out.logits, batch.label), tower, retain_graph=True, allow_unused=True)
+    assert all(g is None or float(g.abs().sum()) == 0 for g in ranking)
+    sqdc = torch.autograd.grad(out.losses["sqdc"], tower, allow_unused=True)
+    assert sum(0.0 if g is None else float(g.abs().sum()) for g in sqdc) > 0
+
+
+def test_two_stage_lemur_pretrains_stage_one_with_sqdc_alone():
+    from trainer.train import stage1_config
+
+    cfg = resolve("lemur_two_stage")
+    stage = stage1_config(cfg)
+    assert stage.model.loss.main == "none" and stage.model.loss.sqdc_lambda > 0 and not stage.train.task_pe
+    assert cfg.model.loss.main == "bce"  # stage 2 ranks with the usual loss

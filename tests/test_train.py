@@ -166,12 +166,19 @@ def test_pe_trains_on_a_pca_table_of_the_frozen_features(data, tmp_path):
     np.testing.assert_array_equal(model.tower.table.numpy(), np.load(out / CONTENT_TABLE))
 
 
-def test_em3_beats_id_only_on_cold_start_items(data, tmp_path):
-    cold = {}
+def test_cold_items_read_the_new_item_row_and_rank_above_chance(data, tmp_path):
+    """Items never trained on share the learned new-item ID row, so both presets rank cold items
+    well above chance (measured: id_only 0.636, em3 0.629; before the shared row, untrained N(0, 1)
+    rows put id_only at 0.598). Which of the two is ahead is a multi-seed question:
+    benchmarks/results/cold_start.md."""
+    ds = load_dataset(data)
+    trained = np.unique(ds.split("train")["item_id"].to_numpy())
     for preset in ("id_only", "em3"):
         metrics = train(data, _cfg(preset), tmp_path / preset, progress=False)
-        cold[preset] = metrics["test"]["cold_auc"]
-    assert cold["em3"] > cold["id_only"] + 0.01, cold
+        assert metrics["test"]["cold_auc"] > 0.6, (preset, metrics["test"])
+        _, model = load_run(tmp_path / preset, ds)
+        known = model.ranker.item_known.numpy()
+        assert known[trained].all() and known.sum() == len(trained)
 
 
 def test_streaming_evaluates_each_window_before_training_on_it(data, tmp_path):
@@ -312,8 +319,10 @@ def test_ablation_tabulates_presets_over_seeds(data, tmp_path, capsys):
     assert main(args) == 0
     text = (out / "ablation.md").read_text()
     assert "mmrank ablation --data" in text and "--max-steps 3" in text and "torch " in text
-    rows = [line for line in text.splitlines() if line.startswith("| id_only")]
-    assert len(rows) == 2 and all(" ± " in row for row in rows)
+    rows = [line for line in text.splitlines() if line.startswith("| id_only") and " ± " in line]
+    assert len(rows) == 2
+    claim = [line for line in text.splitlines() if line.startswith("| id_only_rankmixer | auc |")]
+    assert len(claim) == 1 and "[" in claim[0] and ("baseline" in claim[0] or "no difference" in claim[0])
     raw = json.loads((out / "ablation.json").read_text())
     assert [len(raw["results"][p]) for p in ("id_only", "id_only_rankmixer")] == [2, 2]
     seeds = {
@@ -356,3 +365,51 @@ def test_worker_processes_build_the_same_batches(data, tmp_path):
         runs[workers] = checkpoint.load(out / "last.pt")["model"]
     for name, value in runs[0].items():
         torch.testing.assert_close(value, runs[2][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def mmrec(tmp_path_factory):
+    """A small MMRec-format dataset (implicit feedback, top-K protocol) with only a text feature."""
+    from trainer.data.mmrec import MMRecConfig, build_mmrec
+
+    rng = np.random.default_rng(0)
+    src = tmp_path_factory.mktemp("mmrec_src")
+    rows = [
+        (u, int(i), k, 0 if k < 8 else 1 + (k - 8) // 2)
+        for u in range(30)
+        for k, i in enumerate(rng.choice(60, 12, replace=False))
+    ]
+    with open(src / "toy.inter", "w") as f:
+        f.write("userID\titemID\ttimestamp\tx_label\n")
+        f.writelines(f"{u}\t{i}\t{t}\t{x}\n" for u, i, t, x in rows)
+    np.save(src / "text_feat.npy", rng.normal(size=(60, 8)).astype(np.float32))
+    out = tmp_path_factory.mktemp("mmrec") / "ds"
+    build_mmrec(src, out, MMRecConfig(name="toy", neg_ratio=2))
+    return out
+
+
+def test_topk_data_stops_on_recall_and_a_null_metric_fails_loudly(mmrec, tmp_path):
+    cfg = _cfg("id_only", **{"train.epochs": 2})
+    metrics = train(mmrec, cfg, tmp_path / "auto")
+    assert cfg.train.early_stop_metric == "auto" and metrics["valid"]["recall@20"] is not None
+    log = [json.loads(x) for x in (tmp_path / "auto" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["improved"] for x in log if x["event"] == "valid"][0] is True
+    with pytest.raises(MMRankError, match=r"valid auc is null.*train.early_stop_metric"):
+        train(mmrec, _cfg("id_only", **{"train.early_stop_metric": "auc"}), tmp_path / "auc")
+
+
+def test_a_preset_without_the_dataset_modalities_names_the_set_to_use(mmrec, tmp_path):
+    with pytest.raises(MMRankError, match=r"""--set 'model.content.modalities=\["text_feat"\]'"""):
+        train(mmrec, _cfg("em3"), tmp_path / "em3")
+
+
+def test_bpr_trains_pairwise_on_positives_with_sampled_negatives(mmrec, tmp_path):
+    cfg = _cfg("bpr", **{"train.epochs": 3, "train.batch_size": 64})
+    metrics = train(mmrec, cfg, tmp_path / "bpr")
+    assert {"recall@20", "ndcg@20"} <= set(metrics["test"])
+    ds = load_dataset(mmrec)
+    train_split = ds.split("train")
+    positives = int((train_split["label"] == 1).sum())
+    assert metrics["train"]["samples"] == 3 * positives  # label-0 rows are not BPR training rows
+    log = [json.loads(x) for x in (tmp_path / "bpr" / "train_log.jsonl").read_text().splitlines()]
+    assert all("bpr" in x and "bce" not in x for x in log if x["event"] == "train")

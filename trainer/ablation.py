@@ -1,4 +1,7 @@
-"""`mmrank ablation`: every preset x seed trained in turn, then one markdown table of mean +- std.
+"""`mmrank ablation`: every preset x seed trained in turn, then markdown tables: mean +- std per preset,
+and per claim (each later row against the first, the baseline, on each test metric both have) the
+paired difference over seeds with its 95% interval, paired t-test p-value and a verdict that follows
+the interval (`trainer.stats`).
 
 OUT/runs/PRESET/seedS/ are ordinary run folders: a finished one (metrics.json) is reused and an
 interrupted one resumed, so re-running the same command after a crash only does the missing work.
@@ -15,23 +18,26 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mmrank.errors import MMRankError
-from trainer.config import parse_sets, read_preset, resolve, validate
+from trainer.config import parse_sets, read_preset, resolve, stop_metric, validate
 from trainer.data.schema import Manifest, write_json_atomic
 from trainer.run import CONFIG, METRICS
+from trainer.stats import mean_std, paired
 from trainer.train import train
 
-# (metrics.json block, key, column title, decimals)
+# (metrics.json block, key, column title, decimals); a column no run has is left out
 COLUMNS = (
     ("test", "auc", "test AUC", 4),
     ("test", "gauc", "test GAUC", 4),
     ("test", "cold_auc", "cold-start AUC", 4),
     ("test", "logloss", "test logloss", 4),
+    ("test", "recall@20", "test R@20", 4),
+    ("test", "ndcg@20", "test N@20", 4),
     ("train", "samples_per_s", "train samples/s", 0),
 )
+CLAIMS = ("auc", "cold_auc", "recall@20", "ndcg@20")  # test metrics each row is compared on
 
 
 def parse_list(text: str, kind: type, what: str) -> list:
@@ -70,25 +76,55 @@ def run_one(
 
 
 def summarise(values: list[float | None], decimals: int) -> str:
-    present = np.array([v for v in values if v is not None], dtype=float)
-    if present.size == 0:
-        return "n/a"
-    std = present.std(ddof=1) if present.size > 1 else 0.0
-    return f"{present.mean():.{decimals}f} ± {std:.{decimals}f}"
+    mean, std, n = mean_std(values)
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if n else "n/a"
+
+
+def _values(runs: list[dict], block: str, key: str) -> list[float | None]:
+    return [r.get(block, {}).get(key) for r in runs]
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
-    """Markdown rows: one per preset, mean ± std over seeds, plus the AUC gain over the first preset."""
-    head = ["preset", "paper row", *[c[2] for c in COLUMNS], "AUC gain"]
+    """Markdown rows: one per preset, mean ± std over seeds."""
+    columns = [
+        c for c in COLUMNS if any(v is not None for runs in results.values() for v in _values(runs, *c[:2]))
+    ]
+    head = ["preset", "paper row", *[c[2] for c in columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = None
     for preset, runs in results.items():
-        aucs = [r["test"].get("auc") for r in runs if r["test"].get("auc") is not None]
-        mean_auc = float(np.mean(aucs)) if aucs else None
-        base = mean_auc if base is None else base
-        gain = f"{100 * (mean_auc / base - 1):+.3f}%" if mean_auc is not None and base else "n/a"
-        cells = [summarise([r[block].get(key) for r in runs], d) for block, key, _, d in COLUMNS]
-        lines.append("| " + " | ".join([preset, read_preset(preset)["paper"], *cells, gain]) + " |")
+        cells = [summarise(_values(runs, block, key), d) for block, key, _, d in columns]
+        lines.append("| " + " | ".join([preset, read_preset(preset)["paper"], *cells]) + " |")
+    return lines
+
+
+def claims(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: every later preset against the first on each claim metric, paired by seed."""
+    names = list(results)
+    base = results[names[0]]
+    head = [
+        "preset vs " + names[0],
+        "test metric",
+        "mean difference",
+        "95% interval",
+        "paired t p",
+        "verdict",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for preset in names[1:]:
+        for metric in CLAIMS:
+            row, ref = _values(results[preset], "test", metric), _values(base, "test", metric)
+            if all(v is None for v in row) or all(v is None for v in ref):
+                continue
+            c = paired(row, ref)
+            cells = [
+                preset,
+                metric,
+                f"{c.mean:+.4f}",
+                f"[{c.low:+.4f}, {c.high:+.4f}]",
+                f"{c.p:.3g}",
+                c.verdict,
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -113,9 +149,9 @@ def run_ablation(
             t0 = time.perf_counter()
             metrics = run_one(data, preset, seed, out, sets, epochs, max_steps)
             results.setdefault(preset, []).append(metrics)
+            shown = {k: metrics["test"].get(k) for k in CLAIMS if metrics["test"].get(k) is not None}
             print(
-                f"ablation: {preset} seed {seed}: test auc {metrics['test'].get('auc')}, cold_auc "
-                f"{metrics['test'].get('cold_auc')} ({time.perf_counter() - t0:.0f} s)",
+                f"ablation: {preset} seed {seed}: test {json.dumps(shown)} ({time.perf_counter() - t0:.0f} s)",
                 file=sys.stderr,
             )
     lines = [
@@ -125,11 +161,18 @@ def run_ablation(
         f"- Machine: {machine()}",
         f"- Data: `{data}` ({manifest.name}, {manifest.counts.get('events', '?')} events)",
         f"- Seeds: {', '.join(map(str, seeds))}; overrides: {json.dumps(sets) if sets else 'none'}",
-        f"- Test metrics of each run's best checkpoint (by valid {resolve(presets[0]).train.early_stop_metric}), "
-        f"mean ± std over seeds (std with n - 1). AUC gain: relative to the first row, as in EM3's tables.",
+        f"- Test metrics of each run's best checkpoint (by valid "
+        f"{stop_metric(resolve(presets[0], sets=sets).train.early_stop_metric, manifest.topk_protocol)}), "
+        "mean ± std over seeds (std with n - 1).",
         "- Runs: `runs/PRESET/seedS/` (config.json, metrics.json); raw metrics in `ablation.json`.",
         "",
         *table(results),
+        "",
+        f"Each row against `{presets[0]}`, paired by seed: mean of (row - baseline), its 95% Student-t interval, "
+        "the two-sided paired t-test p-value; the verdict follows the interval (a difference is claimed only "
+        "when the whole interval is on one side of 0).",
+        "",
+        *(claims(results) if len(presets) > 1 else ["(one preset: nothing to compare)"]),
         "",
     ]
     path = out / "ablation.md"

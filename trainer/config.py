@@ -27,9 +27,19 @@ from trainer.model.config import ModelConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+MAIN_LOSSES = ("bce", "bpr", "none")
+STAGE1_LOSSES = ("same", "none")
 # Early-stopping metrics and whether larger is better; recall@K / ndcg@K on data with a top-K protocol.
 STOP_METRICS = {"auc": True, "gauc": True, "gauc_request": True, "cold_auc": True, "logloss": False}
 TOPK_METRICS = ("recall@", "ndcg@")
+# "auto" follows the dataset's protocol: top-K data (MMRec) has no negatives in valid/test, so AUC is
+# null there and recall@20 (MMRec's own early-stopping metric) is used instead.
+AUTO_STOP = {False: "auc", True: "recall@20"}
+
+
+def stop_metric(metric: str, topk_protocol: bool) -> str:
+    """The early-stopping metric a run uses on data with (or without) a top-K protocol."""
+    return AUTO_STOP[topk_protocol] if metric == "auto" else metric
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -55,9 +65,9 @@ class TrainConfig:
     shuffle: bool = True  # shuffle rows per epoch (order is a pure function of seed and epoch)
     eval_every_steps: int = 0  # validate every N steps; 0 = at the end of every epoch
     eval_batch_size: int = 1024
-    early_stop_metric: str = (
-        "auc"  # auc | gauc | gauc_request | cold_auc | recall@K | ndcg@K | logloss (lower is better)
-    )
+    # auto (auc; recall@20 on top-K data) | auc | gauc | gauc_request | cold_auc | recall@K | ndcg@K |
+    # logloss (lower is better). A validation where the metric is null (e.g. auc without negatives) fails.
+    early_stop_metric: str = "auto"
     patience: int = 3  # stop after this many validations without improvement; 0 = never stop early
     log_every: int = 50  # a structured line in RUN/train_log.jsonl every N steps
     checkpoint_every_steps: int = 200  # RUN/last.pt every N steps (and at every epoch end)
@@ -76,6 +86,9 @@ class TrainConfig:
     # that fixed table with everything else in this config.
     task_pe: bool = False
     task_pe_epochs: int = 1
+    # model.loss.main of stage 1: same (as this config) | none (the auxiliary losses alone: LEMUR's
+    # two-stage baseline pretrains the encoder with SQDC only)
+    task_pe_stage1_loss: str = "same"
     num_workers: int = 0  # DataLoader worker processes building batches; 0 = in the training process
     ddp_find_unused_parameters: bool = True  # LEMUR's p/q sampling leaves parameters unused on some steps
 
@@ -212,11 +225,21 @@ def resolve(
 def validate(cfg: RunConfig) -> None:
     """Value checks the types cannot express; model values are checked by the model itself."""
     t = cfg.train
+    if cfg.model.loss.main not in MAIN_LOSSES:
+        raise MMRankError(f"model.loss.main: {cfg.model.loss.main!r} is not one of {', '.join(MAIN_LOSSES)}")
+    if cfg.model.loss.main == "none" and not (cfg.model.loss.sqdc_lambda > 0 or cfg.model.loss.cic_alpha > 0):
+        raise MMRankError(
+            "model.loss.main='none' needs an auxiliary loss (loss.sqdc_lambda or loss.cic_alpha > 0)"
+        )
+    if t.task_pe_stage1_loss not in STAGE1_LOSSES:
+        raise MMRankError(
+            f"train.task_pe_stage1_loss: {t.task_pe_stage1_loss!r} is not one of {', '.join(STAGE1_LOSSES)}"
+        )
     if t.amp not in AMP_MODES:
         raise MMRankError(f"train.amp: {t.amp!r} is not one of {', '.join(AMP_MODES)}")
-    if higher_is_better(t.early_stop_metric) is None:
+    if t.early_stop_metric != "auto" and higher_is_better(t.early_stop_metric) is None:
         raise MMRankError(
-            f"train.early_stop_metric: {t.early_stop_metric!r} is not one of {', '.join(STOP_METRICS)}, recall@K, ndcg@K"
+            f"train.early_stop_metric: {t.early_stop_metric!r} is not one of auto, {', '.join(STOP_METRICS)}, recall@K, ndcg@K"
         )
     positive = {
         "batch_size": t.batch_size,

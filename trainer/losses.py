@@ -1,5 +1,8 @@
 """Training losses: L = BCE + alpha * L_CIC + lambda * L_SQDC (SPEC §2.5). Pure functions of tensors.
 
+- BPR (`model.loss.main = "bpr"`, the `bpr` preset): the pairwise loss of BPR-MF, replacing BCE, for
+  top-K data where a positive should outrank items the user never interacted with.
+
 - CIC (EM3 eq. 10-14): C_i = f_cic(c_i) and I_i = f'_cic(id_i) come in already projected; both are
   L2-normalised, logits = cos / tau against every other distinct item of the batch (EM3 samples H
   negatives from the batch; we take all of them), L_CIC = 0.5 (L_C2I + L_I2C). An item repeated in the
@@ -20,6 +23,11 @@ from torch import Tensor
 def bce(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean binary cross-entropy of click logits [B] against 0/1 labels [B]."""
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def bpr(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
+    """Mean BPR loss -log sigmoid(s_pos - s_neg) of paired positive and sampled negative scores [B]."""
+    return -F.logsigmoid(pos_logits - neg_logits).mean()
 
 
 def first_occurrence(ids: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ in best.pt may differ from `cfg.model` in two documented ways, both resolved by 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,14 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
         features = load_item_features(ds.root)
         missing = [name for name in wanted if name not in features.modalities]
         if missing:
+            have = sorted(features.modalities)
+            fix = (
+                f"--set 'model.content.modalities={json.dumps(have)}'"
+                if have
+                else "build them with `mmrank features`"
+            )
             raise MMRankError(
-                f"{ds.root}: no {', '.join(missing)} features (have {sorted(features.modalities) or 'none'}); "
-                "change model.content.modalities or build them with `mmrank features`"
+                f"{ds.root}: no {', '.join(missing)} features (have {have or 'none'}); use {fix}"
             )
         for name in wanted:
             feats, mask = features.modalities[name]

@@ -14,14 +14,14 @@ def _bank() -> MemoryBank:
     return MemoryBank(num_items=6, d=3)
 
 
-def test_write_then_read_returns_vectors_default_and_zero_padding():
+def test_write_then_read_returns_vectors_and_zeros_for_never_written_and_padding():
     bank = _bank()
     v = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
     bank.write(torch.tensor([1, 2]), v, step=5)
     out = bank.read(torch.tensor([[2, 1], [0, 3]]))
     assert torch.equal(out[0, 0], v[1]) and torch.equal(out[0, 1], v[0])
     assert torch.equal(out[1, 0], torch.zeros(3))
-    assert torch.equal(out[1, 1], bank.default.detach())
+    assert torch.equal(out[1, 1], torch.zeros(3))
     assert bank.written_step.tolist() == [-1, 5, 5, -1, -1, -1, -1]
     assert bank.present.tolist() == [False, True, True, False, False, False, False]
 
@@ -72,8 +72,6 @@ def test_dedup_join_uses_fresh_vectors_with_gradient_and_bank_values_without():
     out.sum().backward()
     # id 2 appears 3 times in the history; each of its two fresh copies gets half of each use.
     assert torch.equal(fresh.grad, torch.tensor([[1.5] * 3, [0.0] * 3, [1.5] * 3]))
-    # The never-written id 4 read the default: its one position is the default's only gradient.
-    assert torch.equal(bank.default.grad, torch.ones(3))
 
 
 def _join_with_grads(join, hist, bank_vecs, fresh_ids, fresh, weight):
@@ -113,7 +111,7 @@ def test_state_dict_round_trip():
     bank.write(torch.tensor([1, 4]), torch.randn(2, 3), step=7)
     copy = MemoryBank(num_items=6, d=3)
     copy.load_state_dict(bank.state_dict())
-    assert set(bank.state_dict()) == {"vectors", "written_step", "present", "default"}
+    assert set(bank.state_dict()) == {"vectors", "written_step", "present"}
     ids = torch.tensor([0, 1, 2, 4])
     assert torch.equal(copy.read(ids), bank.read(ids))
     assert torch.equal(copy.written_step, bank.written_step)

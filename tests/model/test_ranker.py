@@ -3,7 +3,7 @@ import torch
 
 from mmrank.errors import MMRankError
 from trainer.model.config import RankerConfig
-from trainer.model.ranker import Ranker, RankMixerLayer, token_mix
+from trainer.model.ranker import NEW_ITEM, Ranker, RankMixerLayer, token_mix
 
 NUM_ITEMS, NUM_USERS = 9, 5
 ITEM_CATS = torch.tensor([[0, 0], [1, 2], [2, 1], [3, 0], [1, 1], [2, 2], [3, 1], [1, 0], [2, 2], [3, 3]])
@@ -44,6 +44,7 @@ def test_logits_shape_candidate_independence_and_gradients(mixer):
 
 def test_item_features_look_up_categoricals_from_ids():
     ranker = _ranker()
+    ranker.mark_known(torch.tensor([3, 9, 1]))
     ids = torch.tensor([[3, 0], [9, 1]])
     feats = ranker.item_features(ids)
     assert feats.shape == (2, 2, 12) and ranker.item_dim == 12
@@ -80,3 +81,52 @@ def test_bad_configuration_is_named():
         Ranker(cfg, NUM_USERS, NUM_ITEMS, ITEM_CATS, (4, 4), (), [])
     with pytest.raises(MMRankError, match="item_cats has shape"):
         Ranker(RankerConfig(), NUM_USERS, NUM_ITEMS, ITEM_CATS[:5], (4, 4), (), [])
+
+
+def test_items_never_trained_on_share_the_new_item_row_and_keep_their_categoricals():
+    ranker = _ranker().train()
+    assert torch.count_nonzero(ranker.item_emb.weight[NEW_ITEM]) == 0  # a neutral start
+    user = ranker.user_features(torch.tensor([1]), torch.tensor([[2]]))
+    ranker(user, torch.tensor([[3, 5]]), [torch.zeros(1, 2, 6), torch.zeros(1, 2, 2)])
+    assert ranker.item_known.nonzero().flatten().tolist() == [3, 5]
+    ranker.eval()
+    feats = ranker.item_features(torch.tensor([3, 4, 9, 0]))
+    torch.testing.assert_close(feats[0, :4], ranker.item_emb.weight[3])
+    for row in (1, 2, 3):  # cold items 4, 9 and padding all read row 0
+        torch.testing.assert_close(feats[row, :4], ranker.item_emb.weight[NEW_ITEM])
+    torch.testing.assert_close(feats[2, 4:8], ranker.cat_embs[0].weight[3])  # item 9's own category
+
+
+def test_known_items_travel_in_the_state_dict_and_old_checkpoints_load_all_known():
+    ranker = _ranker()
+    ranker.mark_known(torch.tensor([2, 7]))
+    fresh = _ranker()
+    fresh.load_state_dict(ranker.state_dict())
+    assert fresh.item_known.nonzero().flatten().tolist() == [2, 7]
+    old = {k: v for k, v in ranker.state_dict().items() if k != "item_known"}
+    fresh.load_state_dict(old)
+    assert bool(fresh.item_known.all())
+
+
+def test_id_dropout_sends_a_share_of_training_ids_to_the_new_item_row():
+    cfg = RankerConfig(id_dim=4, hidden=(8,), item_id_dropout=0.5)
+    ranker = Ranker(cfg, NUM_USERS, NUM_ITEMS, ITEM_CATS, (4, 4), (3,), content_dims=[])
+    torch.manual_seed(0)
+    ids = torch.randint(1, NUM_ITEMS + 1, (4000,))
+    share = (ranker._id_dropout(ids) == NEW_ITEM).float().mean().item()
+    assert abs(share - 0.5) < 0.05
+    with pytest.raises(MMRankError, match="item_id_dropout"):
+        Ranker(RankerConfig(item_id_dropout=1.0), NUM_USERS, NUM_ITEMS, ITEM_CATS, (4, 4), (3,), [])
+
+
+def test_dot_mixer_is_matrix_factorisation_of_id_embeddings():
+    cfg = RankerConfig(id_dim=4, mixer="dot", item_id_dropout=0.0)
+    ranker = Ranker(cfg, NUM_USERS, NUM_ITEMS, ITEM_CATS, (4, 4), (3,), content_dims=[]).eval()
+    ranker.mark_known(torch.arange(1, NUM_ITEMS + 1))
+    assert ranker.user_dim == ranker.item_dim == 4  # no categoricals, no user features
+    user = ranker.user_features(torch.tensor([2]), torch.tensor([[1]]))
+    logits = ranker(user, torch.tensor([[4, 6]]), [])
+    expected = ranker.item_emb.weight[[4, 6]] @ ranker.user_emb.weight[2]
+    torch.testing.assert_close(logits[0], expected)
+    with pytest.raises(MMRankError, match="dot"):
+        Ranker(cfg, NUM_USERS, NUM_ITEMS, ITEM_CATS, (4, 4), (3,), content_dims=[6])

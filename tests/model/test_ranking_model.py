@@ -130,7 +130,6 @@ def test_lemur_like_bank_decoder_similarity_sqdc():
     expected = sum(int(i) in targets for i in hist_ids.tolist()) / hist_ids.numel()
     assert out.stats["bank/history_coverage"] == pytest.approx(expected)
     assert model.bank.present[batch.item_id].all() and model.bank.present.sum() == len(targets)
-    assert model.bank.default.grad is not None  # history ids never encoded read the learned default
     assert all(p.grad is not None for p in model.tower.parameters())
 
     before = model.bank.vectors.clone()
@@ -160,8 +159,8 @@ def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
         return sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
 
     assert tower_grad(2) > 0 and tower_grad(4) > 0  # the fresh vector of item 2, with its gradient
-    assert tower_grad(1) == 0 and tower_grad(3) == 0  # the learned default, no encoder
-    torch.testing.assert_close(hist[0, 1], model.bank.default)
+    assert tower_grad(1) == 0 and tower_grad(3) == 0  # never written: the tower's encoding, a constant
+    assert not model.bank.present[4] and float(hist[0, 1].detach().abs().sum()) > 0  # encoded, not a default
     torch.testing.assert_close(hist[0, 2], model.bank.vectors[2])  # the same value the bank now holds
     assert torch.equal(hist[0, 0], torch.zeros(16))
 
@@ -262,7 +261,7 @@ def test_param_groups_split_content_and_ranker_and_skip_decay_on_embeddings():
         by_name["ranker/no_decay"]["weight_decay"] == 0.0 and by_name["ranker/decay"]["weight_decay"] == 0.05
     )
     no_decay = {id(p) for p in by_name["ranker/no_decay"]["params"]}
-    assert id(model.ranker.user_emb.weight) in no_decay and id(model.bank.default) in no_decay
+    assert id(model.ranker.user_emb.weight) in no_decay
     listed = [id(p) for g in groups for p in g["params"]]
     assert sorted(listed) == sorted(id(p) for p in model.parameters() if p.requires_grad)
     torch.optim.AdamW(groups)
@@ -344,7 +343,9 @@ def test_trainable_encoder_p_q_sampling(trainable_model):
     assert math.isclose(stats["bank/encoded_share"], fresh_ids.numel() / NUM_ITEMS)
 
 
-@pytest.mark.parametrize("overrides", [EM3, LEMUR], ids=["em3", "lemur"])
+@pytest.mark.parametrize(
+    "overrides", [EM3, LEMUR, {**LEMUR, "interest.long_len": 8}], ids=["em3", "lemur", "lemur_long"]
+)
 def test_fused_attention_trains_like_sdpa(overrides):
     """The one switch: `attention_impl = "fused"` (on CPU, the custom ops' reference paths) gives the
     same logits, losses and gradients as SDPA for the whole model, fusion included."""
@@ -355,7 +356,7 @@ def test_fused_attention_trains_like_sdpa(overrides):
         model = _model(overrides)
         set_attention_impl(model, impl)
         torch.manual_seed(1)
-        out, loss = _train_step(model, _batch())
+        out, loss = _train_step(model, _batch(long_len=overrides.get("interest.long_len", 0)))
         grads = {k: torch.zeros(()) if g is None else g for k, g in _grads(model).items()}
         results.append((out.logits.detach(), loss.detach(), grads))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
@@ -364,3 +365,28 @@ def test_fused_attention_trains_like_sdpa(overrides):
         if "interest.key.bias" in name:  # cancels in the softmax: 0 in exact arithmetic, unused when fused
             continue
         torch.testing.assert_close(results[1][2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_decoder_and_similarity_read_the_long_sequence_when_there_is_one():
+    model = _model({**LEMUR, "interest.long_len": 8, "interest.target_attention": False}).eval()
+    gen = torch.Generator().manual_seed(3)
+    user, feats, cand = torch.tensor([1]), torch.tensor([[1, 1]]), torch.tensor([[2, 3]])
+    cand_c = torch.randn(1, 2, 16, generator=gen)
+    long_c, long_mask = torch.randn(1, 8, 16, generator=gen), torch.ones(1, 8, dtype=torch.bool)
+    short_mask = torch.ones(1, 5, dtype=torch.bool)
+    seen = []
+    model.decoder.register_forward_hook(lambda m, args, out: seen.append(args[1].shape[1]))
+    with torch.no_grad():
+        a = model.score(
+            user, feats, cand, cand_c, torch.randn(1, 5, 16, generator=gen), short_mask, long_c, long_mask
+        )
+    assert seen == [8]  # the decoder attended over the long history
+    # With target attention off the short history enters only through its masked mean: two short
+    # histories with the same mean score the same, so decoder and similarity features ignore it.
+    short = torch.randn(1, 5, 16, generator=gen)
+    shifted = short + torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0])[None, :, None]
+    with torch.no_grad():
+        b = model.score(user, feats, cand, cand_c, short, short_mask, long_c, long_mask)
+        c = model.score(user, feats, cand, cand_c, shifted, short_mask, long_c, long_mask)
+    torch.testing.assert_close(b, c)
+    assert a.shape == (1, 2)

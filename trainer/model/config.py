@@ -31,6 +31,7 @@ class ContentConfig:
     max_text_tokens: int = 64
     sample_p: float = 0.2  # LEMUR p: share of target items encoded per step (rest read from the bank)
     sample_q: float = 0.2  # LEMUR q: share that back-propagates, q <= p
+    stop_gradient: bool = False  # LEMUR Table 5: no ranking-loss gradient into the tower (aux losses still)
 
 
 @dataclass
@@ -60,14 +61,23 @@ class RankerConfig:
     use_content_item: bool = True  # c of the target item (EM3 Table 6 "item")
     use_content_user: bool = True  # u, decoder output, similarity features (EM3 Table 6 "user")
     hidden: tuple[int, ...] = (256, 128)
-    mixer: str = "mlp"  # mlp | rankmixer (token mixing + per-token FFN)
+    # mlp | rankmixer (token mixing + per-token FFN) | dot (matrix factorisation: <user ID emb, item ID
+    # emb>, no categoricals, user features or content; BPR-MF)
+    mixer: str = "mlp"
     token_dim: int = 64  # rankmixer token width (rounded up to a multiple of the token count)
     mixer_layers: int = 2  # rankmixer layers
     dropout: float = 0.1
+    # Items with no training interaction share one learned "new item" ID row (row 0). ID dropout trains
+    # it: this share of training targets reads row 0 instead of their own row, so the row learns what
+    # an uninformative ID means and the ranker learns to lean on content (and categoricals) then.
+    item_id_dropout: float = 0.1
 
 
 @dataclass
 class LossConfig:
+    # bce: pointwise on labelled samples | bpr: pairwise vs one sampled negative per positive | none: the
+    # auxiliary losses alone (stage 1 of LEMUR's two-stage baseline: SQDC only)
+    main: str = "bce"
     cic_alpha: float = 0.0  # EM3 CIC weight [0.1]
     cic_tau: float = 0.1  # [0.1]
     cic_dim: int = 64  # width of the shared space of f_cic(c) and f'_cic(id)

@@ -7,8 +7,10 @@ was also encoded in this step takes its fresh vector, gradient included ("dedup 
 Decisions:
 - Duplicate ids within one write are averaged: deterministic on every device (index_put_ with repeated
   indices is not) and it averages out dropout noise between copies of the same item.
-- Reading an id that was never written returns a learned default vector (`default`), so early
-  training and rare items get a trained placeholder instead of zeros; id 0 (padding) reads zeros.
+- Reading an id that was never written returns zeros, as for id 0 (padding); the model fills those
+  positions with the tower's encoding (`RankingModel.item_vectors`) in training, evaluation and the
+  exported table alike. (A learned default read in training only would score an item differently in
+  training than in serving, where the table holds its encoding.)
 - Staleness is mean cos(fresh, cached) over the ids of a write that were present before it, NaN when
   none was; coverage is the share of (masked) ids present. All three buffers are part of state_dict,
   so checkpoints carry the bank.
@@ -67,7 +69,10 @@ class MemoryBank(nn.Module):
         self.register_buffer("vectors", torch.zeros(num_items + 1, d))
         self.register_buffer("written_step", torch.full((num_items + 1,), -1, dtype=torch.int64))
         self.register_buffer("present", torch.zeros(num_items + 1, dtype=torch.bool))
-        self.default = nn.Parameter(torch.randn(d) * 0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "default", None)  # the learned default of older checkpoints, now unused
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def write(self, ids: Tensor, vecs: Tensor, step: int) -> Tensor:
@@ -104,10 +109,9 @@ class MemoryBank(nn.Module):
         return self.write(torch.cat(all_ids), torch.cat(all_vecs), step)
 
     def read(self, ids: Tensor) -> Tensor:
-        """Vectors [..., d] for ids [...]: the bank value, the learned default if never written, zeros
-        for padding (row 0 is never written). Bank values are constants; only the default has gradient."""
-        missing = ~self.present[ids] & (ids != PAD_ID)
-        return torch.where(missing[..., None], self.default, self.vectors[ids])
+        """Vectors [..., d] for ids [...]: the bank value (a constant), zeros where never written (and
+        for padding, row 0 being never written)."""
+        return self.vectors[ids]
 
     def coverage(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Share of the (masked) ids that are present in the bank; NaN for no ids."""

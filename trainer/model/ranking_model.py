@@ -10,9 +10,9 @@ Where content vectors come from (SPEC §2.2, LEMUR §1.6):
   q <= p (`content.sample_q`, of all items) back-propagates; the rest read the bank. Items the bank has
   never seen are encoded anyway (a bank default would make a poor target), with gradient only if drawn
   into q. Every freshly encoded vector is written to the bank (all-gathered under DDP).
-- Histories in training: with a bank, bank reads (no encoder on history items; the learned default for
-  ids never written) with the dedup join putting this step's fresh vectors, gradient included, in
-  place; without a bank, the tower encodes every distinct history item (EM3, and the "re-encode every
+- Histories in training: with a bank, bank reads (no encoder on history items, except ids never
+  written, which the tower encodes without gradient: the value eval and the exported table give them)
+  with the dedup join putting this step's fresh vectors, gradient included, in place; without a bank, the tower encodes every distinct history item (EM3, and the "re-encode every
   history item" baseline of the bank benchmark).
 - In eval, targets and histories use `item_vectors` (the bank where present, else the tower), exactly
   what the exported item table holds, so eval scores equal served scores.
@@ -160,27 +160,37 @@ class RankingModel(nn.Module):
         user = self.ranker.user_features(user_id, user_feats)
         content = [cand_c] if self.cfg.ranker.use_content_item else []
         if self.cfg.ranker.use_content_user:
-            interest, similarity = self._interest_and_similarity(cand_c, hist_c, hist_mask)
+            it = self.cfg.interest
+            long = it.long_len > 0
+            # LEMUR's decoder and cosine features are its long-sequence modules: they read the long
+            # history where there is one, the short one otherwise. The cosine features come with the
+            # target attention over the same sequence (one pass over it with the fused kernel).
+            interest, similarity = self._interest_and_similarity(
+                self.interest, cand_c, hist_c, hist_mask, 0 if long else it.similarity_topk
+            )
             content.append(interest)
-            if self.cfg.interest.long_len > 0:
-                content.append(self._interest(self.long_interest, cand_c, long_c, long_mask))
+            if long:
+                long_interest, similarity = self._interest_and_similarity(
+                    self.long_interest, cand_c, long_c, long_mask, it.similarity_topk
+                )
+                content.append(long_interest)
+            seq_c, seq_mask = (long_c, long_mask) if long else (hist_c, hist_mask)
             if self.decoder is not None:
                 context = torch.cat([user[:, None, :].expand(-1, cand_c.shape[1], -1), cand_c], dim=-1)
-                content.append(self.decoder(context, hist_c, hist_mask))
+                content.append(self.decoder(context, seq_c, seq_mask))
             if similarity is not None:
                 content.append(similarity)
         return self.ranker(user, cand_ids, content)
 
     def _interest_and_similarity(
-        self, cand_c: Tensor, hist: Tensor, mask: Tensor
+        self, attention: TargetAttention | None, cand_c: Tensor, hist: Tensor, mask: Tensor, topk: int
     ) -> tuple[Tensor, Tensor | None]:
-        """u over the history and LEMUR's similarity features (None when off); target attention
-        computes both in one pass over the history when its implementation is the fused kernel."""
-        topk = self.cfg.interest.similarity_topk
-        if self.interest is not None and topk > 0:
-            return self.interest.with_similarity(cand_c, hist, mask, topk)
+        """u over a history and LEMUR's similarity features over it (None when topk is 0); target
+        attention computes both in one pass over the history when its implementation is fused."""
+        if attention is not None and topk > 0:
+            return attention.with_similarity(cand_c, hist, mask, topk)
         similarity = similarity_features(cand_c, hist, mask, topk) if topk > 0 else None
-        return self._interest(self.interest, cand_c, hist, mask), similarity
+        return self._interest(attention, cand_c, hist, mask), similarity
 
     @staticmethod
     def _interest(attention: TargetAttention | None, cand_c: Tensor, hist: Tensor, mask: Tensor) -> Tensor:
@@ -215,14 +225,17 @@ class RankingModel(nn.Module):
                 long_c = self._history_content(
                     batch.long_hist_ids, batch.long_hist_mask, fresh_ids, fresh_vecs, stats, "long_history"
                 )
+        # LEMUR Table 5 stop-gradient: the ranker sees the content vectors as constants, while the
+        # auxiliary losses (SQDC) still train the encoder through them.
+        sg = _detach if self.cfg.content.stop_gradient else _same
         logits = self.score(
             batch.user_id,
             batch.user_feats,
             batch.item_id[:, None],
-            None if c is None else c[:, None],
-            hist_c,
+            sg(None if c is None else c[:, None]),
+            sg(hist_c),
             batch.hist_mask,
-            long_c,
+            sg(long_c),
             batch.long_hist_mask,
         )[:, 0]
         if self.training:
@@ -280,7 +293,9 @@ class RankingModel(nn.Module):
         if not self.training:
             return self.item_vectors(ids)
         stats[f"bank/{name}_coverage"] = self.bank.coverage(ids, mask).item()
-        return dedup_join(ids, self.bank.read(ids), fresh_ids, fresh_vecs)
+        with torch.no_grad():  # bank reads are constants; so are the encodings of never-written ids
+            cached = self.item_vectors(ids)
+        return dedup_join(ids, cached, fresh_ids, fresh_vecs)
 
     def _aux_losses(self, batch: Batch, c: Tensor | None, hist_c: Tensor | None) -> dict[str, Tensor]:
         ls, losses = self.cfg.loss, {}
@@ -355,6 +370,14 @@ class RankingModel(nn.Module):
             }
             for (part, decay), params in sorted(groups.items())
         ]
+
+
+def _detach(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.detach()
+
+
+def _same(x: Tensor | None) -> Tensor | None:
+    return x
 
 
 def _check_range(name: str, ids: Tensor, high: int) -> None:

@@ -1,0 +1,73 @@
+"""`mmrank train` and `mmrank evaluate` (SPEC §8): resolve, validate, train the stages, report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.config import RunConfig, parse_sets, resolve, validate
+from trainer.data.schema import load_dataset, write_json_atomic
+from trainer.evaluate import evaluate_split
+from trainer.run import load_run
+from trainer.train.distributed import Dist
+from trainer.train.schedules import train_stages
+
+
+def train(
+    data_dir: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool | None = None
+) -> dict:
+    """Train `cfg` on the dataset in `data_dir` into the run folder `out`; returns metrics.json's content."""
+    validate(cfg)
+    ds = load_dataset(data_dir)
+    dist = Dist.init()
+    try:
+        return train_stages(ds, cfg, Path(out), resume, dist, progress)
+    finally:
+        dist.close()
+
+
+def _summary(metrics: dict) -> str:
+    parts = []
+    for name in ("auc", "gauc", "cold_auc", "logloss", "recall@20", "ndcg@20"):
+        value = metrics.get("test", {}).get(name)
+        if value is not None:
+            parts.append(f"{name} {value:.4f}")
+    return ", ".join(parts)
+
+
+def cli(args) -> int:
+    cfg = resolve(args.preset, args.config, parse_sets(args.set), args.seed, args.epochs, args.max_steps)
+    metrics = train(args.data, cfg, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tr = metrics["train"]
+        print(
+            f"train: {args.out}: test {_summary(metrics)}; {tr['steps']} steps, "
+            f"{tr['samples_per_s']:.0f} samples/s ({tr['stopped']})"
+        )
+    return 0
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | Path) -> dict:
+    """Valid and test metrics of a run's best model on a dataset; written to RUN/evaluation.json."""
+    ds = load_dataset(data_dir)
+    cfg, model = load_run(run_dir, ds)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    it = cfg.model.interest
+    out = {"data": str(Path(data_dir).resolve())}
+    for split in ("valid", "test"):
+        out[split] = evaluate_split(
+            model, ds, split, it.short_len, it.long_len, cfg.train.topk, cfg.train.eval_batch_size
+        )
+    write_json_atomic(Path(run_dir) / "evaluation.json", out)
+    return out
+
+
+def cli_evaluate(args) -> int:
+    metrics = evaluate_run(args.run, args.data)
+    print(
+        f"evaluate: {args.run} on {args.data}: test {_summary(metrics)} (written to {Path(args.run) / 'evaluation.json'})"
+    )
+    return 0

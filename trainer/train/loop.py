@@ -1,0 +1,412 @@
+"""One stage of training: the `Trainer` loop (SPEC §2.6).
+
+AdamW with separate learning rates for the content tower and the ranker, loss = the main loss (BCE,
+or BPR against sampled negatives, or none) + the model's weighted auxiliary losses (CIC, SQDC),
+autocast per `train.amp`, gradient clipping, validation every N steps or per epoch with early stopping
+on the best checkpoint, and the best model evaluated on test at the end. `train.lora_epochs`: after
+`train.epochs`, `start_lora_phase()` and longer histories (EM3 §3.3.2).
+
+Resume: every row order is a pure function of (seed, epoch) (`SampleSet.order`) and last.pt records
+the batches consumed in the epoch, the RNG states of every process and the optimizer, so a resumed run
+continues with the same batches and random draws as one that never stopped. Evaluation runs in eval
+mode on a forked RNG and never writes the memory bank, so it does not perturb training either.
+
+Streaming (`train.streaming`) is the other way through the same loop: `trainer.train.streaming`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from mmrank.errors import MMRankError
+from trainer import checkpoint
+from trainer.checkpoint import TrainState
+from trainer.config import TOPK_METRICS, RunConfig, higher_is_better, stop_metric
+from trainer.data.batch import Batch
+from trainer.data.negatives import NegativeSampler
+from trainer.data.samples import SampleSet, make_samples
+from trainer.data.schema import SPLITS, Dataset, write_json_atomic
+from trainer.evaluate import evaluate_ctr, evaluate_topk, train_item_ids
+from trainer.losses import bce, bpr
+from trainer.model.ranking_model import RankingModel
+from trainer.run import METRICS, TRAIN_LOG, build_schema, final_model_config, restore
+from trainer.train.batches import batches, take
+from trainer.train.distributed import Dist, seed_everything
+from trainer.train.streaming import stream
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the GPU has it, else fp16 (with loss scaling); off on the CPU."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+class Trainer:
+    """Trains one model in `out` (fresh or resumed from out/last.pt) and returns its metrics."""
+
+    def __init__(
+        self, cfg: RunConfig, ds: Dataset, out: Path, dist: Dist, resume: bool, progress: bool | None
+    ):
+        self.cfg, self.t, self.ds, self.out, self.dist = cfg, cfg.train, ds, out, dist
+        self.progress = progress
+        self.model_cfg = final_model_config(cfg, out)
+        self.device = dist.device
+        seed_everything(cfg.seed)
+        self.schema = build_schema(ds, self.model_cfg)
+        self.model = RankingModel(self.model_cfg, self.schema).to(self.device)
+        seed_everything(cfg.seed + 100_003 * dist.rank)  # per-process dropout and p/q sampling draws
+        self.amp = amp_dtype(self.t.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.state = TrainState()
+        self.optimizer = self._make_optimizer()
+        self.resumed = resume and (out / checkpoint.LAST).is_file()
+        if self.resumed:
+            self._resume()
+        self.ddp = self._wrap()
+        self.topk = ds.manifest.topk_protocol
+        self.stop_metric = stop_metric(self.t.early_stop_metric, self.topk)
+        if self.stop_metric.startswith(TOPK_METRICS) and not self.topk:
+            raise MMRankError(
+                f"train.early_stop_metric={self.stop_metric!r} needs data with a top-K protocol"
+            )
+        self.history_splits = ("train",) if self.topk else tuple(SPLITS)
+        self.train_items = train_item_ids(ds)
+        self.negatives = self._negative_sampler() if self.model_cfg.loss.main == "bpr" else None
+        self._samples: dict[tuple[str, int, int], SampleSet] = {}
+        self._log_sums: dict[str, list[float]] = {}
+        self._log_t0 = time.perf_counter()
+        self._log_rows = 0
+        self._saved_step = -1
+
+    # -- setup
+    def _negative_sampler(self) -> NegativeSampler:
+        train = self.ds.split("train")
+        pos = train[train["label"] == 1]
+        return NegativeSampler(pos["user_id"].to_numpy(), pos["item_id"].to_numpy(), self.ds.num_items)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = self.model.param_groups(self.t.lr_content, self.t.lr_ranker, self.t.weight_decay)
+        return torch.optim.AdamW(groups, lr=self.t.lr_ranker)
+
+    def _wrap(self) -> torch.nn.Module:
+        if self.dist.world == 1:
+            return self.model
+        # The bank's writes are all-gathered by the model, so DDP need not broadcast buffers every step.
+        return DistributedDataParallel(
+            self.model, find_unused_parameters=self.t.ddp_find_unused_parameters, broadcast_buffers=False
+        )
+
+    def _resume(self) -> None:
+        path = self.out / checkpoint.LAST
+        ckpt = checkpoint.load(path, ("model", "optimizer", "scaler", "state", "rng"))
+        if len(ckpt["rng"]) != self.dist.world:
+            raise MMRankError(
+                f"{path}: written by {len(ckpt['rng'])} process(es), resumed with {self.dist.world}; "
+                "resume with the same --nproc_per_node"
+            )
+        self.state = TrainState.from_dict(ckpt["state"])
+        if self.state.lora_phase:
+            self.model.start_lora_phase()
+            self.optimizer = self._make_optimizer()
+        checkpoint.load_model_state(self.model, ckpt["model"], path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise MMRankError(f"{path}: optimizer state does not match the model ({e})") from e
+        self.scaler.load_state_dict(ckpt["scaler"])
+        checkpoint.set_rng_state(ckpt["rng"][self.dist.rank])
+
+    def _start_lora_phase(self) -> None:
+        self.model.start_lora_phase()
+        self.model.to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.ddp = self._wrap()
+        self.state.lora_phase = True
+
+    def lengths(self, lora_phase: bool) -> tuple[int, int]:
+        it = final_model_config(self.cfg, self.out, lora_phase).interest
+        return it.short_len, it.long_len
+
+    def samples(self, split: str, lengths: tuple[int, int] | None = None) -> SampleSet:
+        """A split's samples with histories of `lengths` (default: those of the current phase)."""
+        short, long = lengths or self.lengths(self.state.lora_phase)
+        key = (split, short, long)
+        if key not in self._samples:
+            samples = make_samples(self.ds, split, short, long, history_splits=self.history_splits)
+            if split == "train" and self.negatives is not None:  # BPR pairs positives with sampled items
+                samples = take(samples, np.flatnonzero(samples.label == 1))
+            self._samples[key] = samples
+        return self._samples[key]
+
+    # -- one step
+    def _step(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
+        batch = batch.to(self.device)
+        autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else nullcontext()
+        with autocast:
+            out = self.ddp(batch)
+            if self.negatives is not None:
+                negative = dataclasses.replace(batch, item_id=self.negatives.sample(batch.user_id))
+                main = bpr(out.logits.float(), self.ddp(negative).logits.float())
+            elif self.model_cfg.loss.main == "none":
+                main = out.logits.new_zeros((), dtype=torch.float)
+            else:
+                main = bce(out.logits.float(), batch.label)
+        aux = {name: value.float() for name, value in out.losses.items()}
+        loss = main + sum(aux.values())
+        value = loss.item()
+        if not math.isfinite(value):
+            raise MMRankError(
+                f"loss is {value} at step {self.state.global_step + 1}: lower train.lr_* or set train.amp=off"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        values = {
+            "loss": value,
+            **({} if self.model_cfg.loss.main == "none" else {self.model_cfg.loss.main: main.item()}),
+            **{n: v.item() for n, v in aux.items()},
+        }
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.t.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return values, out.stats
+
+    def _train_rows(self, samples: SampleSet, rows: np.ndarray, bar: tqdm) -> bool:
+        """Train on this rank's `rows` from the state's position; False when a stop condition hit."""
+        s = self.state
+        size = self.t.batch_size
+        pin = self.device.type == "cuda"
+        source = batches(samples, rows, size, s.batch_in_epoch, self.t.num_workers, pin)
+        while True:
+            t0 = time.perf_counter()  # batch building counts as training time
+            batch = next(source, None)
+            if batch is None:
+                return True
+            values, stats = self._step(batch)
+            s.train_seconds += time.perf_counter() - t0
+            s.batch_in_epoch += 1
+            s.global_step += 1
+            s.samples_seen += len(batch) * self.dist.world
+            self._record(values, stats, len(batch) * self.dist.world, bar)
+            if (
+                self.t.eval_every_steps
+                and s.global_step % self.t.eval_every_steps == 0
+                and not self.t.streaming
+            ):
+                self._validate()
+            if s.global_step % self.t.checkpoint_every_steps == 0:
+                self._save_last()
+            if s.stopped_early or self._at_max_steps():
+                return False
+
+    def _at_max_steps(self) -> bool:
+        return 0 < self.t.max_steps <= self.state.global_step
+
+    # -- logging
+    def _record(self, values: dict[str, float], stats: dict[str, float], rows: int, bar: tqdm) -> None:
+        for name, value in {**values, **stats}.items():
+            self._log_sums.setdefault(name, []).append(value)
+        self._log_rows += rows
+        bar.update(1)
+        if self.state.global_step % self.t.log_every:
+            return
+        now = time.perf_counter()
+        line = {
+            "event": "train",
+            "step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "samples_per_s": self._log_rows / max(now - self._log_t0, 1e-9),
+            **{name: float(np.nanmean(v)) for name, v in self._log_sums.items()},
+            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+        }
+        self._log_sums, self._log_t0, self._log_rows = {}, now, 0
+        bar.set_postfix(loss=f"{line['loss']:.4f}", samples_per_s=f"{line['samples_per_s']:.0f}")
+        self._log(line, bar)
+
+    def _log(self, line: dict, bar: tqdm | None = None) -> None:
+        if not self.dist.main:
+            return
+        text = json.dumps(line, sort_keys=True, default=float)
+        with open(self.out / TRAIN_LOG, "a") as f:
+            f.write(text + "\n")
+        if bar is None or bar.disable:
+            print(f"train: {text}", file=sys.stderr)
+
+    # -- evaluation and checkpoints
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        samples: SampleSet,
+        split: str,
+        train_items: np.ndarray,
+        lengths: tuple[int, int],
+    ) -> dict:
+        """Rank 0 evaluates (the others wait); every rank gets the result."""
+        metrics = None
+        if self.dist.main:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                metrics = evaluate_ctr(model, samples, train_items, self.t.eval_batch_size, progress=False)
+                if self.topk and split in ("valid", "test"):
+                    metrics.update(
+                        evaluate_topk(
+                            model,
+                            self.ds,
+                            split,
+                            self.t.topk,
+                            short_len=lengths[0],
+                            long_len=lengths[1],
+                            progress=False,
+                        )
+                    )
+        return self.dist.broadcast(metrics)
+
+    def _validate(self) -> None:
+        s = self.state
+        metrics = self.evaluate(
+            self.model, self.samples("valid"), "valid", self.train_items, self.lengths(s.lora_phase)
+        )
+        s.last_eval_step = s.global_step
+        name = self.stop_metric
+        value, higher = metrics.get(name), higher_is_better(name)
+        if value is None:  # a null metric would keep the first checkpoint forever, silently
+            known = sorted(k for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
+            raise MMRankError(
+                f"valid {name} is null on this data (defined: {', '.join(known) or 'none'}); "
+                "choose one with --set train.early_stop_metric=NAME"
+            )
+        improved = (
+            s.best_metric is None
+            # Without a ranking loss the ranking metrics say nothing of the model: keep the latest.
+            or self.model_cfg.loss.main == "none"
+            or (value > s.best_metric if higher else value < s.best_metric)
+        )
+        if improved:
+            s.best_metric, s.best_step, s.best_valid = value, s.global_step, metrics
+            s.bad_evals = 0
+            if self.dist.main:
+                checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
+        else:
+            s.bad_evals += 1
+            s.stopped_early = 0 < self.t.patience <= s.bad_evals
+        self._log(
+            {
+                "event": "valid",
+                "step": s.global_step,
+                "epoch": s.epoch,
+                "improved": improved,
+                "stopped_early": s.stopped_early,
+                **metrics,
+            }
+        )
+
+    def _save_last(self) -> None:
+        self._saved_step = self.state.global_step
+        rng = self.dist.gather(checkpoint.rng_state())
+        if self.dist.main:
+            checkpoint.save_last(
+                self.out / checkpoint.LAST, self.model, self.optimizer, self.scaler, self.state, rng
+            )
+        self.dist.barrier()
+
+    def _bar(self, total: int) -> tqdm:
+        disable = (None if self.progress is None else not self.progress) if self.dist.main else True
+        return tqdm(
+            total=total,
+            initial=min(self.state.global_step, total),
+            unit="step",
+            desc="train",
+            disable=disable,
+            dynamic_ncols=True,
+        )
+
+    def _steps_per_epoch(self, n_rows: int) -> int:
+        return math.ceil((n_rows // self.dist.world) / self.t.batch_size)
+
+    # -- the loops
+    def fit(self) -> None:
+        """Epochs (phase 1, then the LoRA phase) until done, stopped early or at max_steps."""
+        s, t = self.state, self.t
+        epochs = t.epochs + t.lora_epochs
+        total = self._steps_per_epoch(len(self.samples("train"))) * epochs
+        total = min(total, t.max_steps) if t.max_steps else total
+        with self._bar(total) as bar:
+            while s.epoch < epochs and not s.stopped_early and not self._at_max_steps():
+                if s.epoch >= t.epochs and not s.lora_phase:
+                    self._start_lora_phase()
+                samples = self.samples("train")
+                rows = self.dist.shard(samples.order(s.epoch, self.cfg.seed, t.shuffle))
+                if not self._train_rows(samples, rows, bar):
+                    break
+                s.epoch += 1
+                s.batch_in_epoch = 0
+                if not t.eval_every_steps:
+                    self._validate()
+                self._save_last()
+        if s.last_eval_step != s.global_step or s.best_step < 0:
+            self._validate()
+        if self._saved_step != s.global_step:
+            self._save_last()
+
+    def run(self) -> dict:
+        """Train, then evaluate the best model on test; returns (and rank 0 writes) metrics.json."""
+        t0 = time.perf_counter()
+        if self.t.streaming:
+            stream(self)
+        else:
+            self.fit()
+        metrics = self._final_metrics()
+        metrics["train"].update(wall_s=time.perf_counter() - t0, resumed=self.resumed)
+        if self.dist.main:
+            write_json_atomic(self.out / METRICS, metrics)
+        self.dist.barrier()
+        return metrics
+
+    def _final_metrics(self) -> dict:
+        s = self.state
+        if self.t.streaming:
+            by_split = {e["split"]: e for e in s.windows if e["split"] != "train"}
+            valid, test = by_split.get("valid", {}), by_split.get("test", {})
+            stopped = "max_steps" if self._at_max_steps() else "stream_end"
+        else:
+            best_cfg, best = restore(self.cfg, self.out, self.ds, self.out / checkpoint.BEST, self.schema)
+            best.to(self.device)
+            lengths = (best_cfg.interest.short_len, best_cfg.interest.long_len)
+            valid = s.best_valid
+            test = self.evaluate(best, self.samples("test", lengths), "test", self.train_items, lengths)
+            stopped = "early_stop" if s.stopped_early else "max_steps" if self._at_max_steps() else "epochs"
+        params = list(self.model.parameters())
+        train = {
+            "samples_per_s": s.samples_seen / s.train_seconds if s.train_seconds else 0.0,
+            "train_s": s.train_seconds,
+            "steps": s.global_step,
+            "epochs": s.epoch,
+            "samples": s.samples_seen,
+            "stopped": stopped,
+            "best_step": s.best_step,
+            "world_size": self.dist.world,
+            "device": str(self.device),
+            "data": str(Path(self.ds.root).resolve()),
+            "amp": str(self.amp).replace("torch.", "") if self.amp else "off",
+            "parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        }
+        out = {"valid": valid, "test": test, "train": train}
+        if self.t.streaming:
+            out["stream"] = s.windows
+        return out

@@ -1,0 +1,71 @@
+"""The run folder of `mmrank train`: checked against --resume, config.json written, nothing of value
+overwritten."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmrank.errors import MMRankError
+from trainer import checkpoint
+from trainer.config import RunConfig
+from trainer.data.schema import write_json_atomic
+from trainer.run import CONFIG, CONTENT_TABLE, METRICS, STAGE1, TRAIN_LOG, read_config
+from trainer.train.distributed import Dist
+
+# Keys a resumed run may change: when to stop, not what to train.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist) -> None:
+    """Check the run folder against --resume and write config.json (rank 0); nothing of value is overwritten.
+
+    A folder holding a checkpoint or metrics needs --resume; one holding only config.json (a run that
+    failed before its first checkpoint) starts over; any other non-empty folder is refused.
+    """
+    has_run = (out / CONFIG).is_file()
+    if resume:
+        if not has_run:
+            raise MMRankError(f"{out}: nothing to resume (no {CONFIG})")
+        saved = read_config(out)
+        diff = [k for k in _differences(saved.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+        if diff:
+            raise MMRankError(
+                f"{out}: the config differs from the run's {CONFIG} in {', '.join(diff[:4])}; "
+                f"resume with --config {out / CONFIG}"
+            )
+    elif has_run:
+        names = (
+            checkpoint.LAST,
+            checkpoint.BEST,
+            METRICS,
+            CONTENT_TABLE,
+            f"{STAGE1}/{checkpoint.LAST}",
+            f"{STAGE1}/{METRICS}",
+        )
+        kept = [n for n in names if (out / n).exists()]
+        if kept:
+            raise MMRankError(
+                f"{out}: already holds a run ({', '.join(kept)}); pass --resume or choose another --out"
+            )
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MMRankError(f"{out}: exists and is not an empty folder or a run folder")
+    # Every rank has looked at the folder before rank 0 writes into it: a rank still checking would
+    # otherwise see rank 0's half-written config and refuse the folder.
+    dist.barrier()
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / TRAIN_LOG).exists():
+            (out / TRAIN_LOG).unlink()
+        write_json_atomic(out / CONFIG, cfg.to_dict())
+    dist.barrier()
