@@ -53,7 +53,7 @@ def default_blocks(d: int, device: torch.device, backward: bool = False) -> Bloc
         return Blocks(n=16, l=16, warps=1, stages=1)  # the interpreter: small tiles run fastest
     if backward and d > 64:
         # Three [64, d] float32 accumulators per program: with 64 x 64 tiles and 4 warps ptxas spills
-        # 2.4 KB per thread in the dK/dV kernel; 64 x 32 tiles and 8 warps spill 168 B and keep the
+        # 2.1 KB per thread in the dK/dV kernel; 64 x 32 tiles and 8 warps spill 160 B and keep the
         # Hopper matrix instructions (benchmarks/results/kernel_resources.md; not yet timed).
         return Blocks(n=64, l=32, warps=8, stages=2)
     # Measured on an H200 at B, N, L, d = 32, 2000, 1000, 128 (fp16 forward, benchmarks/results/
@@ -82,12 +82,31 @@ def _unpack(packed):
 
 
 @triton.jit
-def _unit_rows(ptrs, n_ok, offs_d, D: tl.constexpr):
+def _tile(base, rows, row_stride, rows_ok, cols, col_stride, n_cols):
+    """A [rows, cols] tile of a strided tensor, zeros outside it."""
+    ptrs = base + rows[:, None] * row_stride + cols[None, :] * col_stride
+    return tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _row_norms(x):
+    """max(|row|, 1e-12) in float32, F.normalize's denominator."""
+    xf = x.to(tl.float32)
+    return tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
+
+
+@triton.jit
+def _through_unit(grad_unit, x):
+    """Gradient of x from that of x / max(|x|, eps): remove the radial part, divide by the norm."""
+    norm = _row_norms(x)
+    unit = x.to(tl.float32) / norm[:, None]
+    return (grad_unit - tl.sum(grad_unit * unit, 1)[:, None] * unit) / norm[:, None]
+
+
+@triton.jit
+def _unit_rows(c):
     """Rows of c divided by max(|c|, 1e-12) (F.normalize), in c's dtype."""
-    c = tl.load(ptrs, mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    cf = c.to(tl.float32)
-    norm = tl.maximum(tl.sqrt(tl.sum(cf * cf, 1)), 1e-12)
-    return (cf / norm[:, None]).to(c.dtype)
+    return (c.to(tl.float32) / _row_norms(c)[:, None]).to(c.dtype)
 
 
 # ---- forward ---------------------------------------------------------------------------------------
@@ -118,16 +137,12 @@ def _fwd_kernel(
     n_ok = offs_n < N
 
     if ATTENTION:
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        q = _tile(Q + b * sqb + h * sqh, offs_n, sqn, n_ok, offs_d, sqd, D)
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     if COSINE:
-        c = _unit_rows(C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd, n_ok, offs_d, D)
+        c = _unit_rows(_tile(C + b * scb, offs_n, scn, n_ok, offs_d, scd, D))
         offs_k = tl.arange(0, BLOCK_K)
         # The k largest so far, as packed (cosine, position) keys, sorted descending.
         best = tl.full([BLOCK_N, BLOCK_K], NONE_KEY, tl.int64)
@@ -136,11 +151,7 @@ def _fwd_kernel(
         offs_l = start + tl.arange(0, BLOCK_L)
         l_in = offs_l < L
         keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
-        k = tl.load(
-            K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
-            mask=l_in[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        k = _tile(K + b * skb + h * skh, offs_l, skl, l_in, offs_d, skd, D)
         if ATTENTION:
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(keep[None, :], s, float("-inf"))
@@ -150,16 +161,11 @@ def _fwd_kernel(
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
-                mask=l_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            v = _tile(V + b * svb + h * svh, offs_l, svl, l_in, offs_dv, svd, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         if COSINE:
-            kf = k.to(tl.float32)
-            k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+            k_norm = _row_norms(k)
             cos = tl.dot(c, tl.trans(k), input_precision=PRECISION) / k_norm[None, :]
             first_recent = L - TOPK
             rec_ok = n_ok[:, None] & (offs_l[None, :] >= first_recent) & l_in[None, :]
@@ -250,38 +256,20 @@ def _bwd_kv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     l_in = offs_l < L
     keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
-    k = tl.load(
-        K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
-        mask=l_in[:, None] & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    k = _tile(K + b * skb + h * skh, offs_l, skl, l_in, offs_d, skd, D)
     dk = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
     if ATTENTION:
-        v = tl.load(
-            V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
-            mask=l_in[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        v = _tile(V + b * svb + h * svh, offs_l, svl, l_in, offs_dv, svd, DV)
     if COSINE:
-        kf = k.to(tl.float32)
-        k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
         dk_hat = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
 
     for start in range(0, N, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         if ATTENTION:
-            q = tl.load(
-                Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=n_ok[:, None] & (offs_d[None, :] < D),
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
-                mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            q = _tile(Q + b * sqb + h * sqh, offs_n, sqn, n_ok, offs_d, sqd, D)
+            do = _tile(DO + b * sob + h * soh, offs_n, son, n_ok, offs_dv, sod, DV)
             lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
             delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -291,14 +279,12 @@ def _bwd_kv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
         if COSINE:
-            c = _unit_rows(C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd, n_ok, offs_d, D)
+            c = _unit_rows(_tile(C + b * scb, offs_n, scn, n_ok, offs_d, scd, D))
             g = _cos_grad_tile(GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L, TOPK, BLOCK_N, BLOCK_L)
             dk_hat += tl.dot(tl.trans(g.to(c.dtype)), c, input_precision=PRECISION)
 
-    if COSINE:
-        # cos = c_hat . k / |k|: through the normalisation, dk = (dk_hat - (dk_hat . k_hat) k_hat) / |k|.
-        k_hat = kf / k_norm[:, None]
-        dk += (dk_hat - tl.sum(dk_hat * k_hat, 1)[:, None] * k_hat) / k_norm[:, None]
+    if COSINE:  # cos = c_hat . k / |k|
+        dk += _through_unit(dk_hat, k)
     if SAME_KV:  # keys and values are one tensor (the history): one gradient
         dk += dv
     tl.store(
@@ -340,16 +326,8 @@ def _bwd_q_kernel(
     n_ok = offs_n < N
     dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if ATTENTION:
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        do = tl.load(
-            DO + b * sob + h * soh + offs_n[:, None] * son + offs_dv[None, :] * sod,
-            mask=n_ok[:, None] & (offs_dv[None, :] < DV),
-            other=0.0,
-        )
+        q = _tile(Q + b * sqb + h * sqh, offs_n, sqn, n_ok, offs_d, sqd, D)
+        do = _tile(DO + b * sob + h * soh, offs_n, son, n_ok, offs_dv, sod, DV)
         lse = tl.load(Lse + pid_bh * N + offs_n, mask=n_ok, other=float("inf"))
         delta = tl.load(Delta + pid_bh * N + offs_n, mask=n_ok, other=0.0)
     if COSINE:
@@ -359,25 +337,16 @@ def _bwd_q_kernel(
         offs_l = start + tl.arange(0, BLOCK_L)
         l_in = offs_l < L
         keep = tl.load(Mask + b * smb + offs_l * sml, mask=l_in, other=0) != 0
-        k = tl.load(
-            K + b * skb + h * skh + offs_l[:, None] * skl + offs_d[None, :] * skd,
-            mask=l_in[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        k = _tile(K + b * skb + h * skh, offs_l, skl, l_in, offs_d, skd, D)
         if ATTENTION:
-            v = tl.load(
-                V + b * svb + h * svh + offs_l[:, None] * svl + offs_dv[None, :] * svd,
-                mask=l_in[:, None] & (offs_dv[None, :] < DV),
-                other=0.0,
-            )
+            v = _tile(V + b * svb + h * svh, offs_l, svl, l_in, offs_dv, svd, DV)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         if COSINE:
-            kf = k.to(tl.float32)
-            k_norm = tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12)
+            k_norm = _row_norms(k)
             g = _cos_grad_tile(GRec, GTop, TopIs, b, offs_n, n_ok, offs_l, keep, N, L, TOPK, BLOCK_N, BLOCK_L)
             g = g / k_norm[None, :]
             dc += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)
@@ -388,16 +357,8 @@ def _bwd_q_kernel(
             dq.to(DQ.dtype.element_ty),
             mask=n_ok[:, None] & (offs_d[None, :] < D),
         )
-    if COSINE:
-        # through c_hat = c / |c|: dc = (dc_hat - (dc_hat . c_hat) c_hat) / |c|
-        c = tl.load(
-            C + b * scb + offs_n[:, None] * scn + offs_d[None, :] * scd,
-            mask=n_ok[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
-        c_norm = tl.maximum(tl.sqrt(tl.sum(c * c, 1)), 1e-12)
-        c_hat = c / c_norm[:, None]
-        dc = (dc - tl.sum(dc * c_hat, 1)[:, None] * c_hat) / c_norm[:, None]
+    if COSINE:  # dc above is the gradient of c_hat = c / |c|
+        dc = _through_unit(dc, _tile(C + b * scb, offs_n, scn, n_ok, offs_d, scd, D))
         tl.store(
             DC + (b * N + offs_n[:, None]) * D + offs_d[None, :],
             dc.to(DC.dtype.element_ty),
