@@ -69,8 +69,8 @@ def test_serve_refuses_a_port_in_use(repo, capsys):
     assert err == [f"mmrank serve: error: --grpc-port {port}: 127.0.0.1:{port} is already in use"]
 
 
-def test_serve_names_a_missing_repository(tmp_path, capsys):
-    ports = [
+def _free_ports() -> list[str]:
+    return [
         "--grpc-port",
         str(free_port()),
         "--http-port",
@@ -78,21 +78,16 @@ def test_serve_names_a_missing_repository(tmp_path, capsys):
         "--metrics-port",
         str(free_port()),
     ]
-    assert main(["serve", "--repo", str(tmp_path / "nope"), *ports]) == 1
+
+
+def test_serve_names_a_missing_repository(tmp_path, capsys):
+    assert main(["serve", "--repo", str(tmp_path / "nope"), *_free_ports()]) == 1
     assert "model repository not found" in capsys.readouterr().err
 
 
 def _serve(repo, *extra):
-    ports = [
-        "--grpc-port",
-        str(free_port()),
-        "--http-port",
-        str(free_port()),
-        "--metrics-port",
-        str(free_port()),
-    ]
     return subprocess.Popen(
-        [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports, *extra],
+        [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *_free_ports(), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
