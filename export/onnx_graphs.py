@@ -156,7 +156,7 @@ class Fp16Graph(nn.Module):
 
     Attention runs its plain implementation in the copy: the TorchScript exporter writes
     scaled_dot_product_attention's mask as an fp32 constant, which makes an fp16 graph ill-typed.
-    Each switch is the module's own option, tested against SDPA where the module is defined."""
+    The reference is tested against SDPA in tests/model/test_attention.py."""
 
     def __init__(self, module: nn.Module):
         super().__init__()

@@ -53,9 +53,8 @@ def masked_attention(
         return attention_reference(q, k, v, mask, scale)
     if impl == "sdpa":
         return attention_sdpa(q, k, v, mask, scale)
-    if impl == "fused":
-        return masked_attention_op(q, k, v, mask, scale)[0]
-    raise ValueError(f"unknown attention impl {impl!r}; expected one of {ATTENTION_IMPLS}")
+    check_impl(impl)  # "fused" is the one left
+    return masked_attention_op(q, k, v, mask, scale)[0]
 
 
 def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
