@@ -48,14 +48,17 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_model(preset: str, history_len: int | None = None):
-    """The preset's model on the random schema; `history_len` overrides its short history length."""
+def build_model(preset: str, history_len: int | None = None, d: int | None = None):
+    """The preset's model on the random schema; `history_len` overrides its short history length, `d`
+    its content width."""
     from trainer.config import resolve
     from trainer.model.ranking_model import ModelSchema, RankingModel
 
     cfg = resolve(preset).model
     if history_len is not None:
         cfg.interest.short_len = history_len
+    if d is not None:
+        cfg.content.d = d
     gen = torch.Generator().manual_seed(0)
     n = NUM_ITEMS
     text, image = torch.randn(n + 1, 2, 384, generator=gen), torch.rand(n + 1, 1, 1280, generator=gen)

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The one GPU check (`make gpu-check`): on a machine with a CUDA GPU and no network, with the torch and
-# triton it has (never reinstalled), run the GPU tests of the attention kernels, then the kernel
-# benchmark; logs and results land in benchmarks/results/ (or $RESULTS). Exit status: non-zero if
-# either failed. Budget: about 5 minutes on an H100/H200, most of it Triton compiling the kernels.
+# triton it has (never reinstalled), run the GPU tests of the attention kernels and of the torch serving
+# backend (CUDA graphs), the kernel benchmark, then the GPU serving benchmark (benchmarks/gpu_serving.py:
+# tritonserver start, parity, closed loop, locust where installed); logs and results land in
+# benchmarks/results/ (or $RESULTS). Serving needs the tritonserver of nvidia-pytriton and tritonclient
+# (+ grpcio, protobuf, python-rapidjson) importable, e.g. wheels carried to the machine and installed
+# with `pip install --no-deps --target DIR` and DIR on PYTHONPATH; without them that part says so and
+# is skipped. Exit status: non-zero if a part that ran failed. Budget: under 8 minutes on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}
@@ -20,5 +24,14 @@ timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
 tests=${PIPESTATUS[0]}
 timeout 300 "$PY" benchmarks/attention_kernel.py --out "$RESULTS" "$@"
 bench=$?
-echo "gpu-check: tests exit $tests, benchmark exit $bench"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+# The torch backend in process (programs vs ONNX, CUDA graphs vs eager); the server's part is the benchmark's parity.
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/export/test_torch_serving.py -k "programs_score or cuda_graph" 2>&1 \
+  | tee "$RESULTS/gpu_serving_tests.log"
+serving=${PIPESTATUS[0]}
+if "$PY" -c 'import tritonclient.grpc, sys; from export.triton_launcher import TritonDistribution as T; sys.exit(not T.installed())' 2>/dev/null; then
+  timeout 240 "$PY" benchmarks/gpu_serving.py --out "$RESULTS" --calls 200 || serving=1
+else
+  echo "gpu-check: serving skipped: tritonclient or the nvidia-pytriton tritonserver is not importable"
+fi
+echo "gpu-check: tests exit $tests, benchmark exit $bench, serving exit $serving"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ] && [ "$serving" -eq 0 ]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.request_sample import SampleConfig, draw_requests
+from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from mmrank.errors import MMRankError
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "locustfile.py"
@@ -252,14 +252,21 @@ def run_locust(cfg: LoadTestConfig, out: Path) -> None:
         raise MMRankError(f"locust wrote no calls ({tail[0]}); see {out / 'locust.log'}")
 
 
-def run_loadtest(out: str | Path, data: str | Path, cfg: LoadTestConfig = LoadTestConfig()) -> dict:
+def run_loadtest(
+    out: str | Path,
+    data: str | Path,
+    cfg: LoadTestConfig = LoadTestConfig(),
+    sample: RequestSample | None = None,
+) -> dict:
+    """Locust against `cfg.url` with requests drawn from the dataset `data`, or `sample` where given
+    (then `data` only names where it came from in the report)."""
     check_loopback(cfg.url)
     if not cfg.user_steps or min(cfg.user_steps) < 1 or cfg.duration_s <= 0:
         raise MMRankError(
             f"need user steps >= 1 and a positive duration, got {cfg.user_steps}, {cfg.duration_s}"
         )
     check_ready(cfg.url, cfg.model)
-    sample = draw_requests(data, cfg.sample)
+    sample = sample or draw_requests(data, cfg.sample)
     out, data = Path(out), Path(data)
     started = provenance(command_line(out, data, cfg))
     out.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,16 @@ def draw_requests(data: str | Path, cfg: SampleConfig = SampleConfig()) -> Reque
         histories=np.stack([groups.histories[i] for i in full]).astype(np.int64),
         candidates=np.stack([_fill(groups.candidates[i], cfg.candidates, num_items, rng) for i in full]),
     )
+
+
+def random_requests(num_items: int, num_users: int, cfg: SampleConfig = SampleConfig()) -> RequestSample:
+    """Requests of uniformly drawn ids (seeded) for shapes no dataset here has, e.g. L = 1,000 histories
+    for GPU latency (ML-100K users have at most 737 ratings): latency depends on shapes, not on which
+    items are asked for."""
+    rng = np.random.default_rng(cfg.seed)
+    r = cfg.requests
+    return RequestSample(
+        users=rng.integers(1, num_users + 1, r).astype(np.int64),
+        histories=rng.integers(1, num_items + 1, (r, cfg.history)).astype(np.int64),
+        candidates=np.stack([rng.choice(num_items, cfg.candidates, replace=False) + 1 for _ in range(r)]),
+    )

@@ -11,6 +11,8 @@ one ("batch", "candidates", "history", "tokens", ...); the first axis of every g
                 "num_users": ..., "user_feature_cards": [3], "modalities": {"text": {"tokens": 2, "dim": 384}}},
       "graphs": {"ranking": {"file": "ranking.onnx", "fp16_file": "ranking.fp16.onnx",
                              "sha256": ..., "fp16_sha256": ..., "inputs": [...], "outputs": [...]}, ...},
+      "programs": {"ranking": {"file": "ranking.pt2", "fp16_file": "ranking.fp16.pt2", "sha256": ...,
+                               "fp16_sha256": ..., "inputs": ["user_id", ...], "torch": "2.13.0"}},
       "item_table": {"dir": "item_table", "version": 1},
       "tokenizer": {"dir": "tokenizer", "max_length": 128, "fields": ["title", "overview"],
                     "join_fields": false}
@@ -68,6 +70,18 @@ class GraphSpec:
         return _by_name(self.outputs, name, "output")
 
 
+@dataclass
+class ProgramSpec:
+    """A torch.export program of a graph (export/torch_program.py), for the torch serving backend."""
+
+    file: str
+    fp16_file: str
+    sha256: str
+    fp16_sha256: str
+    inputs: list[str]  # argument order; the same names as the graph's ONNX inputs
+    torch: str  # the torch release that exported it
+
+
 def _by_name(specs: list[TensorSpec], name: str, kind: str) -> TensorSpec:
     for spec in specs:
         if spec.name == name:
@@ -104,6 +118,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     item_table: dict[str, object]
     tokenizer: TokenizerInfo | None = None
+    programs: dict[str, ProgramSpec] = field(default_factory=dict)  # graph name -> torch program
     format_version: int = FORMAT_VERSION
 
     def graph(self, name: str) -> GraphSpec:
@@ -140,6 +155,7 @@ class Manifest:
                 graphs={name: _graph(g) for name, g in raw["graphs"].items()},
                 item_table=raw["item_table"],
                 tokenizer=TokenizerInfo(**raw["tokenizer"]) if raw.get("tokenizer") else None,
+                programs={name: ProgramSpec(**p) for name, p in raw.get("programs", {}).items()},
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MMRankError(f"{path}: not valid JSON ({e})") from e
@@ -156,7 +172,7 @@ class Manifest:
             raise MMRankError(f"{root / MANIFEST}: unknown graphs {unknown}")
         if "ranking" not in self.graphs:
             raise MMRankError(f"{root / MANIFEST}: no ranking graph")
-        for g in self.graphs.values():
+        for g in [*self.graphs.values(), *self.programs.values()]:
             for name in filter(None, (g.file, g.fp16_file)):
                 if not (root / name).is_file():
                     raise MMRankError(f"{root / name}: listed in the manifest but missing")

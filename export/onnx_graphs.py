@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from export.item_table import build_item_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
+from export.torch_program import write_ranking_programs
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
@@ -360,9 +361,11 @@ class TextSetup:
 @dataclass
 class ExportConfig:
     fp16: bool = True  # also write *.fp16.onnx
+    torch_program: bool = True  # also write ranking.pt2 + ranking.fp16.pt2 (export/torch_program.py)
     text_encoder: nn.Module | None = None  # frozen mode: None = the pretrained TextEncoder
     image_encoder: nn.Module | None = None  # None = the pretrained ImageEncoder
     progress: bool = True  # one line per graph on stderr (the encoders take tens of seconds)
+    ranking_only: bool = False  # the ranking graph and item table only (serving benchmarks: no encoders)
 
 
 def graph_builds(
@@ -372,7 +375,7 @@ def graph_builds(
     config = config or ExportConfig()
     builds = {"ranking": ranking_build(model)}
     tower = model.tower
-    if tower is None or tower.table is not None:
+    if config.ranking_only or tower is None or tower.table is not None:
         return builds  # no tower, or a fixed content table: no content graph to export
     builds["fusion"] = fusion_build(tower)
     names = list(tower.projections.proj)
@@ -432,6 +435,12 @@ def export_model(
             graphs[name] = write_graph(name, build, tmp, config.fp16)
             if config.progress:
                 print(f"export: {name} graph written ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+        programs = {}
+        if config.torch_program:
+            ranking = builds["ranking"]
+            programs["ranking"] = write_ranking_programs(ranking.module, ranking.inputs, ranking.axes, tmp)
+            if config.progress:
+                print("export: ranking torch programs written", file=sys.stderr)
         table = build_item_table(
             model, model.schema.num_items, {"checkpoint_sha256": checkpoint["sha256"]}, user_feats
         )
@@ -448,6 +457,7 @@ def export_model(
             graphs=graphs,
             item_table={"dir": "item_table", "version": table.version},
             tokenizer=tokenizer,
+            programs=programs,
         )
         manifest.write(tmp)
     return manifest
@@ -519,7 +529,13 @@ def export_run(
 
 def cli(args) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    manifest = export_run(args.run, args.out, args.data, args.force, ExportConfig(fp16=not args.no_fp16))
+    manifest = export_run(
+        args.run,
+        args.out,
+        args.data,
+        args.force,
+        ExportConfig(fp16=not args.no_fp16, torch_program=not args.no_torch_program),
+    )
     for name, g in manifest.graphs.items():
         size = (Path(args.out) / g.file).stat().st_size / 2**20
         print(f"{name}: {g.file} ({size:.1f} MiB){' + ' + g.fp16_file if g.fp16_file else ''}")

@@ -1,4 +1,4 @@
-"""`mmrank repo --export DIR --out DIR --backend python|onnxruntime|tensorrt`: a Triton model repository.
+"""`mmrank repo --export DIR --out DIR --backend python|torch|onnxruntime|tensorrt`: a Triton model repository.
 
 Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from the export manifest
 (tensor names, dtypes and dims are the graphs' own, read from the ONNX files) and written with
@@ -17,7 +17,10 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
       text_encoder, image_preprocess (Python: bytes -> pixels, image_mask), image_encoder, fusion
 
 Backends: `python` runs every graph with onnxruntime inside Triton's Python backend
-(model_repository/models/graph_model.py; CUDA EP on GPU instances); `onnxruntime` and `tensorrt` use
+(model_repository/models/graph_model.py; CUDA EP on GPU instances); `torch` is `python` except that
+the lookup step ranks with the exported torch program (export/torch_program.py) on the instance's GPU,
+item table resident there, CUDA graphs per (batch, candidates) bucket (model_repository/torch_ranker.py;
+the CPU where there is no GPU), so the stub's Python needs torch too; `onnxruntime` and `tensorrt` use
 Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (TensorRT engines come
 from export/tensorrt.py), the lookup, tokenizer and image preprocessing stay Python. Every model
 batches (the first dimension of every tensor is the batch); graph models have dynamic batching.
@@ -44,13 +47,15 @@ from model_repository import item_table as it
 from model_repository.limits import RequestLimits
 from trainer.data.schema import atomic_dir
 
-BACKENDS = ("python", "onnxruntime", "tensorrt")
+BACKENDS = ("python", "torch", "onnxruntime", "tensorrt")
+PYTHON_GRAPHS = ("python", "torch")  # backends that run the ONNX graphs in the Python backend
 PRECISIONS = ("fp32", "fp16")
 RUNTIME = Path(__file__).resolve().parents[1] / "model_repository"  # the serving runtime package
 PYTHON_CODE = RUNTIME / "models"
 RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", ".ruff_cache", "README.md")
 REPOSITORY_README = RUNTIME / "README.md"
 RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
+RANKING_PROGRAM = "ranking.pt2"  # torch backend: the ranking program inside each item_lookup version
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
 GRAPH_MODELS = ("text_encoder", "image_encoder", "fusion", "ranking")
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
@@ -69,6 +74,13 @@ class RenderConfig:
     rank_graph_threads: int = 1
     engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds of one `rank` request
+    # torch backend: where the program runs ("auto": the instance's GPU where torch sees one, else the
+    # CPU), the (batch x candidates) buckets requests are padded to, and whether each bucket is a CUDA
+    # graph. One user's request (the client's) fits 1xN up to the default 2,000-candidate limit; the
+    # 4x and 8x buckets hold requests the lookup batches together under concurrency.
+    device: str = "auto"
+    buckets: str = "1x128,1x512,1x2048,4x512,8x512"
+    cuda_graphs: bool = True
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -111,7 +123,7 @@ def _base(name: str, rc: RenderConfig, kind: str) -> mc.ModelConfig:
 def graph_config(name: str, spec: GraphSpec, rc: RenderConfig) -> mc.ModelConfig:
     kind = "KIND_GPU" if rc.backend == "tensorrt" else "KIND_AUTO"
     config = _base(name, rc, kind)
-    if rc.backend == "python":
+    if rc.backend in PYTHON_GRAPHS:
         config.backend = "python"
         _params(config, onnx_file="model.onnx")
     else:
@@ -145,12 +157,28 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
     ranking = manifest.graph("ranking")
     flag = _tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1])
     params = {}
-    if rc.backend == "python":
-        # The lookup runs the ranking graph itself (RANKING_FILE in each version folder): one Python step
-        # instead of two, which is what benchmarks/results/serving_overhead.md measured the time going to.
+    if rc.backend in PYTHON_GRAPHS:
+        # The lookup runs the ranking graph itself (RANKING_FILE or RANKING_PROGRAM in each version folder):
+        # one Python step instead of two, which is what benchmarks/results/serving_overhead.md measured
+        # the time going to.
         outputs = [*_outputs(ranking.outputs), flag]
+    if rc.backend == "python":
         params["graph"] = RANKING_FILE
         params["graph_threads"] = rc.rank_graph_threads
+    elif rc.backend == "torch":
+        program = manifest.programs.get("ranking")
+        if program is None:
+            raise MMRankError(
+                "the export has no torch program of the ranking graph (export again with this version, "
+                "without --no-torch-program)"
+            )
+        params.update(
+            program=RANKING_PROGRAM,
+            program_inputs=program.inputs,
+            device=rc.device,
+            buckets=rc.buckets,
+            cuda_graphs=rc.cuda_graphs,
+        )
     else:
         # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
         outputs = _outputs(ranking.inputs, reshape=False)
@@ -172,6 +200,8 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
     )
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
     config.instance_group[0].count = rc.lookup_instances
+    if rc.backend == "torch":  # a GPU instance where the server has GPUs, else a CPU one
+        config.instance_group[0].kind = mc.ModelInstanceGroup.Kind.Value("KIND_AUTO")
     # Requests queued while the instance is busy arrive in one execute() call (no added wait).
     config.dynamic_batching.max_queue_delay_microseconds = 0
     return config
@@ -223,7 +253,7 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
 def rank_config(lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig) -> mc.ModelConfig:
     outputs = [o for o in ranking.output] + [o for o in lookup.output if o.name == it.CANDIDATE_KNOWN]
     config = _ensemble("rank", rc, list(lookup.input), outputs)
-    if "graph" in lookup.parameters:  # the lookup scores (python backend): one step
+    if "graph" in lookup.parameters or "program" in lookup.parameters:  # the lookup scores: one step
         _step(config, lookup)
         return config
     # The lookup's user tensors (ids checked against the tables) must not reuse the request's names.
@@ -386,7 +416,7 @@ def render_repository(
             if name in sources:
                 src, dst = sources[name]
                 shutil.copy2(src, version / dst)
-                if rc.backend == "python":
+                if rc.backend in PYTHON_GRAPHS:
                     write_python_model(version, "graph_model.py")
             if name in PYTHON_MODELS:
                 write_python_model(version, PYTHON_MODELS[name])
@@ -395,6 +425,10 @@ def render_repository(
         )
         if "graph" in models["item_lookup"].parameters:
             shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
+        if "program" in models["item_lookup"].parameters:
+            program = manifest.programs["ranking"]
+            file = program.fp16_file if rc.precision == "fp16" else program.file
+            shutil.copy2(export_dir / file, tmp / "item_lookup" / "1" / RANKING_PROGRAM)
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
@@ -431,9 +465,10 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_python_model(tmp, PYTHON_MODELS["item_lookup"])
-    graph = model / str(versions[-1]) / RANKING_FILE
-    if graph.is_file():  # python backend: the lookup runs the ranking graph too
-        shutil.copy2(graph, tmp / RANKING_FILE)
+    for name in (RANKING_FILE, RANKING_PROGRAM):  # python / torch backend: the lookup ranks too
+        graph = model / str(versions[-1]) / name
+        if graph.is_file():
+            shutil.copy2(graph, tmp / name)
     table.write(tmp / "item_table")
     it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
     final = model / str(versions[-1] + 1)
@@ -444,7 +479,13 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
 def cli(args) -> int:
     limits = RequestLimits(args.max_candidates, args.max_history, args.max_request_bytes)
     rc = RenderConfig(
-        backend=args.backend, precision=args.precision, max_batch_size=args.max_batch_size, limits=limits
+        backend=args.backend,
+        precision=args.precision,
+        max_batch_size=args.max_batch_size,
+        limits=limits,
+        device=args.device,
+        buckets=args.buckets,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     models = render_repository(args.export, args.out, rc, force=args.force)
     print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")

@@ -68,6 +68,10 @@ class TritonConfig:
     log_file: Path | None = None  # server log; None = a file in the launcher's work folder
     extra_args: list[str] = field(default_factory=list)
     python_env: Path | None = None  # venv whose Python runs the models, nothing added; None = this project's
+    # Run the models with this interpreter even under NumPy 2, without the NumPy 1.26 stub environment:
+    # only models that move tensors through DLPack (the torch backend's item_lookup) read and write
+    # correctly then. For GPU machines with NumPy 2 and no package index to build the stub environment.
+    dlpack_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,8 @@ def model_python(config: TritonConfig) -> ModelPython:
         return check_python_env(Path(config.python_env))
     libdir = sysconfig.get_config_var("LIBDIR")
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return ModelPython(prepare_stub_env(), version, Path(libdir) if libdir else None)
+    bin_dir = Path(sys.executable).parent if config.dlpack_only else prepare_stub_env()
+    return ModelPython(bin_dir, version, Path(libdir) if libdir else None)
 
 
 def check_can_start() -> None:

@@ -135,6 +135,11 @@ def _export(p):
         help="the run's dataset folder (None: the one RUN/evaluation.json or metrics.json records)",
     )
     p.add_argument("--no-fp16", action="store_true", help="skip the *.fp16.onnx variants")
+    p.add_argument(
+        "--no-torch-program",
+        action="store_true",
+        help="skip ranking.pt2 / ranking.fp16.pt2 (the torch serving backend's programs)",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
@@ -143,16 +148,29 @@ def _repo(p):
     p.add_argument("--out", required=True, help="Triton model repository to render")
     p.add_argument(
         "--backend",
-        choices=["python", "onnxruntime", "tensorrt"],
+        choices=["python", "torch", "onnxruntime", "tensorrt"],
         default="python",
-        help="how Triton runs the graphs",
+        help="how Triton runs the graphs (torch: the ranking step runs the exported torch program on the "
+        "GPU, the stub's Python needs torch)",
     )
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16"],
         default="fp32",
-        help="ONNX variant of the graphs (python / onnxruntime backends)",
+        help="ONNX variant of the graphs (python / onnxruntime backends) and torch program variant (torch)",
     )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="torch backend: where the ranking program runs (auto: the instance's GPU if torch sees one)",
+    )
+    p.add_argument(
+        "--buckets",
+        default="1x128,1x512,1x2048,4x512,8x512",
+        help="torch backend: BATCHxCANDIDATES shapes requests are padded to (one CUDA graph each on a GPU)",
+    )
+    p.add_argument("--no-cuda-graphs", action="store_true", help="torch backend: run every bucket eagerly")
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(

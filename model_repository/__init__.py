@@ -7,9 +7,11 @@
     text_inputs.py   item text fields -> the text encoder's inputs (tokenizers)
     image_inputs.py  encoded image bytes -> the image encoder's pixels (Pillow)
     responses.py     the per-request answer loop of every Python-backend model
+    torch_ranker.py  the torch backend's ranking step (exported program, table on the GPU, CUDA graphs)
     models/          the Python-backend `model.py` files
 
-It imports numpy, onnxruntime, tokenizers and Pillow only (never torch, the trainer or `export/`) and
+It imports numpy, onnxruntime, tokenizers and Pillow only (never the trainer or `export/`; torch only in
+torch_ranker.py, which only a torch-backend repository's lookup loads) and
 runs on Python 3.10-3.12: `mmrank repo` copies it next to every rendered `model.py`, so a rendered
 repository deploys on a stock tritonserver. The trainer and `export/` import it, never the reverse.
 """

@@ -174,16 +174,27 @@ def recent_known(rows: np.ndarray, known: np.ndarray, length: int) -> tuple[np.n
     return np.where(known, rows, 0), known
 
 
-def rank_inputs(
+# Which table column each gathered product reads.
+COLUMN_OF = {
+    CANDIDATE_C: "content",
+    CANDIDATE_ITEM: "item_rows",
+    HISTORY_C: "content",
+    LONG_HISTORY_C: "content",
+}
+
+
+def lookup_rows(
     table: ItemTable,
     cfg: LookupConfig,
     history_ids: np.ndarray,
     candidate_ids: np.ndarray,
     user_id: np.ndarray | None = None,
     user_feats: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """Request tensors (history_ids [B, L'], candidate_ids [B, N], user_id [B], user_feats [B, U])
-    -> every lookup product, named as the ranking graph's inputs (plus candidate_known)."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Request tensors (history_ids [B, L'], candidate_ids [B, N], user_id [B], user_feats [B, U]) ->
+    (ready, rows): `ready` holds the products that need no table column (user_id, user_feats,
+    candidate_known, the history masks), `rows` the table row indices of each product read from a column
+    (COLUMN_OF), so the gather can run where the table lives (numpy here, the GPU for the torch backend)."""
     history_ids = np.asarray(history_ids, dtype=np.int64)
     candidate_ids = np.asarray(candidate_ids, dtype=np.int64)
     if history_ids.ndim != 2 or candidate_ids.ndim != 2 or history_ids.shape[0] != candidate_ids.shape[0]:
@@ -194,21 +205,40 @@ def rank_inputs(
     users = _users(user_id, b, cfg.num_users)
     if user_feats is None and table.user_feats is not None:
         user_feats = table.user_feats[np.minimum(users, len(table.user_feats) - 1)]
-    out = {USER_ID: users, USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards)}
-    cand_rows, out[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
+    ready = {USER_ID: users, USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards)}
+    cand_rows, ready[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
+    rows = {}
     if table.content is not None:
-        out[CANDIDATE_C] = table.content[cand_rows]
+        rows[CANDIDATE_C] = cand_rows
     if table.item_rows is not None:
-        out[CANDIDATE_ITEM] = table.item_rows[cand_rows]
+        rows[CANDIDATE_ITEM] = cand_rows
     hist_rows, hist_known = table.rows_of(history_ids)
     for name_c, name_mask, length in (
         (HISTORY_C, HISTORY_MASK, cfg.history_len),
         (LONG_HISTORY_C, LONG_HISTORY_MASK, cfg.long_history_len),
     ):
         if length and table.content is not None:
-            rows, mask = recent_known(hist_rows, hist_known, length)
-            out[name_c], out[name_mask] = table.content[rows], mask
-    return out
+            rows[name_c], ready[name_mask] = recent_known(hist_rows, hist_known, length)
+    return ready, rows
+
+
+def gather(columns: dict[str, object], rows: dict[str, object]) -> dict[str, object]:
+    """{product: columns[COLUMN_OF[product]][rows]}: numpy arrays or torch tensors alike."""
+    return {name: columns[COLUMN_OF[name]][r] for name, r in rows.items()}
+
+
+def rank_inputs(
+    table: ItemTable,
+    cfg: LookupConfig,
+    history_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    user_id: np.ndarray | None = None,
+    user_feats: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Request tensors -> every lookup product, named as the ranking graph's inputs (plus
+    candidate_known): `lookup_rows`, then the gather from the table's numpy columns."""
+    ready, rows = lookup_rows(table, cfg, history_ids, candidate_ids, user_id, user_feats)
+    return {**ready, **gather({"content": table.content, "item_rows": table.item_rows}, rows)}
 
 
 def _users(user_id: np.ndarray | None, b: int, num_users: int) -> np.ndarray:

@@ -52,11 +52,14 @@ def respond_grouped(
     outputs: dict[str, np.dtype],
     read: Callable[[object], dict],
     compute: Callable[[dict], dict],
+    tensor: Callable[[str, np.ndarray], object] | None = None,
 ) -> list:
     """One response per request, computing requests of equal input shapes (past the batch axis) as one
     batch: `read(request)` gives its inputs {name: array [b, ...] or None} (an exception answers that
     request alone); `compute(inputs)` gives {output: array [sum of b, ...]} for the concatenated inputs,
-    split back per request in order (an exception answers the requests of that group)."""
+    split back per request in order (an exception answers the requests of that group). `tensor(name,
+    array)` makes each output tensor (default pb_utils.Tensor)."""
+    tensor = tensor or pb_utils.Tensor
     responses = [None] * len(requests)
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for i, request in enumerate(requests):
@@ -78,7 +81,7 @@ def respond_grouped(
                 responses[i] = error_response(pb_utils, e)
             continue
         for j, (i, _) in enumerate(members):
-            tensors = [pb_utils.Tensor(n, parts[n][j]) for n in outputs]
+            tensors = [tensor(n, parts[n][j]) for n in outputs]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
     return responses
 

@@ -6,8 +6,11 @@ folder is one table, so a new table is served by adding a version (export/reposi
 valid older table instead (and logs which it skipped), so a bad table never blocks a (re)start. Each request is first checked against the limits of the config's `limits`
 parameter (model_repository/limits.py), then looked up (`item_table.rank_inputs`, which documents the
 fallback for unknown ids). With a `graph` parameter (the python backend) the ranking graph in the
-version folder runs here too and the outputs are scores and candidate_known; otherwise they are the
-ranking graph's inputs plus candidate_known. Dtypes are the config's.
+version folder runs here too and the outputs are scores and candidate_known; with a `program`
+parameter (the torch backend) the torch program in the version folder does, on the instance's GPU
+(model_repository/torch_ranker.py; tensors cross the stub through DLPack, never NumPy's buffer
+protocol); otherwise the outputs are the ranking graph's inputs plus candidate_known. Dtypes are the
+config's.
 """
 
 import json
@@ -43,19 +46,58 @@ class TritonPythonModel:
         self.limits = RequestLimits(**json.loads(params.get("limits", "{}")))
         self.outputs = output_dtypes(pb_utils, config)
         # python backend: the ranking graph runs here, in the same step (one Python hop per request).
-        self.graph = None
+        self.graph = self.ranker = None
         if "graph" in params:
             self.graph = OrtGraph(folder / params["graph"], threads=int(params.get("graph_threads", "0")))
+        if "program" in params:
+            self.ranker = self._torch_ranker(folder, params, int(args.get("model_instance_device_id", "0")))
         # A per-row scalar (user_id) travels as [batch, 1].
         self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
+    def _torch_ranker(self, folder, params, device_id):
+        from model_repository.torch_ranker import Bucket, TorchRanker, choose_device
+
+        device = choose_device(params.get("device", "auto"), device_id)
+        ranker = TorchRanker(
+            folder / params["program"],
+            json.loads(params["program_inputs"]),
+            self.table,
+            self.lookup,
+            device,
+            Bucket.parse(params.get("buckets", "")),
+            params.get("cuda_graphs", "true") == "true",
+        )
+        pb_utils.Logger.log_info(
+            f"item_lookup: torch program on {device} ({ranker.dtype}), "
+            f"{len(ranker.captured)} CUDA graphs of {len(ranker.buckets)} buckets"
+        )
+        return ranker
+
     def _read(self, request):
         tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in INPUTS}
-        inputs = {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
+        inputs = {name: None if t is None else self._array(t) for name, t in tensors.items()}
         self.limits.check(inputs)  # per request, before any graph runs
         return inputs
 
+    def _array(self, tensor):
+        if self.ranker is None:
+            return tensor.as_numpy()
+        from torch.utils.dlpack import from_dlpack
+
+        return from_dlpack(tensor.to_dlpack()).numpy()  # torch's own NumPy bridge, whatever the stub's
+
+    def _tensor(self, name, array):
+        if self.ranker is None:
+            return pb_utils.Tensor(name, array)
+        import torch
+        from torch.utils.dlpack import to_dlpack
+
+        return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(array)))
+
     def _lookup(self, inputs):
+        if self.ranker is not None:
+            scores, known = self.ranker.score(*(inputs[name] for name in INPUTS))
+            return {"scores": scores.numpy(), CANDIDATE_KNOWN: known}
         products = rank_inputs(self.table, self.lookup, *(inputs[name] for name in INPUTS))
         if self.graph is not None:
             return {**self.graph.run(products), CANDIDATE_KNOWN: products[CANDIDATE_KNOWN]}
@@ -69,4 +111,4 @@ class TritonPythonModel:
     def execute(self, requests):
         # Requests of equal shapes (e.g. several users' N candidates and L-item histories) are looked up
         # and scored as one batch.
-        return respond_grouped(pb_utils, requests, self.outputs, self._read, self._lookup)
+        return respond_grouped(pb_utils, requests, self.outputs, self._read, self._lookup, self._tensor)

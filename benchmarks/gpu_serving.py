@@ -1,0 +1,233 @@
+"""GPU serving benchmark of the torch backend: server start, parity, closed-loop latency, short locust run.
+
+    python benchmarks/gpu_serving.py --out benchmarks/results [--shapes 100x50,500x50,100x1000,500x1000]
+
+Part of `make gpu-check` (benchmarks/gpu_check.sh). For each history length L: the `em3` preset's model
+with content width d (default 128) and history length L, random weights on the ML-100K-sized schema of
+benchmarks/export_latency.py (latency depends on shapes, not on weights), exported (ranking graph,
+item table, torch programs), rendered with `--backend torch` (fp16 program, table on the GPU, one CUDA
+graph per bucket) and served by the real tritonserver on loopback. Then for each N at that L:
+
+1. parity: every request's served scores against the same lookup + fp32 ranking graph in-process
+   (onnxruntime on the CPU): max |difference| over known candidates and top-10 agreement;
+2. closed loop (benchmarks/serving_latency.py `closed_loop`): c callers back to back, exact p50/p95/p99,
+   requests/s and candidates/s, Triton's per-model queue and compute time;
+3. locust (clients/loadtest.py) for a few seconds per user step, where locust is installed.
+
+Requests are drawn uniformly from the catalogue (clients/request_sample.py `random_requests`): no
+dataset here has L = 1,000 histories. Writes torch_serving_latency_gpu.{md,json,png} into --out, or
+torch_serving_latency_cpu.* where the program runs on the CPU (no CUDA, or `--device cpu`): the same
+path on this project's CPU machines, a check of the script and a CPU number, never a GPU one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
+from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, rank_feeds  # noqa: E402
+from clients.loadtest import LoadTestConfig, provenance, run_loadtest  # noqa: E402
+from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
+from export.manifest import Manifest  # noqa: E402
+from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
+from export.repository import RenderConfig, render_repository  # noqa: E402
+from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
+from model_repository import item_table as it  # noqa: E402
+from model_repository.ort_graph import OrtGraph  # noqa: E402
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """ "100x50,500x1000" -> [(N, L), ...]."""
+    return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part.strip()]
+
+
+def buckets_for(ns: list[int], batches=(1, 4, 16)) -> str:
+    """One bucket per batch size and per N rounded up to a power of two."""
+    sizes = sorted({1 << (n - 1).bit_length() for n in ns})
+    return ",".join(f"{b}x{n}" for n in sizes for b in batches)
+
+
+def parity(url: str, export: Path, sample: RequestSample) -> dict:
+    """Served scores vs the lookup + fp32 ONNX ranking graph in-process, request by request."""
+    manifest = Manifest.read(export)
+    m = manifest.model
+    lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
+    table = it.ItemTable.read(export / "item_table")
+    graph = OrtGraph(export / manifest.graph("ranking").file)
+    caller = Caller(url, 30.0)
+    worst, agree = 0.0, []
+    try:
+        for i in range(len(sample)):
+            f = rank_feeds(sample, i)
+            served = caller.infer("rank", f, ["scores"])["scores"][0]
+            feeds = it.rank_inputs(table, lookup, f["history_ids"], f["candidate_ids"], f["user_id"][:, 0])
+            want = graph.run(feeds)["scores"][0]
+            worst = max(worst, float(np.abs(served - want).max()))
+            top = min(10, len(want))
+            agree.append(len(set(np.argsort(-served)[:top]) & set(np.argsort(-want)[:top])) / top)
+    finally:
+        caller.close()
+    return {"requests": len(sample), "max_abs_diff": worst, "top10_agreement": float(np.mean(agree))}
+
+
+def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mmrank-gpu-serving-") as tmp:
+        export, repo = Path(tmp) / "export", Path(tmp) / "repo"
+        t0 = time.perf_counter()
+        model = build_model(args.preset, history_len=length, d=args.d)
+        export_model(
+            model,
+            export,
+            {"path": "random-init", "sha256": "0" * 64},
+            None,
+            ExportConfig(ranking_only=True, progress=False),
+        )
+        rc = RenderConfig(
+            backend="torch", precision=args.precision, device=args.device, buckets=buckets_for(ns)
+        )
+        render_repository(export, repo, rc)
+        built = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # Under NumPy 2 (the GPU machine's) the stubs run without the NumPy 1.26 environment, which needs
+        # a package index to build: the torch backend's lookup moves every tensor through DLPack.
+        dlpack_only = int(np.__version__.split(".")[0]) >= 2
+        with TritonServer(TritonConfig(repo, control_mode="explicit", dlpack_only=dlpack_only)) as srv:
+            started = time.perf_counter() - t0
+            metrics = f"127.0.0.1:{srv.metrics_port}"
+            for n in ns:
+                sample_cfg = SampleConfig(candidates=n, history=length, requests=args.requests)
+                sample = random_requests(NUM_ITEMS, NUM_USERS, sample_cfg)
+                row = {"N": n, "L": length, "d": args.d, "export_s": built, "server_start_s": started}
+                row["parity"] = parity(srv.grpc_url, export, sample)
+                cfg = BenchConfig(url=srv.grpc_url, metrics_url=metrics, calls=args.calls, sample=sample_cfg)
+                for c in args.concurrency:
+                    timing = closed_loop(cfg, sample, c)
+                    row[f"c{c}"] = {
+                        **timing.row(n),
+                        "server": {k: asdict(v) for k, v in timing.server.items()},
+                    }
+                if importlib.util.find_spec("locust") and args.locust_seconds > 0:
+                    lt = LoadTestConfig(
+                        url=srv.grpc_url,
+                        user_steps=(1, 4, 16),
+                        duration_s=args.locust_seconds,
+                        sample=sample_cfg,
+                    )
+                    summary = run_loadtest(out / f"gpu_load_{n}x{length}", "random ids", lt, sample)
+                    row["locust"] = summary["steps"]
+                else:
+                    row["locust"] = "not run (locust not installed or --locust-seconds 0)"
+                rows.append(row)
+                print(
+                    json.dumps({k: v for k, v in row.items() if k != "locust"}, default=str)[:2000],
+                    flush=True,
+                )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    p = report["provenance"]
+    conc = report["concurrency"]
+    lines = [
+        "# Serving with the torch backend through gRPC",
+        "",
+        f"Command: `{p['command']}`  ",
+        f"Commit: {p['commit']}  ",
+        f"Machine: {p['machine']}  ",
+        f"Device: {report['device']}  ",
+        f"Date: {p['date']}",
+        "",
+        "| N | L | d | parity max abs | top-10 agree | "
+        + " | ".join(f"c={c} p50 / p99 ms | c={c} candidates/s" for c in conc)
+        + " |",
+        "|---:|---:|---:|---:|---:|" + "---:|---:|" * len(conc),
+    ]
+    for r in report["rows"]:
+        cells = [
+            f"{r[f'c{c}']['p50_ms']:.2f} / {r[f'c{c}']['p99_ms']:.2f} | {r[f'c{c}']['candidates_per_s']:,.0f}"
+            for c in conc
+        ]
+        lines.append(
+            f"| {r['N']} | {r['L']} | {r['d']} | {r['parity']['max_abs_diff']:.2e} | "
+            f"{r['parity']['top10_agreement']:.3f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "Failures per level are in the JSON (`cN.failures`); locust summaries in gpu_load_NxL/.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in report["rows"]:
+        xs = [r[f"c{c}"]["candidates_per_s"] for c in report["concurrency"]]
+        ys = [r[f"c{c}"]["p99_ms"] for c in report["concurrency"]]
+        ax.plot(xs, ys, marker="o", label=f"N={r['N']}, L={r['L']}")
+    ax.set_xlabel("candidates / s")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_title(f"rank over gRPC, torch backend ({report['device']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results", help="folder for torch_serving_latency_{gpu,cpu}.*")
+    p.add_argument("--shapes", default="100x50,500x50,100x1000,500x1000", help="NxL pairs")
+    p.add_argument("--concurrency", default="1,4,16", help="closed-loop callers per level")
+    p.add_argument("--calls", type=int, default=300, help="timed calls per level")
+    p.add_argument("--requests", type=int, default=64, help="distinct requests per shape (parity: all)")
+    p.add_argument("--d", type=int, default=128, help="content width")
+    p.add_argument("--preset", default="em3")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--locust-seconds", type=float, default=5.0, help="per locust user step (0: no locust)")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = parse_shapes(args.shapes)
+    report = {
+        "provenance": provenance(["python", "benchmarks/gpu_serving.py", *argv]),
+        "device": f"{device}, torch {torch.__version__}, {args.precision}",
+        "concurrency": args.concurrency,
+        "rows": [],
+    }
+    for length in sorted({length for _, length in shapes}):
+        ns = [n for n, l_ in shapes if l_ == length]
+        report["rows"] += one_length(args, length, ns, out)
+    stem = out / f"torch_serving_latency_{'cpu' if device == 'CPU' else 'gpu'}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(report))
+    plot(report, stem.with_suffix(".png"))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
