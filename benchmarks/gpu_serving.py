@@ -124,7 +124,9 @@ def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
                         duration_s=args.locust_seconds,
                         sample=sample_cfg,
                     )
-                    summary = run_loadtest(out / f"gpu_load_{n}x{length}", "random ids", lt, sample)
+                    summary = run_loadtest(
+                        out / f"torch_load_{args.kind}_{n}x{length}", "random ids", lt, sample
+                    )
                     row["locust"] = summary["steps"]
                 else:
                     row["locust"] = "not run (locust not installed or --locust-seconds 0)"
@@ -164,7 +166,7 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Failures per level are in the JSON (`cN.failures`); locust summaries in gpu_load_NxL/.",
+        f"Failures per level are in the JSON (`cN.failures`); locust summaries in torch_load_{report['kind']}_NxL/.",
         "",
     ]
     return "\n".join(lines)
@@ -209,19 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
+    args.kind = "cpu" if device == "CPU" else "gpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shapes = parse_shapes(args.shapes)
     report = {
         "provenance": provenance(["python", "benchmarks/gpu_serving.py", *argv]),
         "device": f"{device}, torch {torch.__version__}, {args.precision}",
+        "kind": args.kind,
         "concurrency": args.concurrency,
         "rows": [],
     }
     for length in sorted({length for _, length in shapes}):
         ns = [n for n, l_ in shapes if l_ == length]
         report["rows"] += one_length(args, length, ns, out)
-    stem = out / f"torch_serving_latency_{'cpu' if device == 'CPU' else 'gpu'}"
+    stem = out / f"torch_serving_latency_{args.kind}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, stem.with_suffix(".png"))

@@ -268,7 +268,8 @@ def run_loadtest(
     check_ready(cfg.url, cfg.model)
     sample = sample or draw_requests(data, cfg.sample)
     out, data = Path(out), Path(data)
-    started = provenance(command_line(out, data, cfg))
+    # A given sample comes from the calling script, whose own command line reproduces the run.
+    started = provenance(command_line(out, data, cfg) if sample is None else ["python", *sys.argv])
     out.mkdir(parents=True, exist_ok=True)
     sample.save(out / "requests.npz")
     run_locust(cfg, out)

@@ -368,10 +368,21 @@ PYTHON_MODELS = {
 }
 
 
+BYTECODE_DIR = "__pycache__"
+
+
 def write_python_model(version: Path, code: str) -> None:
-    """`code` (a file of model_repository/models) as version/model.py, the runtime package beside it."""
+    """`code` (a file of model_repository/models) as version/model.py, the runtime package beside it.
+
+    An empty *file* named __pycache__ sits in each folder Python imports from: a bytecode write there
+    fails quietly (importlib ignores it), so serving never adds files to the repository, which poll
+    mode would read as a changed model and reload. The server's PYTHONDONTWRITEBYTECODE alone is not
+    enough: with Python 3.12 the backend stub of nvidia-pytriton 0.7.0 wrote __pycache__ folders
+    although it was set (3.10 and 3.11 did not)."""
     shutil.copy2(PYTHON_CODE / code, version / "model.py")
     shutil.copytree(RUNTIME, version / RUNTIME.name, ignore=RUNTIME_IGNORE)
+    for folder in (version, version / RUNTIME.name):
+        (folder / BYTECODE_DIR).write_bytes(b"")
 
 
 def write_config(folder: Path, config: mc.ModelConfig) -> None:

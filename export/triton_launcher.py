@@ -24,8 +24,10 @@ Stopping never leaks: the server runs in a session of its own with PR_SET_PDEATH
 when the launcher dies, even by SIGKILL; stop() (SIGINT/SIGTERM before or after ready) waits for it, then
 kills whatever is left of its session (backend stubs that were still loading) and removes the shared
 memory regions its Python backend created (their names carry a prefix of this launcher's own).
-The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE): `__pycache__` folders in the
-version folders would read as changed models and make poll mode reload every model.
+The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
+`__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
+anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
+reload every model.
 """
 
 from __future__ import annotations

@@ -139,23 +139,42 @@ def triton_server(tritonserver, small_export, tmp_path_factory):
 BARE_PACKAGES = ("numpy<2", "onnxruntime", "tokenizers", "Pillow")  # what the rendered README lists
 
 
-@pytest.fixture(scope="session")
-def bare_python_env() -> Path:
-    """A venv holding only BARE_PACKAGES, for Python 3.10 (the oldest the runtime supports) where this
-    machine has it on PATH or under pyenv, else this interpreter's; created once under this venv and
-    reused (pip, from PyPI)."""
+def _python(version: str) -> tuple[str, str] | None:
+    """(interpreter, X.Y) of Python `version` on PATH or under pyenv, or None."""
     import os
     import subprocess
-    import sys
 
     probe = "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
     pyenv = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser()
-    candidates = [shutil.which("python3.10"), *sorted(pyenv.glob("versions/3.10*/bin/python3.10"))]
-    for python in [*filter(None, candidates), sys.executable]:  # a pyenv shim may not run: try each
+    candidates = [
+        shutil.which(f"python{version}"),
+        *sorted(pyenv.glob(f"versions/{version}*/bin/python{version}")),
+    ]
+    for python in filter(None, candidates):  # a pyenv shim may not run: try each
         done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
-        if done.returncode == 0:
-            version = done.stdout.strip()
-            break
+        if done.returncode == 0 and done.stdout.strip() == version:
+            return str(python), version
+    return None
+
+
+# The oldest Python the runtime supports (this interpreter's where the machine lacks it) and 3.12, whose
+# backend stub ignores PYTHONDONTWRITEBYTECODE (the repository must stop bytecode writes by itself).
+BARE_PYTHONS = ("3.10", "3.12")
+
+
+@pytest.fixture(scope="session", params=BARE_PYTHONS)
+def bare_python_env(request) -> Path:
+    """A venv holding only BARE_PACKAGES for each of BARE_PYTHONS, created once under this venv and
+    reused (pip, from PyPI)."""
+    import subprocess
+    import sys
+
+    found = _python(request.param)
+    if found is None and request.param == BARE_PYTHONS[0]:
+        found = sys.executable, f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if found is None:
+        pytest.skip(f"no Python {request.param} on this machine")
+    python, version = found
     env = Path(sys.prefix) / f"bare-serving-env-{version}"
     ready = env / ".ready"
     if not ready.is_file():

@@ -53,6 +53,8 @@ def test_python_repository_parses_and_its_ensembles_agree(python_repo):
     ):
         assert configs[name].backend == "python"
         assert (python_repo / name / "1" / "model.py").is_file()
+        for folder in (python_repo / name / "1", python_repo / name / "1" / "model_repository"):
+            assert (folder / "__pycache__").is_file()  # a bytecode folder can never be created there
     assert (python_repo / "ranking" / "1" / "model.onnx").is_file()
     assert (python_repo / "item_lookup" / "1" / "item_table" / "table.json").is_file()
     assert (python_repo / "tokenizer" / "1" / "tokenizer" / "tokenizer.json").is_file()
