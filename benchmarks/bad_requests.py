@@ -66,6 +66,18 @@ def call(client, grpc, tensors: dict[str, np.ndarray]) -> tuple[str, float]:
     return answer, (time.perf_counter() - start) * 1e3
 
 
+def _stream_row(name: str, trace: list[float]) -> str:
+    """A stream's memory: where it started, settled and ended, and whether it still grows in its second
+    half (a leak grows by about the message size per request; an allocator cache levels off)."""
+    half = trace[len(trace) // 2 :]
+    slope = np.polyfit(np.arange(len(half)), half, 1)[0]
+    quarter = trace[max(1, len(trace) // 4)]
+    return (
+        f"| {name} | {trace[0]:.0f} | {quarter:.0f} | {trace[-1]:.0f} | {max(trace):.0f} "
+        f"| {half[0]:.0f} -> {half[-1]:.0f} ({slope:+.1f} MiB) |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as grpc
 
@@ -83,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, change in CASES.items():
                 rows.append((name, *call(client, grpc, {**base, **change})))
             for name in STREAMS:
-                before = group_rss_mib(server.process.pid)
+                trace = [group_rss_mib(server.process.pid)]
                 for _ in range(args.rounds):
                     call(client, grpc, {**base, **CASES[name]})
-                streams.append((name, before, group_rss_mib(server.process.pid)))
+                    trace.append(group_rss_mib(server.process.pid))
+                streams.append((name, trace))
             ok, _ = call(client, grpc, base)
     lines = [
         "# Bad `rank` requests: answers and server memory",
@@ -102,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         f"Resident memory of the server's process group (tritonserver + backend stubs) around a stream of "
         f"{args.rounds} refused requests of one kind, in this order:",
         "",
-        "| stream | MiB before | MiB after |",
-        "|---|---:|---:|",
-        *[f"| {name} | {before:.0f} | {after:.0f} |" for name, before, after in streams],
+        "| stream | MiB before | after 1/4 of the stream | after all | max | last half: first -> last (least-squares slope / request) |",
+        "|---|---:|---:|---:|---:|---|",
+        *[_stream_row(name, trace) for name, trace in streams],
+        "",
+        "Every reading, one per request:",
+        "",
+        *[f"- {name}: {' '.join(f'{m:.0f}' for m in trace)}" for name, trace in streams],
         "",
         f"A good request afterwards: {ok}.",
         "",
