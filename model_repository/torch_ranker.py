@@ -110,9 +110,9 @@ class CapturedBucket:
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.out = fn(self.static)
 
-    def __call__(self, inputs: dict[str, Tensor]) -> Tensor:
-        for name, x in inputs.items():
-            self.static[name].copy_(x, non_blocking=True)
+    def __call__(self, inputs: dict[str, np.ndarray]) -> Tensor:
+        for name, x in inputs.items():  # host arrays straight into the static inputs: one copy each
+            self.static[name].copy_(torch.from_numpy(x), non_blocking=True)
         self.graph.replay()
         return self.out
 
@@ -180,7 +180,9 @@ class TorchRanker:
         bucket = pick_bucket(self.buckets, b, n)
         if bucket is not None:
             products = pad_to(products, bucket)
-        x = self._upload(products)
         with torch.no_grad():
-            out = self.captured[bucket](x) if bucket in self.captured else self._forward(x)
+            if bucket in self.captured:
+                out = self.captured[bucket](products)
+            else:
+                out = self._forward(self._upload(products))
         return out[:b, :n].float().cpu(), known
