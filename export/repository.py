@@ -172,6 +172,11 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
                 "the export has no torch program of the ranking graph (export again with this version, "
                 "without --no-torch-program)"
             )
+        from model_repository.torch_ranker import Bucket
+
+        Bucket.parse(rc.buckets)  # a bad bucket list fails here, not when the server loads the model
+        if rc.device not in ("auto", "cuda", "cpu"):
+            raise MMRankError(f"device {rc.device!r}: expected auto, cuda or cpu")
         params.update(
             program=RANKING_PROGRAM,
             program_inputs=program.inputs,

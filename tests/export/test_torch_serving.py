@@ -126,6 +126,13 @@ def test_an_export_without_programs_cannot_render_torch(small_export, tmp_path):
     manifest.write(export)
     with pytest.raises(MMRankError, match="no torch program of the ranking graph"):
         render_repository(export, tmp_path / "repo", RenderConfig(backend="torch"))
+    for bad, message in (
+        (RenderConfig(backend="torch", buckets="1x"), "buckets"),
+        (RenderConfig(backend="torch", device="gpu"), "expected auto, cuda or cpu"),
+    ):
+        with pytest.raises(MMRankError, match=message):
+            render_repository(small_export.out, tmp_path / "bad", bad)
+    assert not (tmp_path / "bad").exists()
 
 
 def _rank(client, hist, cands):
