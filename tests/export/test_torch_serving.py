@@ -153,7 +153,7 @@ def test_torch_backend_serves_the_python_backends_scores(
 ):
     """A real server on the torch repository (fp32, one bucket, so both the padded and the eager path
     answer) against the python repository's server: same scores, same flags, same bad-request answers."""
-    from export.repository import RenderConfig, render_repository
+    from export.repository import RenderConfig, add_table_version, render_repository
     from export.triton_launcher import TritonConfig, TritonServer
 
     grpc = pytest.importorskip("tritonclient.grpc")
@@ -172,6 +172,22 @@ def test_torch_backend_serves_the_python_backends_scores(
             np.testing.assert_allclose(scores[known], want[known], atol=1e-5, rtol=1e-5)
         with pytest.raises(grpc.InferenceServerException, match="candidate_ids is empty"):
             _rank(client, np.ones((1, 3)), np.ones((1, 0)))
+        # A new table version (one new item) loads without a restart and is what the program reads.
+        manifest = Manifest.read(small_export.out)
+        table = it.ItemTable.read(small_export.out / "item_table")
+        new_id, vector = NUM_ITEMS + 5, np.random.default_rng(4).standard_normal((1, manifest.model.d))
+        swapped = table.with_items(np.array([new_id]), vector, version=2)
+        add_table_version(repo, swapped)
+        client.load_model("item_lookup")
+        assert client.is_model_ready("item_lookup", "2") and not client.is_model_ready("item_lookup", "1")
+        hist, cands = np.array([[1, 2, 3]]), np.array([[new_id, 4]])
+        scores, known = _rank(client, hist, cands)
+        m = manifest.model
+        lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
+        graph = OrtGraph(small_export.out / manifest.graph("ranking").file)
+        want = graph.run(it.rank_inputs(swapped, lookup, hist, cands))["scores"]
+        assert known.tolist() == [[True, True]]
+        np.testing.assert_allclose(scores, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
