@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= build/demo
 
-.PHONY: setup demo test lint format clean gpu-check
+.PHONY: setup demo test lint format clean gpu-check gpu-wheels
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found (set PY=...)"; exit 1; }
@@ -39,9 +39,21 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# On a GPU machine (torch and triton as found there, nothing installed): kernel tests + kernel benchmark.
+# On a GPU machine (torch and triton as found there): kernel and torch-serving tests, the kernel benchmark,
+# and the GPU serving benchmark when the serving wheels of `make gpu-wheels` were carried there (they are
+# installed into build/gpu-site, beside the machine's own packages, never over them).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Here (package index reachable): the wheels the GPU machine lacks for serving, for CPython 3.12, in two
+# folders that each fit one device call's 64 MiB: build/gpu-wheels/server (nvidia-pytriton, 55 MB) and
+# build/gpu-wheels/client (tritonclient, grpcio, python-rapidjson).
+GPU_PIP = $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	--platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	$(GPU_PIP) -d build/gpu-wheels/server "nvidia-pytriton==0.7.0"
+	$(GPU_PIP) -d build/gpu-wheels/client "tritonclient==2.73.0" grpcio python-rapidjson
 
 clean:
 	rm -rf build runs .pytest_cache .ruff_cache

@@ -4,15 +4,21 @@
 # backend (CUDA graphs), the kernel benchmark, then the GPU serving benchmark (benchmarks/gpu_serving.py:
 # tritonserver start, parity, closed loop, locust where installed); logs and results land in
 # benchmarks/results/ (or $RESULTS). Serving needs the tritonserver of nvidia-pytriton and tritonclient
-# (+ grpcio, protobuf, python-rapidjson) importable, e.g. wheels carried to the machine and installed
-# with `pip install --no-deps --target DIR` and DIR on PYTHONPATH; without them that part says so and
-# is skipped. Exit status: non-zero if a part that ran failed. Budget: under 8 minutes on an H100/H200.
+# (+ grpcio, python-rapidjson): the wheels of `make gpu-wheels`, carried to the machine (build/gpu-wheels/,
+# one folder per call), are installed here with --no-deps into build/gpu-site, put on PYTHONPATH; it holds
+# only those wheels, so it shadows none of the machine's packages (torch, numpy, protobuf stay its own);
+# without them the serving benchmark says so and is skipped. Exit status: non-zero if a part that ran failed. Budget: under 8
+# minutes on an H100/H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}
 RESULTS=${RESULTS:-benchmarks/results}
 mkdir -p "$RESULTS"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+if compgen -G "build/gpu-wheels/*/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-deps --target build/gpu-site build/gpu-wheels/*/*.whl \
+    && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/build/gpu-site"
+fi
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
