@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from trainer.stats import mean_std, paired
+from trainer.stats import describe, paired
 
 
 def rows(before: dict, after: dict, metric: str) -> list[str]:
@@ -30,13 +30,10 @@ def rows(before: dict, after: dict, metric: str) -> list[str]:
             continue
         a = [r["test"].get(metric) for r in runs]
         b = [r["test"].get(metric) for r in before["results"][preset]]
-        (ma, sa, _), (mb, sb, _) = mean_std(a), mean_std(b)
         c = paired(a, b)
         verdict = c.verdict.replace("baseline", "before")
-        cells = [preset, f"{mb:.4f} ± {sb:.4f}", f"{ma:.4f} ± {sa:.4f}", f"{c.mean:+.4f}"]
-        out.append(
-            "| " + " | ".join([*cells, f"[{c.low:+.4f}, {c.high:+.4f}]", f"{c.p:.3g}", verdict]) + " |"
-        )
+        cells = [preset, describe(b), describe(a), f"{c.mean:+.4f}", c.interval, c.p_text, verdict]
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from trainer.stats import mean_std, paired
+from trainer.stats import describe, mean_std, paired
 
 
 def test_interval_and_p_match_scipy_paired_t():
@@ -30,3 +30,12 @@ def test_missing_values_drop_their_seed_and_too_few_pairs_are_undecided():
     result = paired([0.7, None, 0.8], [0.6, 0.6, None])
     assert result.n == 1 and math.isnan(result.low) and result.verdict.startswith("undecided")
     assert mean_std([None, 1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
+
+
+def test_one_seed_shows_no_spread_and_no_interval():
+    assert math.isnan(mean_std([0.5])[1])  # a std of one value is undefined, never 0
+    assert describe([0.5, None], 3) == "0.500 (1 seed)"
+    assert describe([None]) == "n/a" and describe([0.5, 0.7], 2) == "0.60 ± 0.14"
+    one = paired([0.7], [0.6])
+    assert one.interval == "n/a" and one.p_text == "n/a"
+    assert paired([0.5, 0.6, 0.55], [0.6, 0.7, 0.66]).interval.startswith("[-0.")

@@ -24,7 +24,7 @@ from mmrank.errors import MMRankError
 from trainer.config import parse_sets, read_preset, resolve, stop_metric, validate
 from trainer.data.schema import Manifest, write_json_atomic
 from trainer.run import CONFIG, METRICS
-from trainer.stats import mean_std, paired
+from trainer.stats import describe, paired
 from trainer.train import train
 
 # (metrics.json block, key, column title, decimals); a column no run has is left out
@@ -75,11 +75,6 @@ def run_one(
     return train(data, cfg, run_dir, resume=(run_dir / CONFIG).is_file())
 
 
-def summarise(values: list[float | None], decimals: int) -> str:
-    mean, std, n = mean_std(values)
-    return f"{mean:.{decimals}f} ± {std:.{decimals}f}" if n else "n/a"
-
-
 def _values(runs: list[dict], block: str, key: str) -> list[float | None]:
     return [r.get(block, {}).get(key) for r in runs]
 
@@ -92,7 +87,7 @@ def table(results: dict[str, list[dict]]) -> list[str]:
     head = ["preset", "paper row", *[c[2] for c in columns]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for preset, runs in results.items():
-        cells = [summarise(_values(runs, block, key), d) for block, key, _, d in columns]
+        cells = [describe(_values(runs, block, key), d) for block, key, _, d in columns]
         lines.append("| " + " | ".join([preset, read_preset(preset)["paper"], *cells]) + " |")
     return lines
 
@@ -120,8 +115,8 @@ def claims(results: dict[str, list[dict]]) -> list[str]:
                 preset,
                 metric,
                 f"{c.mean:+.4f}",
-                f"[{c.low:+.4f}, {c.high:+.4f}]",
-                f"{c.p:.3g}",
+                c.interval,
+                c.p_text,
                 c.verdict,
             ]
             lines.append("| " + " | ".join(cells) + " |")

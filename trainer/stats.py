@@ -26,6 +26,15 @@ class Paired:
     p: float  # two-sided paired t-test p-value (nan for n < 2 or zero variance)
 
     @property
+    def interval(self) -> str:
+        """ "[low, high]" with signs, or "n/a" where fewer than 2 seeds pair up."""
+        return "n/a" if math.isnan(self.low) else f"[{self.low:+.4f}, {self.high:+.4f}]"
+
+    @property
+    def p_text(self) -> str:
+        return "n/a" if math.isnan(self.p) else f"{self.p:.3g}"
+
+    @property
     def verdict(self) -> str:
         if self.n < 2 or math.isnan(self.low):
             return "undecided (fewer than 2 paired seeds)"
@@ -51,8 +60,18 @@ def paired(row: list[float | None], baseline: list[float | None]) -> Paired:
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int]:
-    """Mean, std (n - 1) and n of the present values (nan for none; std 0 for one)."""
+    """Mean, std (n - 1) and n of the present values (nan for none; std nan for one: it is undefined)."""
     present = np.array([v for v in values if v is not None], dtype=float)
     if present.size == 0:
         return math.nan, math.nan, 0
-    return float(present.mean()), float(present.std(ddof=1)) if present.size > 1 else 0.0, present.size
+    return float(present.mean()), float(present.std(ddof=1)) if present.size > 1 else math.nan, present.size
+
+
+def describe(values: list[float | None], decimals: int = 4) -> str:
+    """ "mean ± std" over seeds; one value reads "x (1 seed)" (no spread to show), none "n/a"."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "n/a"
+    if n == 1:
+        return f"{mean:.{decimals}f} (1 seed)"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
