@@ -35,14 +35,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
-from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, rank_feeds  # noqa: E402
+from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, lookup_in_process, rank_feeds  # noqa: E402
 from clients.loadtest import LoadTestConfig, provenance, run_loadtest  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
-from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
 
@@ -57,21 +56,16 @@ def buckets_for(ns: list[int], batches=(1, 4, 16)) -> str:
     return ",".join(f"{b}x{n}" for n in sizes for b in batches)
 
 
-def parity(url: str, export: Path, sample: RequestSample) -> dict:
-    """Served scores vs the lookup + fp32 ONNX ranking graph in-process, request by request."""
-    manifest = Manifest.read(export)
-    m = manifest.model
-    lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
-    table = it.ItemTable.read(export / "item_table")
-    graph = OrtGraph(export / manifest.graph("ranking").file)
+def parity(url: str, export: Path, repo: Path, sample: RequestSample) -> dict:
+    """Served scores vs the serving lookup + the fp32 ONNX ranking graph in-process, request by request."""
+    lookup = lookup_in_process(repo)
+    graph = OrtGraph(export / Manifest.read(export).graph("ranking").file)
     caller = Caller(url, 30.0)
     worst, agree = 0.0, []
     try:
         for i in range(len(sample)):
-            f = rank_feeds(sample, i)
-            served = caller.infer("rank", f, ["scores"])["scores"][0]
-            feeds = it.rank_inputs(table, lookup, f["history_ids"], f["candidate_ids"], f["user_id"][:, 0])
-            want = graph.run(feeds)["scores"][0]
+            served = caller.infer("rank", rank_feeds(sample, i), ["scores"])["scores"][0]
+            want = graph.run(lookup(i, sample))["scores"][0]
             worst = max(worst, float(np.abs(served - want).max()))
             top = min(10, len(want))
             agree.append(len(set(np.argsort(-served)[:top]) & set(np.argsort(-want)[:top])) / top)
@@ -80,23 +74,43 @@ def parity(url: str, export: Path, sample: RequestSample) -> dict:
     return {"requests": len(sample), "max_abs_diff": worst, "top10_agreement": float(np.mean(agree))}
 
 
+def build(args, length: int, ns: list[int], export: Path, repo: Path) -> None:
+    """The random-weight model at history length `length`, exported and rendered for the torch backend."""
+    model = build_model(args.preset, history_len=length, d=args.d)
+    config = ExportConfig(ranking_only=True, progress=False)
+    export_model(model, export, {"path": "random-init", "sha256": "0" * 64}, None, config)
+    rc = RenderConfig(backend="torch", precision=args.precision, device=args.device, buckets=buckets_for(ns))
+    render_repository(export, repo, rc)
+
+
+def measure(args, srv, export: Path, repo: Path, n: int, length: int, out: Path) -> dict:
+    """Parity, the closed loop at every concurrency level and (where installed) locust, for N x L."""
+    sample_cfg = SampleConfig(candidates=n, history=length, requests=args.requests)
+    sample = random_requests(NUM_ITEMS, NUM_USERS, sample_cfg)
+    row = {"N": n, "L": length, "d": args.d, "parity": parity(srv.grpc_url, export, repo, sample)}
+    cfg = BenchConfig(
+        url=srv.grpc_url, metrics_url=f"127.0.0.1:{srv.metrics_port}", calls=args.calls, sample=sample_cfg
+    )
+    for c in args.concurrency:
+        timing = closed_loop(cfg, sample, c)
+        row[f"c{c}"] = {**timing.row(n), "server": {k: asdict(v) for k, v in timing.server.items()}}
+    row["locust"] = "not run (locust not installed or --locust-seconds 0)"
+    if importlib.util.find_spec("locust") and args.locust_seconds > 0:
+        lt = LoadTestConfig(
+            url=srv.grpc_url, user_steps=(1, 4, 16), duration_s=args.locust_seconds, sample=sample_cfg
+        )
+        row["locust"] = run_loadtest(out / f"torch_load_{args.kind}_{n}x{length}", "random ids", lt, sample)[
+            "steps"
+        ]
+    return row
+
+
 def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmrank-gpu-serving-") as tmp:
         export, repo = Path(tmp) / "export", Path(tmp) / "repo"
         t0 = time.perf_counter()
-        model = build_model(args.preset, history_len=length, d=args.d)
-        export_model(
-            model,
-            export,
-            {"path": "random-init", "sha256": "0" * 64},
-            None,
-            ExportConfig(ranking_only=True, progress=False),
-        )
-        rc = RenderConfig(
-            backend="torch", precision=args.precision, device=args.device, buckets=buckets_for(ns)
-        )
-        render_repository(export, repo, rc)
+        build(args, length, ns, export, repo)
         built = time.perf_counter() - t0
         t0 = time.perf_counter()
         # Under NumPy 2 (the GPU machine's) the stubs run without the NumPy 1.26 environment, which needs
@@ -104,32 +118,12 @@ def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
         dlpack_only = int(np.__version__.split(".")[0]) >= 2
         with TritonServer(TritonConfig(repo, control_mode="explicit", dlpack_only=dlpack_only)) as srv:
             started = time.perf_counter() - t0
-            metrics = f"127.0.0.1:{srv.metrics_port}"
             for n in ns:
-                sample_cfg = SampleConfig(candidates=n, history=length, requests=args.requests)
-                sample = random_requests(NUM_ITEMS, NUM_USERS, sample_cfg)
-                row = {"N": n, "L": length, "d": args.d, "export_s": built, "server_start_s": started}
-                row["parity"] = parity(srv.grpc_url, export, sample)
-                cfg = BenchConfig(url=srv.grpc_url, metrics_url=metrics, calls=args.calls, sample=sample_cfg)
-                for c in args.concurrency:
-                    timing = closed_loop(cfg, sample, c)
-                    row[f"c{c}"] = {
-                        **timing.row(n),
-                        "server": {k: asdict(v) for k, v in timing.server.items()},
-                    }
-                if importlib.util.find_spec("locust") and args.locust_seconds > 0:
-                    lt = LoadTestConfig(
-                        url=srv.grpc_url,
-                        user_steps=(1, 4, 16),
-                        duration_s=args.locust_seconds,
-                        sample=sample_cfg,
-                    )
-                    summary = run_loadtest(
-                        out / f"torch_load_{args.kind}_{n}x{length}", "random ids", lt, sample
-                    )
-                    row["locust"] = summary["steps"]
-                else:
-                    row["locust"] = "not run (locust not installed or --locust-seconds 0)"
+                row = {
+                    **measure(args, srv, export, repo, n, length, out),
+                    "export_s": built,
+                    "server_start_s": started,
+                }
                 rows.append(row)
                 print(
                     json.dumps({k: v for k, v in row.items() if k != "locust"}, default=str)[:2000],

@@ -36,6 +36,7 @@ import numpy as np
 from clients.loadtest import check_loopback, percentiles, provenance
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from clients.triton_metrics import ModelTimes, per_request, settled_scrape
+from export.manifest import ModelInfo
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
@@ -85,13 +86,7 @@ class Caller:
 def lookup_in_process(repo: Path):
     """The serving runtime's own lookup on the repository's item table: (i, sample) -> the ranking
     graph's inputs for request i, computed here as item_lookup computes them in the server."""
-    manifest = json.loads((repo / "export_manifest.json").read_text())["model"]
-    cfg = it.LookupConfig(
-        manifest["history_len"],
-        manifest["long_history_len"],
-        manifest["num_users"],
-        manifest["user_feature_cards"],
-    )
+    cfg = ModelInfo(**json.loads((repo / "export_manifest.json").read_text())["model"]).lookup()
     versions = it.table_versions(repo / LOOKUP)
     table = it.ItemTable.read(repo / LOOKUP / str(versions[-1]) / "item_table")
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mmrank.errors import MMRankError
+from model_repository.item_table import LookupConfig
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -99,6 +100,10 @@ class ModelInfo:
     num_users: int
     user_feature_cards: list[int]  # cardinality of each categorical user feature (0 = unknown)
     modalities: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> tokens K, dim D
+
+    def lookup(self) -> LookupConfig:
+        """What the serving lookup needs of the model."""
+        return LookupConfig(self.history_len, self.long_history_len, self.num_users, self.user_feature_cards)
 
 
 @dataclass

@@ -174,9 +174,7 @@ def composed_scores(
     manifest = Manifest.read(export_dir)
     root = Path(export_dir)
     table = it.ItemTable.read(root / str(manifest.item_table["dir"]))
-    m = manifest.model
-    cfg = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
-    feeds = it.rank_inputs(table, cfg, history_ids, candidate_ids, user_id, user_feats)
+    feeds = it.rank_inputs(table, manifest.model.lookup(), history_ids, candidate_ids, user_id, user_feats)
     spec = manifest.graph("ranking")
     graph = OrtGraph(root / (spec.file if precision == "fp32" else spec.fp16_file))
     return graph.run({t.name: feeds[t.name] for t in spec.inputs})["scores"]

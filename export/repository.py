@@ -189,19 +189,13 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
         outputs = _outputs(ranking.inputs, reshape=False)
         if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
             outputs.append(flag)
-    lookup = {
-        "history_len": m.history_len,
-        "long_history_len": m.long_history_len,
-        "num_users": m.num_users,
-        "user_feature_cards": m.user_feature_cards,
-    }
     widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
     params["table_widths"] = {
         "d": widths.get(it.CANDIDATE_C, 0),
         "item_dim": widths.get(it.CANDIDATE_ITEM, 0),
     }
     config = python_config(
-        "item_lookup", rc, inputs, outputs, lookup=lookup, limits=asdict(rc.limits), **params
+        "item_lookup", rc, inputs, outputs, lookup=asdict(m.lookup()), limits=asdict(rc.limits), **params
     )
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
     config.instance_group[0].count = rc.lookup_instances

@@ -26,9 +26,7 @@ def _export(tmp_path, **overrides):
         model, out, {"path": "-", "sha256": "0" * 64}, None, ExportConfig(progress=False, ranking_only=True)
     )
     manifest = Manifest.read(out)
-    m = manifest.model
-    lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
-    return out, manifest, it.ItemTable.read(out / "item_table"), lookup
+    return out, manifest, it.ItemTable.read(out / "item_table"), manifest.model.lookup()
 
 
 def _requests(rng, rows=3, length=9, n=7):
@@ -182,10 +180,8 @@ def test_torch_backend_serves_the_python_backends_scores(
         assert client.is_model_ready("item_lookup", "2") and not client.is_model_ready("item_lookup", "1")
         hist, cands = np.array([[1, 2, 3]]), np.array([[new_id, 4]])
         scores, known = _rank(client, hist, cands)
-        m = manifest.model
-        lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
         graph = OrtGraph(small_export.out / manifest.graph("ranking").file)
-        want = graph.run(it.rank_inputs(swapped, lookup, hist, cands))["scores"]
+        want = graph.run(it.rank_inputs(swapped, manifest.model.lookup(), hist, cands))["scores"]
         assert known.tolist() == [[True, True]]
         np.testing.assert_allclose(scores, want, atol=1e-5, rtol=1e-5)
 

@@ -184,12 +184,8 @@ def test_new_item_table_version_loads_without_restart(small_export, server, clie
     hist, cands = np.array([[1, 2, 3]], np.int64), np.array([[new_id, 4]], np.int64)
     scores, known = _rank(client, hist, cands)
     assert known.tolist() == [[True, True]] and server.process.pid == pid
-    m = manifest.model
     feeds = it.rank_inputs(
-        table.with_items(np.array([new_id]), vector[None], 2),
-        it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards),
-        hist,
-        cands,
+        table.with_items(np.array([new_id]), vector[None], 2), manifest.model.lookup(), hist, cands
     )
     ranking = OrtGraph(small_export.out / manifest.graph("ranking").file)
     want = ranking.run({t.name: feeds[t.name] for t in manifest.graph("ranking").inputs})["scores"]
