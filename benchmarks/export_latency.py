@@ -37,15 +37,20 @@ CASES = [(100, 50), (500, 200)]
 NUM_ITEMS, NUM_USERS, FIELDS = 1682, 943, ["title", "overview"]
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
+def timed(fn, calls: int, warmup: int = 20) -> list[float]:
+    """Milliseconds of each of `calls` calls of `fn`, after `warmup` untimed ones."""
+    for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    out = []
+    for _ in range(calls):
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def median_ms(fn, repeats: int) -> float:
+    return statistics.median(timed(fn, repeats, warmup=3))
 
 
 def build_model(preset: str, history_len: int | None = None, d: int | None = None):

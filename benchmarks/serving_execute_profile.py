@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.export_latency import machine  # noqa: E402
-from benchmarks.serving_overhead import _inputs, build, commit, in_process, model_stats, request, timed  # noqa: E402
+from benchmarks.export_latency import machine, timed  # noqa: E402
+from benchmarks.serving_overhead import _inputs, build, commit, in_process, model_stats, request  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 

@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.export_latency import build_model, machine  # noqa: E402
+from benchmarks.export_latency import build_model, machine, timed  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
@@ -47,17 +46,6 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def timed(fn, calls: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
-
-
 def request(n: int, length: int, num_items: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return (
@@ -70,9 +58,8 @@ def in_process(export: Path, hist: np.ndarray, cands: np.ndarray, threads: int) 
     from export.manifest import Manifest
 
     manifest = Manifest.read(export)
-    m = manifest.model
     table = it.ItemTable.read(export / "item_table")
-    lookup = it.LookupConfig(m.history_len, m.long_history_len, m.num_users, m.user_feature_cards)
+    lookup = manifest.model.lookup()
     spec = manifest.graph("ranking")
     graph = OrtGraph(export / spec.file, threads=threads)
     feeds = it.rank_inputs(table, lookup, hist, cands)
