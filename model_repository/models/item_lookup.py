@@ -29,6 +29,24 @@ from model_repository.responses import output_dtypes, respond_grouped  # noqa: E
 INPUTS = ("history_ids", "candidate_ids", "user_id", "user_feats")
 
 
+def _numpy_array(tensor):
+    return tensor.as_numpy()
+
+
+def _dlpack_array(tensor):
+    """The torch backend's input read: torch's own NumPy bridge, whatever NumPy the stub was built with."""
+    from torch.utils.dlpack import from_dlpack
+
+    return from_dlpack(tensor.to_dlpack()).numpy()
+
+
+def _dlpack_tensor(name, array):
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(array)))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -47,10 +65,12 @@ class TritonPythonModel:
         self.outputs = output_dtypes(pb_utils, config)
         # python backend: the ranking graph runs here, in the same step (one Python hop per request).
         self.graph = self.ranker = None
+        self._array, self._tensor = _numpy_array, pb_utils.Tensor
         if "graph" in params:
             self.graph = OrtGraph(folder / params["graph"], threads=int(params.get("graph_threads", "0")))
         if "program" in params:
             self.ranker = self._torch_ranker(folder, params, int(args.get("model_instance_device_id", "0")))
+            self._array, self._tensor = _dlpack_array, _dlpack_tensor
         # A per-row scalar (user_id) travels as [batch, 1].
         self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
@@ -78,21 +98,6 @@ class TritonPythonModel:
         inputs = {name: None if t is None else self._array(t) for name, t in tensors.items()}
         self.limits.check(inputs)  # per request, before any graph runs
         return inputs
-
-    def _array(self, tensor):
-        if self.ranker is None:
-            return tensor.as_numpy()
-        from torch.utils.dlpack import from_dlpack
-
-        return from_dlpack(tensor.to_dlpack()).numpy()  # torch's own NumPy bridge, whatever the stub's
-
-    def _tensor(self, name, array):
-        if self.ranker is None:
-            return pb_utils.Tensor(name, array)
-        import torch
-        from torch.utils.dlpack import to_dlpack
-
-        return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(array)))
 
     def _lookup(self, inputs):
         if self.ranker is not None:
