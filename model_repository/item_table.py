@@ -165,13 +165,17 @@ class LookupConfig:
 def recent_known(rows: np.ndarray, known: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """rows, known [B, L'] -> the last `length` known rows per line, right-aligned; [B, length] rows
     (0 where empty) and mask."""
-    order = np.argsort(known, axis=1, kind="stable")  # unknown first, known last, order kept
-    rows = np.take_along_axis(rows, order, axis=1)
-    known = np.take_along_axis(known, order, axis=1)
-    pad = max(length - rows.shape[1], 0)
-    rows = np.pad(rows, ((0, 0), (pad, 0)))[:, -length:] if length else rows[:, :0]
-    known = np.pad(known, ((0, 0), (pad, 0)))[:, -length:] if length else known[:, :0]
-    return np.where(known, rows, 0), known
+    out_rows = np.zeros((rows.shape[0], length), rows.dtype)
+    out_known = np.zeros((rows.shape[0], length), bool)
+    if not known.all():  # the usual request has every history id known: nothing to move then
+        order = np.argsort(known, axis=1, kind="stable")  # unknown first, known last, order kept
+        known = np.take_along_axis(known, order, axis=1)
+        rows = np.where(known, np.take_along_axis(rows, order, axis=1), 0)
+    kept = min(rows.shape[1], length)
+    if kept:
+        out_rows[:, length - kept :] = rows[:, rows.shape[1] - kept :]
+        out_known[:, length - kept :] = known[:, known.shape[1] - kept :]
+    return out_rows, out_known
 
 
 # Which table column each gathered product reads.

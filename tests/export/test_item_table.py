@@ -38,11 +38,17 @@ def recent_known_reference(rows, known, length):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(1, 4), st.integers(0, 9), st.integers(0, 6), st.integers(0, 2**31 - 1))
-def test_recent_known_matches_the_plain_loop(b, width, length, seed):
+@given(
+    st.integers(1, 4),
+    st.integers(0, 9),
+    st.integers(0, 6),
+    st.sampled_from([0.0, 0.6, 1.0]),
+    st.integers(0, 2**31 - 1),
+)
+def test_recent_known_matches_the_plain_loop(b, width, length, known_rate, seed):
     rng = np.random.default_rng(seed)
     rows = rng.integers(1, 50, (b, width))
-    known = rng.random((b, width)) < 0.6
+    known = rng.random((b, width)) < known_rate
     got = it.recent_known(rows, known, length)
     want = recent_known_reference(rows, known, length)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
