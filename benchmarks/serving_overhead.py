@@ -11,7 +11,10 @@ tritonserver on loopback. One user ranks N candidates against an L-item history.
   served one, same onnxruntime thread count), and the graph alone;
 - served: `rank` over gRPC with the sync tritonclient, one caller; `calls` calls of each path after
   warm-up, in alternating rounds so that all paths see the same load on a shared CPU: p50, p99.
-  Overhead = served p50 - in-process p50. Where the time went: Triton's own statistics per model over
+  Overhead = served p50 - in-process p50. Beside it, the same call of item_lookup directly (what the
+  ensemble adds) and of `floor`, a Python-backend model rendered into the benchmark's repository with
+  item_lookup's inputs, outputs and batching that does no work: the round trip that any Python step
+  costs here, gRPC included. Where the time went: Triton's own statistics per model over
   the same calls (queue, compute input / infer / output), the rest is gRPC and the client.
 - 8 concurrent callers (one client each), `calls` calls each: p50, p99, failures.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,9 +41,38 @@ from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
-MODELS = ("rank", "item_lookup", "ranking")
+MODELS = ("rank", "item_lookup", "ranking", "floor")
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
+
+
+FLOOR_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            shape = pb_utils.get_input_tensor_by_name(request, "candidate_ids").as_numpy().shape
+            scores = pb_utils.Tensor("scores", np.zeros(shape, np.float32))
+            known = pb_utils.Tensor("candidate_known", np.ones(shape, bool))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[scores, known]))
+        return responses
+"""
+
+
+def add_floor_model(repo: Path) -> None:
+    """`floor`: item_lookup's config (inputs, outputs, batching, instances) without its parameters, and a
+    model that answers zeros at once."""
+    config = (repo / "item_lookup" / "config.pbtxt").read_text()
+    config = re.sub(
+        r'parameters \{\n  key: "[^"]*"\n  value \{\n    string_value: .*\n  \}\n\}\n', "", config
+    )
+    (repo / "floor" / "1").mkdir(parents=True)
+    (repo / "floor" / "config.pbtxt").write_text(config.replace('name: "item_lookup"', 'name: "floor"', 1))
+    (repo / "floor" / "1" / "model.py").write_text(FLOOR_MODEL)
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -104,6 +137,8 @@ def one_caller(url: str, hist, cands, local: dict[str, Callable], calls: int) ->
     paths = {
         **{f"in process: {k}": fn for k, fn in local.items()},
         "served": lambda: client.infer("rank", inputs),
+        "served: item_lookup directly": lambda: client.infer("item_lookup", inputs),
+        "served: floor (a Python step doing no work)": lambda: client.infer("floor", inputs),
     }
     for fn in paths.values():
         timed(fn, 0, warmup=20)
@@ -185,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mmrank-overhead-") as tmp:
         export = build(Path(tmp), args.history, rc)
+        add_floor_model(Path(tmp) / "repo")
         hist, cands = request(args.candidates, args.history, 1682)
         local = in_process(export, hist, cands, args.graph_threads)
         with TritonServer(TritonConfig(Path(tmp) / "repo", control_mode="explicit")) as server:
@@ -202,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(r: dict, args, path: Path) -> None:
-    local_p50, served_p50 = r["one"]["in process: lookup + graph"][0], r["one"]["served"][0]
+    one = {name: p50 for name, (p50, _) in r["one"].items()}
+    local_p50, served_p50 = one["in process: lookup + graph"], one["served"]
+    floor_p50 = one["served: floor (a Python step doing no work)"]
+    direct_p50 = one["served: item_lookup directly"]
     lines = [
         "# Serving overhead: the `rank` ensemble vs the same computation in process",
         "",
@@ -222,13 +261,20 @@ def write(r: dict, args, path: Path) -> None:
         "|---|---:|---:|---:|",
     ]
     for name, (p50, p99) in r["one"].items():
-        lines.append(f"| {name}{', 1 caller' if name == 'served' else ''} | {p50:.3f} | {p99:.3f} | |")
+        lines.append(
+            f"| {name}{', 1 caller' if name.startswith('served') else ''} | {p50:.3f} | {p99:.3f} | |"
+        )
     lines.append(f"| served, 8 callers | {r['eight'][0]:.3f} | {r['eight'][1]:.3f} | {r['eight'][2]} |")
     lines += [
         "",
         f"Overhead (served p50, 1 caller, minus in-process lookup + graph p50): "
         f"**{served_p50 - local_p50:.3f} ms** (1 caller: {args.calls} calls of each path in {ROUNDS} "
         "alternating rounds; a failed served call raises)",
+        "",
+        f"Of it, the Python step's own round trip (`floor` p50, gRPC included, no work): {floor_p50:.3f} ms; "
+        f"served minus floor: {served_p50 - floor_p50:.3f} ms for a computation that takes {local_p50:.3f} ms "
+        f"in process (so {served_p50 - floor_p50 - local_p50:+.3f} ms beyond the floor), and the ensemble "
+        f"over calling item_lookup directly: {served_p50 - direct_p50:+.3f} ms.",
         "",
         "Where the served time went (1 caller; Triton's statistics, mean ms per request):",
         "",
