@@ -56,6 +56,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         trainer = Trainer(cfg, load_dataset(data), run, dist, False, False)
         trainer.run()
         torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.close()
 

@@ -23,7 +23,9 @@ def train(
     ds = load_dataset(data_dir)
     dist = Dist.init()
     try:
-        return train_stages(ds, cfg, Path(out), resume, dist, progress)
+        metrics = train_stages(ds, cfg, Path(out), resume, dist, progress)
+        dist.barrier()  # every rank's last collective is done before any rank tears the group down
+        return metrics
     finally:
         dist.close()
 

@@ -7,6 +7,7 @@ all-gathers memory-bank writes itself, and rank 0 evaluates and writes every fil
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 from dataclasses import dataclass
@@ -46,7 +47,13 @@ class Dist:
         return cls(torch_dist.get_rank(), torch_dist.get_world_size(), device, owns)
 
     def close(self) -> None:
+        """Leave the job. The group is destroyed here, with the interpreter alive: objects still holding
+        it (DDP's reducer in a reference cycle) are collected first, because a gloo group that outlives
+        this call can free its last collectives' buffers (Python-owned, e.g. broadcast_object_list's
+        bytes) on its worker threads during interpreter teardown, which aborts the process ("terminate
+        called without an active exception", pytorch/pytorch#179291)."""
         if self.owns_group and torch_dist.is_initialized():
+            gc.collect()
             torch_dist.destroy_process_group()
 
     def barrier(self) -> None:
