@@ -477,7 +477,9 @@ def serve(config: TritonConfig) -> int:
     server = TritonServer(config)
     for line in server.skipped:
         print(f"item_lookup: {line}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, at any moment
+    # SIGTERM stops like Ctrl-C, at any moment; SIGINT is set too, since a shell starting a background
+    # job (`mmrank serve &` in a script) hands it down ignored and `kill -INT` would then do nothing.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             server.start()
@@ -497,7 +499,8 @@ def serve(config: TritonConfig) -> int:
         finally:
             server.stop()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

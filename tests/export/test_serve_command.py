@@ -85,12 +85,19 @@ def test_serve_names_a_missing_repository(tmp_path, capsys):
     assert "model repository not found" in capsys.readouterr().err
 
 
+def _as_background_job() -> None:
+    """A script's `mmrank serve &` starts with SIGINT ignored (the shell's doing); a stop by SIGINT must
+    work all the same, so every launcher here starts that way, whatever started pytest."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _serve(repo, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *_free_ports(), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_as_background_job,
     )
 
 
