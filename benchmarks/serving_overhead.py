@@ -44,6 +44,8 @@ from model_repository.ort_graph import OrtGraph  # noqa: E402
 MODELS = ("rank", "item_lookup", "ranking", "floor")
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
+DIRECT = "served: item_lookup directly"
+FLOOR = "served: floor (a Python step doing no work)"
 
 
 FLOOR_MODEL = """
@@ -137,8 +139,8 @@ def one_caller(url: str, hist, cands, local: dict[str, Callable], calls: int) ->
     paths = {
         **{f"in process: {k}": fn for k, fn in local.items()},
         "served": lambda: client.infer("rank", inputs),
-        "served: item_lookup directly": lambda: client.infer("item_lookup", inputs),
-        "served: floor (a Python step doing no work)": lambda: client.infer("floor", inputs),
+        DIRECT: lambda: client.infer("item_lookup", inputs),
+        FLOOR: lambda: client.infer("floor", inputs),
     }
     for fn in paths.values():
         timed(fn, 0, warmup=20)
@@ -240,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 def write(r: dict, args, path: Path) -> None:
     one = {name: p50 for name, (p50, _) in r["one"].items()}
     local_p50, served_p50 = one["in process: lookup + graph"], one["served"]
-    floor_p50 = one["served: floor (a Python step doing no work)"]
-    direct_p50 = one["served: item_lookup directly"]
+    floor_p50, direct_p50 = one[FLOOR], one[DIRECT]
     lines = [
         "# Serving overhead: the `rank` ensemble vs the same computation in process",
         "",
