@@ -403,6 +403,12 @@ def test_a_preset_without_the_dataset_modalities_names_the_set_to_use(mmrec, tmp
         train(mmrec, _cfg("em3"), tmp_path / "em3")
 
 
+def test_a_trainable_encoder_on_data_without_text_names_every_set_to_use(mmrec, tmp_path):
+    fixes = r"""encoder_mode=frozen --set 'model.content.modalities=\["text_feat"\]'"""
+    with pytest.raises(MMRankError, match=r"needs text fields.*" + fixes):
+        train(mmrec, _cfg("lemur"), tmp_path / "lemur")
+
+
 def test_bpr_trains_pairwise_on_positives_with_sampled_negatives(mmrec, tmp_path):
     cfg = _cfg("bpr", **{"train.epochs": 3, "train.batch_size": 64})
     metrics = train(mmrec, cfg, tmp_path / "bpr")

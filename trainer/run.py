@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,18 @@ def needed_modalities(cfg: ModelConfig, build_table: bool) -> list[str]:
     ]
 
 
+def _modality_fix(features, wanted: list[str]) -> str | None:
+    """The `--set` (or the command) that makes every wanted modality available; None when all are."""
+    if all(name in features.modalities for name in wanted):
+        return None
+    have = sorted(features.modalities)
+    return (
+        f"--set 'model.content.modalities={json.dumps(have)}'"
+        if have
+        else "build them with `mmrank features`"
+    )
+
+
 def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> ModelSchema:
     """Sizes, categorical tables, the item features `cfg` needs (from the feature cache) and, for the
     trainable text encoder, the per-item token table."""
@@ -75,20 +88,28 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
     item_cats = np.zeros((ds.num_items + 1, len(cat_cols)), dtype=np.int64)
     if cat_cols:
         item_cats[items["item_id"].to_numpy()] = items[cat_cols].to_numpy(dtype=np.int64)
+    c = cfg.content
+    trainable_text = uses_content(cfg) and c.source == "tower" and c.encoder_mode == "trainable"
+    if trainable_text and not m.text_fields:
+        # MMRec-format data ships precomputed features only: the frozen encoder reads those instead.
+        from trainer.features.store import load_item_features
+
+        frozen = replace(cfg, content=replace(c, encoder_mode="frozen"))
+        fix = _modality_fix(load_item_features(ds.root), needed_modalities(frozen, build_table))
+        raise MMRankError(
+            f"{ds.root}: the trainable text encoder needs text fields; the dataset has none; use "
+            f"--set model.content.encoder_mode=frozen{' ' + fix if fix else ''}"
+        )
     wanted = needed_modalities(cfg, build_table)
     modalities = {}
     if wanted:
         from trainer.features.store import load_item_features
 
         features = load_item_features(ds.root)
-        missing = [name for name in wanted if name not in features.modalities]
-        if missing:
+        fix = _modality_fix(features, wanted)
+        if fix:
+            missing = [name for name in wanted if name not in features.modalities]
             have = sorted(features.modalities)
-            fix = (
-                f"--set 'model.content.modalities={json.dumps(have)}'"
-                if have
-                else "build them with `mmrank features`"
-            )
             raise MMRankError(
                 f"{ds.root}: no {', '.join(missing)} features (have {have or 'none'}); use {fix}"
             )
@@ -99,14 +120,9 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
                 torch.from_numpy(np.array(mask)),
             )
     tokens = None
-    c = cfg.content
-    if uses_content(cfg) and c.source == "tower" and c.encoder_mode == "trainable":
+    if trainable_text:
         from trainer.features.text import TextEncoder
 
-        if not m.text_fields:
-            raise MMRankError(
-                f"{ds.root}: the trainable text encoder needs text fields; the dataset has none"
-            )
         tokens = TextEncoder().tokenize_items(items, m.text_fields, c.max_text_tokens)
     return ModelSchema(
         num_items=ds.num_items,
