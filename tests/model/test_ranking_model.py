@@ -151,7 +151,7 @@ def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
     stats: dict[str, float] = {}
     _, fresh_ids, fresh_vecs = model._target_content(batch.item_id, stats)
     hist_ids = torch.tensor([[0, 4, 2, 6, 2]])  # 2 was encoded this step, 4 and 6 were never written
-    hist = model._history_content(hist_ids, hist_ids != 0, fresh_ids, fresh_vecs, stats, "history")
+    (hist,) = model._history_content([("history", hist_ids, hist_ids != 0)], fresh_ids, fresh_vecs, stats)
     params = [p for p in model.tower.parameters() if p.requires_grad]
 
     def tower_grad(position: int) -> float:
@@ -163,6 +163,22 @@ def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
     assert not model.bank.present[4] and float(hist[0, 1].detach().abs().sum()) > 0  # encoded, not a default
     torch.testing.assert_close(hist[0, 2], model.bank.vectors[2])  # the same value the bank now holds
     assert torch.equal(hist[0, 0], torch.zeros(16))
+
+
+def test_a_training_step_encodes_each_item_once(monkeypatch):
+    """Targets, short and long history share one step's encodings: no item runs the tower twice."""
+    model = _model({**LEMUR, "interest.long_len": 8})
+    batch = _batch(long_len=8)
+    short = set(batch.hist_ids[batch.hist_mask].tolist())
+    long = set(batch.long_hist_ids[batch.long_hist_mask].tolist())
+    targets = set(batch.item_id.tolist())
+    assert (short & long) - targets  # items the bank lacks that both histories hold
+    encoded, encode = [], model.tower._encode
+    monkeypatch.setattr(model.tower, "_encode", lambda ids: (encoded.append(ids.clone()), encode(ids))[1])
+    _train_step(model, batch)
+    ids = torch.cat(encoded)
+    assert ids.numel() == ids.unique().numel()
+    assert set(ids.tolist()) == targets | short | long  # the bank was empty: every item once
 
 
 def test_id_only_model_has_no_content_tower():

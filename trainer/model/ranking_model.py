@@ -218,13 +218,11 @@ class RankingModel(nn.Module):
         c = fresh_ids = fresh_vecs = hist_c = long_c = None
         if self.tower is not None:
             c, fresh_ids, fresh_vecs = self._target_content(batch.item_id, stats)
-            hist_c = self._history_content(
-                batch.hist_ids, batch.hist_mask, fresh_ids, fresh_vecs, stats, "history"
-            )
+            histories = [("history", batch.hist_ids, batch.hist_mask)]
             if self.cfg.interest.long_len > 0:
-                long_c = self._history_content(
-                    batch.long_hist_ids, batch.long_hist_mask, fresh_ids, fresh_vecs, stats, "long_history"
-                )
+                histories.append(("long_history", batch.long_hist_ids, batch.long_hist_mask))
+            hist_c, *long = self._history_content(histories, fresh_ids, fresh_vecs, stats)
+            long_c = long[0] if long else None
         # LEMUR Table 5 stop-gradient: the ranker sees the content vectors as constants, while the
         # auxiliary losses (SQDC) still train the encoder through them.
         sg = _detach if self.cfg.content.stop_gradient else _same
@@ -281,21 +279,34 @@ class RankingModel(nn.Module):
 
     def _history_content(
         self,
-        ids: Tensor,
-        mask: Tensor,
+        histories: list[tuple[str, Tensor, Tensor]],
         fresh_ids: Tensor,
         fresh_vecs: Tensor,
         stats: dict[str, float],
-        name: str,
-    ) -> Tensor:
+    ) -> list[Tensor]:
+        """Content vectors [B, L, d] of each (name, ids [B, L], mask [B, L]) history of the batch.
+
+        All histories go through one tower call: the short history is mostly inside the long one, and
+        encoded separately an item the bank lacks would run the encoder twice in the same step.
+        """
+        flat = torch.cat([ids.reshape(-1) for _, ids, _ in histories])
         if self.bank is None:
-            return self.tower(ids)  # the tower encodes each distinct id once
-        if not self.training:
-            return self.item_vectors(ids)
-        stats[f"bank/{name}_coverage"] = self.bank.coverage(ids, mask).item()
-        with torch.no_grad():  # bank reads are constants; so are the encodings of never-written ids
-            cached = self.item_vectors(ids)
-        return dedup_join(ids, cached, fresh_ids, fresh_vecs)
+            vecs = self.tower(flat)  # the tower encodes each distinct id once
+        elif not self.training:
+            vecs = self.item_vectors(flat)
+        else:
+            for name, ids, mask in histories:
+                stats[f"bank/{name}_coverage"] = self.bank.coverage(ids, mask).item()
+            with torch.no_grad():  # bank reads are constants; so are the encodings of never-written ids
+                vecs = self.item_vectors(flat)
+        parts = vecs.split([ids.numel() for _, ids, _ in histories])
+        out = [part.reshape(*ids.shape, -1) for part, (_, ids, _) in zip(parts, histories, strict=True)]
+        if self.bank is None or not self.training:
+            return out
+        return [
+            dedup_join(ids, part, fresh_ids, fresh_vecs)
+            for part, (_, ids, _) in zip(out, histories, strict=True)
+        ]
 
     def _aux_losses(self, batch: Batch, c: Tensor | None, hist_c: Tensor | None) -> dict[str, Tensor]:
         ls, losses = self.cfg.loss, {}
