@@ -24,6 +24,7 @@ from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import RunConfig, from_dict, load_json
 from trainer.data.schema import Dataset
+from trainer.features.store import ItemFeatures, load_item_features
 from trainer.model.config import ModelConfig
 from trainer.model.ranking_model import ModelSchema, RankingModel
 
@@ -67,10 +68,8 @@ def needed_modalities(cfg: ModelConfig, build_table: bool) -> list[str]:
     ]
 
 
-def _modality_fix(features, wanted: list[str]) -> str | None:
-    """The `--set` (or the command) that makes every wanted modality available; None when all are."""
-    if all(name in features.modalities for name in wanted):
-        return None
+def _modality_fix(features: ItemFeatures) -> str:
+    """The `--set` that points the model at the modalities the data has (or the command building them)."""
     have = sorted(features.modalities)
     return (
         f"--set 'model.content.modalities={json.dumps(have)}'"
@@ -92,26 +91,22 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
     trainable_text = uses_content(cfg) and c.source == "tower" and c.encoder_mode == "trainable"
     if trainable_text and not m.text_fields:
         # MMRec-format data ships precomputed features only: the frozen encoder reads those instead.
-        from trainer.features.store import load_item_features
-
+        features = load_item_features(ds.root)
         frozen = replace(cfg, content=replace(c, encoder_mode="frozen"))
-        fix = _modality_fix(load_item_features(ds.root), needed_modalities(frozen, build_table))
+        lacking = set(needed_modalities(frozen, build_table)) - set(features.modalities)
         raise MMRankError(
             f"{ds.root}: the trainable text encoder needs text fields; the dataset has none; use "
-            f"--set model.content.encoder_mode=frozen{' ' + fix if fix else ''}"
+            f"--set model.content.encoder_mode=frozen{' ' + _modality_fix(features) if lacking else ''}"
         )
     wanted = needed_modalities(cfg, build_table)
     modalities = {}
     if wanted:
-        from trainer.features.store import load_item_features
-
         features = load_item_features(ds.root)
-        fix = _modality_fix(features, wanted)
-        if fix:
-            missing = [name for name in wanted if name not in features.modalities]
+        missing = [name for name in wanted if name not in features.modalities]
+        if missing:
             have = sorted(features.modalities)
             raise MMRankError(
-                f"{ds.root}: no {', '.join(missing)} features (have {have or 'none'}); use {fix}"
+                f"{ds.root}: no {', '.join(missing)} features (have {have or 'none'}); use {_modality_fix(features)}"
             )
         for name in wanted:
             feats, mask = features.modalities[name]
