@@ -321,6 +321,14 @@ def test_ablation_tabulates_presets_over_seeds(data, tmp_path, capsys):
     assert "mmrank ablation --data" in text and "--max-steps 3" in text and "torch " in text
     rows = [line for line in text.splitlines() if line.startswith("| id_only") and " ± " in line]
     assert len(rows) == 2
+    for preset in ("id_only", "id_only_rankmixer"):
+        trains = [
+            json.loads((out / "runs" / preset / f"seed{s}" / "metrics.json").read_text())["train"]
+            for s in (0, 1)
+        ]
+        kept = ", ".join(f"{tr['best_step']}/{tr['steps']}" for tr in trains)
+        row = next(line for line in rows if line.startswith(f"| {preset} |"))
+        assert row.split("|")[-2].strip() == kept and all(tr["steps"] == 3 for tr in trains)
     claim = [line for line in text.splitlines() if line.startswith("| id_only_rankmixer | auc |")]
     assert len(claim) == 1 and "[" in claim[0] and ("baseline" in claim[0] or "no difference" in claim[0])
     raw = json.loads((out / "ablation.json").read_text())

@@ -79,15 +79,22 @@ def _values(runs: list[dict], block: str, key: str) -> list[float | None]:
     return [r.get(block, {}).get(key) for r in runs]
 
 
+def checkpoint_steps(runs: list[dict]) -> str:
+    """Per seed, the step of the kept checkpoint out of the steps trained: "228/684" says early stopping
+    kept the first epoch of three, which a mean over seeds would hide."""
+    return ", ".join(f"{r['train'].get('best_step', '?')}/{r['train'].get('steps', '?')}" for r in runs)
+
+
 def table(results: dict[str, list[dict]]) -> list[str]:
-    """Markdown rows: one per preset, mean ± std over seeds."""
+    """Markdown rows: one per preset, mean ± std over seeds, and each seed's kept checkpoint step."""
     columns = [
         c for c in COLUMNS if any(v is not None for runs in results.values() for v in _values(runs, *c[:2]))
     ]
-    head = ["preset", "paper row", *[c[2] for c in columns]]
+    head = ["preset", "paper row", *[c[2] for c in columns], "best step/steps per seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for preset, runs in results.items():
         cells = [describe(_values(runs, block, key), d) for block, key, _, d in columns]
+        cells.append(checkpoint_steps(runs))
         lines.append("| " + " | ".join([preset, read_preset(preset)["paper"], *cells]) + " |")
     return lines
 
