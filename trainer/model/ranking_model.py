@@ -290,18 +290,19 @@ class RankingModel(nn.Module):
         encoded separately an item the bank lacks would run the encoder twice in the same step.
         """
         flat = torch.cat([ids.reshape(-1) for _, ids, _ in histories])
-        if self.bank is None:
-            vecs = self.tower(flat)  # the tower encodes each distinct id once
-        elif not self.training:
-            vecs = self.item_vectors(flat)
-        else:
+        reads_bank = self.bank is not None and self.training
+        if reads_bank:
             for name, ids, mask in histories:
                 stats[f"bank/{name}_coverage"] = self.bank.coverage(ids, mask).item()
             with torch.no_grad():  # bank reads are constants; so are the encodings of never-written ids
                 vecs = self.item_vectors(flat)
+        elif self.bank is None:
+            vecs = self.tower(flat)  # the tower encodes each distinct id once
+        else:
+            vecs = self.item_vectors(flat)
         parts = vecs.split([ids.numel() for _, ids, _ in histories])
         out = [part.reshape(*ids.shape, -1) for part, (_, ids, _) in zip(parts, histories, strict=True)]
-        if self.bank is None or not self.training:
+        if not reads_bank:
             return out
         return [
             dedup_join(ids, part, fresh_ids, fresh_vecs)
