@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer.kernels.attention_op import attention_cosine_op, attention_reference  # noqa: E402
 from trainer.model.attention import attention_sdpa  # noqa: E402
 from trainer.model.similarity import similarity_features  # noqa: E402
+from trainer.provenance import code_commit  # noqa: E402
 
 TOPK = 10
 GRID = [
@@ -245,15 +245,6 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -300,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "commit": git_commit(),
+        "commit": code_commit(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     (out / "kernel_attention.json").write_text(

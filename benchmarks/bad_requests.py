@@ -20,9 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import machine  # noqa: E402
-from benchmarks.serving_overhead import build, commit  # noqa: E402
+from benchmarks.serving_overhead import build  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
+from trainer.provenance import code_commit  # noqa: E402
 
 OK_HIST, OK_CANDS = np.arange(1, 51, dtype=np.int64)[None], np.arange(1, 101, dtype=np.int64)[None]
 CASES = {
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Bad `rank` requests: answers and server memory",
         "",
         f"Command: `python benchmarks/bad_requests.py --rounds {args.rounds}`  ",
-        f"Commit: {commit()}  ",
+        f"Commit: {code_commit()}  ",
         f"Machine: {machine()}",
         "",
         "| request | answer | ms |",

@@ -71,14 +71,9 @@ def measure(events: int, users: int, items: int, chunk_events: int, seed: int) -
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"nproc {len(os.sched_getaffinity(0))}, {model}, Python {platform.python_version()}"
+    from trainer.provenance import cpu_name
+
+    return f"nproc {len(os.sched_getaffinity(0))}, {cpu_name()}, Python {platform.python_version()}"
 
 
 def table(runs: list[Run], command: str) -> str:

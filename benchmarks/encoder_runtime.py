@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from trainer.features.image import IMAGE_SIZE, ImageEncoder  # noqa: E402
 from trainer.features.runtime import TorchRunner, onnx_runner, sha256_files  # noqa: E402
 from trainer.features.text import TextEncoder  # noqa: E402
+from trainer.provenance import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "encoder_runtime.md"
 HEADER = [
@@ -65,16 +66,6 @@ def time_alternately(runners: dict, inputs, repeats: int, warmup: int) -> dict[s
             run(*inputs)
             times[name].append((time.perf_counter() - start) * 1000.0)
     return {name: np.array(t) for name, t in times.items()}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv):

@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from export.manifest import Manifest
 from export.onnx_graphs import ExportConfig, TextSetup, export_model, graph_builds
 from export.parity import random_feeds
 from model_repository.ort_graph import OrtGraph
+from trainer.provenance import cpu_name
 
 CASES = [(100, 50), (500, 200)]
 NUM_ITEMS, NUM_USERS, FIELDS = 1682, 943, ["title", "overview"]
@@ -142,16 +142,8 @@ def measure(
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), cpu
-        )
-    except OSError:
-        pass
     return (
-        f"{cpu}, {torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{cpu_name()}, {torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
         f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider)"
     )
 

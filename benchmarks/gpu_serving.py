@@ -36,13 +36,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
 from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, lookup_in_process, rank_feeds  # noqa: E402
-from clients.loadtest import LoadTestConfig, provenance, run_loadtest  # noqa: E402
+from clients.loadtest import LoadTestConfig, run_loadtest  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
+from trainer.provenance import record  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -140,7 +141,7 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{p['command']}`  ",
         f"Commit: {p['commit']}  ",
-        f"Machine: {p['machine']}  ",
+        f"Machine: {p['machine']}, {p['platform']}  ",
         f"Device: {report['device']}  ",
         f"Date: {p['date']}",
         "",
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shapes = parse_shapes(args.shapes)
     report = {
-        "provenance": provenance(["python", "benchmarks/gpu_serving.py", *argv]),
+        "provenance": record(["python", "benchmarks/gpu_serving.py", *argv]),
         "device": f"{device}, torch {torch.__version__}, {args.precision}",
         "kind": args.kind,
         "concurrency": args.concurrency,

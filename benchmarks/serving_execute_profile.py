@@ -24,9 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import machine, timed  # noqa: E402
-from benchmarks.serving_overhead import _inputs, build, commit, in_process, model_stats, request  # noqa: E402
+from benchmarks.serving_overhead import _inputs, build, in_process, model_stats, request  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
+from trainer.provenance import code_commit  # noqa: E402
 
 WARMUP = 100
 TIMED = ("execute", "_read", "_lookup")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Inside item_lookup: where the served time goes (python backend, N=100, L=50)",
         "",
         f"Command: `python benchmarks/serving_execute_profile.py --calls {args.calls}`  ",
-        f"Commit: {commit()}  ",
+        f"Commit: {code_commit()}  ",
         f"Machine: {machine()}",
         "",
         "| part | us |",

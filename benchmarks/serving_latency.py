@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.loadtest import check_loopback, percentiles, provenance
+from clients.loadtest import check_loopback, percentiles
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from clients.triton_metrics import ModelTimes, per_request, settled_scrape
 from export.manifest import ModelInfo
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
+from trainer.provenance import record
 
 LOOKUP, RANKING, RANK = "item_lookup", "ranking", "rank"
 
@@ -233,7 +234,7 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{p['command']}`  ",
         f"Commit: {p['commit']}  ",
-        f"Machine: {p['machine']}  ",
+        f"Machine: {p['machine']}, {p['platform']}  ",
         f"Date: {p['date']}; 1-minute load average before / after: {p['load_average_1min']:.2f} / "
         f"{report['load_average_after']:.2f} (the CPU is shared with other jobs)  ",
         f"Requests: {report['requests']} distinct test requests of `{report['data']}`, N={n} candidates, "
@@ -281,7 +282,7 @@ def run(cfg: BenchConfig, repo: Path, data: Path, argv: list[str]) -> dict:
     check_loopback(cfg.metrics_url, "--metrics-url")
     sample = draw_requests(data, cfg.sample)
     report = {
-        "provenance": provenance(["python", *argv]),
+        "provenance": record(["python", *argv]),
         "config": asdict(cfg),
         "data": str(data),
         "requests": len(sample),

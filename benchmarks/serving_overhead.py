@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
+from trainer.provenance import code_commit  # noqa: E402
 
 MODELS = ("rank", "item_lookup", "ranking", "floor")
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
@@ -199,14 +199,6 @@ def build(out: Path, history_len: int, rc: RenderConfig) -> Path:
     return export
 
 
-def commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=False)
-    return done.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/serving_overhead.md")
@@ -249,7 +241,7 @@ def write(r: dict, args, path: Path) -> None:
         f"Command: `python benchmarks/serving_overhead.py --calls {args.calls} --candidates {args.candidates} "
         f"--history {args.history} --lookup-instances {args.lookup_instances} "
         f"--graph-threads {args.graph_threads}`  ",
-        f"Commit: {commit()}  ",
+        f"Commit: {code_commit()}  ",
         f"Machine: {machine()}  ",
         f"1-minute load average before / after: {r['load'][0]:.2f} / {r['load'][1]:.2f} "
         "(the CPU is shared with other jobs)",

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from mmrank.errors import MMRankError
-from trainer.ablation import machine
 from trainer.config import resolve
 from trainer.data.schema import write_json_atomic
+from trainer.provenance import machine
 from trainer.run import METRICS
 from trainer.train import train
 

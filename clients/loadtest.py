@@ -23,12 +23,10 @@ import ipaddress
 import json
 import math
 import os
-import platform
 import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -67,29 +65,6 @@ def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
             f"{option} {url!r}: {outside[0]} is not a loopback address; load tests run on loopback only"
         )
     return host, int(port)
-
-
-def provenance(command: list[str]) -> dict:
-    """Where a result comes from: the command, commit, machine, date and how busy the CPU was."""
-    from trainer.ablation import machine
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") + (
-        " (uncommitted changes)"
-        # Results written by an earlier benchmark of the same session do not change the code measured.
-        if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
-        else ""
-    )
-    return {
-        "command": " ".join(command),
-        "commit": commit,
-        "machine": f"{machine()}, {platform.platform()}",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_average_1min": os.getloadavg()[0],
-    }
 
 
 def check_ready(url: str, model: str) -> None:
@@ -167,7 +142,7 @@ def markdown(summary: dict) -> str:
             "",
             f"Command: `{p['command']}`  ",
             f"Commit: {p['commit']}  ",
-            f"Machine: {p['machine']}  ",
+            f"Machine: {p['machine']}, {p['platform']}  ",
             f"Date: {p['date']}; 1-minute load average before / after: {p['load_average_1min']:.2f} / "
             f"{summary['load_average_after']:.2f}  ",
             f"Requests: {summary['requests_drawn']} test requests of `{summary['data']}` in turn, "
@@ -269,7 +244,9 @@ def run_loadtest(
     sample = sample or draw_requests(data, cfg.sample)
     out, data = Path(out), Path(data)
     # A given sample comes from the calling script, whose own command line reproduces the run.
-    started = provenance(command_line(out, data, cfg) if sample is None else ["python", *sys.argv])
+    from trainer.provenance import record
+
+    started = record(command_line(out, data, cfg) if sample is None else ["python", *sys.argv])
     out.mkdir(parents=True, exist_ok=True)
     sample.save(out / "requests.npz")
     run_locust(cfg, out)

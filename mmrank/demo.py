@@ -233,8 +233,8 @@ def report_markdown(report: dict) -> str:
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     from export.manifest import Manifest
     from export.repository import RenderConfig, render_repository
-    from trainer.ablation import machine
     from trainer.data.schema import write_json_atomic
+    from trainer.provenance import machine
 
     cfg = cfg or DemoConfig()
     out = Path(out)

@@ -15,6 +15,7 @@ from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
+from trainer.provenance import code_commit, machine
 from trainer.run import CONTENT_TABLE, load_run
 from trainer.train import Trainer, evaluate_run, train
 
@@ -68,6 +69,9 @@ def test_run_folder_and_metrics_follow_the_spec(data, tmp_path, capsys):
     assert [x["step"] for x in lines if x["event"] == "train"] == [5, 10]
     assert [x["step"] for x in lines if x["event"] == "valid"] == [6, 12]
     assert all("samples_per_s" in x and "cic" in x and "bce" in x for x in lines if x["event"] == "train")
+    origin = metrics["provenance"]
+    assert origin["commit"] == code_commit() and origin["machine"] == machine()
+    assert origin["torch_threads"] == torch.get_num_threads() and origin["command"]
     # `mmrank evaluate` scores the same best model on the same split.
     assert main(["evaluate", "--run", str(out), "--data", str(data)]) == 0
     evaluation = json.loads((out / "evaluation.json").read_text())
@@ -319,6 +323,10 @@ def test_ablation_tabulates_presets_over_seeds(data, tmp_path, capsys):
     assert main(args) == 0
     text = (out / "ablation.md").read_text()
     assert "mmrank ablation --data" in text and "--max-steps 3" in text and "torch " in text
+    made_by = next(line for line in text.splitlines() if line.startswith("- Runs made by: "))
+    assert made_by.endswith(
+        f"commit {code_commit()}, {machine()}, {torch.get_num_threads()} torch thread(s): 4 runs"
+    )
     rows = [line for line in text.splitlines() if line.startswith("| id_only") and " ± " in line]
     assert len(rows) == 2
     for preset in ("id_only", "id_only_rankmixer"):

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
-
-import torch
 
 from mmrank.errors import MMRankError
 from trainer.config import parse_sets, read_preset, resolve, stop_metric, validate
 from trainer.data.schema import Manifest, write_json_atomic
+from trainer.provenance import machine
 from trainer.run import CONFIG, METRICS
 from trainer.stats import describe, paired
 from trainer.train import train
@@ -50,21 +49,6 @@ def parse_list(text: str, kind: type, what: str) -> list:
     return values
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"{os.cpu_count()} CPUs ({cpu}), GPU: {gpu}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def run_one(
     data: Path, preset: str, seed: int, out: Path, sets: dict, epochs: int | None, max_steps: int | None
 ) -> dict:
@@ -83,6 +67,21 @@ def checkpoint_steps(runs: list[dict]) -> str:
     """Per seed, the step of the kept checkpoint out of the steps trained: "228/684" says early stopping
     kept the first epoch of three, which a mean over seeds would hide."""
     return ", ".join(f"{r['train'].get('best_step', '?')}/{r['train'].get('steps', '?')}" for r in runs)
+
+
+def origins(results: dict[str, list[dict]]) -> str:
+    """Which code, machine and thread count made the runs tabulated, with how many runs each: reused runs
+    may come from other commits or machines than the one tabulating them."""
+    counts = Counter(
+        (
+            f"commit {p['commit']}, {p['machine']}, {p['torch_threads']} torch thread(s)"
+            if (p := r.get("provenance"))
+            else "not recorded (a metrics.json without provenance)"
+        )
+        for runs in results.values()
+        for r in runs
+    )
+    return "; ".join(f"{what}: {n} run{'s' * (n > 1)}" for what, n in counts.most_common())
 
 
 def table(results: dict[str, list[dict]]) -> list[str]:
@@ -160,7 +159,8 @@ def run_ablation(
         f"# Ablation: {', '.join(presets)}",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {machine()}",
+        f"- Tabulated on: {machine()}",
+        f"- Runs made by: {origins(results)}",
         f"- Data: `{data}` ({manifest.name}, {manifest.counts.get('events', '?')} events)",
         f"- Seeds: {', '.join(map(str, seeds))}; overrides: {json.dumps(sets) if sets else 'none'}",
         f"- Test metrics of each run's best checkpoint (by valid "

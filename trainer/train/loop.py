@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from mmrank.errors import MMRankError
-from trainer import checkpoint
+from trainer import checkpoint, provenance
 from trainer.checkpoint import TrainState
 from trainer.config import TOPK_METRICS, RunConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
@@ -365,13 +365,14 @@ class Trainer:
 
     def run(self) -> dict:
         """Train, then evaluate the best model on test; returns (and rank 0 writes) metrics.json."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), provenance.record()
         if self.t.streaming:
             stream(self)
         else:
             self.fit()
         metrics = self._final_metrics()
         metrics["train"].update(wall_s=time.perf_counter() - t0, resumed=self.resumed)
+        metrics["provenance"] = started
         if self.dist.main:
             write_json_atomic(self.out / METRICS, metrics)
         self.dist.barrier()
