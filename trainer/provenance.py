@@ -39,10 +39,10 @@ def code_commit(root: Path = CODE_ROOT) -> str:
     'unknown' when `root` is not the top of a git checkout (an installed wheel, a copied tree), even
     inside another repository: a .venv in a checkout must not report that checkout's commit.
     """
-    top = _git(root, "rev-parse", "--show-toplevel")
-    head = _git(root, "rev-parse", "--short", "HEAD")
-    if not top or not head or Path(top).resolve() != Path(root).resolve():
+    top_and_head = (_git(root, "rev-parse", "--show-toplevel", "--short", "HEAD") or "").splitlines()
+    if len(top_and_head) != 2 or Path(top_and_head[0]).resolve() != Path(root).resolve():
         return UNKNOWN
+    head = top_and_head[1]
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", NOT_CODE)
     return head + (" (uncommitted changes)" if dirty else "")
 
