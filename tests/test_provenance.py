@@ -25,6 +25,8 @@ def checkout(tmp_path):
     root = tmp_path / "repo"
     (root / "benchmarks" / "results").mkdir(parents=True)
     (root / "code.py").write_text("x = 1\n")
+    (root / "docs").mkdir()
+    (root / "docs" / "notes.md").write_text("notes\n")
     (root / "benchmarks" / "results" / "table.md").write_text("| a |\n")
     _git(root, "init", "-q")
     _git(root, "add", ".")
@@ -36,9 +38,10 @@ def test_a_clean_checkout_names_its_head(checkout):
     assert code_commit(checkout) == _git(checkout, "rev-parse", "--short", "HEAD")
 
 
-def test_changed_code_is_marked_but_results_and_untracked_files_are_not(checkout):
+def test_changed_code_is_marked_but_results_prose_and_untracked_files_are_not(checkout):
     head = _git(checkout, "rev-parse", "--short", "HEAD")
     (checkout / "benchmarks" / "results" / "table.md").write_text("| b |\n")
+    (checkout / "docs" / "notes.md").write_text("other notes\n")
     (checkout / "scratch.py").write_text("y = 2\n")
     assert code_commit(checkout) == head
     (checkout / "code.py").write_text("x = 2\n")

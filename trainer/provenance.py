@@ -18,8 +18,9 @@ from pathlib import Path
 # name the CPU without loading it.
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
-# Results an earlier benchmark of the same session wrote into the checkout do not change the code measured.
-NOT_CODE = ":!benchmarks/results"
+# Neither results an earlier benchmark of the same session wrote into the checkout nor prose (README,
+# results notes) change the code measured.
+NOT_CODE = (":!benchmarks/results", ":!*.md")
 UNKNOWN = "unknown"
 
 
@@ -43,7 +44,7 @@ def code_commit(root: Path = CODE_ROOT) -> str:
     if len(top_and_head) != 2 or Path(top_and_head[0]).resolve() != Path(root).resolve():
         return UNKNOWN
     head = top_and_head[1]
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", NOT_CODE)
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE)
     return head + (" (uncommitted changes)" if dirty else "")
 
 
