@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from trainer.provenance import UNKNOWN, code_commit, cpu_name, record
+from trainer.provenance import COMMIT_ENV, UNKNOWN, code_commit, cpu_name, record
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -18,6 +18,11 @@ def _git(root, *args):
         text=True,
         check=True,
     ).stdout.strip()
+
+
+@pytest.fixture(autouse=True)
+def no_declared_commit(monkeypatch):
+    monkeypatch.delenv(COMMIT_ENV, raising=False)
 
 
 @pytest.fixture
@@ -55,6 +60,14 @@ def test_a_folder_inside_a_checkout_or_outside_any_is_unknown(checkout, tmp_path
     outside = tmp_path / "copied"
     outside.mkdir()
     assert code_commit(inside) == UNKNOWN and code_commit(outside) == UNKNOWN
+
+
+def test_a_declared_commit_wins_and_says_it_was_declared(checkout, tmp_path, monkeypatch):
+    # The GPU machine's copy of a working tree may carry no or stale git metadata.
+    monkeypatch.setenv(COMMIT_ENV, "abc1234")
+    (checkout / "code.py").write_text("x = 3\n")
+    for root in (checkout, tmp_path):
+        assert code_commit(root) == f"abc1234 (declared by ${COMMIT_ENV})"
 
 
 def test_record_names_command_commit_and_machine():

@@ -22,6 +22,9 @@ CODE_ROOT = Path(__file__).resolve().parent.parent
 # results notes) change the code measured.
 NOT_CODE = (":!benchmarks/results", ":!*.md")
 UNKNOWN = "unknown"
+# A copied tree whose git metadata is missing or stale (the GPU machine's copy of a working tree) is told
+# its commit by whoever sent it; the record says it was declared, not read.
+COMMIT_ENV = "MMRANK_COMMIT"
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -38,8 +41,12 @@ def code_commit(root: Path = CODE_ROOT) -> str:
     """Short hash of the checkout at `root` (this code's by default), marked when tracked code differs.
 
     'unknown' when `root` is not the top of a git checkout (an installed wheel, a copied tree), even
-    inside another repository: a .venv in a checkout must not report that checkout's commit.
+    inside another repository: a .venv in a checkout must not report that checkout's commit. Where
+    $MMRANK_COMMIT is set, its value wins, marked as declared.
     """
+    declared = os.environ.get(COMMIT_ENV, "").strip()
+    if declared:
+        return f"{declared} (declared by ${COMMIT_ENV})"
     top_and_head = (_git(root, "rev-parse", "--show-toplevel", "--short", "HEAD") or "").splitlines()
     if len(top_and_head) != 2 or Path(top_and_head[0]).resolve() != Path(root).resolve():
         return UNKNOWN
