@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= build/demo
 
-.PHONY: setup demo test lint format clean gpu-check gpu-wheels
+.PHONY: setup demo test lint format clean gpu-check gpu-wheels gpu-rehearsal
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found (set PY=...)"; exit 1; }
@@ -47,13 +47,24 @@ gpu-check:
 
 # Here (package index reachable): the wheels the GPU machine lacks for serving, for CPython 3.12, in two
 # folders that each fit one device call's 64 MiB: build/gpu-wheels/server (nvidia-pytriton, 55 MB) and
-# build/gpu-wheels/client (tritonclient, grpcio, python-rapidjson).
+# build/gpu-wheels/client (17 MB: tritonclient, grpcio, python-rapidjson, and locust with the packages
+# the machine lacks for it, at this venv's versions; in client/fallback the protobuf that tritonclient's
+# generated code needs, installed there only where the machine's protobuf is older).
+GPU_CLIENT = tritonclient grpcio python-rapidjson locust configargparse flask flask-cors flask-login \
+	werkzeug blinker itsdangerous gevent greenlet zope.event zope.interface geventhttpclient brotli \
+	python-engineio python-socketio bidict simple-websocket wsproto websocket-client pyzmq
 GPU_PIP = $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	--platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	--platform manylinux2014_x86_64
 gpu-wheels: $(STAMP)
 	$(GPU_PIP) -d build/gpu-wheels/server "nvidia-pytriton==0.7.0"
-	$(GPU_PIP) -d build/gpu-wheels/client "tritonclient==2.73.0" grpcio python-rapidjson
+	$(GPU_PIP) -d build/gpu-wheels/client $$($(BIN)/python -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(GPU_CLIENT))
+	$(GPU_PIP) -d build/gpu-wheels/client/fallback "protobuf>=6.33.5,<7"
+
+# Here, before a device call: the serving part of gpu-check in a CPython 3.12 venv shaped like the GPU
+# machine's image, on a copy of the tree with the carried wheels (benchmarks/gpu_rehearsal.sh; CPU numbers).
+gpu-rehearsal: gpu-wheels
+	bash benchmarks/gpu_rehearsal.sh
 
 clean:
 	rm -rf build runs .pytest_cache .ruff_cache

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
 from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, lookup_in_process, rank_feeds  # noqa: E402
-from clients.loadtest import LoadTestConfig, run_loadtest  # noqa: E402
+from clients.loadtest import LoadTestConfig, run_loadtest, table  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
@@ -95,8 +95,11 @@ def measure(args, srv, export: Path, repo: Path, n: int, length: int, out: Path)
     for c in args.concurrency:
         timing = closed_loop(cfg, sample, c)
         row[f"c{c}"] = {**timing.row(n), "server": {k: asdict(v) for k, v in timing.server.items()}}
-    row["locust"] = "not run (locust not installed or --locust-seconds 0)"
-    if importlib.util.find_spec("locust") and args.locust_seconds > 0:
+    if args.locust_seconds <= 0:
+        row["locust"] = "not run (--locust-seconds 0)"
+    elif importlib.util.find_spec("locust") is None:
+        row["locust"] = "not run (locust is not installed here)"
+    else:
         lt = LoadTestConfig(
             url=srv.grpc_url, user_steps=(1, 4, 16), duration_s=args.locust_seconds, sample=sample_cfg
         )
@@ -161,10 +164,33 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        f"Failures per level are in the JSON (`cN.failures`); locust summaries in torch_load_{report['kind']}_NxL/.",
+        "Failures per level are in the JSON (`cN.failures`).",
+        "",
+        "## Locust (one gRPC call per user at a time)",
         "",
     ]
+    for r in report["rows"]:
+        shape = f"N={r['N']}, L={r['L']}"
+        if isinstance(r["locust"], str):
+            lines += [f"{shape}: {r['locust']}.", ""]
+        else:
+            lines += [
+                f"{shape} (run folder torch_load_{report['kind']}_{r['N']}x{r['L']}/):",
+                "",
+                table(r["locust"]),
+            ]
     return "\n".join(lines)
+
+
+def write(report: dict, out: Path) -> str:
+    """JSON, markdown and plot of the rows so far (rewritten after each history length, so a run cut
+    short by its time limit still leaves what it measured)."""
+    stem = out / f"torch_serving_latency_{report['kind']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    text = markdown(report)
+    stem.with_suffix(".md").write_text(text)
+    plot(report, stem.with_suffix(".png"))
+    return text
 
 
 def plot(report: dict, path: Path) -> None:
@@ -220,11 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     for length in sorted({length for _, length in shapes}):
         ns = [n for n, l_ in shapes if l_ == length]
         report["rows"] += one_length(args, length, ns, out)
-    stem = out / f"torch_serving_latency_{args.kind}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
-    plot(report, stem.with_suffix(".png"))
-    print(markdown(report))
+        text = write(report, out)
+    print(text)
     return 0
 
 
