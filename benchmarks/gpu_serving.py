@@ -150,8 +150,8 @@ def markdown(report: dict) -> str:
         "",
         "| N | L | d | parity max abs | top-10 agree | "
         + " | ".join(f"c={c} p50 / p99 ms | c={c} candidates/s" for c in conc)
-        + " |",
-        "|---:|---:|---:|---:|---:|" + "---:|---:|" * len(conc),
+        + f" | client CPU cores at c={conc[-1]} |",
+        "|---:|---:|---:|---:|---:|" + "---:|---:|" * len(conc) + "---:|",
     ]
     for r in report["rows"]:
         cells = [
@@ -160,11 +160,14 @@ def markdown(report: dict) -> str:
         ]
         lines.append(
             f"| {r['N']} | {r['L']} | {r['d']} | {r['parity']['max_abs_diff']:.2e} | "
-            f"{r['parity']['top10_agreement']:.3f} | " + " | ".join(cells) + " |"
+            f"{r['parity']['top10_agreement']:.3f} | "
+            + " | ".join(cells)
+            + f" | {r[f'c{conc[-1]}']['client_cores']:.2f} |"
         )
     lines += [
         "",
-        "Failures per level are in the JSON (`cN.failures`).",
+        "Failures per level are in the JSON (`cN.failures`). Client CPU cores: CPU seconds of the calling "
+        "process per wall second; near 1, the Python client (one GIL) may limit throughput, not the server.",
         "",
         "## Locust (one gRPC call per user at a time)",
         "",

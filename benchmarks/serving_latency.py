@@ -113,6 +113,9 @@ class Timing:
     failures: int
     seconds: float
     server: dict[str, ModelTimes]
+    # CPU seconds of this process per wall second: near 1 with many callers, the Python client (one GIL)
+    # may be what limits throughput, not the server.
+    client_cores: float
 
     def row(self, candidates: int) -> dict:
         ok = len(self.latency_ms) - self.failures
@@ -123,18 +126,18 @@ class Timing:
             "mean_ms": float(self.latency_ms.mean()),
             "requests_per_s": ok / self.seconds,
             "candidates_per_s": ok * candidates / self.seconds,
+            "client_cores": self.client_cores,
         }
 
 
 def measured(cfg: BenchConfig, run) -> Timing:
     """`run()` -> (latencies ms, failures), timed, with Triton's counters read around it."""
     before = settled_scrape(cfg.metrics_url)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     latency_ms, failures = run()
-    seconds = time.perf_counter() - t0
-    return Timing(
-        np.asarray(latency_ms), failures, seconds, per_request(before, settled_scrape(cfg.metrics_url))
-    )
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server = per_request(before, settled_scrape(cfg.metrics_url))
+    return Timing(np.asarray(latency_ms), failures, seconds, server, cpu / seconds)
 
 
 def loop(calls: list, fn) -> tuple[list[float], int]:
@@ -242,13 +245,15 @@ def markdown(report: dict) -> str:
         "",
         "## Closed loop",
         "",
-        "| callers | calls | failures | p50 ms | p95 ms | p99 ms | mean ms | requests/s | candidates/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| callers | calls | failures | p50 ms | p95 ms | p99 ms | mean ms | requests/s | candidates/s "
+        "| client CPU cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, r in report["closed_loop"].items():
         lines.append(
             f"| {c} | {r['calls']} | {r['failures']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['mean_ms']:.2f} | {r['requests_per_s']:.1f} | {r['candidates_per_s']:,.0f} |"
+            f"| {r['mean_ms']:.2f} | {r['requests_per_s']:.1f} | {r['candidates_per_s']:,.0f} "
+            f"| {r['client_cores']:.2f} |"
         )
     lines += ["", "Server side (Triton metrics, per successful request):", ""]
     lines += _server_table("callers", report["closed_loop_server"])

@@ -37,7 +37,11 @@ def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_p
     assert [s["users"] for s in row["locust"]] == [1, 4, 16]
     assert all(s["failures"] == 0 and s["requests"] > 0 for s in row["locust"])
     text = (out / "torch_serving_latency_cpu.md").read_text()
-    assert "| 8 | 4 | 16 |" in text and "N=8, L=4 (run folder torch_load_cpu_8x4/)" in text
+    assert (
+        "client CPU cores at c=2" in text
+        and "| 8 | 4 | 16 |" in text
+        and "N=8, L=4 (run folder torch_load_cpu_8x4/)" in text
+    )
     assert (out / "torch_serving_latency_cpu.png").stat().st_size > 0
     assert (out / "torch_load_cpu_8x4" / "summary.json").exists()
 
