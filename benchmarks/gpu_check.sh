@@ -56,7 +56,7 @@ if [[ "$PARTS" == *" serving "* ]]; then
     | tee "$RESULTS/gpu_serving_tests.log"
   serving=${PIPESTATUS[0]}
   if "$PY" -c "$SERVING_IMPORTS" 2>/dev/null; then
-    timeout 300 "$PY" benchmarks/gpu_serving.py --out "$RESULTS" --calls 200 || serving=1
+    timeout 300 "$PY" benchmarks/gpu_serving.py --out "$RESULTS" --calls 200 --client-processes 4 || serving=1
   elif [ "$carried" -eq 1 ]; then
     echo "gpu-check: serving FAILED: the carried wheels were installed but tritonclient or the tritonserver does not import:"
     "$PY" -c "$SERVING_IMPORTS" 2>&1 | tail -3

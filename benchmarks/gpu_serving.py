@@ -90,7 +90,11 @@ def measure(args, srv, export: Path, repo: Path, n: int, length: int, out: Path)
     sample = random_requests(NUM_ITEMS, NUM_USERS, sample_cfg)
     row = {"N": n, "L": length, "d": args.d, "parity": parity(srv.grpc_url, export, repo, sample)}
     cfg = BenchConfig(
-        url=srv.grpc_url, metrics_url=f"127.0.0.1:{srv.metrics_port}", calls=args.calls, sample=sample_cfg
+        url=srv.grpc_url,
+        metrics_url=f"127.0.0.1:{srv.metrics_port}",
+        calls=args.calls,
+        sample=sample_cfg,
+        processes=args.client_processes,
     )
     for c in args.concurrency:
         timing = closed_loop(cfg, sample, c)
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="em3")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp16")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--client-processes", type=int, default=1, help="closed-loop client processes per level (GIL ceiling)"
+    )
     p.add_argument("--locust-seconds", type=float, default=5.0, help="per locust user step (0: no locust)")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -8,7 +8,8 @@ dataset the served model was trained on (clients/request_sample.py: real test hi
 N candidates):
 
 1. Concurrency levels (--concurrency): c threads, each with its own gRPC channel, call `rank` back to
-   back until --calls calls are done. Percentiles are exact (nearest rank over every call).
+   back until --calls calls are done, spread over --client-processes processes where one Python
+   process (one GIL) would cap the rate. Percentiles are exact (nearest rank over every call).
 2. Breakdown at concurrency 1, the same requests each way, one pass each: `rank` (the ensemble),
    `item_lookup` alone (with the python backend it runs the ranking graph as well: `rank` is one
    step), `ranking` alone (fed the lookup's products computed here), the lookup + ranking graph
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,7 @@ class BenchConfig:
     warmup: int = 20  # untimed calls before each level and pass
     sample: SampleConfig = field(default_factory=SampleConfig)
     timeout_s: float = 5.0  # per call; a slower call is a failure
+    processes: int = 1  # client processes a level's callers are spread over (past one Python process's GIL)
 
 
 class Caller:
@@ -155,30 +159,94 @@ def loop(calls: list, fn) -> tuple[list[float], int]:
     return latency, failures
 
 
-def closed_loop(cfg: BenchConfig, sample: RequestSample, concurrency: int) -> Timing:
-    callers = [Caller(cfg.url, cfg.timeout_s) for _ in range(concurrency)]
-    for caller in callers:
-        loop(range(cfg.warmup), lambda i, c=caller: c.infer(RANK, rank_feeds(sample, i % len(sample))))
-    shares = np.array_split(np.arange(cfg.calls) % len(sample), concurrency)
-    results: list[tuple[list[float], int]] = [([], 0)] * concurrency
+class CallerThreads:
+    """Threads of this process, one gRPC channel each, that call `rank` back to back over their shares
+    of the requests (warmed up on construction)."""
 
-    def worker(k: int) -> None:
-        c = callers[k]
-        results[k] = loop(list(shares[k]), lambda i: c.infer(RANK, rank_feeds(sample, i)))
+    def __init__(self, cfg: BenchConfig, sample: RequestSample, shares: list[np.ndarray]):
+        self.sample, self.shares = sample, shares
+        self.callers = [Caller(cfg.url, cfg.timeout_s) for _ in shares]
+        for c in self.callers:
+            loop(range(cfg.warmup), lambda i, c=c: c.infer(RANK, rank_feeds(sample, i % len(sample))))
 
-    def run():
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    def run(self) -> tuple[list[float], int]:
+        results: list[tuple[list[float], int]] = [([], 0)] * len(self.callers)
+
+        def worker(k: int) -> None:
+            c = self.callers[k]
+            results[k] = loop(list(self.shares[k]), lambda i: c.infer(RANK, rank_feeds(self.sample, i)))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(self.callers))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         return [x for lat, _ in results for x in lat], sum(f for _, f in results)
 
+    def close(self) -> None:
+        for c in self.callers:
+            c.close()
+
+
+def _process_worker(cfg: BenchConfig, sample: RequestSample, shares, barrier, results) -> None:
+    """One client process: warm up, say so, wait for the parent's go (it reads the server's counters
+    in between), call, hand back (latencies, failures, CPU seconds of the timed part). A failure breaks
+    the barrier, so the parent hears of it at once."""
     try:
-        return measured(cfg, run)
+        threads = CallerThreads(cfg, sample, shares)
+        try:
+            barrier.wait()
+            barrier.wait()
+            cpu0 = time.process_time()
+            latency, failures = threads.run()
+            results.put((latency, failures, time.process_time() - cpu0))
+        finally:
+            threads.close()
+    except BaseException:
+        barrier.abort()
+        raise
+
+
+def closed_loop(cfg: BenchConfig, sample: RequestSample, concurrency: int) -> Timing:
+    """`concurrency` callers back to back until cfg.calls calls are done, spread over up to
+    cfg.processes client processes (one process's GIL caps how many calls it can send)."""
+    shares = np.array_split(np.arange(cfg.calls) % len(sample), concurrency)
+    processes = min(cfg.processes, concurrency)
+    if processes <= 1:
+        threads = CallerThreads(cfg, sample, shares)
+        try:
+            return measured(cfg, threads.run)
+        finally:
+            threads.close()
+    ctx = mp.get_context("spawn")  # a forked child would inherit the parent's gRPC state
+    barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_worker, args=(cfg, sample, shares[k::processes], barrier, results))
+        for k in range(processes)
+    ]
+    worker_cpu = []
+    limit = 120 + cfg.calls * cfg.timeout_s / concurrency
+
+    def run():
+        barrier.wait(timeout=limit)
+        got = [results.get(timeout=limit) for _ in procs]
+        worker_cpu.append(sum(g[2] for g in got))
+        return [x for g in got for x in g[0]], sum(g[1] for g in got)
+
+    for proc in procs:
+        proc.start()
+    try:
+        barrier.wait(timeout=limit)
+        timing = measured(cfg, run)
+    except (threading.BrokenBarrierError, queue.Empty) as e:
+        codes = [proc.exitcode for proc in procs]
+        raise MMRankError(f"a closed-loop client process failed or hung (exit codes {codes}): {e!r}") from e
     finally:
-        for caller in callers:
-            caller.close()
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+    return replace(timing, client_cores=timing.client_cores + worker_cpu[0] / timing.seconds)
 
 
 def breakdown(cfg: BenchConfig, sample: RequestSample, repo: Path) -> dict[str, Timing]:
@@ -323,6 +391,12 @@ def main(argv: list[str] | None = None) -> int:
         "--calls", type=int, default=d.calls, help=f"timed calls per level and pass (default {d.calls})"
     )
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed calls first (default {d.warmup})")
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=d.processes,
+        help=f"client processes the callers of a level are spread over (default {d.processes})",
+    )
     p.add_argument("--candidates", type=int, default=d.sample.candidates, help="N (default 100)")
     p.add_argument("--history", type=int, default=d.sample.history, help="L (default 50)")
     p.add_argument("--out", required=True, help="markdown report; a .json with the same stem beside it")
@@ -334,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         calls=args.calls,
         warmup=args.warmup,
         sample=SampleConfig(candidates=args.candidates, history=args.history),
+        processes=args.client_processes,
     )
     try:
         report = run(cfg, Path(args.repo), Path(args.data), ["benchmarks/serving_latency.py", *argv])

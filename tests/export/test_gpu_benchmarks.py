@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_path):
     out = tmp_path / "out"
-    args = "--shapes 8x4 --concurrency 1,2 --calls 20 --requests 4 --d 16 --locust-seconds 1"
+    args = "--shapes 8x4 --concurrency 1,2 --calls 20 --requests 4 --d 16 --locust-seconds 1 --client-processes 2"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_serving.py"), "--out", str(out), *args.split()],
         capture_output=True,
@@ -33,7 +33,8 @@ def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_p
     assert row["parity"]["requests"] == 4 and row["parity"]["max_abs_diff"] < 2e-2
     for c in (1, 2):
         assert row[f"c{c}"]["calls"] == 20 and row[f"c{c}"]["failures"] == 0
-        assert row[f"c{c}"]["server"]["item_lookup"]["requests"] >= 20
+        # Warm-up calls fall outside the counters read around the level, in one process or two.
+        assert row[f"c{c}"]["server"]["item_lookup"]["requests"] == 20
     assert [s["users"] for s in row["locust"]] == [1, 4, 16]
     assert all(s["failures"] == 0 and s["requests"] > 0 for s in row["locust"])
     text = (out / "torch_serving_latency_cpu.md").read_text()
