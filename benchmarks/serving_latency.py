@@ -117,8 +117,8 @@ class Timing:
     failures: int
     seconds: float
     server: dict[str, ModelTimes]
-    # CPU seconds of this process per wall second: near 1 with many callers, the Python client (one GIL)
-    # may be what limits throughput, not the server.
+    # CPU seconds of the client (this process and its caller processes) per wall second: near 1 per
+    # client process with many callers, the Python client (one GIL each) may limit throughput, not the server.
     client_cores: float
 
     def row(self, candidates: int) -> dict:
