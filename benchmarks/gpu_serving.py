@@ -10,9 +10,11 @@ graph per bucket) and served by the real tritonserver on loopback. Then for each
 
 1. parity: every request's served scores against the same lookup + fp32 ranking graph in-process
    (onnxruntime on the CPU): max |difference| over known candidates and top-10 agreement;
-2. closed loop (benchmarks/serving_latency.py `closed_loop`): c callers back to back, exact p50/p95/p99,
-   requests/s and candidates/s, Triton's per-model queue and compute time;
-3. locust (clients/loadtest.py) for a few seconds per user step, where locust is installed.
+2. closed loop (benchmarks/serving_latency.py `closed_loop`): c callers back to back (over up to
+   --client-processes processes), exact p50/p95/p99, requests/s and candidates/s, the client's CPU
+   cores, Triton's per-model queue and compute time;
+3. the same ranking step in this process (`ranker_in_process`): the time left without gRPC and Triton;
+4. locust (clients/loadtest.py) for a few seconds per user step, where locust is installed.
 
 Requests are drawn uniformly from the catalogue (clients/request_sample.py `random_requests`): no
 dataset here has L = 1,000 histories. Writes torch_serving_latency_gpu.{md,json,png} into --out, or
@@ -35,14 +37,24 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
-from benchmarks.serving_latency import BenchConfig, Caller, closed_loop, lookup_in_process, rank_feeds  # noqa: E402
-from clients.loadtest import LoadTestConfig, run_loadtest, table  # noqa: E402
+from benchmarks.serving_latency import (  # noqa: E402
+    LOOKUP,
+    BenchConfig,
+    Caller,
+    closed_loop,
+    lookup_in_process,
+    loop,
+    rank_feeds,
+)
+from clients.loadtest import LoadTestConfig, percentiles, run_loadtest, table  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
+from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
+from model_repository.torch_ranker import Bucket, TorchRanker, choose_device  # noqa: E402
 from trainer.provenance import record  # noqa: E402
 
 
@@ -75,17 +87,42 @@ def parity(url: str, export: Path, repo: Path, sample: RequestSample) -> dict:
     return {"requests": len(sample), "max_abs_diff": worst, "top10_agreement": float(np.mean(agree))}
 
 
-def build(args, length: int, ns: list[int], export: Path, repo: Path) -> None:
-    """The random-weight model at history length `length`, exported and rendered for the torch backend."""
+def build(args, length: int, ns: list[int], export: Path, repo: Path) -> dict[str, str]:
+    """The random-weight model at history length `length`, exported and rendered for the torch backend;
+    returns item_lookup's parameters (program, inputs, buckets, device, lookup)."""
     model = build_model(args.preset, history_len=length, d=args.d)
     config = ExportConfig(ranking_only=True, progress=False)
     export_model(model, export, {"path": "random-init", "sha256": "0" * 64}, None, config)
     rc = RenderConfig(backend="torch", precision=args.precision, device=args.device, buckets=buckets_for(ns))
-    render_repository(export, repo, rc)
+    models = render_repository(export, repo, rc)
+    return {k: v.string_value for k, v in models[LOOKUP].parameters.items()}
 
 
-def measure(args, srv, export: Path, repo: Path, n: int, length: int, out: Path) -> dict:
-    """Parity, the closed loop at every concurrency level and (where installed) locust, for N x L."""
+def ranker_in_process(repo: Path, params: dict[str, str]) -> TorchRanker:
+    """The served ranking step (table lookup + program, CUDA graphs per bucket) as item_lookup builds it
+    from its parameters, here in the benchmark's process: the time left when gRPC and Triton are gone."""
+    folder = repo / LOOKUP / str(it.table_versions(repo / LOOKUP)[-1])
+    return TorchRanker(
+        folder / params["program"],
+        json.loads(params["program_inputs"]),
+        it.ItemTable.read(folder / "item_table"),
+        it.LookupConfig(**json.loads(params["lookup"])),
+        choose_device(params.get("device", "auto")),
+        Bucket.parse(params.get("buckets", "")),
+    )
+
+
+def in_process(ranker: TorchRanker, sample: RequestSample, calls: int, warmup: int = 20) -> dict:
+    """Percentiles of ranker.score per request (scores back on the host, so the device has finished)."""
+    order = list(np.arange(calls) % len(sample))
+    loop(order[:warmup], lambda i: ranker.score(**rank_feeds(sample, i)))
+    latency_ms, _ = loop(order, lambda i: ranker.score(**rank_feeds(sample, i)))
+    return percentiles(np.asarray(latency_ms))
+
+
+def measure(args, srv, export: Path, repo: Path, ranker: TorchRanker, n: int, length: int, out: Path) -> dict:
+    """Parity, the closed loop at every concurrency level, the ranking step in process and (where
+    installed) locust, for N x L."""
     sample_cfg = SampleConfig(candidates=n, history=length, requests=args.requests)
     sample = random_requests(NUM_ITEMS, NUM_USERS, sample_cfg)
     row = {"N": n, "L": length, "d": args.d, "parity": parity(srv.grpc_url, export, repo, sample)}
@@ -99,6 +136,7 @@ def measure(args, srv, export: Path, repo: Path, n: int, length: int, out: Path)
     for c in args.concurrency:
         timing = closed_loop(cfg, sample, c)
         row[f"c{c}"] = {**timing.row(n), "server": {k: asdict(v) for k, v in timing.server.items()}}
+    row["in_process"] = in_process(ranker, sample, args.calls)
     if args.locust_seconds <= 0:
         row["locust"] = "not run (--locust-seconds 0)"
     elif importlib.util.find_spec("locust") is None:
@@ -118,8 +156,9 @@ def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mmrank-gpu-serving-") as tmp:
         export, repo = Path(tmp) / "export", Path(tmp) / "repo"
         t0 = time.perf_counter()
-        build(args, length, ns, export, repo)
+        params = build(args, length, ns, export, repo)
         built = time.perf_counter() - t0
+        ranker = ranker_in_process(repo, params)
         t0 = time.perf_counter()
         # Under NumPy 2 (the GPU machine's) the stubs run without the NumPy 1.26 environment, which needs
         # a package index to build: the torch backend's lookup moves every tensor through DLPack.
@@ -128,7 +167,7 @@ def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
             started = time.perf_counter() - t0
             for n in ns:
                 row = {
-                    **measure(args, srv, export, repo, n, length, out),
+                    **measure(args, srv, export, repo, ranker, n, length, out),
                     "export_s": built,
                     "server_start_s": started,
                 }
@@ -171,7 +210,24 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Failures per level are in the JSON (`cN.failures`). Client CPU cores: CPU seconds of the calling "
-        "process per wall second; near 1, the Python client (one GIL) may limit throughput, not the server.",
+        "processes per wall second; near 1 per process, the Python client (one GIL each) may limit "
+        "throughput, not the server.",
+        "",
+        "## Where the time goes at 1 caller (ms)",
+        "",
+        "gRPC: `rank` through tritonclient, p50; server: Triton's own means per request (`rank` from "
+        "arrival to response, `item_lookup` compute); in process: the same ranking step (lookup, program, "
+        "CUDA graphs) called directly in the benchmark's process, p50.",
+        "",
+        "| N | L | gRPC p50 | server: rank request | server: item_lookup compute | in process p50 | in process p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['N']} | {r['L']} | {r['c1']['p50_ms']:.3f} | {r['c1']['server']['rank']['request_us'] / 1e3:.3f} "
+            f"| {r['c1']['server'][LOOKUP]['compute_us'] / 1e3:.3f} | {r['in_process']['p50_ms']:.3f} "
+            f"| {r['in_process']['p99_ms']:.3f} |"
+            for r in report["rows"]
+            if "c1" in r
+        ),
         "",
         "## Locust (one gRPC call per user at a time)",
         "",

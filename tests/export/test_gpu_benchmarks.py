@@ -35,6 +35,7 @@ def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_p
         assert row[f"c{c}"]["calls"] == 20 and row[f"c{c}"]["failures"] == 0
         # Warm-up calls fall outside the counters read around the level, in one process or two.
         assert row[f"c{c}"]["server"]["item_lookup"]["requests"] == 20
+    assert 0 < row["in_process"]["p50_ms"] <= row["in_process"]["p99_ms"]
     assert [s["users"] for s in row["locust"]] == [1, 4, 16]
     assert all(s["failures"] == 0 and s["requests"] > 0 for s in row["locust"])
     text = (out / "torch_serving_latency_cpu.md").read_text()
@@ -42,6 +43,7 @@ def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_p
         "client CPU cores at c=2" in text
         and "| 8 | 4 | 16 |" in text
         and "N=8, L=4 (run folder torch_load_cpu_8x4/)" in text
+        and "## Where the time goes at 1 caller (ms)" in text
     )
     assert (out / "torch_serving_latency_cpu.png").stat().st_size > 0
     assert (out / "torch_load_cpu_8x4" / "summary.json").exists()
