@@ -19,12 +19,13 @@ PY312=${PY312:-$(find_python312)}
 [ -n "$PY312" ] || { echo "gpu-rehearsal: no CPython 3.12 found; set PY312=/path/to/python3.12" >&2; exit 2; }
 compgen -G "build/gpu-wheels/*/*.whl" >/dev/null || { echo "gpu-rehearsal: no wheels in build/gpu-wheels: run make gpu-wheels" >&2; exit 2; }
 mkdir -p "$WORK"
-if [ ! -x "$WORK/venv/bin/python3" ]; then
-  "$PY312" -m venv "$WORK/venv.tmp"
-  "$WORK/venv.tmp/bin/pip" install -q torch==2.13.0 "numpy>=2" pandas pyarrow pillow tqdm matplotlib scikit-learn \
-    transformers onnx onnxruntime onnxscript pytest hypothesis triton msgpack psutil requests \
+if [ ! -f "$WORK/venv/.installed" ]; then  # a venv cannot be moved into place: mark it complete instead
+  rm -rf "$WORK/venv"
+  "$PY312" -m venv "$WORK/venv"
+  "$WORK/venv/bin/python" -m pip install -q torch==2.13.0 "numpy>=2" pandas pyarrow pillow tqdm matplotlib \
+    scikit-learn transformers onnx onnxruntime onnxscript pytest hypothesis triton msgpack psutil requests \
     "protobuf<6" "werkzeug<3.1"
-  mv "$WORK/venv.tmp" "$WORK/venv"
+  touch "$WORK/venv/.installed"
 fi
 rm -rf "$WORK/tree" "$WORK/results" "$WORK/gpu_check.log" "$WORK/gpu_check.tar.gz"
 mkdir -p "$WORK/tree/build" "$WORK/results"

@@ -54,7 +54,7 @@ from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
-from model_repository.torch_ranker import Bucket, TorchRanker, choose_device  # noqa: E402
+from model_repository.torch_ranker import TorchRanker  # noqa: E402
 from trainer.provenance import record  # noqa: E402
 
 
@@ -102,14 +102,8 @@ def ranker_in_process(repo: Path, params: dict[str, str]) -> TorchRanker:
     """The served ranking step (table lookup + program, CUDA graphs per bucket) as item_lookup builds it
     from its parameters, here in the benchmark's process: the time left when gRPC and Triton are gone."""
     folder = repo / LOOKUP / str(it.table_versions(repo / LOOKUP)[-1])
-    return TorchRanker(
-        folder / params["program"],
-        json.loads(params["program_inputs"]),
-        it.ItemTable.read(folder / "item_table"),
-        it.LookupConfig(**json.loads(params["lookup"])),
-        choose_device(params.get("device", "auto")),
-        Bucket.parse(params.get("buckets", "")),
-    )
+    table, lookup = it.ItemTable.read(folder / "item_table"), it.LookupConfig(**json.loads(params["lookup"]))
+    return TorchRanker.from_params(folder, params, table, lookup)
 
 
 def in_process(ranker: TorchRanker, sample: RequestSample, calls: int, warmup: int = 20) -> dict:

@@ -21,6 +21,7 @@ it, when the config names a program, so the numpy/onnxruntime repositories never
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,27 @@ class TorchRanker:
         if cuda_graphs and device.type == "cuda":
             for bucket in self.buckets:
                 self.captured[bucket] = CapturedBucket(self._forward, self._upload(self._empty(bucket)))
+
+    @classmethod
+    def from_params(
+        cls,
+        folder: Path,
+        params: dict[str, str],
+        table: it.ItemTable,
+        lookup: it.LookupConfig,
+        device_id: int = 0,
+    ) -> TorchRanker:
+        """As item_lookup's config parameters (program, program_inputs, device, buckets, cuda_graphs) name
+        it, for the model version in `folder`."""
+        return cls(
+            Path(folder) / params["program"],
+            json.loads(params["program_inputs"]),
+            table,
+            lookup,
+            choose_device(params.get("device", "auto"), device_id),
+            Bucket.parse(params.get("buckets", "")),
+            params.get("cuda_graphs", "true") == "true",
+        )
 
     def _forward(self, x: dict[str, Tensor]) -> Tensor:
         """Gather the table rows on the device, then the program (what a CUDA graph captures)."""

@@ -75,20 +75,11 @@ class TritonPythonModel:
         self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
     def _torch_ranker(self, folder, params, device_id):
-        from model_repository.torch_ranker import Bucket, TorchRanker, choose_device
+        from model_repository.torch_ranker import TorchRanker
 
-        device = choose_device(params.get("device", "auto"), device_id)
-        ranker = TorchRanker(
-            folder / params["program"],
-            json.loads(params["program_inputs"]),
-            self.table,
-            self.lookup,
-            device,
-            Bucket.parse(params.get("buckets", "")),
-            params.get("cuda_graphs", "true") == "true",
-        )
+        ranker = TorchRanker.from_params(folder, params, self.table, self.lookup, device_id)
         pb_utils.Logger.log_info(
-            f"item_lookup: torch program on {device} ({ranker.dtype}), "
+            f"item_lookup: torch program on {ranker.device} ({ranker.dtype}), "
             f"{len(ranker.captured)} CUDA graphs of {len(ranker.buckets)} buckets"
         )
         return ranker
