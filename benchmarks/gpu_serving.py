@@ -45,6 +45,7 @@ from benchmarks.serving_latency import (  # noqa: E402
     lookup_in_process,
     loop,
     rank_feeds,
+    served_lookup,
 )
 from clients.loadtest import LoadTestConfig, percentiles, run_loadtest, table  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
@@ -52,7 +53,6 @@ from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
-from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 from model_repository.torch_ranker import TorchRanker  # noqa: E402
 from trainer.provenance import record  # noqa: E402
@@ -101,8 +101,7 @@ def build(args, length: int, ns: list[int], export: Path, repo: Path) -> dict[st
 def ranker_in_process(repo: Path, params: dict[str, str]) -> TorchRanker:
     """The served ranking step (table lookup + program, CUDA graphs per bucket) as item_lookup builds it
     from its parameters, here in the benchmark's process: the time left when gRPC and Triton are gone."""
-    folder = repo / LOOKUP / str(it.table_versions(repo / LOOKUP)[-1])
-    table, lookup = it.ItemTable.read(folder / "item_table"), it.LookupConfig(**json.loads(params["lookup"]))
+    folder, table, lookup = served_lookup(repo)
     return TorchRanker.from_params(folder, params, table, lookup)
 
 

@@ -88,12 +88,17 @@ class Caller:
         self.client.close()
 
 
+def served_lookup(repo: Path) -> tuple[Path, it.ItemTable, it.LookupConfig]:
+    """item_lookup's newest version folder of the repository, its item table and the lookup config."""
+    cfg = ModelInfo(**json.loads((repo / "export_manifest.json").read_text())["model"]).lookup()
+    folder = repo / LOOKUP / str(it.table_versions(repo / LOOKUP)[-1])
+    return folder, it.ItemTable.read(folder / "item_table"), cfg
+
+
 def lookup_in_process(repo: Path):
     """The serving runtime's own lookup on the repository's item table: (i, sample) -> the ranking
     graph's inputs for request i, computed here as item_lookup computes them in the server."""
-    cfg = ModelInfo(**json.loads((repo / "export_manifest.json").read_text())["model"]).lookup()
-    versions = it.table_versions(repo / LOOKUP)
-    table = it.ItemTable.read(repo / LOOKUP / str(versions[-1]) / "item_table")
+    _, table, cfg = served_lookup(repo)
 
     def run(i: int, sample: RequestSample) -> dict[str, np.ndarray]:
         f = rank_feeds(sample, i)
