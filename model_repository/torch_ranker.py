@@ -131,6 +131,13 @@ class TorchRanker:
         buckets: list[Bucket] | None = None,
         cuda_graphs: bool = True,
     ):
+        if device.type == "cuda":
+            device = torch.device(
+                "cuda", torch.cuda.current_device() if device.index is None else device.index
+            )
+            # streams and graph captures belong to the current device: on GPU 1 of a KIND_GPU group a
+            # capture on GPU 0's stream records nothing, and its replays return the capture-time scores
+            torch.cuda.set_device(device)
         self.device, self.inputs, self.table, self.lookup = device, list(inputs), table, lookup
         self.module = load_program(program, device)
         floats = [p.dtype for p in self.module.parameters() if p.is_floating_point()]
