@@ -3,6 +3,7 @@ column and row; atomic_dir never loses what was there."""
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,16 @@ import pytest
 from PIL import Image
 
 from mmrank.errors import DataError
-from trainer.data.schema import MANIFEST, Manifest, atomic_dir, load_dataset, write_events
+from trainer.data.schema import (
+    EVENTS,
+    MANIFEST,
+    Manifest,
+    atomic_dir,
+    load_dataset,
+    read_events,
+    write_events,
+)
+from trainer.data.synth import SynthConfig, generate
 
 
 def _jpeg(seed: int) -> bytes:
@@ -230,6 +240,42 @@ BAD = {
         None,
         "split 'test' is empty",
     ),
+    "earliest event relabelled test": (
+        dict(events=_events().assign(split=np.array([2, 0, 1, 1, 2, 2], np.int8))),
+        "events",
+        "split",
+        0,
+        "split 'test' at ts 100, but the manifest's boundaries (valid_start_ts 200, test_start_ts 300) "
+        "put that time in 'train'",
+    ),
+    "valid label in test time": (
+        dict(events=_events().assign(split=np.array([0, 0, 1, 1, 1, 2], np.int8))),
+        "events",
+        "split",
+        4,
+        "split 'valid' at ts 300",
+    ),
+    "valid label in train time": (
+        dict(events=_events().assign(split=np.array([0, 1, 0, 1, 2, 2], np.int8))),
+        "events",
+        "split",
+        1,
+        "put that time in 'train'",
+    ),
+    "no split boundaries": (
+        dict(manifest=_manifest(splits={})),
+        "manifest.json",
+        None,
+        None,
+        "splits.valid_start_ts is None, expected an integer timestamp",
+    ),
+    "split boundaries out of order": (
+        dict(manifest=_manifest(splits={"valid_start_ts": 300, "test_start_ts": 200})),
+        "manifest.json",
+        None,
+        None,
+        "valid_start_ts 300 must be < test_start_ts 200",
+    ),
     "feature rows": (dict(features={"clip": np.zeros((3, 4))}), "clip.npy", None, None, "expected 4 rows"),
     "feature padding": (
         dict(features={"clip": np.ones((4, 4))}),
@@ -249,6 +295,20 @@ def test_a_defect_raises_one_error_naming_file_column_row(case, tmp_path):
     e = info.value
     assert (Path(e.path).name, e.column, e.row) == (file, column, row), str(e)
     assert message in str(e)
+
+
+def test_held_out_labels_on_the_earliest_events_are_refused(tmp_path):
+    """The review's leak: the earliest 5% of a generated dataset relabelled test would have put test
+    positives into training histories."""
+    root = tmp_path / "synth"
+    generate(root, SynthConfig(users=50, items=40, events=3000, seed=0))
+    events = read_events(root)
+    early = events["ts"].to_numpy() < np.quantile(events["ts"], 0.05)
+    shutil.rmtree(root / EVENTS)
+    write_events(root, events.assign(split=np.where(early, 2, events["split"]).astype(np.int8)))
+    with pytest.raises(DataError, match="split 'test' at ts .* put that time in 'train'") as info:
+        load_dataset(root)
+    assert (info.value.column, info.value.row) == ("split", int(np.flatnonzero(early)[0]))
 
 
 def test_a_missing_feature_file_is_named(tmp_path):

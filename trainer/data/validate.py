@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from mmrank.errors import DataError
-from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, SPLITS, USERS, Dataset
+from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, MANIFEST, SPLITS, USERS, Dataset
 
 
 def _require(df: pd.DataFrame, path, columns: dict[str, str]) -> None:
@@ -106,6 +106,42 @@ def validate_events(ds: Dataset) -> None:
     for name, code in SPLITS.items():
         if counts[code] == 0:
             raise DataError(path, f"split {name!r} is empty", column="split")
+    check_split_times(ev["ts"].to_numpy(), ev["split"].to_numpy(), split_bounds(ds), path)
+
+
+def split_bounds(ds: Dataset) -> tuple[int, int]:
+    """The manifest's (valid_start_ts, test_start_ts), checked to be integers in that order."""
+    path = ds.root / MANIFEST
+    splits = ds.manifest.splits
+    for key in ("valid_start_ts", "test_start_ts"):
+        value = splits.get(key)
+        if not isinstance(value, int | np.integer) or isinstance(value, bool):
+            raise DataError(path, f"splits.{key} is {value!r}, expected an integer timestamp")
+    valid_start, test_start = splits["valid_start_ts"], splits["test_start_ts"]
+    if valid_start >= test_start:
+        raise DataError(path, f"splits: valid_start_ts {valid_start} must be < test_start_ts {test_start}")
+    return valid_start, test_start
+
+
+def check_split_times(ts: np.ndarray, split: np.ndarray, bounds: tuple[int, int], path) -> None:
+    """train < valid_start <= valid < test_start <= test (SPEC §1). A label that disagrees with its
+    event's time puts held-out positives into training histories, so the first such row is an error."""
+    valid_start, test_start = bounds
+    expected = np.where(
+        ts < valid_start, SPLITS["train"], np.where(ts < test_start, SPLITS["valid"], SPLITS["test"])
+    )
+    wrong = split != expected
+    if wrong.any():
+        row = _first(wrong)
+        names = {code: name for name, code in SPLITS.items()}
+        raise DataError(
+            path,
+            f"split {names[int(split[row])]!r} at ts {ts[row]}, but the manifest's boundaries "
+            f"(valid_start_ts {valid_start}, test_start_ts {test_start}) put that time in "
+            f"{names[int(expected[row])]!r}: splits must follow time",
+            column="split",
+            row=row,
+        )
 
 
 def validate_item_features(ds: Dataset) -> None:
