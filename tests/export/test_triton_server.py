@@ -6,6 +6,7 @@ run the binary or prepare its Python environment, with the reason.
 """
 
 import io
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -174,19 +175,27 @@ def test_encode_items_equals_encoders_and_fusion_in_pytorch(small_export, client
 
 def test_new_item_table_version_loads_without_restart(small_export, server, client):
     manifest = Manifest.read(small_export.out)
-    table = it.ItemTable.read(small_export.out / "item_table")
     new_id = NUM_ITEMS + 5
-    vector = np.random.default_rng(3).standard_normal(manifest.model.d).astype(np.float32)
-    add_table_version(server.repo, table.with_items(np.array([new_id]), vector[None], version=2))
+    vector = np.random.default_rng(3).standard_normal((1, manifest.model.d)).astype(np.float32)
+    table = it.ItemTable.read(small_export.out / "item_table").with_items(np.array([new_id]), vector, 2)
+    version = add_table_version(server.repo, table)
+    try:
+        _check_new_version_is_served(small_export, server, client, table, new_id)
+    finally:  # the server is the session's: later tests (test_torch_serving.py) expect version 1
+        shutil.rmtree(version)
+        client.load_model("item_lookup")
+    assert client.is_model_ready("item_lookup", "1") and not client.is_model_ready("item_lookup", "2")
+
+
+def _check_new_version_is_served(small_export, server, client, table, new_id):
     pid = server.process.pid
     client.load_model("item_lookup")
     assert client.is_model_ready("item_lookup", "2") and not client.is_model_ready("item_lookup", "1")
     hist, cands = np.array([[1, 2, 3]], np.int64), np.array([[new_id, 4]], np.int64)
     scores, known = _rank(client, hist, cands)
     assert known.tolist() == [[True, True]] and server.process.pid == pid
-    feeds = it.rank_inputs(
-        table.with_items(np.array([new_id]), vector[None], 2), manifest.model.lookup(), hist, cands
-    )
+    manifest = Manifest.read(small_export.out)
+    feeds = it.rank_inputs(table, manifest.model.lookup(), hist, cands)
     ranking = OrtGraph(small_export.out / manifest.graph("ranking").file)
     want = ranking.run({t.name: feeds[t.name] for t in manifest.graph("ranking").inputs})["scores"]
     np.testing.assert_allclose(scores, want, atol=1e-5)
