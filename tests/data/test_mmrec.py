@@ -88,22 +88,28 @@ def test_item_features_are_reindexed_with_a_padding_row(ds, src):
         np.testing.assert_array_equal(copied[1:], original)
 
 
-def test_negatives_are_unseen_items_in_their_positives_request(ds):
+def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
+    return set(zip(frame["user_id"], frame["item_id"], strict=True))
+
+
+def test_negatives_are_items_outside_the_users_train_positives_in_their_request(ds):
     train = ds.split("train")
     pos, neg = train[train["label"] == 1], train[train["label"] == 0]
     assert len(neg) == 3 * len(pos) == ds.manifest.counts["train_negatives"]
-    seen = set(
-        zip(
-            ds.events.loc[ds.events["label"] == 1, "user_id"],
-            ds.events.loc[ds.events["label"] == 1, "item_id"],
-            strict=True,
-        )
-    )
-    assert not seen & set(zip(neg["user_id"], neg["item_id"], strict=True))
+    assert not _pairs(pos) & _pairs(neg)
     assert pos["request_id"].is_unique
     joined = neg.merge(pos, on="request_id", suffixes=("", "_pos"))
     assert len(joined) == len(neg)
     assert (joined["user_id"] == joined["user_id_pos"]).all() and (joined["ts"] == joined["ts_pos"]).all()
+
+
+def test_held_out_positives_stay_eligible_as_train_negatives(ds):
+    """As in MMRec and the trainer's NegativeSampler, only train positives are excluded: excluding valid
+    and test positives too would make the training negatives depend on the held-out splits."""
+    neg = ds.split("train")[lambda d: d["label"] == 0]
+    held_out = ds.events[ds.events["split"] > 0]
+    # 15 draws per user from 25 eligible items that include its 2 held-out ones: seed 5 draws some.
+    assert _pairs(neg) & _pairs(held_out)
 
 
 def test_order_train_before_valid_before_test(ds):
@@ -285,11 +291,22 @@ def test_bad_input_raises_one_error_and_keeps_the_old_output(case, src, tmp_path
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
 
 
-def test_a_user_who_saw_every_item_cannot_get_negatives(tmp_path):
-    rows = pd.DataFrame({"userID": [0, 0, 0, 1], "itemID": [0, 1, 2, 0], "x_label": [0, 1, 2, 0]})
+def test_a_user_who_trained_on_every_item_cannot_get_negatives(tmp_path):
+    rows = pd.DataFrame(
+        {"userID": [0, 0, 0, 1, 1, 1], "itemID": [0, 1, 2, 0, 1, 2], "x_label": [0, 0, 0, 0, 1, 2]}
+    )
     rows.to_csv(tmp_path / "all.inter", sep="\t", index=False)
-    with pytest.raises(DataError, match="user 0 interacted with every item") as info:
+    with pytest.raises(DataError, match="user 0 has a train interaction with every item") as info:
         build_mmrec(tmp_path, tmp_path / "out", MMRecConfig(name="all"))
     assert (info.value.column, info.value.row) == ("userID", 2)
     build_mmrec(tmp_path, tmp_path / "out", MMRecConfig(name="all", neg_ratio=0))
-    assert load_dataset(tmp_path / "out").manifest.counts["events"] == 4
+    assert load_dataset(tmp_path / "out").manifest.counts["events"] == 6
+
+
+def test_a_user_whose_only_free_items_are_held_out_gets_them_as_negatives(tmp_path):
+    rows = pd.DataFrame({"userID": [0, 0, 0, 1], "itemID": [0, 1, 2, 0], "x_label": [0, 1, 2, 0]})
+    rows.to_csv(tmp_path / "held.inter", sep="\t", index=False)
+    build_mmrec(tmp_path, tmp_path / "out", MMRecConfig(name="held", neg_ratio=4))
+    neg = load_dataset(tmp_path / "out").events[lambda d: d["label"] == 0]
+    drawn = neg.loc[neg["user_id"] == 1, "item_id"]
+    assert len(drawn) == 4 and set(drawn) <= {2, 3}  # raw items 1 (valid) and 2 (test)

@@ -9,12 +9,17 @@ Rules (also written into the manifest):
 - ids: raw ids are 0-based; id = raw + 1, so items are 1..max itemID + 1 and users 1..max userID + 1
   (`raw_id` keeps the original). Every raw item keeps its place because feature rows are positional.
 - labels: implicit feedback, every .inter row is a positive. Each train positive also gets `neg_ratio`
-  negatives (label 0), drawn uniformly, with replacement, from the items its user never interacted with
-  in any split. valid and test hold the positives only: the top-K protocol ranks every item.
+  negatives (label 0), drawn uniformly, with replacement, from the items its user has no train row with,
+  as MMRec and the trainer's own sampler do: a user's valid and test items may be drawn, since excluding
+  them would make the training data depend on the held-out splits. valid and test hold the positives
+  only: the top-K protocol ranks every item.
 - ts is an order, not a time: train rows are numbered 0..n_train-1 (by timestamp when the file has one,
   then by file line); every valid row has ts n_train and every test row n_train + 1. So train < valid < test
   and a causal history for a valid row is exactly its user's train positives. A negative shares its
   positive's ts.
+- splits: the file's x_label, not time. ts is derived from the split, so the canonical split-time check
+  (train < valid_start <= valid < test_start <= test) holds by construction and says nothing about the
+  source timestamps: a valid row may be older than a train row.
 - requests: a train positive and its negatives form one request; valid and test rows form one request per
   (user, split).
 - created_at: the ts of the item's first .inter row (0 for an item without one).
@@ -70,7 +75,7 @@ class MMRecConfig:
     def label_rule(self) -> str:
         return (
             f"implicit: every .inter row -> 1; {self.neg_ratio} sampled negatives (label 0) per train positive "
-            "from items the user never interacted with; valid/test positives only (top-K protocol)"
+            "from items the user has no train interaction with; valid/test positives only (top-K protocol)"
         )
 
 
@@ -138,7 +143,7 @@ def read_item_features(src: Path, num_items: int, inter_name: str) -> dict[str, 
 def nth_uninteracted(
     seen_user: np.ndarray, seen_item: np.ndarray, num_items: int, user: np.ndarray, rank: np.ndarray
 ) -> np.ndarray:
-    """For each query, the rank-th (0-based) item of 0..num_items-1 that `user` never interacted with.
+    """For each query, the rank-th (0-based) item of 0..num_items-1 outside `user`'s seen items.
 
     seen_user, seen_item: unique interactions sorted by (user, item). Below a user's j-th seen item s_j lie
     s_j - j unseen items, a count that never decreases with j, so the answer is rank + (number of seen
@@ -162,17 +167,13 @@ def nth_uninteracted_reference(
 
 
 def sample_negatives(
-    inter: pd.DataFrame,
-    num_items: int,
-    positives: pd.DataFrame,
-    ratio: int,
-    rng: np.random.Generator,
-    path: Path,
+    num_items: int, positives: pd.DataFrame, ratio: int, rng: np.random.Generator, path: Path
 ) -> np.ndarray:
-    """[len(positives), ratio] raw item ids, uniform over the items each positive's user never touched."""
+    """[len(positives), ratio] raw item ids, uniform over the items outside each user's `positives` (the
+    train split: held-out positives stay eligible, so negatives leak nothing about valid and test)."""
     if ratio == 0:
         return np.empty((len(positives), 0), np.int64)
-    seen = inter[["user", "item"]].sort_values(["user", "item"])
+    seen = positives[["user", "item"]].sort_values(["user", "item"])
     seen_user, seen_item = seen["user"].to_numpy(), seen["item"].to_numpy()
     user = positives["user"].to_numpy()
     free = num_items - np.bincount(seen_user, minlength=user.max() + 1)[user]
@@ -180,7 +181,7 @@ def sample_negatives(
         row = int(np.flatnonzero(free == 0)[0])
         raise DataError(
             path,
-            f"user {user[row]} interacted with every item: no negative to sample",
+            f"user {user[row]} has a train interaction with every item: no negative to sample",
             column="userID",
             row=int(positives.index[row]),
         )
@@ -213,7 +214,7 @@ def build_events(
         }
     )
     negative_items = sample_negatives(
-        inter, num_items, rows[train], config.neg_ratio, np.random.default_rng(config.seed), path
+        num_items, rows[train], config.neg_ratio, np.random.default_rng(config.seed), path
     )
     negatives = pd.DataFrame(
         {
@@ -319,6 +320,8 @@ def build_mmrec(src: str | Path, out: str | Path, config: MMRecConfig, force: bo
             "ts_rule": "an order, not a time: train rows 0..n_train-1 (by timestamp, then file line), every valid "
             "row n_train, every test row n_train + 1; negatives share their positive's ts",
             "ts_order": "timestamp column, then file line" if has_timestamp else "file line",
+            "split_rule": "x_label of the .inter file, not time: ts is derived from the split, so splits "
+            "follow ts by construction whatever the source timestamps say",
             "history_rule": "top-K protocol: a user's history is their train positives (for test too: "
             "valid positives are not added)",
             "request_rule": "train: a positive and its negatives; valid/test: one per (user, split)",
