@@ -4,7 +4,9 @@ paired difference over seeds with its 95% interval, paired t-test p-value and a 
 the interval (`trainer.stats`).
 
 OUT/runs/PRESET/seedS/ are ordinary run folders: a finished one (metrics.json) is reused and an
-interrupted one resumed, so re-running the same command after a crash only does the missing work.
+interrupted one resumed, so re-running the same command after a crash only does the missing work. A
+finished run whose config.json differs from the config this command resolves is refused, naming the
+keys, before anything trains.
 OUT/ablation.md holds the table with the exact command and machine; OUT/ablation.json the raw metrics.
 """
 
@@ -19,12 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 from mmrank.errors import MMRankError
-from trainer.config import parse_sets, read_preset, resolve, stop_metric, validate
+from trainer.config import RunConfig, parse_sets, read_preset, resolve, stop_metric, validate
 from trainer.data.schema import Manifest, write_json_atomic
 from trainer.provenance import machine
-from trainer.run import CONFIG, METRICS
+from trainer.run import CONFIG, METRICS, read_config
 from trainer.stats import describe, paired
 from trainer.train import train
+from trainer.train.run_dir import _differences
 
 # (metrics.json block, key, column title, decimals); a column no run has is left out
 COLUMNS = (
@@ -49,13 +52,36 @@ def parse_list(text: str, kind: type, what: str) -> list:
     return values
 
 
-def run_one(
-    data: Path, preset: str, seed: int, out: Path, sets: dict, epochs: int | None, max_steps: int | None
-) -> dict:
-    run_dir = out / "runs" / preset / f"seed{seed}"
+def run_path(out: Path, preset: str, seed: int) -> Path:
+    return out / "runs" / preset / f"seed{seed}"
+
+
+def _value(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_reusable(run_dir: Path, cfg: RunConfig) -> None:
+    """A finished run stands in for `cfg` only if it was trained with `cfg`: otherwise a rerun with
+    another --set, --epochs or --max-steps would tabulate the old run's results under the new command."""
+    if not (run_dir / METRICS).is_file():
+        return
+    saved, asked = read_config(run_dir).to_dict(), cfg.to_dict()
+    diff = _differences(saved, asked)
+    if diff:
+        shown = "; ".join(f"{k}: {_value(saved, k)!r} there, {_value(asked, k)!r} now" for k in diff)
+        raise MMRankError(
+            f"{run_dir}: a finished run trained with another config ({shown}); its {METRICS} would be "
+            "tabulated as this command's result. Choose another --out, or delete that run folder to "
+            "train it again"
+        )
+
+
+def run_one(data: Path, cfg: RunConfig, run_dir: Path) -> dict:
+    """The run's metrics: a finished run's (checked by `check_reusable`), else trained or resumed now."""
     if (run_dir / METRICS).is_file():
         return json.loads((run_dir / METRICS).read_text())
-    cfg = resolve(preset, sets=sets, seed=seed, epochs=epochs, max_steps=max_steps)
     return train(data, cfg, run_dir, resume=(run_dir / CONFIG).is_file())
 
 
@@ -141,20 +167,25 @@ def run_ablation(
 ) -> Path:
     data, out = Path(data), Path(out)
     manifest = Manifest.read(data)
-    for preset in presets:  # every name and override checked before any training starts
-        validate(resolve(preset, sets=sets, epochs=epochs, max_steps=max_steps))
+    plan = {
+        (preset, seed): resolve(preset, sets=sets, seed=seed, epochs=epochs, max_steps=max_steps)
+        for preset in presets
+        for seed in seeds
+    }
+    for (preset, seed), cfg in plan.items():  # every name, override and reused run checked before training
+        validate(cfg)
+        check_reusable(run_path(out, preset, seed), cfg)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
-    for preset in presets:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            metrics = run_one(data, preset, seed, out, sets, epochs, max_steps)
-            results.setdefault(preset, []).append(metrics)
-            shown = {k: metrics["test"].get(k) for k in CLAIMS if metrics["test"].get(k) is not None}
-            print(
-                f"ablation: {preset} seed {seed}: test {json.dumps(shown)} ({time.perf_counter() - t0:.0f} s)",
-                file=sys.stderr,
-            )
+    for (preset, seed), cfg in plan.items():
+        t0 = time.perf_counter()
+        metrics = run_one(data, cfg, run_path(out, preset, seed))
+        results.setdefault(preset, []).append(metrics)
+        shown = {k: metrics["test"].get(k) for k in CLAIMS if metrics["test"].get(k) is not None}
+        print(
+            f"ablation: {preset} seed {seed}: test {json.dumps(shown)} ({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+        )
     lines = [
         f"# Ablation: {', '.join(presets)}",
         "",
