@@ -132,6 +132,40 @@ def test_validate_rejects_inconsistent_values(sets, message):
         validate(resolve(sets=sets))
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"model.interest.short_len": 0}, "model.interest.short_len must be >= 1, got 0"),
+        ({"model.interest.decoder_queries": 0}, "model.interest.decoder_queries must be >= 1, got 0"),
+        ({"model.loss.cic_tau": 0.0}, "model.loss.cic_tau must be > 0, got 0.0"),
+        ({"model.loss.cic_tau": -0.1}, "model.loss.cic_tau must be > 0, got -0.1"),
+        ({"model.interest.similarity_topk": -1}, "model.interest.similarity_topk must be >= 0, got -1"),
+        ({"model.interest.long_len": -5}, "model.interest.long_len must be >= 0"),
+        ({"model.loss.sqdc_scale": 0}, "model.loss.sqdc_scale must be > 0"),
+        ({"model.loss.sqdc_lambda": -0.1}, "model.loss.sqdc_lambda must be >= 0"),
+        ({"model.content.dropout": 1.0}, "model.content.dropout must be in [0, 1), got 1.0"),
+        ({"model.ranker.hidden": [64, 0]}, "model.ranker.hidden: every width must be >= 1, got [64, 0]"),
+        ({"model.interest.attention_heads": 0}, "model.interest.attention_heads must be >= 1"),
+        (
+            {"model.interest.decoder_heads": 3},
+            "model.interest.decoder_heads=3 must divide model.content.d=64",
+        ),
+        ({"model.content.fusion_heads": 0}, "model.content.fusion_heads must be >= 1"),
+        ({"train.lr_ranker": -1e-3}, "train.lr_ranker must be >= 0"),
+        ({"train.topk": [10, 0]}, "train.topk: every cut-off must be >= 1, got [10, 0]"),
+    ],
+)
+def test_validate_rejects_values_out_of_range_naming_key_and_range(sets, message):
+    with pytest.raises(MMRankError) as info:
+        validate(resolve(sets=sets))
+    assert message in str(info.value)
+
+
+def test_validate_rejects_nan_in_a_range():
+    with pytest.raises(MMRankError, match="model.loss.cic_tau must be > 0, got nan"):
+        validate(resolve(sets=parse_sets(["model.loss.cic_tau=NaN"])))
+
+
 def test_every_preset_resolves_and_validates():
     names = list_presets()
     assert {"id_only", "pe", "task_pe", "em3", "lemur"} <= set(names)

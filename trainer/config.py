@@ -19,6 +19,7 @@ import copy
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -35,6 +36,46 @@ TOPK_METRICS = ("recall@", "ndcg@")
 # "auto" follows the dataset's protocol: top-K data (MMRec) has no negatives in valid/test, so AUC is
 # null there and recall@20 (MMRec's own early-stopping metric) is used instead.
 AUTO_STOP = {False: "auc", True: "recall@20"}
+
+
+def _at_least(low: int) -> tuple[str, Callable[[float], bool]]:
+    return f">= {low}", lambda v: v >= low
+
+
+POSITIVE = ("> 0", lambda v: v > 0)
+FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+# model.KEY -> (allowed range, test). Outside them a value fails deep inside the model (a reshape, an
+# unflatten, a zero-width layer) or not at all (a NaN loss, a loss weight that rewards the loss), so
+# they are checked with the config. Comparisons are written so that NaN fails them.
+MODEL_RANGES = {
+    "content.d": _at_least(1),
+    "content.num_queries": _at_least(1),
+    "content.fusion_layers": _at_least(1),
+    "content.fusion_heads": _at_least(1),
+    "content.fusion_ffn": _at_least(0),
+    "content.dropout": FRACTION,
+    "content.encoder_lora_rank": _at_least(0),
+    "content.max_text_tokens": _at_least(1),
+    "interest.short_len": _at_least(1),
+    "interest.long_len": _at_least(0),
+    "interest.attention_heads": _at_least(1),
+    "interest.decoder_layers": _at_least(0),
+    "interest.decoder_queries": _at_least(1),
+    "interest.decoder_heads": _at_least(1),
+    "interest.similarity_topk": _at_least(0),
+    "interest.lora_rank": _at_least(0),
+    "ranker.id_dim": _at_least(1),
+    "ranker.token_dim": _at_least(1),
+    "ranker.mixer_layers": _at_least(0),
+    "ranker.dropout": FRACTION,
+    "loss.cic_alpha": _at_least(0),
+    "loss.cic_tau": POSITIVE,
+    "loss.cic_dim": _at_least(1),
+    "loss.sqdc_lambda": _at_least(0),
+    "loss.sqdc_scale": POSITIVE,
+}
+# Heads split content vectors of width model.content.d into equal slices.
+HEAD_COUNTS = ("content.fusion_heads", "interest.attention_heads", "interest.decoder_heads")
 
 
 def stop_metric(metric: str, topk_protocol: bool) -> str:
@@ -222,8 +263,32 @@ def resolve(
     return from_dict(tree)
 
 
+def _field(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_model_ranges(model: ModelConfig) -> None:
+    """Numeric model fields in their ranges (MODEL_RANGES), every head count dividing content.d."""
+    for key, (allowed, ok) in MODEL_RANGES.items():
+        value = _field(model, key)
+        if not ok(value):
+            raise MMRankError(f"model.{key} must be {allowed}, got {value!r}")
+    for width in model.ranker.hidden:
+        if not width >= 1:
+            raise MMRankError(
+                f"model.ranker.hidden: every width must be >= 1, got {list(model.ranker.hidden)}"
+            )
+    for key in HEAD_COUNTS:
+        heads = _field(model, key)
+        if model.content.d % heads:
+            raise MMRankError(f"model.{key}={heads} must divide model.content.d={model.content.d}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Value checks the types cannot express; model values are checked by the model itself."""
+    """Value checks the types cannot express; the model checks its option names and combinations."""
+    check_model_ranges(cfg.model)
     t = cfg.train
     if cfg.model.loss.main not in MAIN_LOSSES:
         raise MMRankError(f"model.loss.main: {cfg.model.loss.main!r} is not one of {', '.join(MAIN_LOSSES)}")
@@ -259,13 +324,17 @@ def validate(cfg: RunConfig) -> None:
         "num_workers": t.num_workers,
         "grad_clip": t.grad_clip,
         "weight_decay": t.weight_decay,
+        "lr_content": t.lr_content,
+        "lr_ranker": t.lr_ranker,
     }
     for name, value in positive.items():
-        if value <= 0:
+        if not value > 0:
             raise MMRankError(f"train.{name} must be positive, got {value}")
     for name, value in nonneg.items():
-        if value < 0:
+        if not value >= 0:
             raise MMRankError(f"train.{name} must be >= 0, got {value}")
+    if not all(k >= 1 for k in t.topk):
+        raise MMRankError(f"train.topk: every cut-off must be >= 1, got {list(t.topk)}")
     if t.lora_epochs and cfg.model.interest.lora_rank <= 0:
         raise MMRankError("train.lora_epochs > 0 needs model.interest.lora_rank > 0")
     if t.lora_epochs and (t.task_pe or cfg.model.content.source == "fixed"):
