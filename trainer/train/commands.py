@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from mmrank.errors import MMRankError
 from trainer.config import RunConfig, parse_sets, resolve, validate
 from trainer.data.schema import load_dataset, write_json_atomic
 from trainer.evaluate import evaluate_split
-from trainer.run import load_run
+from trainer.run import METRICS, load_run, read_config
 from trainer.train.distributed import Dist
 from trainer.train.schedules import train_stages
 
@@ -51,8 +52,22 @@ def cli(args) -> int:
     return 0
 
 
+def refuse_streaming(run_dir: str | Path) -> None:
+    """A streaming run's model trained on the valid and test windows after scoring them, so evaluating it
+    on them again would report in-sample numbers as if they were held out."""
+    if read_config(run_dir).train.streaming:
+        raise MMRankError(
+            f"{run_dir}: a streaming run trains on the valid and test windows right after scoring them, so "
+            "its model has seen those events and `mmrank evaluate` would report in-sample metrics. Its "
+            f"held-out (prequential) metrics are 'valid' and 'test' in {Path(run_dir) / METRICS}, per "
+            "window under 'stream'"
+        )
+
+
 def evaluate_run(run_dir: str | Path, data_dir: str | Path) -> dict:
-    """Valid and test metrics of a run's best model on a dataset; written to RUN/evaluation.json."""
+    """Valid and test metrics of a run's best model on a dataset; written to RUN/evaluation.json.
+    Streaming runs are refused (`refuse_streaming`)."""
+    refuse_streaming(run_dir)
     ds = load_dataset(data_dir)
     cfg, model = load_run(run_dir, ds)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,6 +2,10 @@
 `train.stream_windows` windows, then the valid and the test window; each window is evaluated before
 the model trains on it (prequential evaluation, items of earlier windows counting as seen), and the
 final model is the run's model. Runs on a `Trainer`'s step, checkpoint and evaluation machinery.
+
+The final model (best.pt) has trained on valid and test, so the run's held-out numbers are only the
+prequential ones in metrics.json; `mmrank evaluate` refuses a streaming run rather than report
+in-sample metrics.
 """
 
 from __future__ import annotations
