@@ -19,6 +19,8 @@ from trainer.data.schema import ITEMS, MANIFEST, Manifest
 from trainer.features.cache import FeatureConfig, build_features
 from trainer.features.store import load_item_features
 
+pytestmark = pytest.mark.threads(1)  # the CPU is shared with other test runs (conftest.py)
+
 TITLES = ["Toy Story", "Heat", None, "", "Fargo", "Alien", "Up"]
 OVERVIEWS = [
     "toys come alive",
@@ -159,7 +161,8 @@ def test_changed_text_recomputes_one_item(built, copy, config):
     assert (report.modalities["text"].computed, report.modalities["text"].reused) == (1, 6)
     assert report.modalities["image"].computed == 0
     before, after = _load(built[0], "text")[0], _load(copy, "text")[0]
-    np.testing.assert_array_equal(before[5, 0], after[5, 0])  # the title did not change
+    # The title did not change, but its batch did (other items, other padding): equal up to padding.
+    np.testing.assert_allclose(before[5, 0], after[5, 0], atol=1e-5)
     assert np.abs(before[5, 1] - after[5, 1]).max() > 1e-3
     np.testing.assert_array_equal(np.delete(before, 5, axis=0), np.delete(after, 5, axis=0))
 
