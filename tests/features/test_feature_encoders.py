@@ -16,6 +16,8 @@ from trainer.features.image import IMAGE_DIM, IMAGE_SIZE, ImageEncoder, load_ima
 from trainer.features.runtime import TorchRunner, onnx_runner, sha256_files
 from trainer.features.text import TEXT_DIM, TextEncoder
 
+pytestmark = pytest.mark.threads(1)  # the CPU is shared with other test runs (conftest.py)
+
 TEXTS = ["Toy Story", "A cowboy doll is threatened by a new spaceman figure in a boy's room.", "Heat", ""]
 
 
