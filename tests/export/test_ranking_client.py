@@ -110,9 +110,14 @@ def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
     code = main(["rank", "--url", url, "--history", "3,9,4", "--candidates", "1,2,5", "--timeout", "30"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    scores = _want(small_export.model, [3, 9, 4], [1, 2, 5])
-    assert [r["item_id"] for r in out["ranked"]] == [[1, 2, 5][i] for i in np.argsort(-scores)]
-    assert all(r["known"] for r in out["ranked"])
+    want = dict(zip([1, 2, 5], _want(small_export.model, [3, 9, 4], [1, 2, 5]).tolist(), strict=True))
+    ranked = out["ranked"]
+    assert sorted(r["item_id"] for r in ranked) == [1, 2, 5] and all(r["known"] for r in ranked)
+    # Near-tied scores may swap between the server's graph and PyTorch, so the order is checked against
+    # the printed scores, and those against PyTorch.
+    printed = [r["score"] for r in ranked]
+    assert printed == sorted(printed, reverse=True)
+    np.testing.assert_allclose(printed, [want[r["item_id"]] for r in ranked], atol=1e-5)
 
 
 def test_rank_command_against_a_down_server_fails_with_one_line(capsys):
