@@ -38,10 +38,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, NUM_USERS, build_model  # noqa: E402
 from benchmarks.serving_latency import (  # noqa: E402
+    LEVEL_HEAD,
+    LEVEL_RULE,
     LOOKUP,
     BenchConfig,
     Caller,
     closed_loop,
+    level_cells,
     lookup_in_process,
     loop,
     rank_feeds,
@@ -184,27 +187,24 @@ def markdown(report: dict) -> str:
         f"Device: {report['device']}  ",
         f"Date: {p['date']}",
         "",
-        "| N | L | d | parity max abs | top-10 agree | "
-        + " | ".join(f"c={c} p50 / p99 ms | c={c} candidates/s" for c in conc)
-        + f" | client CPU cores at c={conc[-1]} |",
-        "|---:|---:|---:|---:|---:|" + "---:|---:|" * len(conc) + "---:|",
-    ]
-    for r in report["rows"]:
-        cells = [
-            f"{r[f'c{c}']['p50_ms']:.2f} / {r[f'c{c}']['p99_ms']:.2f} | {r[f'c{c}']['candidates_per_s']:,.0f}"
-            for c in conc
-        ]
-        lines.append(
-            f"| {r['N']} | {r['L']} | {r['d']} | {r['parity']['max_abs_diff']:.2e} | "
-            f"{r['parity']['top10_agreement']:.3f} | "
-            + " | ".join(cells)
-            + f" | {r[f'c{conc[-1]}']['client_cores']:.2f} |"
-        )
-    lines += [
+        "## Parity (served fp16 scores vs the in-process fp32 graph)",
         "",
-        "Failures per level are in the JSON (`cN.failures`). Client CPU cores: CPU seconds of the calling "
-        "processes per wall second; near 1 per process, the Python client (one GIL each) may limit "
-        "throughput, not the server.",
+        "| N | L | d | max abs difference | top-10 agreement |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['N']} | {r['L']} | {r['d']} | {r['parity']['max_abs_diff']:.2e} | "
+            f"{r['parity']['top10_agreement']:.3f} |"
+            for r in report["rows"]
+        ),
+        "",
+        "## Closed loop through gRPC",
+        "",
+        "| N | L | callers " + LEVEL_HEAD,
+        "|---:|---:|---:" + LEVEL_RULE,
+        *(f"| {r['N']} | {r['L']} | {c} " + level_cells(r[f"c{c}"]) for r in report["rows"] for c in conc),
+        "",
+        "Client CPU cores: CPU seconds of the calling processes per wall second; near 1 per process, the "
+        "Python client (one GIL each) may limit throughput, not the server.",
         "",
         "## Where the time goes at 1 caller (ms)",
         "",

@@ -22,7 +22,7 @@ import time
 import grpc.experimental.gevent as grpc_gevent
 from locust import LoadTestShape, User, events, task
 
-from clients.loadtest import check_loopback
+from clients.loadtest import check_loopback, parse_user_steps
 from clients.ranking_client import ClientConfig, RankingClient
 from clients.request_sample import RequestSample
 from mmrank.errors import MMRankError
@@ -36,11 +36,8 @@ _calls: list[tuple] = []
 _requests: itertools.cycle | None = None
 
 
-def user_steps(text: str) -> list[int]:
-    steps = [int(x) for x in text.split(",") if x.strip()]
-    if not steps or min(steps) < 1:
-        raise ValueError(f"--user-steps {text!r}: expected comma-separated user counts >= 1")
-    return steps
+def user_steps(text: str) -> tuple[int, ...]:
+    return parse_user_steps(text, "--user-steps")
 
 
 @events.init_command_line_parser.add_listener
@@ -60,6 +57,7 @@ def _setup(environment, **_kwargs):
     global _requests
     try:
         check_loopback(environment.host or "", "--host")
+        user_steps(environment.parsed_options.user_steps)
         sample = RequestSample.load(environment.parsed_options.requests_file)
     except MMRankError as e:
         sys.exit(f"locustfile: {e}")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.loadtest import check_loopback, percentiles
+from clients.loadtest import check_loopback, check_ready, parse_user_steps, percentiles
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from clients.triton_metrics import ModelTimes, per_request, settled_scrape
 from export.manifest import ModelInfo
@@ -90,7 +90,10 @@ class Caller:
 
 def served_lookup(repo: Path) -> tuple[Path, it.ItemTable, it.LookupConfig]:
     """item_lookup's newest version folder of the repository, its item table and the lookup config."""
-    cfg = ModelInfo(**json.loads((repo / "export_manifest.json").read_text())["model"]).lookup()
+    manifest = repo / "export_manifest.json"
+    if not manifest.is_file():
+        raise MMRankError(f"--repo {repo}: no export_manifest.json, not a repository of `mmrank repo`")
+    cfg = ModelInfo(**json.loads(manifest.read_text())["model"]).lookup()
     folder = repo / LOOKUP / str(it.table_versions(repo / LOOKUP)[-1])
     return folder, it.ItemTable.read(folder / "item_table"), cfg
 
@@ -254,10 +257,8 @@ def closed_loop(cfg: BenchConfig, sample: RequestSample, concurrency: int) -> Ti
     return replace(timing, client_cores=timing.client_cores + worker_cpu[0] / timing.seconds)
 
 
-def breakdown(cfg: BenchConfig, sample: RequestSample, repo: Path) -> dict[str, Timing]:
+def breakdown(cfg: BenchConfig, sample: RequestSample, graph: OrtGraph, lookup) -> dict[str, Timing]:
     caller = Caller(cfg.url, cfg.timeout_s)
-    graph = OrtGraph(repo / RANKING / "1" / "model.onnx")
-    lookup = lookup_in_process(repo)
     graph_inputs = [t.name for t in graph.session.get_inputs()]
     # Triton carries a per-row scalar (user_id) as [batch, 1]; the graph itself takes [batch].
     config_ranks = {
@@ -302,6 +303,21 @@ def _server_table(title: str, rows: dict[str, dict[str, ModelTimes]]) -> list[st
     return lines
 
 
+LEVEL_HEAD = (
+    "| calls | failures | p50 ms | p95 ms | p99 ms | mean ms | requests/s | candidates/s | client CPU cores |"
+)
+LEVEL_RULE = "|---:" * 9 + "|"
+
+
+def level_cells(r: dict) -> str:
+    """A closed-loop level (`Timing.row`) as the cells under LEVEL_HEAD."""
+    return (
+        f"| {r['calls']} | {r['failures']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} "
+        f"| {r['mean_ms']:.2f} | {r['requests_per_s']:.1f} | {r['candidates_per_s']:,.0f} "
+        f"| {r['client_cores']:.2f} |"
+    )
+
+
 def markdown(report: dict) -> str:
     p, cfg = report["provenance"], report["config"]
     n, length = cfg["sample"]["candidates"], cfg["sample"]["history"]
@@ -318,16 +334,10 @@ def markdown(report: dict) -> str:
         "",
         "## Closed loop",
         "",
-        "| callers | calls | failures | p50 ms | p95 ms | p99 ms | mean ms | requests/s | candidates/s "
-        "| client CPU cores |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| callers " + LEVEL_HEAD,
+        "|---:" + LEVEL_RULE,
     ]
-    for c, r in report["closed_loop"].items():
-        lines.append(
-            f"| {c} | {r['calls']} | {r['failures']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['mean_ms']:.2f} | {r['requests_per_s']:.1f} | {r['candidates_per_s']:,.0f} "
-            f"| {r['client_cores']:.2f} |"
-        )
+    lines += [f"| {c} " + level_cells(r) for c, r in report["closed_loop"].items()]
     lines += ["", "Server side (Triton metrics, per successful request):", ""]
     lines += _server_table("callers", report["closed_loop_server"])
     lines += [
@@ -358,6 +368,11 @@ def markdown(report: dict) -> str:
 def run(cfg: BenchConfig, repo: Path, data: Path, argv: list[str]) -> dict:
     check_loopback(cfg.url)
     check_loopback(cfg.metrics_url, "--metrics-url")
+    # Everything a step needs is checked before the first one: a bad input found after minutes of
+    # measuring would lose them.
+    graph = OrtGraph(repo / RANKING / "1" / "model.onnx")
+    lookup = lookup_in_process(repo)
+    check_ready(cfg.url, RANK)
     sample = draw_requests(data, cfg.sample)
     report = {
         "provenance": record(["python", *argv]),
@@ -368,7 +383,7 @@ def run(cfg: BenchConfig, repo: Path, data: Path, argv: list[str]) -> dict:
     levels = {c: closed_loop(cfg, sample, c) for c in cfg.concurrency}
     report["closed_loop"] = {c: t.row(cfg.sample.candidates) for c, t in levels.items()}
     report["closed_loop_server"] = {c: t.server for c, t in levels.items()}
-    passes = breakdown(cfg, sample, repo)
+    passes = breakdown(cfg, sample, graph, lookup)
     report["breakdown"] = {name: t.row(cfg.sample.candidates) for name, t in passes.items()}
     report["breakdown_server"] = {name: t.server for name, t in passes.items()}
     p50 = {name: r["p50_ms"] for name, r in report["breakdown"].items()}
@@ -406,21 +421,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history", type=int, default=d.sample.history, help="L (default 50)")
     p.add_argument("--out", required=True, help="markdown report; a .json with the same stem beside it")
     args = p.parse_args(argv)
-    cfg = BenchConfig(
-        url=args.url,
-        metrics_url=args.metrics_url,
-        concurrency=tuple(int(x) for x in args.concurrency.split(",")),
-        calls=args.calls,
-        warmup=args.warmup,
-        sample=SampleConfig(candidates=args.candidates, history=args.history),
-        processes=args.client_processes,
-    )
+    out = Path(args.out)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cfg = BenchConfig(
+            url=args.url,
+            metrics_url=args.metrics_url,
+            concurrency=parse_user_steps(args.concurrency, "--concurrency"),
+            calls=args.calls,
+            warmup=args.warmup,
+            sample=SampleConfig(candidates=args.candidates, history=args.history),
+            processes=args.client_processes,
+        )
         report = run(cfg, Path(args.repo), Path(args.data), ["benchmarks/serving_latency.py", *argv])
     except MMRankError as e:
         print(f"serving_latency: error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out)
     out.write_text(markdown(report))
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=lambda o: asdict(o)))
     print(markdown(report))

@@ -13,7 +13,13 @@ run is bounded in time whatever happens. OUT receives:
     latency_throughput.png      p50/p95/p99 against requests/s, one point per step
 
 Percentiles are over the calls that started in the step, failed calls included (a timeout is a latency
-too); throughput counts successful calls only.
+too); throughput counts successful calls only. Locust applies a step's user count at its shape's next
+tick (once a second), so a step's first calls may still run at the previous count: those "ramp" calls
+are counted apart (their failures too) and the step's numbers hold only calls made at its own count,
+its throughput over the time from the first of them to the end of the step.
+
+The run writes into a hidden sibling folder of OUT and moves the files into OUT only once locust has
+finished and the summary is made, so a run that fails leaves an earlier run's reports in OUT whole.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import ipaddress
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +43,7 @@ from mmrank.errors import MMRankError
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "locustfile.py"
 PERCENTILES = (50, 95, 99)
+MIN_STEP_S = 2.0  # locust's shape ticks once a second; a shorter step may never run at its user count
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,17 @@ class LoadTestConfig:
     timeout_s: float = 5.0  # per call; a slower call is a failure
     model: str = "rank"
     grace_s: float = 60.0  # locust start-up and shutdown allowance before the run is killed
+
+
+def parse_user_steps(text: str, option: str = "--users") -> tuple[int, ...]:
+    """ "1,2,4,8" -> (1, 2, 4, 8), else MMRankError naming the option."""
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise MMRankError(f"{option} {text!r}: expected comma-separated user counts >= 1, e.g. 1,2,4,8")
+    return steps
 
 
 def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
@@ -86,7 +105,7 @@ def percentiles(latency_ms: np.ndarray) -> dict[str, float]:
 def read_calls(path: Path) -> dict[str, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    cols = {"step": int, "users": int, "latency_ms": float, "ok": int, "candidates": int}
+    cols = {"step": int, "users": int, "start_s": float, "latency_ms": float, "ok": int, "candidates": int}
     return {name: np.array([kind(r[name]) for r in rows], dtype=kind) for name, kind in cols.items()} | {
         "error": np.array([r["error"] for r in rows], dtype=object)
     }
@@ -96,19 +115,34 @@ def summarise(calls: dict[str, np.ndarray], cfg: LoadTestConfig) -> list[dict]:
     steps = []
     for index, users in enumerate(cfg.user_steps):
         here = calls["step"] == index
-        ok = here & (calls["ok"] == 1)
+        steady = here & (calls["users"] == users)
+        ramp = here & ~steady
+        if not steady.any():
+            raise MMRankError(
+                f"step {index} ({users} users): no call ran at that user count within {cfg.duration_s:g} s"
+            )
+        ok = steady & (calls["ok"] == 1)
+        window_s = (index + 1) * cfg.duration_s - calls["start_s"][steady].min()
         steps.append(
             {
                 "step": index,
                 "users": users,
-                "requests": int(here.sum()),
-                "failures": int(here.sum() - ok.sum()),
-                **percentiles(calls["latency_ms"][here]),
-                "requests_per_s": float(ok.sum() / cfg.duration_s),
-                "candidates_per_s": float(calls["candidates"][ok].sum() / cfg.duration_s),
+                "requests": int(steady.sum()),
+                "failures": int(steady.sum() - ok.sum()),
+                **percentiles(calls["latency_ms"][steady]),
+                "requests_per_s": float(ok.sum() / window_s),
+                "candidates_per_s": float(calls["candidates"][ok].sum() / window_s),
+                "window_s": float(window_s),
+                "ramp_calls": int(ramp.sum()),
+                "ramp_failures": int((ramp & (calls["ok"] == 0)).sum()),
             }
         )
     return steps
+
+
+def failures(summary: dict) -> int:
+    """Every failed call of the run, ramp calls included."""
+    return sum(s["failures"] + s["ramp_failures"] for s in summary["steps"])
 
 
 def command_line(out: Path, data: Path, cfg: LoadTestConfig) -> list[str]:
@@ -136,6 +170,8 @@ def table(steps: list[dict]) -> str:
 
 def markdown(summary: dict) -> str:
     p, s = summary["provenance"], summary["config"]["sample"]
+    ramp = sum(step["ramp_calls"] for step in summary["steps"])
+    ramp_failed = sum(step["ramp_failures"] for step in summary["steps"])
     return "\n".join(
         [
             f"# Load test of `{summary['config']['model']}` (locust over gRPC)",
@@ -148,7 +184,9 @@ def markdown(summary: dict) -> str:
             f"Requests: {summary['requests_drawn']} test requests of `{summary['data']}` in turn, "
             f"N={s['candidates']} candidates, L={s['history']} history items; each step "
             f"{summary['config']['duration_s']:g} s; percentiles exact (nearest rank) over the calls started "
-            "in the step, failed calls included; throughput counts successful calls.",
+            "in the step at its user count, failed calls included; throughput counts successful calls. "
+            f"Calls made while locust was still reaching a step's user count: {ramp} ({ramp_failed} failed), "
+            "left out of the steps' numbers.",
             "",
             table(summary["steps"]),
         ]
@@ -214,17 +252,37 @@ def locust_command(cfg: LoadTestConfig, out: Path) -> list[str]:
 
 
 def run_locust(cfg: LoadTestConfig, out: Path) -> None:
+    """Locust writing into `out`; exit code 1 means some calls failed, which the summary reports."""
     limit = len(cfg.user_steps) * cfg.duration_s + cfg.timeout_s + cfg.grace_s
-    with open(out / "locust.log", "wb") as log:
+    log_path = out / "locust.log"
+    with open(log_path, "wb") as log:
         try:
-            subprocess.run(
+            done = subprocess.run(
                 locust_command(cfg, out), stdout=log, stderr=subprocess.STDOUT, timeout=limit, check=False
             )
         except subprocess.TimeoutExpired as e:
-            raise MMRankError(f"locust did not stop within {limit:.0f} s; see {out / 'locust.log'}") from e
-    if not (out / "calls.csv").is_file():
-        tail = (out / "locust.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise MMRankError(f"locust wrote no calls ({tail[0]}); see {out / 'locust.log'}")
+            raise MMRankError(f"locust did not stop within {limit:.0f} s; see {log_path}") from e
+    if done.returncode not in (0, 1) or not (out / "calls.csv").is_file():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise MMRankError(f"locust exited {done.returncode} without its calls ({tail[0]}); see {log_path}")
+
+
+def staging_folder(out: Path) -> Path:
+    """An empty hidden sibling of `out` where the run writes until it has succeeded."""
+    if out.exists() and not out.is_dir():
+        raise MMRankError(f"--out {out}: exists and is not a folder")
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move every file of the finished run into `out`, replacing an earlier run's files of that name."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in stage.iterdir():
+        os.replace(path, out / path.name)
+    stage.rmdir()
 
 
 def run_loadtest(
@@ -236,21 +294,22 @@ def run_loadtest(
     """Locust against `cfg.url` with requests drawn from the dataset `data`, or `sample` where given
     (then `data` only names where it came from in the report)."""
     check_loopback(cfg.url)
-    if not cfg.user_steps or min(cfg.user_steps) < 1 or cfg.duration_s <= 0:
+    if not cfg.user_steps or min(cfg.user_steps) < 1 or cfg.duration_s < MIN_STEP_S:
         raise MMRankError(
-            f"need user steps >= 1 and a positive duration, got {cfg.user_steps}, {cfg.duration_s}"
+            f"need user steps >= 1 and a duration >= {MIN_STEP_S:g} s (locust sets a step's users at a "
+            f"once-a-second tick), got {cfg.user_steps}, {cfg.duration_s:g}"
         )
     check_ready(cfg.url, cfg.model)
-    sample = sample or draw_requests(data, cfg.sample)
     out, data = Path(out), Path(data)
+    stage = staging_folder(out)
     # A given sample comes from the calling script, whose own command line reproduces the run.
     from trainer.provenance import record
 
     started = record(command_line(out, data, cfg) if sample is None else ["python", *sys.argv])
-    out.mkdir(parents=True, exist_ok=True)
-    sample.save(out / "requests.npz")
-    run_locust(cfg, out)
-    calls = read_calls(out / "calls.csv")
+    sample = sample or draw_requests(data, cfg.sample)
+    sample.save(stage / "requests.npz")
+    run_locust(cfg, stage)
+    calls = read_calls(stage / "calls.csv")
     steps = summarise(calls, cfg)
     errors = sorted(set(calls["error"][calls["ok"] == 0]))
     summary = {
@@ -262,15 +321,16 @@ def run_loadtest(
         "steps": steps,
         "errors": errors[:10],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown(summary))
+    (stage / "summary.json").write_text(json.dumps(summary, indent=2))
+    (stage / "summary.md").write_text(markdown(summary))
     n, length = cfg.sample.candidates, cfg.sample.history
-    plot(steps, out / "latency_throughput.png", f"{cfg.model} over gRPC, N={n}, L={length}")
+    plot(steps, stage / "latency_throughput.png", f"{cfg.model} over gRPC, N={n}, L={length}")
+    publish(stage, out)
     return summary
 
 
 def cli(args) -> int:
-    steps = tuple(int(x) for x in args.users.split(",") if x.strip())
+    steps = parse_user_steps(args.users)
     sample = SampleConfig(
         candidates=args.candidates, history=args.history, requests=args.requests, seed=args.seed
     )
@@ -279,8 +339,8 @@ def cli(args) -> int:
     )
     summary = run_loadtest(args.out, args.data, cfg)
     print(markdown(summary), end="")
-    failures = sum(s["failures"] for s in summary["steps"])
-    if failures:
-        raise MMRankError(f"{failures} calls failed (first: {summary['errors'][0]}); reports in {args.out}")
+    failed = failures(summary)
+    if failed:
+        raise MMRankError(f"{failed} calls failed (first: {summary['errors'][0]}); reports in {args.out}")
     print(f"loadtest: reports in {args.out} (summary.json, locust.html, latency_throughput.png)")
     return 0

@@ -229,7 +229,9 @@ def _loadtest(p):
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (loopback only)")
     p.add_argument("--out", required=True, help="folder for locust's CSV and HTML, summary.json and the plot")
     p.add_argument(
-        "--data", required=True, help="dataset folder (canonical form) the served model was trained on"
+        "--data",
+        default="build/demo/data",
+        help="dataset folder (canonical form) the served model was trained on; the default is `make demo`'s",
     )
     p.add_argument(
         "--users", default="1,2,4,8", help="comma-separated concurrent simulated users, one ramp step each"

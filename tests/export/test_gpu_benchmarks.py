@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_path):
     out = tmp_path / "out"
-    args = "--shapes 8x4 --concurrency 1,2 --calls 20 --requests 4 --d 16 --locust-seconds 1 --client-processes 2"
+    args = "--shapes 8x4 --concurrency 1,2 --calls 20 --requests 4 --d 16 --locust-seconds 2 --client-processes 2"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_serving.py"), "--out", str(out), *args.split()],
         capture_output=True,
@@ -40,8 +40,9 @@ def test_serving_benchmark_reports_parity_latency_and_locust(tritonserver, tmp_p
     assert all(s["failures"] == 0 and s["requests"] > 0 for s in row["locust"])
     text = (out / "torch_serving_latency_cpu.md").read_text()
     assert (
-        "client CPU cores at c=2" in text
-        and "| 8 | 4 | 16 |" in text
+        "| N | L | callers | calls | failures | p50 ms | p95 ms | p99 ms |" in text
+        and "| 8 | 4 | 2 | 20 | 0 |" in text
+        and "| 8 | 4 | 16 |" in text  # the parity row, d=16
         and "N=8, L=4 (run folder torch_load_cpu_8x4/)" in text
         and "## Where the time goes at 1 caller (ms)" in text
     )

@@ -11,7 +11,16 @@ import json
 import numpy as np
 import pytest
 
-from clients.loadtest import LoadTestConfig, check_loopback, percentiles, run_loadtest, summarise
+from clients import loadtest
+from clients.loadtest import (
+    LoadTestConfig,
+    check_loopback,
+    failures,
+    percentiles,
+    run_loadtest,
+    staging_folder,
+    summarise,
+)
 from clients.request_sample import SampleConfig, draw_requests
 from export.triton_launcher import free_port
 from mmrank.cli import main
@@ -57,6 +66,7 @@ def test_locust_smoke_run_has_no_failures_and_writes_every_report(triton_server,
     for name in REPORTS:
         assert (tmp_path / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == steps
+    assert not (tmp_path.parent / f".{tmp_path.name}.partial").exists()
 
 
 def test_requests_have_n_candidates_and_l_history_ids_of_real_test_requests(small_export, tiny_data):
@@ -70,21 +80,31 @@ def test_requests_have_n_candidates_and_l_history_ids_of_real_test_requests(smal
     np.testing.assert_array_equal(sample.candidates, again.candidates)
 
 
-def test_summary_counts_each_step_and_takes_nearest_rank_percentiles():
+def test_summary_counts_each_step_at_its_user_count_and_takes_nearest_rank_percentiles():
     calls = {
-        "step": np.array([0] * 100 + [1] * 4),
-        "users": np.array([1] * 100 + [2] * 4),
-        "latency_ms": np.concatenate([np.arange(1, 101, dtype=float), [5.0, 6.0, 7.0, 5000.0]]),
-        "ok": np.array([1] * 100 + [1, 1, 1, 0]),
-        "candidates": np.full(104, 10),
+        "step": np.array([0] * 100 + [1] * 6),
+        "users": np.array([1] * 100 + [1, 1] + [2] * 4),  # step 1 starts with 2 calls at the old count
+        "start_s": np.concatenate([np.linspace(0, 1.9, 100), [2.0, 2.5, 3.0, 3.2, 3.4, 3.6]]),
+        "latency_ms": np.concatenate([np.arange(1, 101, dtype=float), [9.0, 9.0, 5.0, 6.0, 7.0, 5000.0]]),
+        "ok": np.array([1] * 100 + [0, 1] + [1, 1, 1, 0]),
+        "candidates": np.full(106, 10),
     }
-    steps = summarise(calls, LoadTestConfig(user_steps=(1, 2, 4), duration_s=2.0))
-    assert [s["requests"] for s in steps] == [100, 4, 0]
-    assert [s["failures"] for s in steps] == [0, 1, 0]
+    cfg = LoadTestConfig(user_steps=(1, 2), duration_s=2.0)
+    steps = summarise(calls, cfg)
+    assert [s["requests"] for s in steps] == [100, 4]
+    assert [s["failures"] for s in steps] == [0, 1]
+    assert [(s["ramp_calls"], s["ramp_failures"]) for s in steps] == [(0, 0), (2, 1)]
     assert (steps[0]["p50_ms"], steps[0]["p95_ms"], steps[0]["p99_ms"]) == (50.0, 95.0, 99.0)
     assert steps[1]["p99_ms"] == 5000.0  # a failed call's time counts
-    assert steps[1]["requests_per_s"] == 1.5 and steps[1]["candidates_per_s"] == 15.0
+    # 3 successful calls from the first call at 2 users (3.0 s) to the end of the step (4.0 s)
+    assert steps[1]["window_s"] == pytest.approx(1.0)
+    assert steps[1]["requests_per_s"] == pytest.approx(3.0) and steps[1]["candidates_per_s"] == pytest.approx(
+        30.0
+    )
+    assert failures({"steps": steps}) == 2
     assert np.isnan(percentiles(np.array([]))["p50_ms"])
+    with pytest.raises(MMRankError, match=r"step 2 \(4 users\): no call ran at that user count"):
+        summarise(calls, LoadTestConfig(user_steps=(1, 2, 4), duration_s=2.0))
 
 
 @pytest.mark.parametrize("url", ["10.1.2.3:8001", "8.8.8.8:8001", "127.0.0.1", "host:port"])
@@ -107,6 +127,29 @@ def test_cli_says_in_one_line_what_is_wrong(tmp_path, capsys):
     assert "no ready model 'rank'" in err and len(err.splitlines()) == 1
     with pytest.raises(MMRankError, match="not a dataset folder"):
         draw_requests(tmp_path / "missing")
+    assert main(["loadtest", "--users", "1,a", "--out", str(tmp_path)]) == 1
+    assert "--users '1,a': expected comma-separated user counts >= 1" in capsys.readouterr().err
+    assert main(["loadtest", "--duration", "0.5", "--out", str(tmp_path)]) == 1
+    assert "a duration >= 2 s" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MMRankError, match="exists and is not a folder"):
+        staging_folder(tmp_path / "file")
+
+
+def test_a_failed_run_leaves_the_earlier_reports_whole(triton_server, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {name: f"earlier {name}" for name in ("calls.csv", "summary.json", "locust.log")}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    broken = tmp_path / "broken_locustfile.py"
+    broken.write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(loadtest, "LOCUSTFILE", broken)
+    sample = SampleConfig(candidates=20, history=5, requests=10)
+    cfg = LoadTestConfig(url=triton_server.grpc_url, user_steps=(1,), duration_s=2.0, sample=sample)
+    with pytest.raises(MMRankError, match="locust exited 3 without its calls"):
+        run_loadtest(out, tiny_data, cfg)
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier
 
 
 METRICS_TEXT = """# HELP nv_inference_request_success Number of successful inference requests
@@ -132,7 +175,9 @@ def test_triton_counters_sum_versions_and_give_times_per_request():
     assert times["rank"].requests == 15 and np.isnan(times["rank"].batch)
 
 
-def test_latency_benchmark_runs_against_the_real_server(triton_server, tiny_data, tmp_path, monkeypatch):
+@pytest.fixture
+def latency_bench(monkeypatch):
+    """benchmarks/serving_latency.py as a module."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -142,6 +187,29 @@ def test_latency_benchmark_runs_against_the_real_server(triton_server, tiny_data
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_latency_benchmark_checks_its_inputs_before_measuring(triton_server, tmp_path, capsys, latency_bench):
+    out = tmp_path / "new" / "latency.md"
+    metrics = ["--metrics-url", f"127.0.0.1:{triton_server.metrics_port}"]
+    args = [*metrics, "--data", str(tmp_path / "no data"), "--out", str(out)]
+    served = ["--url", triton_server.grpc_url, "--repo", str(triton_server.repo)]
+    cases = [
+        (["--url", triton_server.grpc_url, "--repo", str(tmp_path)], "ONNX graph not found"),
+        ([*served, "--concurrency", "1,x"], "--concurrency '1,x': expected comma-separated"),
+        (["--url", f"127.0.0.1:{free_port()}", "--repo", str(triton_server.repo)], "no ready model 'rank'"),
+        (served, "not a dataset folder"),
+    ]
+    for given, message in cases:
+        assert latency_bench.main([*given, *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_latency_benchmark_runs_against_the_real_server(triton_server, tiny_data, tmp_path, latency_bench):
+    bench = latency_bench
     out = tmp_path / "latency.md"
     args = ["--url", triton_server.grpc_url, "--metrics-url", f"127.0.0.1:{triton_server.metrics_port}"]
     args += ["--repo", str(triton_server.repo), "--data", str(tiny_data), "--out", str(out)]
