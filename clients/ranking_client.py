@@ -93,19 +93,26 @@ class _Base:
         self._client = client
         self._batched: bool | None = None
 
-    def _inputs(self, module, history, candidates, user_id: int | None, batched: bool):
-        hist = as_ids(history, HISTORY, allow_empty=True)
-        cand = as_ids(candidates, CANDIDATES, allow_empty=False)
-        tensors = [(HISTORY, hist), (CANDIDATES, cand)]
+    @staticmethod
+    def _checked(history, candidates, user_id: int | None) -> list[tuple[str, np.ndarray]]:
+        """The request's tensors, checked before anything is sent: a bad id is named as such, even
+        when the server is down."""
+        tensors = [
+            (HISTORY, as_ids(history, HISTORY, allow_empty=True)),
+            (CANDIDATES, as_ids(candidates, CANDIDATES, allow_empty=False)),
+        ]
         if user_id is not None:  # without it the lookup step uses the unknown-user row
             tensors.append((USER, as_ids([user_id], USER, allow_empty=False)))
+        return tensors
+
+    def _inputs(self, tensors: list[tuple[str, np.ndarray]]) -> list:
         out = []
         for name, arr in tensors:
-            arr = arr[None, :] if batched else arr
-            inp = module.InferInput(name, list(arr.shape), "INT64")
+            arr = arr[None, :] if self._batched else arr
+            inp = self._module.InferInput(name, list(arr.shape), "INT64")
             inp.set_data_from_numpy(arr)
             out.append(inp)
-        return out, len(cand)
+        return out
 
     @staticmethod
     def _batched_from(metadata) -> bool:
@@ -173,11 +180,13 @@ class RankingClient(_Base):
 
     def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
         """(scores [N] logits, known [N]) of the candidates, in their order."""
+        tensors = self._checked(history_ids, candidate_ids, user_id)
         if self._batched is None:
             self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
-        inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
-        result = self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs())
-        return self._ranking(result, candidate_ids, n)
+        result = self._call(
+            self._client.infer, self.cfg.model, self._inputs(tensors), outputs=self._outputs()
+        )
+        return self._ranking(result, candidate_ids, len(tensors[1][1]))
 
     def close(self) -> None:
         self._client.close()
@@ -213,12 +222,13 @@ class AsyncRankingClient(_Base):
         raise AssertionError("unreachable")
 
     async def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
+        tensors = self._checked(history_ids, candidate_ids, user_id)
         if self._batched is None:
             meta = await self._call(self._client.get_model_metadata, self.cfg.model)
             self._batched = self._batched_from(meta)
-        inputs, n = self._inputs(self._module, history_ids, candidate_ids, user_id, self._batched)
+        inputs = self._inputs(tensors)
         result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs())
-        return self._ranking(result, candidate_ids, n)
+        return self._ranking(result, candidate_ids, len(tensors[1][1]))
 
     async def close(self) -> None:
         await self._client.close()

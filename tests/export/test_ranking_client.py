@@ -87,8 +87,9 @@ def test_async_client_matches_the_sync_client(url):
         ([1], [1.5], "candidate_ids must hold integer item ids"),
     ],
 )
-def test_bad_ids_are_refused_before_any_call(url, history, candidates, message):
-    with RankingClient(ClientConfig(url=url)) as client, pytest.raises(RankingError, match=message):
+def test_bad_ids_are_refused_before_any_call(history, candidates, message):
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there: any call would say "unavailable"
+    with RankingClient(ClientConfig(url=down)) as client, pytest.raises(RankingError, match=message):
         client.rank(history, candidates)
 
 
