@@ -23,6 +23,10 @@ QUIET = {"train.log_every": 10_000}
 # Two evaluations of the same weights on the same split: one flipped near-tied pair moves AUC by
 # 1 / (positives * negatives), about 1e-6 here; a wrong checkpoint moves it by far more than 1e-4.
 AUC_TOL = 1e-4
+# Cold-start AUC at 1 thread: id_only 0.637, em3 0.630; chance is 0.5. The bar leaves a margin for
+# another CPU's rounding. It shows cold items rank above chance, not the shared row's gain over untrained
+# rows (id_only had 0.598 before it; benchmarks/results/cold_start.md measures that gain).
+COLD_AUC_BAR = 0.55
 
 
 @pytest.fixture(scope="module")
@@ -170,16 +174,16 @@ def test_pe_trains_on_a_pca_table_of_the_frozen_features(data, tmp_path):
     np.testing.assert_array_equal(model.tower.table.numpy(), np.load(out / CONTENT_TABLE))
 
 
+@pytest.mark.threads(1)  # em3's 2-thread runs are not reproducible (benchmarks/results/cold_start.md)
 def test_cold_items_read_the_new_item_row_and_rank_above_chance(data, tmp_path):
     """Items never trained on share the learned new-item ID row, so both presets rank cold items
-    well above chance (measured: id_only 0.636, em3 0.629; before the shared row, untrained N(0, 1)
-    rows put id_only at 0.598). Which of the two is ahead is a multi-seed question:
+    above chance (COLD_AUC_BAR). Which of the two is ahead is a multi-seed question:
     benchmarks/results/cold_start.md."""
     ds = load_dataset(data)
     trained = np.unique(ds.split("train")["item_id"].to_numpy())
     for preset in ("id_only", "em3"):
         metrics = train(data, _cfg(preset), tmp_path / preset, progress=False)
-        assert metrics["test"]["cold_auc"] > 0.6, (preset, metrics["test"])
+        assert metrics["test"]["cold_auc"] > COLD_AUC_BAR, (preset, metrics["test"])
         _, model = load_run(tmp_path / preset, ds)
         known = model.ranker.item_known.numpy()
         assert known[trained].all() and known.sum() == len(trained)
@@ -405,11 +409,16 @@ def mmrec(tmp_path_factory):
 
 
 def test_topk_data_stops_on_recall_and_a_null_metric_fails_loudly(mmrec, tmp_path):
-    cfg = _cfg("id_only", **{"train.epochs": 2})
-    metrics = train(mmrec, cfg, tmp_path / "auto")
-    assert cfg.train.early_stop_metric == "auto" and metrics["valid"]["recall@20"] is not None
+    # One evaluation per step: here recall@20 peaks at another step (5 of 6) than ndcg@20, recall@10 or
+    # logloss do, so the best step shows which metric "auto" stopped on.
+    cfg = _cfg("id_only", **{"train.epochs": 2, "train.eval_every_steps": 1})
+    metrics = train(mmrec, cfg, tmp_path / "auto", progress=False)
+    assert cfg.train.early_stop_metric == "auto"
     log = [json.loads(x) for x in (tmp_path / "auto" / "train_log.jsonl").read_text().splitlines()]
-    assert [x["improved"] for x in log if x["event"] == "valid"][0] is True
+    valid = [x for x in log if x["event"] == "valid"]
+    best = max(valid, key=lambda x: x["recall@20"])
+    assert metrics["train"]["best_step"] == best["step"]
+    assert metrics["valid"]["recall@20"] == best["recall@20"]
     with pytest.raises(MMRankError, match=r"valid auc is null.*train.early_stop_metric"):
         train(mmrec, _cfg("id_only", **{"train.early_stop_metric": "auc"}), tmp_path / "auc")
 
