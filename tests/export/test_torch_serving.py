@@ -191,16 +191,16 @@ def test_cuda_graph_buckets_replay_the_eager_scores(tmp_path):
     out, manifest, table, lookup = _export(tmp_path, **{"interest.long_len": 12})
     program = manifest.programs["ranking"]
     rng = np.random.default_rng(5)
+    # The last GPU: where there are several, the captures must not land on GPU 0's stream.
+    gpu = torch.device("cuda", torch.cuda.device_count() - 1)
     for file in (program.file, program.fp16_file):
-        graphs = TorchRanker(
-            out / file, program.inputs, table, lookup, torch.device("cuda"), Bucket.parse("1x8,4x16")
-        )
+        graphs = TorchRanker(out / file, program.inputs, table, lookup, gpu, Bucket.parse("1x8,4x16"))
         eager = TorchRanker(
             out / file,
             program.inputs,
             table,
             lookup,
-            torch.device("cuda"),
+            gpu,
             Bucket.parse("1x8,4x16"),
             cuda_graphs=False,
         )
