@@ -34,6 +34,7 @@ The repository is rendered into a temporary sibling and renamed into place.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -461,28 +462,64 @@ def check_table_fits(table: it.ItemTable, served: it.ItemTable) -> None:
             raise MMRankError(f"the new item table's {name} is {new}, the served table's is {old}")
 
 
+def _config_widths(model: Path) -> tuple[int | None, int | None]:
+    """(d, item_dim) the ranking graph reads, from item_lookup's config; (None, None) without one."""
+    config = model / "config.pbtxt"
+    if not config.is_file():
+        return None, None
+    params = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters
+    widths = json.loads(params["table_widths"].string_value)
+    return widths["d"], widths["item_dim"]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: its entries are what a rename publishes
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_version(tmp: Path, served: Path, table: it.ItemTable) -> None:
+    """The new version's folder: model.py and the runtime, the ranking graph or program of the served
+    version (python / torch backend: the lookup ranks too), the table; read back, then synced to disk
+    files first, folders bottom-up, so no crash after the rename leaves a published version with
+    empty files."""
+    write_python_model(tmp, PYTHON_MODELS["item_lookup"])
+    for name in (RANKING_FILE, RANKING_PROGRAM):
+        if (served / name).is_file():
+            shutil.copy2(served / name, tmp / name)
+    table.write(tmp / "item_table")
+    it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
+    for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(tmp)
+
+
 def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
-    """Publish `table` as the next version of item_lookup: checked against the newest version's widths,
-    written and read back in a hidden folder, then renamed into place in one step, so a server in poll
-    or explicit mode only ever sees complete, valid versions (and serves it after a (re)load of
-    item_lookup, without a restart)."""
+    """Publish `table` as the next version of item_lookup: checked (finite values; the widths of the
+    newest valid version, the one the server serves: `newest_valid_table`), written in a hidden folder
+    (`_write_version`), then renamed into place in one step, so a server in poll or explicit mode only
+    ever sees complete, valid versions (and serves it after a (re)load of item_lookup, without a
+    restart). A failed write leaves nothing behind."""
     model = Path(repo) / "item_lookup"
     versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
         raise MMRankError(f"{model}: not an item_lookup model folder")
-    check_table_fits(table, it.ItemTable.read(model / str(versions[-1]) / "item_table"))
+    table.check_finite()  # the arrays may have changed since the table was built
+    served, served_version, _ = it.newest_valid_table(model, versions[-1], *_config_widths(model))
+    check_table_fits(table, served)
     tmp = model / f".{versions[-1] + 1}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_python_model(tmp, PYTHON_MODELS["item_lookup"])
-    for name in (RANKING_FILE, RANKING_PROGRAM):  # python / torch backend: the lookup ranks too
-        graph = model / str(versions[-1]) / name
-        if graph.is_file():
-            shutil.copy2(graph, tmp / name)
-    table.write(tmp / "item_table")
-    it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
+    try:
+        _write_version(tmp, model / str(served_version), table)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = model / str(versions[-1] + 1)
     tmp.rename(final)  # the server sees the version folder only once it is complete
+    _fsync(model)  # the rename itself
     return final
 
 

@@ -55,6 +55,8 @@ class ItemTable:
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids, dtype=np.int64)
+        if self.ids.ndim != 1:
+            raise MMRankError(f"item table ids have shape {self.ids.shape}, expected [rows]")
         r = len(self.ids)
         if r == 0 or self.ids[0] != PAD_ID or (r > 1 and not np.all(np.diff(self.ids) > 0)):
             raise MMRankError("item table ids must start with 0 (padding) and be strictly ascending")
@@ -65,10 +67,23 @@ class ItemTable:
                 if value.ndim != 2 or value.shape[0] != r:
                     raise MMRankError(f"item table {name} has shape {value.shape}, expected [{r}, width]")
                 setattr(self, name, value)
+        self.check_finite()
         if self.user_feats is not None:
             self.user_feats = np.ascontiguousarray(self.user_feats, dtype=np.int64)
             if self.user_feats.ndim != 2 or len(self.user_feats) == 0 or self.user_feats[0].any():
                 raise MMRankError("user_feats must be [num_users + 1, F] with row 0 (unknown user) all zeros")
+
+    def check_finite(self) -> None:
+        """Raise MMRankError where content or item_rows hold a NaN or an infinity: one in a row would make
+        every score of a request that reads the row NaN."""
+        for name in ("content", "item_rows"):
+            value = getattr(self, name)
+            bad = None if value is None else ~np.isfinite(value).all(axis=1)
+            if bad is not None and bad.any():
+                raise MMRankError(
+                    f"item table {name} has NaN or infinite values in {int(bad.sum())} rows "
+                    f"(the first at item id {int(self.ids[np.argmax(bad)])})"
+                )
 
     @property
     def d(self) -> int:
@@ -134,22 +149,62 @@ class ItemTable:
 
     @classmethod
     def read(cls, folder: str | Path) -> ItemTable:
+        """The table in `folder`; MMRankError naming the file and the problem for anything that does not
+        read or is not a valid table (so `newest_valid_table` passes over it)."""
         folder = Path(folder)
         path = folder / TABLE_JSON
         if not path.is_file():
             raise MMRankError(f"{folder}: not an item table (no {TABLE_JSON})")
+        meta = _read_meta(path)
+        ids = _read_array(folder / "ids.npy", "iu")
+        content = _read_array(folder / "content.npy", "f") if meta["d"] else None
+        rows = _read_array(folder / "item_rows.npy", "f") if meta["item_dim"] else None
+        users = _read_array(folder / "user_feats.npy", "iu") if meta["user_feats"] else None
         try:
-            meta = json.loads(path.read_text())
-            ids = np.load(folder / "ids.npy")
-            content = np.load(folder / "content.npy") if meta["d"] else None
-            rows = np.load(folder / "item_rows.npy") if meta["item_dim"] else None
-            users = np.load(folder / "user_feats.npy") if meta.get("user_feats") else None
-        except (OSError, ValueError, KeyError) as e:
-            raise MMRankError(f"{folder}: unreadable item table ({type(e).__name__}: {e})") from e
-        table = cls(ids, content, rows, int(meta["version"]), meta.get("source"), users)
-        if len(table.ids) != meta["rows"]:
-            raise MMRankError(f"{folder}: {len(table.ids)} rows, {TABLE_JSON} says {meta['rows']}")
+            table = cls(ids, content, rows, meta["version"], meta["source"], users)
+        except MMRankError as e:
+            raise MMRankError(f"{folder}: {e}") from e
+        for name, have in (("rows", len(table.ids)), ("d", table.d), ("item_dim", table.item_dim)):
+            if have != meta[name]:
+                raise MMRankError(f"{folder}: item table {name} is {have}, {TABLE_JSON} says {meta[name]}")
         return table
+
+
+META_COUNTS = ("version", "rows", "d", "item_dim")
+_KINDS = {"iu": "integers", "f": "floats"}  # numpy dtype kinds: signed and unsigned int, float
+
+
+def _read_meta(path: Path) -> dict:
+    """table.json, checked: a JSON object whose counts are non-negative integers."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise MMRankError(f"{path}: unreadable item table ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise MMRankError(f"{path}: unreadable item table: a JSON {type(meta).__name__}, expected an object")
+    for key in META_COUNTS:
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise MMRankError(
+                f"{path}: unreadable item table: {key} must be a non-negative integer, got {value!r}"
+            )
+    source = meta.get("source") or {}
+    if not isinstance(source, dict):
+        raise MMRankError(f"{path}: unreadable item table: source must be an object, got {source!r}")
+    return {**meta, "source": source, "user_feats": bool(meta.get("user_feats"))}
+
+
+def _read_array(path: Path, kinds: str) -> np.ndarray:
+    """A .npy array whose dtype kind is one of `kinds` (a key of _KINDS)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, MemoryError) as e:  # missing, empty, cut, lying header
+        raise MMRankError(f"{path}: unreadable item table ({type(e).__name__}: {e})") from e
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive as well
+        raise MMRankError(f"{path}: unreadable item table: not a .npy array")
+    if array.dtype.kind not in kinds:
+        raise MMRankError(f"{path}: unreadable item table: dtype {array.dtype}, expected {_KINDS[kinds]}")
+    return array
 
 
 @dataclass
@@ -272,15 +327,17 @@ def check_widths(table: ItemTable, d: int, item_dim: int) -> None:
             raise MMRankError(f"{name} is {have}, the ranking graph reads {want}")
 
 
-def newest_valid_table(model_dir: str | Path, version: int, d: int, item_dim: int):
+def newest_valid_table(model_dir: str | Path, version: int, d: int | None, item_dim: int | None):
     """(table, its version, skipped): the table of `version`, or where it does not read or has the wrong
-    widths, of the newest older version that does; `skipped` says which versions were passed over and
-    why. A bad newest version then never blocks a (re)start: the newest valid table serves."""
+    widths (None: not checked), of the newest older version that does; `skipped` says which versions
+    were passed over and why. A bad newest version then never blocks a (re)start: the newest valid
+    table serves."""
     skipped = []
     for v in sorted((v for v in table_versions(model_dir) if v <= version), reverse=True):
         try:
             table = ItemTable.read(Path(model_dir) / str(v) / "item_table")
-            check_widths(table, d, item_dim)
+            if d is not None:
+                check_widths(table, d, item_dim)
         except MMRankError as e:
             skipped.append(f"item table version {v} skipped: {e}")
             continue

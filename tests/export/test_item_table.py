@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -138,3 +140,69 @@ def test_write_read_round_trip_and_corrupt_files(tmp_path):
 def test_ids_must_start_with_padding_and_ascend():
     with pytest.raises(MMRankError, match="ascending"):
         it.ItemTable(np.array([0, 3, 2]), None, None)
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A .npy file of int64 `shape` with no data: what a lying or truncated header looks like."""
+    header = f"{{'descr': '<i8', 'fortran_order': False, 'shape': {shape}, }}".ljust(117) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+
+
+def _meta(folder, **changes):
+    meta = json.loads((folder / "table.json").read_text())
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+CORRUPT = {
+    "empty ids": ("ids.npy", b"", r"ids.npy: unreadable item table \(EOFError"),
+    "huge shape": ("ids.npy", _npy_header((10**13,)), r"ids.npy: unreadable item table \("),
+    "json list": ("table.json", "[]", "table.json: unreadable item table: a JSON list, expected an object"),
+    "version x": ("table.json", {"version": "x"}, "version must be a non-negative integer, got 'x'"),
+    "no d": ("table.json", {"d": None}, "d must be a non-negative integer, got None"),
+    "rows": ("table.json", {"rows": 9}, "item table rows is 6, table.json says 9"),
+    "2-d ids": ("ids.npy", np.arange(6).reshape(6, 1), r"item table ids have shape \(6, 1\)"),
+    "float ids": (
+        "ids.npy",
+        np.arange(6.0),
+        "ids.npy: unreadable item table: dtype float64, expected integers",
+    ),
+    "short content": (
+        "content.npy",
+        np.ones((5, 3), np.float32),
+        r"content has shape \(5, 3\), expected \[6",
+    ),
+    "NaN": ("content.npy", "nan", "content has NaN or infinite values in 1 rows .the first at item id 4."),
+    "inf": ("item_rows.npy", "inf", "item_rows has NaN or infinite values in 1 rows"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT)
+def test_any_broken_table_file_is_an_error_naming_the_file(tmp_path, case):
+    table = _table()
+    folder = table.write(tmp_path / "t")
+    name, value, message = CORRUPT[case]
+    if isinstance(value, dict):
+        (folder / name).write_text(json.dumps(_meta(folder, **value)))
+    elif isinstance(value, np.ndarray):
+        np.save(folder / name, value)
+    elif value in ("nan", "inf"):
+        array = np.load(folder / name)
+        array[4, 1] = float(value)
+        np.save(folder / name, array)
+    else:
+        (folder / name).write_bytes(value if isinstance(value, bytes) else value.encode())
+    with pytest.raises(MMRankError, match=message) as e:
+        it.ItemTable.read(folder)
+    assert str(folder) in str(e.value)
+
+
+def test_tables_with_non_finite_values_are_refused():
+    table = _table()
+    content = table.content.copy()
+    content[2, 0] = np.nan
+    with pytest.raises(MMRankError, match="item table content has NaN or infinite values in 1 rows"):
+        it.ItemTable(table.ids, content, table.item_rows)
+    table.item_rows[3, 1] = -np.inf  # changed after it was built
+    with pytest.raises(MMRankError, match="item_rows has NaN or infinite values .* item id 3"):
+        table.check_finite()

@@ -2,6 +2,7 @@
 how item-table versions are published and chosen."""
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -139,3 +140,48 @@ def test_respond_grouped_batches_equal_shapes_and_answers_each_request_in_order(
     assert [r.tensors["y"].tolist() for r in out[:3]] == [[[10, 20]], [[30]], [[40, 50], [60, 70]]]
     assert out[0].tensors["y"].dtype == np.float32
     assert (out[3].error.code, out[3].error.message) == ("INVALID_ARGUMENT", "x holds a negative value")
+
+
+BROKEN_TABLES = {
+    "empty ids.npy": lambda folder: (folder / "ids.npy").write_bytes(b""),
+    "table.json holding []": lambda folder: (folder / "table.json").write_text("[]"),
+    'version "x"': lambda folder: (folder / "table.json").write_text(
+        json.dumps({**json.loads((folder / "table.json").read_text()), "version": "x"})
+    ),
+    "a NaN vector": lambda folder: np.save(folder / "content.npy", np.full((4, 3), np.nan, np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_TABLES)
+def test_a_broken_newest_table_is_skipped_by_the_lookup_and_the_launcher(tmp_path, case):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.repository import write_config
+    from export.triton_launcher import skipped_tables
+
+    model = tmp_path / "repo" / "item_lookup"
+    _table(version=1).write(model / "1" / "item_table")
+    BROKEN_TABLES[case](_table(version=2).write(model / "2" / "item_table"))
+    table, served, skipped = it.newest_valid_table(model, 2, d=3, item_dim=2)
+    assert served == 1 and table.version == 1
+    assert len(skipped) == 1 and skipped[0].startswith("item table version 2 skipped: ")
+    config = mc.ModelConfig(name="item_lookup")
+    config.parameters["table_widths"].string_value = json.dumps({"d": 3, "item_dim": 2})
+    write_config(model, config)
+    lines = skipped_tables(tmp_path / "repo")  # what `mmrank serve` says at start, not a traceback
+    assert len(lines) == 1 and lines[0].endswith("serving item table version 1")
+
+
+def test_add_table_version_checks_against_the_newest_valid_version(tmp_path):
+    model = tmp_path / "repo" / "item_lookup"
+    _table(version=1).write(model / "1" / "item_table")
+    (model / "2" / "item_table").mkdir(parents=True)  # a broken newest version: no table.json
+    (model / "1" / "ranking.onnx").write_bytes(b"graph of version 1")
+    final = add_table_version(tmp_path / "repo", _table(version=3))
+    assert final == model / "3" and it.ItemTable.read(final / "item_table").version == 3
+    assert (final / "ranking.onnx").read_bytes() == b"graph of version 1"  # the served version's graph
+    bad = _table(version=4)
+    bad.content[2, 1] = np.inf
+    with pytest.raises(MMRankError, match="content has NaN or infinite values in 1 rows"):
+        add_table_version(tmp_path / "repo", bad)
+    assert sorted(p.name for p in model.iterdir()) == ["1", "2", "3"]  # nothing published, no leftovers
