@@ -13,8 +13,9 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
       ranking       the ranking graph (the second step of `rank` with the native backends)
     encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
                     BYTES, encoded image file, b"" = none) -> content [d] FP32
-      tokenizer     Python: texts -> input_ids, attention_mask, text_mask
-      text_encoder, image_preprocess (Python: bytes -> pixels, image_mask), image_encoder, fusion
+      tokenizer     Python: checks the request's limits, texts -> input_ids, attention_mask, text_mask
+      text_encoder, image_preprocess (Python: checks the request's limits, bytes -> pixels,
+                    image_mask), image_encoder, fusion
 
 Backends: `python` runs every graph with onnxruntime inside Triton's Python backend
 (model_repository/models/graph_model.py; CUDA EP on GPU instances); `torch` is `python` except that
@@ -45,7 +46,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.manifest import GraphSpec, Manifest, TensorSpec
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
-from model_repository.limits import RequestLimits
+from model_repository.limits import EncodeLimits, RequestLimits
 from trainer.data.schema import atomic_dir
 
 BACKENDS = ("python", "torch", "onnxruntime", "tensorrt")
@@ -75,6 +76,7 @@ class RenderConfig:
     rank_graph_threads: int = 1
     engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds of one `rank` request
+    encode_limits: EncodeLimits = field(default_factory=EncodeLimits)  # of one `encode_items` request
     # torch backend: where the program runs ("auto": the instance's GPU where torch sees one, else the
     # CPU), the (batch x candidates) buckets requests are padded to, and whether each bucket is a CUDA
     # graph. One user's request (the client's) fits 1xN up to the default 2,000-candidate limit; the
@@ -214,7 +216,13 @@ def tokenizer_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
         [manifest.graph("fusion").input("text_mask")], False
     )
     config = python_config(
-        "tokenizer", rc, inputs, outputs, max_length=tok.max_length, join_fields=tok.join_fields
+        "tokenizer",
+        rc,
+        inputs,
+        outputs,
+        max_length=tok.max_length,
+        join_fields=tok.join_fields,
+        limits=asdict(rc.encode_limits),
     )
     config.dynamic_batching.max_queue_delay_microseconds = rc.queue_delay_us
     return config
@@ -224,7 +232,7 @@ def image_preprocess_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelCon
     image = manifest.graph("image_encoder")
     inputs = [_tensor(mc.ModelInput, "image", "TYPE_STRING", [1])]
     outputs = _outputs(image.inputs, False) + _outputs([manifest.graph("fusion").input("image_mask")], False)
-    return python_config("image_preprocess", rc, inputs, outputs)
+    return python_config("image_preprocess", rc, inputs, outputs, limits=asdict(rc.encode_limits))
 
 
 def _step(

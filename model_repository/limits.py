@@ -1,4 +1,5 @@
-"""Request bounds of the `rank` ensemble, checked by `item_lookup` before any graph runs.
+"""Request bounds, checked before any graph runs: of the `rank` ensemble by `item_lookup`
+(RequestLimits), of `encode_items` by `tokenizer` and `image_preprocess` (EncodeLimits).
 
 Set when the repository is rendered (`mmrank repo --max-candidates/--max-history/--max-request-bytes`,
 stored in item_lookup's config) and enforced per request: too many or zero candidates, a history over
@@ -6,6 +7,11 @@ the bound, or more input bytes than allowed answer INVALID_ARGUMENT naming the i
 no oversize request reaches onnxruntime. A history within the bound but longer than the model's L keeps
 its most recent L known items (the lookup's `recent_known`). Dtypes, ranks and the user-feature width
 are checked by Triton itself against the config.
+
+EncodeLimits (export/repository.py RenderConfig.encode_limits, stored as the `limits` parameter of the
+tokenizer's and image_preprocess's configs) bound the items of one request and the bytes of each text
+field and image, so no request decodes or tokenizes more than max_items * (fields * max_text_bytes +
+max_image_bytes). Triton's max_batch_size bounds the items too.
 """
 
 from __future__ import annotations
@@ -49,3 +55,39 @@ class RequestLimits:
             raise RequestError(
                 f"request inputs hold {size} bytes, over the limit of {self.max_request_bytes}"
             )
+
+
+def _value_bytes(value) -> int:
+    return len(value) if isinstance(value, bytes | bytearray) else len(str(value).encode())
+
+
+@dataclass(frozen=True)
+class EncodeLimits:
+    max_items: int = 256  # items (rows) of one request; a max_batch_size below it refuses more first
+    max_text_bytes: int = 64 << 10  # one text field, UTF-8 (the tokenizer keeps max_length tokens of it)
+    max_image_bytes: int = 8 << 20  # one encoded image file
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value < 1:
+                raise ValueError(f"encode limit {name} must be >= 1, got {value}")
+
+    def _check(self, name: str, values: np.ndarray, limit: int, what: str) -> None:
+        if values.shape[0] > self.max_items:
+            raise RequestError(
+                f"{name} holds {values.shape[0]} items, over the limit of {self.max_items} per request"
+            )
+        for index, value in np.ndenumerate(values):
+            size = _value_bytes(value)
+            if size > limit:
+                raise RequestError(
+                    f"{name}{list(index)} holds {size} bytes, over the limit of {limit} {what}"
+                )
+
+    def check_texts(self, fields: np.ndarray) -> None:
+        """Raise RequestError for the first bound the text fields [items, K] break."""
+        self._check("text", np.asarray(fields, dtype=object), self.max_text_bytes, "per text field")
+
+    def check_images(self, blobs: np.ndarray) -> None:
+        """Raise RequestError for the first bound the encoded images [items, ...] break."""
+        self._check("image", np.asarray(blobs, dtype=object), self.max_image_bytes, "per image")

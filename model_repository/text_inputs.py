@@ -8,6 +8,15 @@ A field that is empty or whitespace gives an all-zero attention mask row and tex
 the encoder maps to a zero vector and the fusion masks out. Within one call every text is padded to
 the longest (at least one column), as `TextEncoder.tokenize` does with `padding=True`.
 
+A text longer than CHARS_PER_TOKEN * max_length characters is first encoded by a prefix: up to its
+last space within that many characters. The tokenizers split words at spaces and normalise character by
+character (BERT's WordPiece, and BPE or SentencePiece with their usual pre-tokenizers: checked on "a b"
+when the tokenizer loads, else texts are never cut), so the prefix's tokens are the text's first tokens.
+When the prefix fills max_length, truncation keeps exactly those tokens from the whole text too, and the
+prefix's encoding is the text's; only when it does not (a text of mostly whitespace) is the whole text
+encoded, which the per-field byte limit bounds (model_repository/limits.py EncodeLimits). So a 4 MB
+field costs the tokenizer a few thousand characters, not the whole field, with the same result.
+
 Uses the `tokenizers` library on tokenizer.json directly: no transformers import in the server.
 """
 
@@ -21,6 +30,8 @@ import numpy as np
 
 from model_repository.errors import MMRankError
 
+# Far above natural text's 4 to 5 characters a token, so the prefix nearly always fills max_length.
+CHARS_PER_TOKEN = 16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
@@ -56,6 +67,10 @@ class ItemTokenizer:
             raise MMRankError(f"{folder}: unreadable tokenizer files ({type(e).__name__}: {e})") from e
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length)
+        self.max_length = max_length
+        pre = self.tokenizer.pre_tokenizer
+        splits_at_spaces = pre is not None and len(pre.pre_tokenize_str("a b")) == 2
+        self.cut_at = CHARS_PER_TOKEN * max_length if splits_at_spaces else None
         self.pad_id = self.tokenizer.token_to_id(config.get("pad_token", "[PAD]")) or 0
         self.sep = config.get("sep_token", "[SEP]")
         self.join_fields = join_fields
@@ -67,6 +82,28 @@ class ItemTokenizer:
             return [f" {self.sep} ".join(t for t in row if t.strip()) for row in rows]
         return [t if t.strip() else "" for row in rows for t in row]
 
+    def _prefix(self, text: str) -> str:
+        """`text` up to its last space within the first `cut_at` characters; the whole text where it is
+        shorter, has no such space or the tokenizer does not split words at spaces."""
+        if self.cut_at is None or len(text) <= self.cut_at:
+            return text
+        space = text.rfind(" ", 0, self.cut_at)
+        return text[:space] if space > 0 else text
+
+    def encode(self, texts: list[str]) -> list:
+        """The truncated encodings of `texts`, each from its prefix where that gives the same tokens
+        (the module's docstring says why)."""
+        prefixes = [self._prefix(t) for t in texts]
+        encoded = self.tokenizer.encode_batch(prefixes)
+        short = [
+            i
+            for i, (text, prefix, e) in enumerate(zip(texts, prefixes, encoded, strict=True))
+            if len(prefix) < len(text) and len(e.ids) < self.max_length
+        ]
+        for i, e in zip(short, self.tokenizer.encode_batch([texts[i] for i in short]), strict=True):
+            encoded[i] = e
+        return encoded
+
     def __call__(self, fields: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         fields = np.asarray(fields, dtype=object)
         if fields.ndim != 2:
@@ -74,7 +111,7 @@ class ItemTokenizer:
         b = fields.shape[0]
         texts = self.texts(fields)
         present = np.array([bool(t) for t in texts], dtype=bool)
-        encoded = self.tokenizer.encode_batch([t for t in texts if t])
+        encoded = self.encode([t for t in texts if t])
         width = max([len(e.ids) for e in encoded], default=1)
         ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(texts), width), dtype=np.int64)

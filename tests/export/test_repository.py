@@ -1,4 +1,6 @@
+import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 from google.protobuf import text_format
@@ -8,6 +10,7 @@ from export.manifest import Manifest
 from export.repository import RenderConfig, build_configs, check_ensembles, render_repository
 from mmrank.cli import main
 from mmrank.errors import MMRankError
+from model_repository.limits import EncodeLimits
 
 ALL_MODELS = {
     "rank",
@@ -186,3 +189,11 @@ def test_cli_errors_are_one_line(small_export, tmp_path, capsys):
         == 0
     )
     assert "rank" in capsys.readouterr().out
+
+
+def test_encode_items_preprocessing_carries_its_request_limits(small_export):
+    limits = EncodeLimits(max_items=8, max_text_bytes=1000, max_image_bytes=5000)
+    configs = build_configs(Manifest.read(small_export.out), RenderConfig(encode_limits=limits))
+    for name in ("tokenizer", "image_preprocess"):
+        rendered = json.loads(configs[name].parameters["limits"].string_value)
+        assert rendered == asdict(limits) and EncodeLimits(**rendered) == limits
