@@ -44,6 +44,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.manifest import GraphSpec, Manifest, TensorSpec
+from export.tensorrt import check_engines_hold
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.limits import EncodeLimits, RequestLimits
@@ -427,6 +428,9 @@ def render_repository(
     manifest = Manifest.read(export_dir)
     models = build_configs(manifest, rc)
     sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_MODELS}
+    if rc.backend == "tensorrt":
+        engines = rc.engines_dir or export_dir / ENGINES_DIR
+        check_engines_hold(engines, rc.max_batch_size, rc.limits.max_candidates)
     with atomic_dir(out, force=force) as tmp:
         for name, config in models.items():
             write_config(tmp / name, config)

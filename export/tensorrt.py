@@ -1,13 +1,16 @@
 """fp16 TensorRT engines built from the exported ONNX graphs, for `mmrank repo --backend tensorrt`.
 
-    python -m export.tensorrt --export DIR [--out DIR/tensorrt] [--max-batch 64 --max-candidates 1000]
+    python -m export.tensorrt --export DIR [--out DIR/tensorrt] [--max-batch 64 --max-candidates 2000]
 
 Run it on the serving GPU (an engine is specific to the GPU and the TensorRT version). Each graph gets
 one optimization profile over its dynamic axes: batch and candidates N as ranges; the history axes
 fixed at the manifest's lengths, since the lookup always pads histories to them; text tokens up to the
 tokenizer's limit. Inputs and outputs stay fp32 / int64 / bool, so the Triton configs are the ONNX
 ones. Attention is left to TensorRT's own fusion of the exported masked-softmax pattern (no plugin).
-Writes `<graph>.plan` and `engines.json` (TensorRT version, GPU, profiles).
+Writes `<graph>.plan` and `engines.json` (TensorRT version, GPU, the EngineConfig, profiles). The
+defaults are the repository's (`mmrank repo` max_batch_size and request limits), and `mmrank repo
+--backend tensorrt` refuses a repository that admits larger requests than the engines' profiles hold
+(`check_engines_hold`): TensorRT would fail those requests at run time.
 
 The `tensorrt` package is imported only when building; where it is missing the builder says so.
 This path has not been run in this project's CI (no GPU, no TensorRT there).
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from export.manifest import GraphSpec, Manifest
 from mmrank.errors import MMRankError
+from model_repository.limits import RequestLimits
 
 ENGINES = "tensorrt"
 Shape = tuple[int, ...]
@@ -33,7 +37,7 @@ class EngineConfig:
     fp16: bool = True
     max_batch: int = 64  # the repository's max_batch_size
     opt_batch: int = 8  # capped at max_batch
-    max_candidates: int = 1000
+    max_candidates: int = RequestLimits.max_candidates  # the repository's default request limit
     opt_candidates: int = 100  # capped at max_candidates
     opt_tokens: int = 32
     workspace_gib: float = 4.0
@@ -66,6 +70,33 @@ def profile_shapes(
             tuple(d if isinstance(d, int) else ranges[d][i] for d in t.shape) for i in range(3)
         )
     return shapes
+
+
+def engine_config(engines: Path) -> EngineConfig:
+    """The EngineConfig the engines in `engines` were built with, from their engines.json."""
+    path = Path(engines) / "engines.json"
+    try:
+        return EngineConfig(**json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MMRankError(
+            f"{path}: unreadable engine record ({type(e).__name__}: {e}); build the engines with "
+            "`python -m export.tensorrt`"
+        ) from e
+
+
+def check_engines_hold(engines: Path, max_batch: int, max_candidates: int) -> None:
+    """Raise MMRankError where a repository of `max_batch` rows and `max_candidates` candidates per
+    request admits requests outside the profiles of the engines in `engines`."""
+    built = engine_config(engines)
+    for what, want, have, flag in (
+        ("rows per batch (max_batch_size)", max_batch, built.max_batch, "--max-batch"),
+        ("candidates per user (max_candidates)", max_candidates, built.max_candidates, "--max-candidates"),
+    ):
+        if want > have:
+            raise MMRankError(
+                f"the repository admits {want} {what}, the TensorRT engines in {engines} hold at most "
+                f"{have}: rebuild them with `python -m export.tensorrt {flag} {want}` or lower the limit"
+            )
 
 
 def _tensorrt():

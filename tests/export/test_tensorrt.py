@@ -1,7 +1,12 @@
+import json
+from dataclasses import asdict
+
 import pytest
 
 from export.manifest import Manifest
-from export.tensorrt import EngineConfig, build_engines, profile_shapes
+from export.tensorrt import EngineConfig, build_engines, check_engines_hold, profile_shapes
+from mmrank.errors import MMRankError
+from model_repository.limits import RequestLimits
 
 
 def test_profiles_cover_every_dynamic_axis(small_export):
@@ -36,3 +41,54 @@ def test_engines_build_from_the_export(small_export, tmp_path):
     out = build_engines(small_export.out, tmp_path / "engines", EngineConfig(max_batch=8, max_candidates=64))
     for name in Manifest.read(small_export.out).graphs:
         assert (out / f"{name}.plan").stat().st_size > 0
+
+
+def test_default_profiles_hold_the_default_request_limits():
+    from export.repository import RenderConfig
+
+    rc, cfg = RenderConfig(), EngineConfig()
+    assert cfg.max_candidates == RequestLimits().max_candidates == rc.limits.max_candidates
+    assert cfg.max_batch == rc.max_batch_size
+
+
+def _fake_engines(small_export, folder, cfg: EngineConfig):
+    """Plan files (not real engines: TensorRT is not needed to render) and the engines.json record."""
+    folder.mkdir()
+    for name in Manifest.read(small_export.out).graphs:
+        (folder / f"{name}.plan").write_bytes(b"plan")
+    (folder / "engines.json").write_text(
+        json.dumps({"tensorrt": "test", "config": asdict(cfg), "engines": {}})
+    )
+    return folder
+
+
+def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_export, tmp_path):
+    from export.repository import RenderConfig, render_repository
+
+    engines = _fake_engines(
+        small_export, tmp_path / "engines", EngineConfig(max_batch=16, max_candidates=500)
+    )
+    check_engines_hold(engines, 16, 500)
+    too_many = RenderConfig(backend="tensorrt", engines_dir=engines, max_batch_size=16)
+    with pytest.raises(
+        MMRankError,
+        match=r"admits 2000 candidates per user .max_candidates., the TensorRT engines in .* hold at most 500",
+    ):
+        render_repository(small_export.out, tmp_path / "repo", too_many)
+    too_wide = RenderConfig(backend="tensorrt", engines_dir=engines, limits=RequestLimits(max_candidates=500))
+    with pytest.raises(
+        MMRankError,
+        match=r"admits 64 rows per batch \(max_batch_size\), .* hold at most 16: rebuild them with",
+    ):
+        render_repository(small_export.out, tmp_path / "repo", too_wide)
+    assert not (tmp_path / "repo").exists()
+    (engines / "engines.json").unlink()
+    with pytest.raises(MMRankError, match="engines.json: unreadable engine record"):
+        check_engines_hold(engines, 16, 500)
+    fits = RenderConfig(
+        backend="tensorrt",
+        engines_dir=_fake_engines(small_export, tmp_path / "e2", EngineConfig()),
+        max_batch_size=64,
+    )
+    render_repository(small_export.out, tmp_path / "repo", fits)
+    assert (tmp_path / "repo" / "ranking" / "1" / "model.plan").is_file()
