@@ -537,11 +537,13 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
 
 def cli(args) -> int:
     limits = RequestLimits(args.max_candidates, args.max_history, args.max_request_bytes)
+    encode_limits = EncodeLimits(args.max_encode_items, args.max_text_bytes, args.max_image_bytes)
     rc = RenderConfig(
         backend=args.backend,
         precision=args.precision,
         max_batch_size=args.max_batch_size,
         limits=limits,
+        encode_limits=encode_limits,
         device=args.device,
         buckets=args.buckets,
         cuda_graphs=not args.no_cuda_graphs,

@@ -180,6 +180,11 @@ def _repo(p):
         help="history ids per user in one request (the model reads the most recent L)",
     )
     p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="input bytes of one rank request")
+    p.add_argument("--max-encode-items", type=int, default=256, help="items of one encode_items request")
+    p.add_argument(
+        "--max-text-bytes", type=int, default=64 << 10, help="UTF-8 bytes of one text field to encode"
+    )
+    p.add_argument("--max-image-bytes", type=int, default=8 << 20, help="bytes of one encoded image file")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 

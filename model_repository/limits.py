@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model_repository.errors import RequestError
+from model_repository.errors import MMRankError, RequestError
+
+
+def check_positive(limits, kind: str) -> None:
+    """Every field of the `limits` dataclass >= 1, else MMRankError naming it (set when rendering)."""
+    for name, value in asdict(limits).items():
+        if value < 1:
+            raise MMRankError(f"{kind} limit {name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,7 @@ class RequestLimits:
     max_request_bytes: int = 4 << 20  # every input tensor of one request together (4 MiB)
 
     def __post_init__(self):
-        for name, value in asdict(self).items():
-            if value < 1:
-                raise ValueError(f"request limit {name} must be >= 1, got {value}")
+        check_positive(self, "request")
 
     def check(self, inputs: dict[str, np.ndarray | None]) -> None:
         """Raise RequestError for the first bound `inputs` (name -> array [B, ...]) break."""
@@ -68,9 +73,7 @@ class EncodeLimits:
     max_image_bytes: int = 8 << 20  # one encoded image file
 
     def __post_init__(self):
-        for name, value in asdict(self).items():
-            if value < 1:
-                raise ValueError(f"encode limit {name} must be >= 1, got {value}")
+        check_positive(self, "encode")
 
     def _check(self, name: str, values: np.ndarray, limit: int, what: str) -> None:
         if values.shape[0] > self.max_items:

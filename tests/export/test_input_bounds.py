@@ -88,7 +88,7 @@ def test_encode_limits_refuse_with_the_input_and_the_limit():
     for check, values, message in cases:
         with pytest.raises(RequestError, match=message):
             check(np.array(values, dtype=object))
-    with pytest.raises(ValueError, match="max_text_bytes must be >= 1"):
+    with pytest.raises(MMRankError, match="encode limit max_text_bytes must be >= 1"):
         EncodeLimits(max_text_bytes=0)
 
 

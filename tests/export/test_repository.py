@@ -10,7 +10,7 @@ from export.manifest import Manifest
 from export.repository import RenderConfig, build_configs, check_ensembles, render_repository
 from mmrank.cli import main
 from mmrank.errors import MMRankError
-from model_repository.limits import EncodeLimits
+from model_repository.limits import EncodeLimits, RequestLimits
 
 ALL_MODELS = {
     "rank",
@@ -197,3 +197,16 @@ def test_encode_items_preprocessing_carries_its_request_limits(small_export):
     for name in ("tokenizer", "image_preprocess"):
         rendered = json.loads(configs[name].parameters["limits"].string_value)
         assert rendered == asdict(limits) and EncodeLimits(**rendered) == limits
+
+
+def test_repo_command_defaults_are_the_limits_defaults(tmp_path, capsys):
+    from mmrank.cli import build_parser
+
+    args = build_parser().parse_args(["repo", "--export", "e", "--out", "o"])
+    assert RequestLimits(args.max_candidates, args.max_history, args.max_request_bytes) == RequestLimits()
+    assert EncodeLimits(args.max_encode_items, args.max_text_bytes, args.max_image_bytes) == EncodeLimits()
+    assert (
+        main(["repo", "--export", str(tmp_path), "--out", str(tmp_path / "r"), "--max-text-bytes", "0"]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("encode limit max_text_bytes must be >= 1, got 0") and len(err.splitlines()) == 1

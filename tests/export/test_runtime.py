@@ -66,7 +66,7 @@ def test_limits_refuse_with_the_input_and_the_limit():
     for request, message in cases:
         with pytest.raises(RequestError, match=message):
             limits.check(request)
-    with pytest.raises(ValueError, match="max_candidates must be >= 1"):
+    with pytest.raises(MMRankError, match="request limit max_candidates must be >= 1"):
         RequestLimits(max_candidates=0)
 
 
