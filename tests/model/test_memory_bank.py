@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainer.model.memory_bank import MemoryBank, dedup_join, dedup_join_reference
+from trainer.model.memory_bank import MemoryBank, dedup_join, dedup_join_reference, dedup_mean
 
 
 def _bank() -> MemoryBank:
@@ -163,3 +163,21 @@ def test_staleness_is_cosine_of_the_averaged_write():
     assert staleness.item() == pytest.approx(
         F.cosine_similarity(mean, torch.tensor([1.0, 0.0, 0.0]), dim=0).item()
     )
+
+
+def test_dedup_mean_matches_the_scatter_form_and_averages_gradients():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 9, (40,), generator=gen)
+    vecs = torch.randn(40, 5, generator=gen, requires_grad=True)
+    unique, mean = dedup_mean(ids, vecs)
+    inverse = torch.searchsorted(unique, ids)
+    sums = torch.zeros(unique.numel(), 5).index_add(0, inverse, vecs.detach())
+    counts = torch.bincount(inverse, minlength=unique.numel())
+    assert torch.equal(unique, torch.unique(ids))
+    torch.testing.assert_close(mean.detach(), sums / counts[:, None])
+    mean.sum().backward()
+    torch.testing.assert_close(vecs.grad, (1.0 / counts[inverse].float())[:, None].expand(40, 5))
+    again = dedup_mean(ids, vecs.detach())[1]
+    assert torch.equal(again, mean.detach())  # the same rows summed in the same order
+    empty_ids, empty = dedup_mean(ids[:0], vecs.detach()[:0])
+    assert empty_ids.numel() == 0 and empty.shape == (0, 5)

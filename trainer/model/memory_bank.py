@@ -5,8 +5,11 @@ history sequences read theirs from the bank, so no encoder runs on history items
 was also encoded in this step takes its fresh vector, gradient included ("dedup join").
 
 Decisions:
-- Duplicate ids within one write are averaged: deterministic on every device (index_put_ with repeated
-  indices is not) and it averages out dropout noise between copies of the same item.
+- Duplicate ids within one write are averaged (index_put_ with repeated indices would keep an
+  unspecified copy), and it averages out dropout noise between copies of the same item. The mean sums
+  each id's rows in their order by `torch.segment_reduce`, a loop per output element on CPU and CUDA
+  alike, so it is bitwise reproducible and DDP replicas, which all average the same gathered rows,
+  hold bitwise the same bank. (`index_add` would use atomic adds on CUDA, whose order varies.)
 - Reading an id that was never written returns zeros, as for id 0 (padding); the model fills those
   positions with the tower's encoding (`RankingModel.item_vectors`) in training, evaluation and the
   exported table alike. (A learned default read in training only would score an item differently in
@@ -27,11 +30,12 @@ from trainer.data.schema import PAD_ID
 
 
 def dedup_mean(ids: Tensor, vecs: Tensor) -> tuple[Tensor, Tensor]:
-    """Sorted unique ids [U] and the mean of their vectors [U, d]; differentiable in `vecs`."""
-    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    sums = vecs.new_zeros(unique.shape[0], vecs.shape[-1]).index_add(0, inverse, vecs)
-    counts = torch.bincount(inverse, minlength=unique.shape[0]).to(vecs.dtype)
-    return unique, sums / counts[:, None]
+    """Sorted unique ids [U] and the mean of their vectors [U, d]; differentiable in `vecs` and
+    bitwise reproducible on every device (each id's rows are summed in their order, no atomics)."""
+    unique, counts = torch.unique(ids, sorted=True, return_counts=True)
+    order = torch.argsort(ids, stable=True)
+    # counts come from the same ids, so they sum to the row count: the check would only add a sync.
+    return unique, torch.segment_reduce(vecs[order], "mean", lengths=counts, unsafe=True)
 
 
 def dedup_join(hist_ids: Tensor, bank_vecs: Tensor, fresh_ids: Tensor, fresh_vecs: Tensor) -> Tensor:
