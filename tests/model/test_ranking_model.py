@@ -149,7 +149,7 @@ def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
     _train_step(model, batch)
     model.train()
     stats: dict[str, float] = {}
-    _, fresh_ids, fresh_vecs = model._target_content(batch.item_id, stats)
+    _, fresh_ids, fresh_vecs = model._target_content(batch.item_id[:, None], stats)
     hist_ids = torch.tensor([[0, 4, 2, 6, 2]])  # 2 was encoded this step, 4 and 6 were never written
     (hist,) = model._history_content([("history", hist_ids, hist_ids != 0)], fresh_ids, fresh_vecs, stats)
     params = [p for p in model.tower.parameters() if p.requires_grad]
@@ -179,6 +179,62 @@ def test_a_training_step_encodes_each_item_once(monkeypatch):
     ids = torch.cat(encoded)
     assert ids.numel() == ids.unique().numel()
     assert set(ids.tolist()) == targets | short | long  # the bank was empty: every item once
+
+
+MF = {**ID_ONLY, "ranker.mixer": "dot", "ranker.item_id_dropout": 0.0}
+
+
+def test_bpr_negatives_are_scored_in_the_same_pass_without_becoming_known():
+    """A review saw positives [1, 2, 3] with negatives [17, 14, 4] leave item_known = [1, 2, 3, 4, 14, 17]
+    and train_steps = 2 after one step (the negatives ran a second training forward)."""
+    model = _model(MF)
+    batch = _batch(b=3)
+    negatives = torch.tensor([11, 2, 4])  # 11 and 4 never trained on; 2 a positive of another row
+    model.train()
+    out = model(batch, negatives)
+    assert model.ranker.item_known.nonzero().flatten().tolist() == [1, 2, 3]
+    assert int(model.train_steps) == 1
+    user = model.ranker.user_emb.weight[batch.user_id]
+    rows = model.ranker.item_emb.weight
+    torch.testing.assert_close(out.logits, (user * rows[batch.item_id]).sum(-1))
+    # Cold negatives read the shared new-item row (zeros at the start), a known one its own row.
+    torch.testing.assert_close(out.negative_logits, (user * rows[torch.tensor([0, 2, 0])]).sum(-1))
+    with pytest.raises(MMRankError, match="negatives has shape"):
+        model(batch, negatives[:2])
+    with pytest.raises(MMRankError, match="negatives has ids"):
+        model(batch, torch.tensor([1, 2, NUM_ITEMS + 1]))
+
+
+def test_bpr_negatives_take_no_id_dropout():
+    model = _model({**MF, "ranker.item_id_dropout": 0.9})
+    batch = _batch()
+    model.ranker.mark_known(torch.arange(1, NUM_ITEMS + 1))
+    negatives = torch.tensor([5, 6, 8, 10, 11, 12])
+    model.train()
+    torch.manual_seed(0)
+    out = model(batch, negatives)
+    user = model.ranker.user_emb.weight[batch.user_id]
+    torch.testing.assert_close(out.negative_logits, (user * model.ranker.item_emb.weight[negatives]).sum(-1))
+    assert not torch.allclose(out.logits, (user * model.ranker.item_emb.weight[batch.item_id]).sum(-1))
+
+
+def test_bpr_negatives_share_the_step_bank_write_and_tower_gradient():
+    model = _model(LEMUR)
+    batch = _batch()
+    negatives = torch.tensor([4, 5, 6, 1, 8, 11])
+    model.train()
+    out = model(batch, negatives)
+    assert int(model.train_steps) == 1 and out.negative_logits.shape == (6,)
+    assert model.ranker.item_known.nonzero().flatten().tolist() == sorted(set(batch.item_id.tolist()))
+    written = torch.cat([batch.item_id, negatives])
+    assert model.bank.written_step[written].eq(0).all()
+    assert model.bank.written_step.eq(0).sum() == written.unique().numel()
+    assert out.stats["bank/target_coverage"] == 0.0 and set(out.losses) == {"sqdc"}
+    params = [p for p in model.tower.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.negative_logits.sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    model(batch, negatives)
+    assert int(model.train_steps) == 2 and model.bank.written_step[written].eq(1).all()
 
 
 def test_id_only_model_has_no_content_tower():
@@ -344,7 +400,7 @@ def test_trainable_encoder_p_q_sampling(trainable_model):
     model.train()
     stats: dict[str, float] = {}
     ids = torch.arange(1, NUM_ITEMS + 1)
-    c, fresh_ids, fresh_vecs = model._target_content(ids, stats)
+    (c,), fresh_ids, fresh_vecs = model._target_content(ids[:, None], stats)
     assert stats["bank/grad_share"] <= stats["bank/encoded_share"]
     unwritten = set(range(1, NUM_ITEMS + 1)) - set(batch.item_id.tolist())
     assert unwritten <= set(fresh_ids.tolist())  # never-written items are always encoded

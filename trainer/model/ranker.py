@@ -14,8 +14,11 @@ evaluation and the exported item table alike (the table's row for id 0, where se
 ids, is that row too). Untrained rows would otherwise be their N(0, 1) initialisation: noise exactly
 where content should speak. `item_id_dropout` sends a share of training targets' ID lookups to row 0
 as well (their categoricals stay), so the row is trained on what an uninformative ID means and the
-ranker learns to lean on content then. A checkpoint written before the buffer existed loads with every
-item known (the old behaviour).
+ranker learns to lean on content then. Candidates a training pass scores that are not its targets
+(BPR's sampled negatives, `targets` in `forward`) are not marked and take no ID dropout: they read ID
+rows as evaluation does, so an item drawn as a negative (a valid- or test-only item too) keeps the
+new-item row. A checkpoint written before the buffer existed loads with every item known (the old
+behaviour).
 """
 
 from __future__ import annotations
@@ -170,7 +173,10 @@ class Ranker(nn.Module):
     def item_features(self, item_ids: Tensor) -> Tensor:
         """[...] item ids -> [..., item_dim]: item id embedding (the new-item row for items never
         trained on) and item categorical embeddings."""
-        return self._item_token(item_ids, torch.where(self.item_known[item_ids], item_ids, NEW_ITEM))
+        return self._item_token(item_ids, self._id_rows(item_ids))
+
+    def _id_rows(self, item_ids: Tensor) -> Tensor:
+        return torch.where(self.item_known[item_ids], item_ids, NEW_ITEM)
 
     def _item_token(self, item_ids: Tensor, id_rows: Tensor) -> Tensor:
         cats = self.item_cats[item_ids]
@@ -178,13 +184,17 @@ class Ranker(nn.Module):
         embs += [emb(cats[..., i]) for i, emb in enumerate(self.cat_embs)]
         return torch.cat(embs, dim=-1) if embs else cats.new_zeros(*item_ids.shape, 0, dtype=torch.float)
 
-    def forward(self, user: Tensor, cand_ids: Tensor, content: Sequence[Tensor]) -> Tensor:
-        """user [B, user_dim] (from `user_features`), cand_ids [B, N], content [B, N, dim_i] -> [B, N]."""
+    def forward(
+        self, user: Tensor, cand_ids: Tensor, content: Sequence[Tensor], targets: Tensor | None = None
+    ) -> Tensor:
+        """user [B, user_dim] (from `user_features`), cand_ids [B, N], content [B, N, dim_i] -> [B, N].
+
+        targets [B, N] bool (training only; None: every candidate): the candidates that are training
+        targets, marked known and subject to ID dropout; the others read ID rows as in evaluation."""
         tokens = [user[:, None, :].expand(-1, cand_ids.shape[1], -1)]
         if self.item_dim:
             if self.training:  # the exported graph swaps item_features for table rows: eval path only
-                self.mark_known(cand_ids)
-                tokens.append(self._item_token(cand_ids, self._id_dropout(cand_ids)))
+                tokens.append(self._item_token(cand_ids, self._training_id_rows(cand_ids, targets)))
             else:
                 tokens.append(self.item_features(cand_ids))
         tokens += list(content)
@@ -192,6 +202,13 @@ class Ranker(nn.Module):
             return (tokens[0] * tokens[1]).sum(-1)
         x = self.mixer(tokens) if self.mixer is not None else torch.cat(tokens, dim=-1)
         return self.head(x).squeeze(-1)
+
+    def _training_id_rows(self, cand_ids: Tensor, targets: Tensor | None) -> Tensor:
+        if targets is None:
+            self.mark_known(cand_ids)
+            return self._id_dropout(cand_ids)
+        self.mark_known(cand_ids[targets])
+        return torch.where(targets, self._id_dropout(cand_ids), self._id_rows(cand_ids))
 
     def _id_dropout(self, item_ids: Tensor) -> Tensor:
         """ID rows of training targets: their own, or the new-item row for a share `id_dropout`."""

@@ -10,6 +10,12 @@ Where content vectors come from (SPEC §2.2, LEMUR §1.6):
   q <= p (`content.sample_q`, of all items) back-propagates; the rest read the bank. Items the bank has
   never seen are encoded anyway (a bank default would make a poor target), with gradient only if drawn
   into q. Every freshly encoded vector is written to the bank (all-gathered under DDP).
+- BPR's sampled negatives (`forward(batch, negatives)`) are scored in the same pass as the targets, as
+  a second candidate sharing the user and history: one forward and one backward through DDP, the step
+  counted once. Their content comes the targets' way (p/q sampling, and fresh vectors written to the
+  bank with this step's stamp: LEMUR writes every vector the step encoded, and a history read of the
+  item then gets its latest encoding), but they are not training targets to the ranker: not marked
+  known, no ID dropout (`Ranker.forward`).
 - Histories in training: with a bank, bank reads (no encoder on history items, except ids never
   written, which the tower encodes without gradient: the value eval and the exported table give them)
   with the dedup join putting this step's fresh vectors, gradient included, in place; without a bank, the tower encodes every distinct history item (EM3, and the "re-encode every
@@ -63,6 +69,7 @@ class ModelOutput:
     logits: Tensor  # [B]
     losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary terms: "cic", "sqdc"
     stats: dict[str, float] = field(default_factory=dict)  # bank staleness / coverage, sampling shares
+    negative_logits: Tensor | None = None  # [B], when forward was given sampled negatives
 
 
 def uses_content(cfg: ModelConfig) -> bool:
@@ -153,10 +160,13 @@ class RankingModel(nn.Module):
         hist_mask: Tensor | None = None,
         long_c: Tensor | None = None,
         long_mask: Tensor | None = None,
+        *,
+        targets: Tensor | None = None,
     ) -> Tensor:
         """Logits [B, N] for candidates cand_ids [B, N] with content cand_c [B, N, d], sharing the
         history hist_c [B, L, d] / hist_mask [B, L] (and long_c / long_mask when interest.long_len > 0).
-        Content arguments may be None for a model without content features."""
+        Content arguments may be None for a model without content features. `targets`: training
+        only, see `Ranker.forward`."""
         user = self.ranker.user_features(user_id, user_feats)
         content = [cand_c] if self.cfg.ranker.use_content_item else []
         if self.cfg.ranker.use_content_user:
@@ -180,7 +190,7 @@ class RankingModel(nn.Module):
                 content.append(self.decoder(context, seq_c, seq_mask))
             if similarity is not None:
                 content.append(similarity)
-        return self.ranker(user, cand_ids, content)
+        return self.ranker(user, cand_ids, content, targets)
 
     def _interest_and_similarity(
         self, attention: TargetAttention | None, cand_c: Tensor, hist: Tensor, mask: Tensor, topk: int
@@ -212,12 +222,20 @@ class RankingModel(nn.Module):
         return vecs
 
     # ---- training path ------------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> ModelOutput:
-        self._check(batch)
+    def forward(self, batch: Batch, negatives: Tensor | None = None) -> ModelOutput:
+        """Logits of the batch's targets; with negatives [B] (one sampled item per row, BPR) also theirs
+        in `negative_logits`, scored as a second candidate of the same row."""
+        self._check(batch, negatives)
+        cand_ids = batch.item_id[:, None] if negatives is None else torch.stack([batch.item_id, negatives], 1)
+        targets = (
+            None if negatives is None else torch.arange(2, device=cand_ids.device).eq(0).expand_as(cand_ids)
+        )
         stats: dict[str, float] = {}
-        c = fresh_ids = fresh_vecs = hist_c = long_c = None
+        columns, c = [None], None
+        fresh_ids = fresh_vecs = hist_c = long_c = None
         if self.tower is not None:
-            c, fresh_ids, fresh_vecs = self._target_content(batch.item_id, stats)
+            columns, fresh_ids, fresh_vecs = self._target_content(cand_ids, stats)
+            c = torch.stack(columns, 1)
             histories = [("history", batch.hist_ids, batch.hist_mask)]
             if self.cfg.interest.long_len > 0:
                 histories.append(("long_history", batch.long_hist_ids, batch.long_hist_mask))
@@ -229,27 +247,34 @@ class RankingModel(nn.Module):
         logits = self.score(
             batch.user_id,
             batch.user_feats,
-            batch.item_id[:, None],
-            sg(None if c is None else c[:, None]),
+            cand_ids,
+            sg(c),
             sg(hist_c),
             batch.hist_mask,
             sg(long_c),
             batch.long_hist_mask,
-        )[:, 0]
+            targets=targets,
+        )
         if self.training:
             self.train_steps += 1
-        return ModelOutput(logits, self._aux_losses(batch, c, hist_c), stats)
+        negative_logits = None if negatives is None else logits[:, 1]
+        return ModelOutput(logits[:, 0], self._aux_losses(batch, columns[0], hist_c), stats, negative_logits)
 
-    def _target_content(self, ids: Tensor, stats: dict[str, float]) -> tuple[Tensor, Tensor, Tensor]:
-        """Target vectors [B, d] and the (distinct ids, vectors) freshly encoded in this step."""
-        empty = ids[:0]
+    def _target_content(self, ids: Tensor, stats: dict[str, float]) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Vectors [B, d] of each column of the candidates ids [B, N] (column 0: the batch's targets, then
+        sampled negatives) and the (distinct ids, vectors) freshly encoded in this step.
+
+        One gather per column, stacked by the caller: with N = 1 the autograd graph, and so the order in
+        which gradients are summed, is that of a model without negatives."""
+        empty = ids.new_zeros(0)
         if not self.training:
-            return self.item_vectors(ids), empty, ids.new_zeros(0, self.cfg.content.d, dtype=torch.float)
+            vecs = self.item_vectors(ids)
+            return list(vecs.unbind(1)), empty, ids.new_zeros(0, self.cfg.content.d, dtype=torch.float)
         unique, inverse = torch.unique(ids, return_inverse=True)
         if self.bank is None:
             vecs = self.tower(unique)
-            return vecs[inverse], unique, vecs
-        stats["bank/target_coverage"] = self.bank.coverage(ids).item()
+            return [vecs[col] for col in inverse.unbind(1)], unique, vecs
+        stats["bank/target_coverage"] = self.bank.coverage(ids[:, 0]).item()
         if self.tower.trainable_encoder:
             vecs, fresh = self._sampled_encode(unique, stats)
         else:
@@ -257,7 +282,7 @@ class RankingModel(nn.Module):
         staleness = self.bank.all_gather_write(unique[fresh], vecs[fresh], int(self.train_steps))
         if not torch.isnan(staleness):
             stats["bank/staleness"] = staleness.item()
-        return vecs[inverse], unique[fresh], vecs[fresh]
+        return [vecs[col] for col in inverse.unbind(1)], unique[fresh], vecs[fresh]
 
     def _sampled_encode(self, unique: Tensor, stats: dict[str, float]) -> tuple[Tensor, Tensor]:
         """LEMUR p/q sampling over distinct target ids: vectors [U, d] and the freshly encoded mask [U]."""
@@ -322,9 +347,13 @@ class RankingModel(nn.Module):
             )
         return losses
 
-    def _check(self, batch: Batch) -> None:
+    def _check(self, batch: Batch, negatives: Tensor | None = None) -> None:
         """The Batch contract, with errors naming the field (torch's own errors would not)."""
         b = len(batch)
+        if negatives is not None:
+            if tuple(negatives.shape) != (b,):
+                raise MMRankError(f"negatives has shape {tuple(negatives.shape)}, expected ({b},)")
+            _check_range("negatives", negatives, self.schema.num_items)
         for name in ("user_id", "label", "request_id"):
             if tuple(getattr(batch, name).shape) != (b,):
                 raise MMRankError(

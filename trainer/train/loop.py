@@ -16,7 +16,6 @@ Streaming (`train.streaming`) is the other way through the same loop: `trainer.t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -156,11 +155,13 @@ class Trainer:
     def _step(self, batch: Batch) -> tuple[dict[str, float], dict[str, float]]:
         batch = batch.to(self.device)
         autocast = torch.autocast(self.device.type, self.amp) if self.amp is not None else nullcontext()
+        # Negatives are scored in the same forward as the positives: one DDP forward per backward, and
+        # the model treats them as candidates, not as training targets (RankingModel.forward).
+        negatives = None if self.negatives is None else self.negatives.sample(batch.user_id)
         with autocast:
-            out = self.ddp(batch)
-            if self.negatives is not None:
-                negative = dataclasses.replace(batch, item_id=self.negatives.sample(batch.user_id))
-                main = bpr(out.logits.float(), self.ddp(negative).logits.float())
+            out = self.ddp(batch, negatives)
+            if negatives is not None:
+                main = bpr(out.logits.float(), out.negative_logits.float())
             elif self.model_cfg.loss.main == "none":
                 main = out.logits.new_zeros((), dtype=torch.float)
             else:
