@@ -6,7 +6,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainer.model.memory_bank import MemoryBank, dedup_join, dedup_join_reference, dedup_mean
+from trainer.model.memory_bank import (
+    MemoryBank,
+    StalenessProbe,
+    dedup_join,
+    dedup_join_reference,
+    dedup_mean,
+)
 
 
 def _bank() -> MemoryBank:
@@ -26,21 +32,46 @@ def test_write_then_read_returns_vectors_and_zeros_for_never_written_and_padding
     assert bank.present.tolist() == [False, True, True, False, False, False, False]
 
 
-def test_overwrite_reports_staleness_by_hand_and_ignores_new_ids():
+def test_overwrite_replaces_vectors_and_steps():
     bank = _bank()
-    old1, old2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
-    first = bank.write(torch.tensor([1, 2]), torch.stack([old1, old2]), step=1)
-    assert math.isnan(first.item())  # nothing was cached before
-    new1, new2, new4 = (
+    bank.write(torch.tensor([1, 2]), torch.ones(2, 3), step=1)
+    new1, new4 = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([5.0, 5.0, 5.0])
+    bank.write(torch.tensor([1, 4]), torch.stack([new1, new4]), step=2)
+    assert torch.equal(bank.vectors[1], new1) and torch.equal(bank.vectors[4], new4)
+    assert bank.written_step.tolist() == [-1, 2, 1, -1, 2, -1, -1]
+
+
+def test_probe_reports_staleness_by_hand_and_ignores_new_ids():
+    probe = StalenessProbe(num_items=40, d=3)
+    assert probe.stride == 8
+    old8, old16 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    first = probe.update(torch.tensor([8, 16]), torch.stack([old8, old16]))
+    assert math.isnan(first.item())  # no reference yet
+    new8, new16, new32 = (
         torch.tensor([1.0, 1.0, 0.0]),
         torch.tensor([0.0, -1.0, 0.0]),
         torch.tensor([5.0, 5.0, 5.0]),
     )
-    staleness = bank.write(torch.tensor([1, 2, 4]), torch.stack([new1, new2, new4]), step=2)
-    # id 4 was never present: only ids 1 and 2 count. cos(new1, old1) = 1/sqrt(2), cos(new2, old2) = -1.
+    staleness = probe.update(torch.tensor([8, 16, 32]), torch.stack([new8, new16, new32]))
+    # 32 had no reference: only 8 and 16 count. cos(new8, old8) = 1/sqrt(2), cos(new16, old16) = -1.
     assert staleness.item() == pytest.approx((1 / math.sqrt(2) - 1.0) / 2)
-    assert torch.equal(bank.vectors[1], new1) and torch.equal(bank.vectors[4], new4)
-    assert bank.written_step[1].item() == 2 and bank.written_step[4].item() == 2
+    assert torch.equal(probe.vectors[1], new8) and torch.equal(probe.vectors[4], new32)
+    assert probe.update(torch.tensor([32]), new32[None]).item() == pytest.approx(1.0)
+
+
+def test_probe_follows_every_stride_th_id_with_a_bounded_table():
+    probe = StalenessProbe(num_items=1682, d=2)
+    assert probe.stride == 8 and probe.vectors.shape == (1682 // 8 + 1, 2)
+    ids = torch.tensor([0, 3, 8, 1680, 1682])
+    assert probe.probed(ids).tolist() == [False, False, True, True, False]
+    vecs = torch.tensor([[1.0, 0.0]] * 5)
+    assert math.isnan(probe.update(ids, vecs).item())
+    assert probe.present.nonzero().flatten().tolist() == [1, 210]  # ids 8 and 1680
+    turned = torch.tensor([[0.0, 1.0]] * 5)
+    assert probe.update(ids, turned).item() == pytest.approx(0.0)  # only 8 and 1680, both orthogonal
+    big = StalenessProbe(num_items=100_000, d=2)
+    assert big.stride == 25 and big.vectors.shape[0] <= 4096 + 1
+    assert set(MemoryBank(num_items=1682, d=2).state_dict()) == {"vectors", "written_step", "present"}
 
 
 def test_in_batch_duplicates_are_averaged_and_padding_is_never_written():
@@ -137,7 +168,10 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     bank = MemoryBank(num_items=6, d=3)
     ids, vecs = RANK_WRITES[rank]
     bank.all_gather_write(ids, vecs, step=4)
-    torch.save(bank.state_dict(), f"{out_dir}/rank{rank}.pt")
+    probe = StalenessProbe(num_items=48, d=3)
+    probe.all_gather_update(8 * ids, vecs)
+    staleness = probe.all_gather_update(8 * ids, vecs.flip(-1) if rank else vecs)
+    torch.save({**bank.state_dict(), "staleness": staleness}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -153,12 +187,14 @@ def test_all_gather_write_gives_every_rank_the_union(tmp_path):
         torch.testing.assert_close(state["vectors"], expected)
         assert state["present"].tolist() == [False, True, True, False, False, True, False]
         assert state["written_step"][2].item() == 4
+    # Both ranks see the union of both ranks' probe updates, so they report the same staleness.
+    assert states[0]["staleness"].item() == states[1]["staleness"].item() < 1.0
 
 
-def test_staleness_is_cosine_of_the_averaged_write():
-    bank = _bank()
-    bank.write(torch.tensor([1]), torch.tensor([[1.0, 0.0, 0.0]]), step=0)
-    staleness = bank.write(torch.tensor([1, 1]), torch.tensor([[1.0, 2.0, 0.0], [1.0, -2.0, 2.0]]), step=1)
+def test_probe_staleness_is_cosine_of_the_averaged_update():
+    probe = StalenessProbe(num_items=16, d=3)
+    probe.update(torch.tensor([8]), torch.tensor([[1.0, 0.0, 0.0]]))
+    staleness = probe.update(torch.tensor([8, 8]), torch.tensor([[1.0, 2.0, 0.0], [1.0, -2.0, 2.0]]))
     mean = torch.tensor([1.0, 0.0, 1.0])
     assert staleness.item() == pytest.approx(
         F.cosine_similarity(mean, torch.tensor([1.0, 0.0, 0.0]), dim=0).item()

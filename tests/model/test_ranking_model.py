@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -75,7 +73,7 @@ def _batch(seed: int = 0, b: int = 6, long_len: int = 0) -> Batch:
     long_hist, long_mask = _history(gen, b, long_len) if long_len else (None, None)
     return Batch(
         user_id=torch.randint(1, NUM_USERS + 1, (b,), generator=gen),
-        item_id=torch.tensor([1, 2, 3, 2, 7, 9])[:b],
+        item_id=torch.tensor([1, 2, 3, 2, 8, 9])[:b],  # 8: followed by the staleness probe
         label=torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])[:b],
         request_id=torch.tensor([1, 1, 1, 2, 2, 3])[:b],
         user_feats=torch.stack(
@@ -166,19 +164,26 @@ def test_history_reads_the_bank_and_dedup_join_gives_fresh_items_gradient():
 
 
 def test_a_training_step_encodes_each_item_once(monkeypatch):
-    """Targets, short and long history share one step's encodings: no item runs the tower twice."""
+    """Targets, short and long history share one step's encodings: no item runs the tower twice in
+    training mode (the staleness probe re-encodes the fresh target it follows, 8, in eval mode)."""
     model = _model({**LEMUR, "interest.long_len": 8})
     batch = _batch(long_len=8)
     short = set(batch.hist_ids[batch.hist_mask].tolist())
     long = set(batch.long_hist_ids[batch.long_hist_mask].tolist())
     targets = set(batch.item_id.tolist())
     assert (short & long) - targets  # items the bank lacks that both histories hold
-    encoded, encode = [], model.tower._encode
-    monkeypatch.setattr(model.tower, "_encode", lambda ids: (encoded.append(ids.clone()), encode(ids))[1])
+    encoded, encode = {True: [], False: []}, model.tower._encode
+
+    def record(ids):
+        encoded[model.tower.training].append(ids.clone())
+        return encode(ids)
+
+    monkeypatch.setattr(model.tower, "_encode", record)
     _train_step(model, batch)
-    ids = torch.cat(encoded)
+    ids = torch.cat(encoded[True])
     assert ids.numel() == ids.unique().numel()
     assert set(ids.tolist()) == targets | short | long  # the bank was empty: every item once
+    assert torch.cat(encoded[False]).tolist() == [8]
 
 
 MF = {**ID_ONLY, "ranker.mixer": "dot", "ranker.item_id_dropout": 0.0}
@@ -235,6 +240,24 @@ def test_bpr_negatives_share_the_step_bank_write_and_tower_gradient():
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     model(batch, negatives)
     assert int(model.train_steps) == 2 and model.bank.written_step[written].eq(1).all()
+
+
+def test_staleness_measures_weight_changes_not_dropout():
+    """The bank holds training-mode vectors: with dropout on, two writes of the same weights differ,
+    which cos(fresh, cached) used to report as staleness. The probe compares eval-mode encodings."""
+    model = _model({**LEMUR, "content.dropout": 0.1})  # the default fusion dropout
+    batch = _batch()
+    model.train()
+    model(batch)
+    cached = model.bank.vectors[batch.item_id].clone()
+    out = model(batch)
+    noise = torch.nn.functional.cosine_similarity(model.bank.vectors[batch.item_id], cached, dim=-1)
+    assert noise.mean() < 0.99  # what the old measurement reported (0.95) with no weight changed
+    assert out.stats["bank/staleness"] == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        for p in model.tower.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert model(batch).stats["bank/staleness"] < 0.99
 
 
 def test_id_only_model_has_no_content_tower():
@@ -412,7 +435,7 @@ def test_trainable_encoder_p_q_sampling(trainable_model):
         c[cached - 1].sum().backward()
     text = [p for n, p in model.tower.named_parameters() if n.startswith("text.")]
     assert text and all(p.grad is None or p.grad.abs().sum() == 0 for p in text)
-    assert math.isclose(stats["bank/encoded_share"], fresh_ids.numel() / NUM_ITEMS)
+    assert stats["bank/encoded_share"] == pytest.approx(fresh_ids.numel() / NUM_ITEMS)
 
 
 @pytest.mark.parametrize(

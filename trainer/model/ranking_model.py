@@ -25,11 +25,15 @@ Where content vectors come from (SPEC §2.2, LEMUR §1.6):
 
 Bank statistics in `stats` (training only): target coverage is measured before this step's write
 (what the bank already knew), history coverage after it (positions served a real vector rather than
-the default), staleness = mean cos(fresh, cached) over overwritten items.
+the default), staleness = mean cos(vector now, vector at the previous write) over the overwritten items
+the `StalenessProbe` follows, both encoded in eval mode, so it measures how far the encoder moved and
+not dropout noise (two training-mode encodings of unchanged weights are not the same vector).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -279,10 +283,18 @@ class RankingModel(nn.Module):
             vecs, fresh = self._sampled_encode(unique, stats)
         else:
             vecs, fresh = self.tower(unique), torch.ones_like(unique, dtype=torch.bool)
-        staleness = self.bank.all_gather_write(unique[fresh], vecs[fresh], int(self.train_steps))
+        self.bank.all_gather_write(unique[fresh], vecs[fresh], int(self.train_steps))
+        staleness = self.bank.probe.all_gather_update(*self._probe(unique[fresh]))
         if not torch.isnan(staleness):
             stats["bank/staleness"] = staleness.item()
         return [vecs[col] for col in inverse.unbind(1)], unique[fresh], vecs[fresh]
+
+    @torch.no_grad()
+    def _probe(self, fresh_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The fresh ids the staleness probe follows and their eval-mode (dropout-free) vectors."""
+        ids = fresh_ids[self.bank.probe.probed(fresh_ids)]
+        with _eval_mode(self.tower):
+            return ids, self.tower(ids)
 
     def _sampled_encode(self, unique: Tensor, stats: dict[str, float]) -> tuple[Tensor, Tensor]:
         """LEMUR p/q sampling over distinct target ids: vectors [U, d] and the freshly encoded mask [U]."""
@@ -411,6 +423,16 @@ class RankingModel(nn.Module):
             }
             for (part, decay), params in sorted(groups.items())
         ]
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
 
 
 def _detach(x: Tensor | None) -> Tensor | None:
