@@ -5,8 +5,9 @@ share of targets runs the text encoder) and `lemur_no_bank` (the same model, eve
 target item encoded in every step) with `model.interest.long_len = L`, one run each, the same data,
 seed and epochs. Reports training samples/s (the trainer's own measure: optimizer-step time only),
 their ratio, test AUC / GAUC / cold-start AUC, and plots the bank's staleness (mean cosine between a
-fresh vector and the one it replaces) and coverage (share of history positions served a written vector)
-over training steps.
+probed item's eval-mode vector when the bank rewrites it and its eval-mode vector at the previous write:
+encoder drift without dropout noise, trainer/model/memory_bank.py StalenessProbe) and coverage (share of
+history positions served a written vector) over training steps.
 
     python benchmarks/training_throughput.py --data DIR --out benchmarks/results [--lengths 50,200]
 
@@ -76,7 +77,11 @@ def plot(curves: dict[int, dict], path: Path) -> None:
             if by_name[name]:
                 s, v = zip(*by_name[name], strict=True)
                 right.plot(s, v, style, label=f"{name.split('/')[1]}, L={length}")
-    left.set(title="staleness: cos(fresh, cached) at write", xlabel="training step", ylabel="mean cosine")
+    left.set(
+        title="staleness: cos(now, at previous write), eval mode",
+        xlabel="training step",
+        ylabel="mean cosine",
+    )
     right.set(
         title="coverage: history positions with a written vector", xlabel="training step", ylabel="share"
     )
