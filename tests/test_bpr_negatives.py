@@ -1,21 +1,18 @@
 """BPR's sampled negatives in the training loop: scored in the positives' forward, they are candidates
 and not training targets (never marked known, one step counted), in one process and under DDP."""
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_replicas import train_replicas
 
 from trainer.config import resolve
 from trainer.data.mmrec import MMRecConfig, build_mmrec
 from trainer.data.schema import load_dataset
 from trainer.train import Dist, Trainer, open_run_dir
 
-WORLD = 2
 QUIET = {"train.log_every": 10_000, "train.lora_epochs": 0}
 # em3's content tower with the memory bank (and so the staleness probe), trained with BPR.
 CONTENT_BPR = {
@@ -86,38 +83,9 @@ def test_a_bpr_step_marks_only_its_positives_known_and_counts_one_step(toy, tmp_
         assert model.bank.written_step[[*positives, cold[0], other, cold[1]]].eq(0).all()
 
 
-def _worker(rank: int, port: int, data: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    sets = {**CONTENT_BPR, "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 16}
-    cfg = resolve("em3", sets=sets)
-    dist = Dist.init()
-    try:
-        run = Path(out) / "run"
-        open_run_dir(run, cfg, False, dist)
-        trainer = Trainer(cfg, load_dataset(data), run, dist, False, False)
-        trainer.run()
-        torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_bpr_keeps_replicas_identical_and_negatives_unknown(toy, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(toy), str(tmp_path)), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    sets = {**CONTENT_BPR, "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 16}
+    states = train_replicas(toy, tmp_path, "em3", sets)
     for name, value in states[0].items():
         torch.testing.assert_close(value, states[1][name], rtol=0, atol=0, msg=name)
     known = states[0]["ranker.item_known"].nonzero().flatten().tolist()

@@ -3,21 +3,14 @@ bank), rows are sharded, and `torchrun ... mmrank train` runs and resumes."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_replicas import WORLD, free_port, train_replicas
 from trainer_data import synth_with_features
 
-from trainer.config import resolve
-from trainer.data.schema import load_dataset
-from trainer.train import Dist, Trainer, open_run_dir
-
-WORLD = 2
 SETS = {
     "model.interest.memory_bank": True,
     "train.epochs": 1,
@@ -33,37 +26,8 @@ def data(tmp_path_factory, pytestconfig):
     return synth_with_features(tmp_path_factory, pytestconfig.cache)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, data: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    cfg = resolve("em3", sets=SETS)
-    dist = Dist.init()
-    try:
-        run = Path(out) / "run"
-        open_run_dir(run, cfg, False, dist)
-        trainer = Trainer(cfg, load_dataset(data), run, dist, False, False)
-        trainer.run()
-        torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.close()
-
-
 def test_replicas_stay_identical(data, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(data), str(tmp_path)), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    states = train_replicas(data, tmp_path, "em3", SETS)
     assert "bank.vectors" in states[0] and bool(states[0]["bank.present"].any())
     for name, value in states[0].items():
         torch.testing.assert_close(value, states[1][name], rtol=0, atol=0, msg=name)
@@ -84,7 +48,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
         "--rdzv_backend",
         "c10d",
         "--rdzv_endpoint",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         "-m",
         "mmrank.cli",
         *args,
