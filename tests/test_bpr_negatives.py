@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from ddp_replicas import train_replicas
+from trainer_data import mmrec_toy
 
 from trainer.config import resolve
-from trainer.data.mmrec import MMRecConfig, build_mmrec
 from trainer.data.schema import load_dataset
 from trainer.train import Dist, Trainer, open_run_dir
 
@@ -27,20 +27,13 @@ CONTENT_BPR = {
 def toy(tmp_path_factory) -> Path:
     """MMRec-format data whose valid and test positives are items 50-59, never a train positive."""
     rng = np.random.default_rng(0)
-    src = tmp_path_factory.mktemp("bpr_src")
     rows = []
     for u in range(20):
         train = rng.choice(50, 8, replace=False)
         held = rng.choice(np.arange(50, 60), 4, replace=False)
         rows += [(u, int(i), k, 0) for k, i in enumerate(train)]
         rows += [(u, int(i), 8 + k, 1 + k // 2) for k, i in enumerate(held)]
-    with open(src / "toy.inter", "w") as f:
-        f.write("userID\titemID\ttimestamp\tx_label\n")
-        f.writelines(f"{u}\t{i}\t{t}\t{x}\n" for u, i, t, x in rows)
-    np.save(src / "text_feat.npy", rng.normal(size=(60, 8)).astype(np.float32))
-    out = tmp_path_factory.mktemp("bpr") / "ds"
-    build_mmrec(src, out, MMRecConfig(name="toy", neg_ratio=1))
-    return out
+    return mmrec_toy(tmp_path_factory, rows, rng, neg_ratio=1)
 
 
 class FixedNegatives:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from trainer_data import synth_with_features
+from trainer_data import mmrec_toy, synth_with_features
 
 from mmrank.cli import main
 from mmrank.errors import MMRankError
@@ -390,22 +390,13 @@ def test_worker_processes_build_the_same_batches(data, tmp_path):
 @pytest.fixture(scope="module")
 def mmrec(tmp_path_factory):
     """A small MMRec-format dataset (implicit feedback, top-K protocol) with only a text feature."""
-    from trainer.data.mmrec import MMRecConfig, build_mmrec
-
     rng = np.random.default_rng(0)
-    src = tmp_path_factory.mktemp("mmrec_src")
     rows = [
         (u, int(i), k, 0 if k < 8 else 1 + (k - 8) // 2)
         for u in range(30)
         for k, i in enumerate(rng.choice(60, 12, replace=False))
     ]
-    with open(src / "toy.inter", "w") as f:
-        f.write("userID\titemID\ttimestamp\tx_label\n")
-        f.writelines(f"{u}\t{i}\t{t}\t{x}\n" for u, i, t, x in rows)
-    np.save(src / "text_feat.npy", rng.normal(size=(60, 8)).astype(np.float32))
-    out = tmp_path_factory.mktemp("mmrec") / "ds"
-    build_mmrec(src, out, MMRecConfig(name="toy", neg_ratio=2))
-    return out
+    return mmrec_toy(tmp_path_factory, rows, rng, neg_ratio=2)
 
 
 def test_topk_data_stops_on_recall_and_a_null_metric_fails_loudly(mmrec, tmp_path):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from trainer.data.mmrec import MMRecConfig, build_mmrec
 from trainer.data.synth import SynthConfig, generate
 from trainer.features.cache import FeatureConfig, build_features
 from trainer.features.store import FEATURES
@@ -32,3 +34,18 @@ def synth_with_features(tmp_path_factory: pytest.TempPathFactory, cache: pytest.
     shutil.rmtree(kept, ignore_errors=True)
     shutil.copytree(root / FEATURES, kept)
     return root
+
+
+def mmrec_toy(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple], rng: np.random.Generator, neg_ratio: int
+) -> Path:
+    """`build_mmrec` over a toy.inter of (user, item, timestamp, x_label) rows with one random 8-d text
+    feature per item (60 items), drawn from `rng`."""
+    src = tmp_path_factory.mktemp("mmrec_src")
+    with open(src / "toy.inter", "w") as f:
+        f.write("userID\titemID\ttimestamp\tx_label\n")
+        f.writelines(f"{u}\t{i}\t{t}\t{x}\n" for u, i, t, x in rows)
+    np.save(src / "text_feat.npy", rng.normal(size=(60, 8)).astype(np.float32))
+    out = tmp_path_factory.mktemp("mmrec") / "ds"
+    build_mmrec(src, out, MMRecConfig(name="toy", neg_ratio=neg_ratio))
+    return out
