@@ -202,6 +202,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_sha256(path: str | Path, expected: str) -> Path:
+    """`path`, after checking it is the file the manifest recorded (a truncated or swapped graph would
+    otherwise render fine and fail only when the server loads it)."""
+    if sha256_file(path) != expected:
+        raise MMRankError(
+            f"{path}: its sha256 differs from the one manifest.json records (changed or truncated since "
+            "`mmrank export`); export again"
+        )
+    return Path(path)
+
+
 def onnx_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The graph inputs and outputs of an ONNX file, as written (initializers excluded)."""
     import onnx

@@ -42,7 +42,7 @@ from export.torch_program import write_ranking_programs
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
-from trainer.data.schema import atomic_dir
+from trainer.data.schema import atomic_dir, check_not_above
 from trainer.model.attention import standard_attention, use_standard_attention
 
 OPSET = 17
@@ -465,11 +465,15 @@ def export_model(
 
 # ---- from a run folder -----------------------------------------------------------------------------
 def find_dataset(run_dir: Path, data: str | None) -> Path:
-    """--data, else the dataset the run was last evaluated on (RUN/evaluation.json) or trained on
-    (RUN/metrics.json's train block)."""
+    """--data, else the dataset the run was trained on (RUN/metrics.json's train block) or, for a run
+    without one, last evaluated on (RUN/evaluation.json). Training's comes first: the frozen feature
+    buffers and user table are filled from the dataset, and an evaluation on other data of the same
+    sizes would otherwise export silently wrong content."""
+    if not run_dir.is_dir():
+        raise MMRankError(f"{run_dir}: run folder not found (write one with `mmrank train`)")
     if data:
         return Path(data)
-    for name, block in (("evaluation.json", None), ("metrics.json", "train")):
+    for name, block in (("metrics.json", "train"), ("evaluation.json", None)):
         try:
             recorded = json.loads((run_dir / name).read_text())
             recorded = (recorded.get(block) if block else recorded).get("data")
@@ -517,10 +521,12 @@ def export_run(
     ckpt = run_dir / checkpoint.BEST
     if not ckpt.is_file():
         raise MMRankError(f"{ckpt}: no best checkpoint (is {run_dir} a finished `mmrank train` run?)")
-    out = Path(out)
+    out, data_dir = Path(out), find_dataset(run_dir, data)
+    # Checked before the model loads; export_model's atomic_dir checks again before it writes.
+    check_not_above(out, [run_dir, data_dir])
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise MMRankError(f"{out}: output exists and is not empty (pass --force to replace it)")
-    ds = load_dataset(find_dataset(run_dir, data), validate=False)
+    ds = load_dataset(data_dir, validate=False)
     _, model = load_run(run_dir, ds)  # a corrupt checkpoint is a MMRankError naming the file
     info = {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
     users = user_feature_table(ds) if ds.manifest.user_features else None
@@ -528,13 +534,15 @@ def export_run(
 
 
 def cli(args) -> int:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     manifest = export_run(
         args.run,
         args.out,
         args.data,
         args.force,
         ExportConfig(fp16=not args.no_fp16, torch_program=not args.no_torch_program),
+    )
+    print(
+        f"export: content features and user table from the dataset {find_dataset(Path(args.run), args.data)}"
     )
     for name, g in manifest.graphs.items():
         size = (Path(args.out) / g.file).stat().st_size / 2**20

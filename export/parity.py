@@ -246,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", required=True)
     p.add_argument("--data", default=None)
     args = p.parse_args(argv)
-    ds = load_dataset(find_dataset(Path(args.run), args.data), validate=False)
-    _, model = load_run(args.run, ds)
-    results = check_export(model, args.export, text_setup(ds, model))
-    served, trained = dataset_scores(model, args.export, ds)
+    try:
+        ds = load_dataset(find_dataset(Path(args.run), args.data), validate=False)
+        _, model = load_run(args.run, ds)
+        results = check_export(model, args.export, text_setup(ds, model))
+        served, trained = dataset_scores(model, args.export, ds)
+    except (MMRankError, OSError) as e:
+        print(f"export.parity: error: {e}", file=sys.stderr)
+        return 1
     composed = ParityResult(
         "lookup+ranking", "fp32", float(np.max(np.abs(served - trained))), TOLERANCES["fp32"]
     )

@@ -37,13 +37,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import GraphSpec, Manifest, TensorSpec
+from export.manifest import GraphSpec, Manifest, TensorSpec, check_sha256
 from export.tensorrt import check_engines_hold
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
@@ -85,6 +86,14 @@ class RenderConfig:
     device: str = "auto"
     buckets: str = "1x128,1x512,1x2048,4x512,8x512"
     cuda_graphs: bool = True
+
+    def __post_init__(self):
+        # Triton would take a max_batch_size of 0 as "no batching" and refuse the batched tensors at load.
+        for name in ("max_batch_size", "graph_instances", "lookup_instances", "rank_graph_threads"):
+            if getattr(self, name) < 1:
+                raise MMRankError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.queue_delay_us < 0:
+            raise MMRankError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -410,10 +419,10 @@ def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfi
             )
         return plan, "model.plan"
     spec = manifest.graph(name)
-    file = spec.fp16_file if rc.precision == "fp16" else spec.file
+    file, sha = (spec.fp16_file, spec.fp16_sha256) if rc.precision == "fp16" else (spec.file, spec.sha256)
     if file is None:
         raise MMRankError(f"the export has no {rc.precision} variant of the {name} graph")
-    return export_dir / file, "model.onnx"
+    return check_sha256(export_dir / file, sha), "model.onnx"
 
 
 def render_repository(
@@ -430,8 +439,8 @@ def render_repository(
     sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_MODELS}
     if rc.backend == "tensorrt":
         engines = rc.engines_dir or export_dir / ENGINES_DIR
-        check_engines_hold(engines, rc.max_batch_size, rc.limits.max_candidates)
-    with atomic_dir(out, force=force) as tmp:
+        check_engines_hold(engines, manifest, rc.max_batch_size, rc.limits.max_candidates)
+    with atomic_dir(out, force=force, inputs=[export_dir, rc.engines_dir or export_dir]) as tmp:
         for name, config in models.items():
             write_config(tmp / name, config)
             version = tmp / name / "1"
@@ -450,8 +459,12 @@ def render_repository(
             shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
         if "program" in models["item_lookup"].parameters:
             program = manifest.programs["ranking"]
-            file = program.fp16_file if rc.precision == "fp16" else program.file
-            shutil.copy2(export_dir / file, tmp / "item_lookup" / "1" / RANKING_PROGRAM)
+            file, sha = (
+                (program.fp16_file, program.fp16_sha256)
+                if rc.precision == "fp16"
+                else (program.file, program.sha256)
+            )
+            shutil.copy2(check_sha256(export_dir / file, sha), tmp / "item_lookup" / "1" / RANKING_PROGRAM)
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
@@ -521,16 +534,19 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     table.check_finite()  # the arrays may have changed since the table was built
     served, served_version, _ = it.newest_valid_table(model, versions[-1], *_config_widths(model))
     check_table_fits(table, served)
-    tmp = model / f".{versions[-1] + 1}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    number = versions[-1] + 1
+    # A name of its own: a second publisher must not write into (or delete) this one's folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{number}.tmp-", dir=model))
+    tmp.chmod(0o755)
+    final = model / str(number)
     try:
-        _write_version(tmp, model / str(served_version), table)
-    except BaseException:
+        _write_version(tmp, model / str(served_version), replace(table, version=number))
+        tmp.rename(final)  # the server sees the version folder only once it is complete
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and final.exists():
+            raise MMRankError(f"{final}: another writer published version {number} first; try again") from e
         raise
-    final = model / str(versions[-1] + 1)
-    tmp.rename(final)  # the server sees the version folder only once it is complete
     _fsync(model)  # the rename itself
     return final
 

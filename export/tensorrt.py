@@ -27,8 +27,10 @@ from pathlib import Path
 from export.manifest import GraphSpec, Manifest
 from mmrank.errors import MMRankError
 from model_repository.limits import RequestLimits
+from trainer.data.schema import write_json_atomic
 
 ENGINES = "tensorrt"
+ENGINE_RECORD = "engines.json"
 Shape = tuple[int, ...]
 
 
@@ -72,22 +74,31 @@ def profile_shapes(
     return shapes
 
 
-def engine_config(engines: Path) -> EngineConfig:
-    """The EngineConfig the engines in `engines` were built with, from their engines.json."""
-    path = Path(engines) / "engines.json"
+def engine_record(engines: Path) -> tuple[EngineConfig, dict[str, str]]:
+    """The EngineConfig the engines in `engines` were built with and the sha256 of the ONNX graph each
+    was built from, from their engines.json."""
+    path = Path(engines) / ENGINE_RECORD
     try:
-        return EngineConfig(**json.loads(path.read_text())["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        raw = json.loads(path.read_text())
+        return EngineConfig(**raw["config"]), {n: e["onnx_sha256"] for n, e in raw["engines"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise MMRankError(
             f"{path}: unreadable engine record ({type(e).__name__}: {e}); build the engines with "
             "`python -m export.tensorrt`"
         ) from e
 
 
-def check_engines_hold(engines: Path, max_batch: int, max_candidates: int) -> None:
-    """Raise MMRankError where a repository of `max_batch` rows and `max_candidates` candidates per
-    request admits requests outside the profiles of the engines in `engines`."""
-    built = engine_config(engines)
+def check_engines_hold(engines: Path, manifest: Manifest, max_batch: int, max_candidates: int) -> None:
+    """Raise MMRankError where the engines in `engines` were not built from the graphs of `manifest`'s
+    export, or where a repository of `max_batch` rows and `max_candidates` candidates per request admits
+    requests outside their profiles."""
+    built, sources = engine_record(engines)
+    for name, spec in manifest.graphs.items():
+        if sources.get(name) != spec.sha256:
+            raise MMRankError(
+                f"{Path(engines) / ENGINE_RECORD}: no engine built from this export's {name} graph "
+                f"(rebuild them with `python -m export.tensorrt --export EXPORT`)"
+            )
     for what, want, have, flag in (
         ("rows per batch (max_batch_size)", max_batch, built.max_batch, "--max-batch"),
         ("candidates per user (max_candidates)", max_candidates, built.max_candidates, "--max-candidates"),
@@ -142,6 +153,8 @@ def build_engines(
     manifest = Manifest.read(export_dir)
     out = Path(out) if out else export_dir / ENGINES
     out.mkdir(parents=True, exist_ok=True)
+    # A build that fails part way must not leave new plans beside the old record, which vouches for them.
+    (out / ENGINE_RECORD).unlink(missing_ok=True)
     record = {"tensorrt": trt.__version__, "config": asdict(cfg), "engines": {}}
     for name, spec in manifest.graphs.items():
         shapes = profile_shapes(spec, manifest, cfg)
@@ -155,7 +168,7 @@ def build_engines(
         record["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         record["gpu"] = None
-    (out / "engines.json").write_text(json.dumps(record, indent=2))
+    write_json_atomic(out / ENGINE_RECORD, record)
     return out
 
 

@@ -324,6 +324,13 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+def _open_log(path: Path):
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise MMRankError(f"{path}: cannot write the server log ({e.strerror})") from e
+
+
 class TritonServer:
     """A running tritonserver process; use as a context manager or call start() / stop()."""
 
@@ -383,7 +390,7 @@ class TritonServer:
                 self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
                 backends = assemble_backends(dist, self._workdir / "backends", python.version)
                 self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
-                with open(self.log_path, "wb") as log:
+                with _open_log(self.log_path) as log:
                     # A session of its own, so a stop can end the server's backend stubs with it.
                     self.process = subprocess.Popen(
                         [str(dist.binary), *self.command(backends)],

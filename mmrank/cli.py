@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(x for x in (args.command, getattr(args, "source", None)) if x)
     try:
         return int(_resolve(args._handler)(args) or 0)
-    except MMRankError as e:
+    except (MMRankError, OSError) as e:  # OSError: a path the command could not read or write
         print(f"mmrank {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from export.manifest import MANIFEST, Manifest
-from export.onnx_graphs import OPSET, export_run, table_ranker
+from export.onnx_graphs import OPSET, export_run, find_dataset, table_ranker
 from mmrank.cli import main
 from mmrank.errors import MMRankError
 from model_repository.item_table import ItemTable
@@ -102,6 +103,26 @@ def test_existing_output_is_kept_without_force(tmp_path, small_export):
     with pytest.raises(MMRankError, match="pass --force"):
         export_run(run, out, data=str(data))
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_never_replaces_the_run_or_its_data(tmp_path):
+    run, data = _run_folder(tmp_path, b"x")
+    for out in (run, data, tmp_path):
+        with pytest.raises(MMRankError, match="would replace the input"):
+            export_run(run, out, data=str(data), force=True)
+    assert (run / "best.pt").read_bytes() == b"x" and (data / "manifest.json").is_file()
+
+
+def test_export_takes_the_training_dataset_before_an_evaluated_one(tmp_path):
+    # The frozen feature buffers are filled from the dataset: the training one is the model's.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"train": {"data": "trained"}}))
+    (run / "evaluation.json").write_text(json.dumps({"data": "evaluated"}))
+    assert find_dataset(run, None) == Path("trained")
+    (run / "metrics.json").unlink()
+    assert find_dataset(run, None) == Path("evaluated")
+    assert find_dataset(run, "given") == Path("given")
 
 
 def test_run_without_recorded_dataset_asks_for_data(tmp_path):

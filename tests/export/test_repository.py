@@ -210,3 +210,46 @@ def test_repo_command_defaults_are_the_limits_defaults(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert err.endswith("encode limit max_text_bytes must be >= 1, got 0") and len(err.splitlines()) == 1
+
+
+def test_force_never_replaces_its_own_input(small_export, tmp_path):
+    export = tmp_path / "runs" / "export"
+    shutil.copytree(small_export.out, export)
+    for out in (export, export.parent):
+        with pytest.raises(MMRankError, match="would replace the input"):
+            render_repository(export, out, force=True)
+    assert Manifest.read(export).graphs  # the export is whole
+    assert main(["repo", "--export", str(export), "--out", str(export), "--force"]) == 1
+
+
+def test_rendered_repository_is_readable_by_other_users(python_repo):
+    # mkdtemp's 0700 must not survive into the repository a server running as another uid reads.
+    assert python_repo.stat().st_mode & 0o055 == 0o055
+
+
+def test_a_graph_changed_since_export_is_refused(small_export, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(small_export.out, export)
+    ranking = export / Manifest.read(export).graph("ranking").file
+    ranking.write_bytes(ranking.read_bytes()[:1000])
+    with pytest.raises(
+        MMRankError, match=r"ranking\.onnx: its sha256 differs from the one manifest.json records"
+    ):
+        render_repository(export, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize(
+    "field", ["max_batch_size", "graph_instances", "lookup_instances", "rank_graph_threads"]
+)
+def test_render_config_refuses_counts_below_one(field):
+    with pytest.raises(MMRankError, match=f"{field} must be >= 1, got 0"):
+        RenderConfig(**{field: 0})
+
+
+def test_an_unwritable_output_is_a_one_line_error(small_export, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["repo", "--export", str(small_export.out), "--out", str(tmp_path / "afile" / "repo")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmrank repo: error:") and "cannot create the output's folder" in err
+    assert len(err.splitlines()) == 1 and (tmp_path / "afile").read_text() == "x"

@@ -99,6 +99,9 @@ def test_add_table_version_checks_widths_and_publishes_whole_versions(tmp_path):
     assert final == model / "2" and (final / "model.py").is_file()
     assert (final / "model_repository" / "item_table.py").is_file()  # the runtime travels with it
     assert it.ItemTable.read(final / "item_table").version == 2
+    # table.json says the folder's number whatever the caller's table said
+    third = add_table_version(tmp_path / "repo", _table(version=7))
+    assert third == model / "3" and it.ItemTable.read(third / "item_table").version == 3
 
 
 class FakePbUtils:

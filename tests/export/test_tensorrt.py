@@ -54,10 +54,12 @@ def test_default_profiles_hold_the_default_request_limits():
 def _fake_engines(small_export, folder, cfg: EngineConfig):
     """Plan files (not real engines: TensorRT is not needed to render) and the engines.json record."""
     folder.mkdir()
-    for name in Manifest.read(small_export.out).graphs:
+    graphs = Manifest.read(small_export.out).graphs
+    for name in graphs:
         (folder / f"{name}.plan").write_bytes(b"plan")
+    sources = {name: {"onnx_sha256": g.sha256} for name, g in graphs.items()}
     (folder / "engines.json").write_text(
-        json.dumps({"tensorrt": "test", "config": asdict(cfg), "engines": {}})
+        json.dumps({"tensorrt": "test", "config": asdict(cfg), "engines": sources})
     )
     return folder
 
@@ -68,7 +70,8 @@ def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_exp
     engines = _fake_engines(
         small_export, tmp_path / "engines", EngineConfig(max_batch=16, max_candidates=500)
     )
-    check_engines_hold(engines, 16, 500)
+    manifest = Manifest.read(small_export.out)
+    check_engines_hold(engines, manifest, 16, 500)
     too_many = RenderConfig(backend="tensorrt", engines_dir=engines, max_batch_size=16)
     with pytest.raises(
         MMRankError,
@@ -82,9 +85,14 @@ def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_exp
     ):
         render_repository(small_export.out, tmp_path / "repo", too_wide)
     assert not (tmp_path / "repo").exists()
+    record = json.loads((engines / "engines.json").read_text())
+    record["engines"]["ranking"]["onnx_sha256"] = "0" * 64
+    (engines / "engines.json").write_text(json.dumps(record))
+    with pytest.raises(MMRankError, match="no engine built from this export's ranking graph"):
+        check_engines_hold(engines, manifest, 16, 500)
     (engines / "engines.json").unlink()
     with pytest.raises(MMRankError, match="engines.json: unreadable engine record"):
-        check_engines_hold(engines, 16, 500)
+        check_engines_hold(engines, manifest, 16, 500)
     fits = RenderConfig(
         backend="tensorrt",
         engines_dir=_fake_engines(small_export, tmp_path / "e2", EngineConfig()),

@@ -411,7 +411,7 @@ def build_ml100k(src: str | Path, out: str | Path, config: ML100KConfig, force: 
         },
     )
     validate_dataset(Dataset(out, manifest, items, users, events))
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=[src]) as tmp:
         schema = items_schema(text_fields, list(item_cards))
         items_table = pa.Table.from_pandas(items, schema=schema, preserve_index=False)
         write_dataset_files(tmp, manifest, items_table, users, events)

@@ -329,7 +329,7 @@ def build_mmrec(src: str | Path, out: str | Path, config: MMRecConfig, force: bo
             "created_at_rule": "ts of the item's first .inter row, 0 without one",
         },
     )
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=[src]) as tmp:
         manifest.item_features = write_item_features(tmp, features)
         validate_dataset(Dataset(tmp, manifest, items, users, events))
         write_dataset_files(tmp, manifest, items, users, events)

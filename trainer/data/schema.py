@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,30 +94,52 @@ class Manifest:
             raise DataError(path, f"manifest fields do not match the schema ({e})") from e
 
 
+def check_not_above(out: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output folder that is one of the inputs or holds one: replacing it would delete it."""
+    target = Path(out).resolve()
+    for src in inputs:
+        source = Path(src).resolve()
+        if source == target or target in source.parents:
+            raise DataError(out, f"the output folder would replace the input {src}; choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder that replaces `out` only if the block finishes.
 
     A failure (bad input, Ctrl-C) removes the temporary folder, so `out` is either the old content
-    or the complete new one, never half of each.
+    or the complete new one, never half of each. `inputs` are folders the block reads: an `out` that
+    is one of them or holds one is refused, even with `force`.
     """
     out = Path(out)
+    check_not_above(out, inputs)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise DataError(out, "output exists and is not empty (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(out.parent, f"cannot create the output's folder ({e.strerror})") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp's 0700 would survive the rename: a server running as another user could not read `out`.
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists() or out.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
