@@ -46,7 +46,7 @@ from trainer.data.schema import atomic_dir, check_not_above
 from trainer.model.attention import standard_attention, use_standard_attention
 
 OPSET = 17
-GRAPH_FILES = {
+GRAPH_FILES = {  # manifest.GRAPH_NAMES -> file stem
     "text_encoder": "encoder_text",
     "image_encoder": "encoder_image",
     "fusion": "fusion",

@@ -44,7 +44,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import GraphSpec, Manifest, TensorSpec, check_sha256
+from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256
 from export.tensorrt import check_engines_hold
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
@@ -61,7 +61,6 @@ REPOSITORY_README = RUNTIME / "README.md"
 RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
 RANKING_PROGRAM = "ranking.pt2"  # torch backend: the ranking program inside each item_lookup version
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
-GRAPH_MODELS = ("text_encoder", "image_encoder", "fusion", "ranking")
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
 
 
@@ -305,9 +304,7 @@ def encodable(manifest: Manifest) -> bool:
 def build_configs(manifest: Manifest, rc: RenderConfig) -> dict[str, mc.ModelConfig]:
     """Every model of the repository, by name."""
     models = {
-        name: graph_config(name, manifest.graphs[name], rc)
-        for name in GRAPH_MODELS
-        if name in manifest.graphs
+        name: graph_config(name, manifest.graphs[name], rc) for name in GRAPH_NAMES if name in manifest.graphs
     }
     models["item_lookup"] = item_lookup_config(manifest, rc)
     models["rank"] = rank_config(models["item_lookup"], models["ranking"], rc)
@@ -433,10 +430,17 @@ def render_repository(
         raise MMRankError(f"unknown backend {rc.backend!r}; expected one of {', '.join(BACKENDS)}")
     if rc.precision not in PRECISIONS:
         raise MMRankError(f"unknown precision {rc.precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if rc.backend == "tensorrt" and rc.precision != "fp32":
+        raise MMRankError(
+            "--precision picks an ONNX variant; TensorRT engines are built from the fp32 graphs with fp16 "
+            "kernels allowed (`python -m export.tensorrt --help`): leave --precision at fp32"
+        )
+    if rc.engines_dir is not None and rc.backend != "tensorrt":
+        raise MMRankError(f"--engines applies to the tensorrt backend only, not {rc.backend}")
     export_dir = Path(export_dir)
     manifest = Manifest.read(export_dir)
     models = build_configs(manifest, rc)
-    sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_MODELS}
+    sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_NAMES}
     if rc.backend == "tensorrt":
         engines = rc.engines_dir or export_dir / ENGINES_DIR
         check_engines_hold(engines, manifest, rc.max_batch_size, rc.limits.max_candidates)
@@ -562,6 +566,7 @@ def cli(args) -> int:
         encode_limits=encode_limits,
         device=args.device,
         buckets=args.buckets,
+        engines_dir=Path(args.engines) if args.engines else None,
         cuda_graphs=not args.no_cuda_graphs,
     )
     models = render_repository(args.export, args.out, rc, force=args.force)

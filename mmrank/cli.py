@@ -157,7 +157,13 @@ def _repo(p):
         "--precision",
         choices=["fp32", "fp16"],
         default="fp32",
-        help="ONNX variant of the graphs (python / onnxruntime backends) and torch program variant (torch)",
+        help="ONNX variant of the graphs (python / onnxruntime backends) and torch program variant (torch); "
+        "tensorrt engines choose fp16 kernels when built",
+    )
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="tensorrt backend: folder of `python -m export.tensorrt` (default: EXPORT/tensorrt)",
     )
     p.add_argument(
         "--device",

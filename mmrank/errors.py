@@ -18,7 +18,3 @@ class DataError(MMRankError):
             where += f", row {row}"
         super().__init__(f"{where}: {message}")
         self.path, self.column, self.row = str(path), column, row
-
-
-class NotImplementedYet(MMRankError):
-    """A subcommand whose issue has not been done yet."""

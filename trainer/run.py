@@ -134,8 +134,9 @@ def read_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise MMRankError(f"{run_dir}: not a run folder (no {CONFIG})")
+    raw = load_json(path)  # its errors name the file
     try:
-        return from_dict(load_json(path))
+        return from_dict(raw)
     except MMRankError as e:
         raise MMRankError(f"{path}: {e}") from e
 

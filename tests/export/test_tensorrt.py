@@ -1,10 +1,11 @@
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
 from export.manifest import Manifest
 from export.tensorrt import EngineConfig, build_engines, check_engines_hold, profile_shapes
+from mmrank.cli import main
 from mmrank.errors import MMRankError
 from model_repository.limits import RequestLimits
 
@@ -100,3 +101,10 @@ def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_exp
     )
     render_repository(small_export.out, tmp_path / "repo", fits)
     assert (tmp_path / "repo" / "ranking" / "1" / "model.plan").is_file()
+    with pytest.raises(MMRankError, match="leave --precision at fp32"):
+        render_repository(small_export.out, tmp_path / "r2", replace(fits, precision="fp16"))
+    with pytest.raises(MMRankError, match="--engines applies to the tensorrt backend only"):
+        render_repository(small_export.out, tmp_path / "r2", replace(fits, backend="onnxruntime"))
+    args = ["repo", "--export", str(small_export.out), "--out", str(tmp_path / "r3"), "--backend", "tensorrt"]
+    assert main([*args, "--engines", str(fits.engines_dir)]) == 0
+    assert (tmp_path / "r3" / "ranking" / "1" / "model.plan").is_file()
