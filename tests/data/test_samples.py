@@ -20,15 +20,17 @@ def reference_history(user, item, ts, label, q_user, q_ts, length):
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, 60),
-    users=st.integers(1, 5),
+    users=st.integers(1, 9),
     length=st.integers(1, 8),
     seed=st.integers(0, 2**31 - 1),
+    # Seconds, nanoseconds (2023 in ns is 1.7e18: user * ts overflows int64 from user 6 on), negative.
+    t0=st.sampled_from([0, 1_700_000_000, 1_700_000_000_000_000_000, -(2**62)]),
 )
-def test_history_matches_reference_and_is_causal(n, users, length, seed):
+def test_history_matches_reference_and_is_causal(n, users, length, seed, t0):
     rng = np.random.default_rng(seed)
     user = rng.integers(1, users + 1, n)
     item = rng.integers(1, 50, n)
-    ts = rng.integers(0, 20, n)  # few distinct timestamps: ties must not leak into histories
+    ts = t0 + rng.integers(0, 20, n)  # few distinct timestamps: ties must not leak into histories
     label = rng.integers(0, 2, n)
     index = build_history_index(user, item, ts, label, user, ts)
     ids, mask = index.gather(np.arange(n), length)
@@ -63,3 +65,13 @@ def test_right_aligned_most_recent_last():
     ids, mask = index.gather(np.array([0]), 6)
     assert ids.tolist() == [[0, 0, 10, 11, 12, 13]]
     assert mask.tolist() == [[False, False, True, True, True, True]]
+
+
+def test_nanosecond_timestamps_keep_users_apart():
+    """The review's case: users 1 and 7 at nanosecond times; user 7's keys overflowed into user 1's."""
+    ns = 1_700_000_000_000_000_000
+    user = np.array([1, 1, 7, 7])
+    ts = np.array([ns, ns + 1, ns, ns + 1])
+    index = build_history_index(user, np.array([10, 11, 20, 21]), ts, np.ones(4, dtype=np.int64), user, ts)
+    ids, _ = index.gather(np.arange(4), 3)
+    assert ids.tolist() == [[0, 0, 0], [0, 0, 10], [0, 0, 0], [0, 0, 20]]

@@ -48,12 +48,14 @@ def build_history_index(
     p_user, p_ts, p_item = hist_user[pos], hist_ts[pos], hist_item[pos]
     order = np.lexsort((p_ts, p_user))
     p_user, p_ts, p_item = p_user[order], p_ts[order], p_item[order]
-    t0 = min(int(p_ts.min(initial=0)), int(query_ts.min(initial=0)))
-    span = max(int(p_ts.max(initial=0)), int(query_ts.max(initial=0))) - t0 + 2
     # One sorted int64 key per (user, ts) turns "same user and earlier" into a single binary search.
-    p_key = p_user.astype(np.int64) * span + (p_ts - t0)
+    # Timestamps enter as their rank among all distinct times, not their value: user * (max ts) overflows
+    # int64 for nanosecond times, and user * (distinct times) cannot for any log that fits in memory.
+    times, rank = np.unique(np.concatenate([p_ts, query_ts]), return_inverse=True)
+    span = len(times)
+    p_key = p_user.astype(np.int64) * span + rank[: len(p_ts)]
     q_user = query_user.astype(np.int64)
-    end = np.searchsorted(p_key, q_user * span + (query_ts - t0), side="left")
+    end = np.searchsorted(p_key, q_user * span + rank[len(p_ts) :], side="left")
     start = np.searchsorted(p_key, q_user * span, side="left")
     return HistoryIndex(p_item.astype(np.int64), start.astype(np.int64), end.astype(np.int64))
 
