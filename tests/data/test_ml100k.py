@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from image_bytes import jpeg_claiming, png
 from PIL import Image
 
 from mmrank.cli import main
@@ -267,10 +268,8 @@ def _truncate_poster(root: Path):
     path.write_bytes(blob[: len(blob) * 3 // 4])  # headers intact, scan data cut
 
 
-def _png_poster(root: Path):
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, format="PNG")
-    (root / "posters" / "3.jpg").write_bytes(buf.getvalue())
+def _poster(movie: int, blob: bytes):
+    return lambda root: (root / "posters" / f"{movie}.jpg").write_bytes(blob)
 
 
 END = len(_tiny_ratings()) + 1  # the line an appended rating lands on
@@ -385,7 +384,21 @@ BAD_SOURCES = {
         "not an integer",
     ),
     "truncated poster": (_truncate_poster, "2.jpg", "image", 2, "unreadable image"),
-    "poster not a jpeg": (_png_poster, "3.jpg", "image", 3, "not a JPEG"),
+    "poster not a jpeg": (_poster(3, png(4, 4)), "3.jpg", "image", 3, "not a JPEG"),
+    "poster header of 20000 x 20000": (
+        _poster(2, jpeg_claiming(20000, 20000)),
+        "2.jpg",
+        "image",
+        2,
+        "unreadable image (DecompressionBombError",
+    ),
+    "poster the encoder refuses": (
+        _poster(4, jpeg_claiming(30, 1)),
+        "4.jpg",
+        "image",
+        4,
+        "image is 30 x 1 pixels, an aspect ratio over the limit of 20:1",
+    ),
 }
 
 

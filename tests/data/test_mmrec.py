@@ -162,6 +162,25 @@ def test_cli(src, tmp_path, capsys):
         MMRecConfig(name="../toy")
 
 
+def test_a_negative_seed_is_one_line_naming_the_option(src, tmp_path, capsys):
+    argv = [
+        "data",
+        "mmrec",
+        "--src",
+        str(src),
+        "--name",
+        "toy",
+        "--out",
+        str(tmp_path / "ds"),
+        "--seed",
+        "-1",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seed must be a non-negative integer, got -1" in err[0]
+    assert not (tmp_path / "ds").exists()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 6), st.integers(0, 2**31))
 def test_nth_uninteracted_matches_the_reference(num_items, num_users, seed):

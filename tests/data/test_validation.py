@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from image_bytes import jpeg_claiming, png
 from PIL import Image
 
 from mmrank.errors import DataError
@@ -179,21 +180,21 @@ BAD = {
     ),
     "event on an unknown item": (
         dict(events=_events().assign(item_id=[1, 2, 3, 1, 7, 3])),
-        "events",
+        "part-00000.parquet",
         "item_id",
         4,
         "id 7 out of range",
     ),
     "event of an unknown user": (
         dict(events=_events().assign(user_id=[1, 2, 0, 2, 1, 2])),
-        "events",
+        "part-00000.parquet",
         "user_id",
         2,
         "id 0 out of range",
     ),
     "label 2": (
         dict(events=_events().assign(label=np.array([1, 0, 2, 1, 0, 1], np.int8))),
-        "events",
+        "part-00000.parquet",
         "label",
         2,
         "out of range [0, 1]",
@@ -233,6 +234,31 @@ BAD = {
         0,
         "unreadable image",
     ),
+    "a header of 20000 x 20000 pixels": (
+        dict(
+            items=_items().assign(
+                image=pd.Series([_jpeg(1), jpeg_claiming(20000, 20000), None], dtype=object)
+            )
+        ),
+        "items.parquet",
+        "image",
+        1,
+        "unreadable image (DecompressionBombError",
+    ),
+    "an image the encoder refuses": (
+        dict(items=_items().assign(image=pd.Series([None, None, png(21, 1)], dtype=object))),
+        "items.parquet",
+        "image",
+        2,
+        "image is 21 x 1 pixels, an aspect ratio over the limit of 20:1",
+    ),
+    "image paths instead of bytes": (
+        dict(items=_items().assign(image=["posters/1.jpg", None, "posters/3.jpg"])),
+        "items.parquet",
+        "image",
+        0,
+        "a str, expected encoded image bytes or null",
+    ),
     "empty test split": (
         dict(events=_events().assign(split=np.array([0, 0, 1, 1, 1, 1], np.int8))),
         "events",
@@ -242,7 +268,7 @@ BAD = {
     ),
     "earliest event relabelled test": (
         dict(events=_events().assign(split=np.array([2, 0, 1, 1, 2, 2], np.int8))),
-        "events",
+        "part-00000.parquet",
         "split",
         0,
         "split 'test' at ts 100, but the manifest's boundaries (valid_start_ts 200, test_start_ts 300) "
@@ -250,14 +276,14 @@ BAD = {
     ),
     "valid label in test time": (
         dict(events=_events().assign(split=np.array([0, 0, 1, 1, 1, 2], np.int8))),
-        "events",
+        "part-00000.parquet",
         "split",
         4,
         "split 'valid' at ts 300",
     ),
     "valid label in train time": (
         dict(events=_events().assign(split=np.array([0, 1, 0, 1, 2, 2], np.int8))),
-        "events",
+        "part-00000.parquet",
         "split",
         1,
         "put that time in 'train'",
@@ -332,6 +358,43 @@ def test_manifest_problems(tmp_path):
     (root / MANIFEST).write_text(json.dumps({**raw, "colour": "red"}))
     with pytest.raises(DataError, match="do not match the schema"):
         load_dataset(root)
+    (root / MANIFEST).write_text(json.dumps({**raw, "counts": {"users": 2}}))
+    with pytest.raises(DataError, match=r"manifest.json: counts.items is None, expected a non-negative"):
+        Manifest.read(root)
+    (root / MANIFEST).write_text(json.dumps({**raw, "counts": {"items": 3, "users": "2"}}))
+    with pytest.raises(DataError, match=r"counts.users is '2'"):
+        Manifest.read(root)
+
+
+def test_a_column_of_null_images_is_allowed(tmp_path):
+    ds = load_dataset(
+        write(tmp_path / "ds", items=_items().assign(image=pd.Series([None] * 3, dtype=object)))
+    )
+    assert ds.items["image"].isna().all()
+
+
+def test_an_event_error_names_the_part_and_its_row(tmp_path):
+    """Not the events folder and the row of all parts together (row 16389 here)."""
+    root = tmp_path / "synth"
+    generate(root, SynthConfig(users=50, items=40, events=30_000, seed=0, chunk_events=8192))
+    part = root / EVENTS / "part-00002.parquet"
+    events = pq.read_table(part).to_pandas()
+    assert len(read_events(root)) > 2 * len(events)  # part 2 is in the middle
+    events.loc[5, "label"] = 3
+    pq.write_table(pa.Table.from_pandas(events, preserve_index=False), part)
+    with pytest.raises(DataError, match="id 3 out of range") as info:
+        load_dataset(root)
+    assert (Path(info.value.path), info.value.column, info.value.row) == (part, "label", 5)
+
+
+def test_event_parts_with_other_columns_are_named(tmp_path):
+    root = tmp_path / "synth"
+    generate(root, SynthConfig(users=50, items=40, events=30_000, seed=0, chunk_events=8192))
+    part = root / EVENTS / "part-00001.parquet"
+    pq.write_table(pq.read_table(part).drop_columns("request_id"), part)
+    with pytest.raises(DataError, match="differ from part-00000.parquet's") as info:
+        load_dataset(root)
+    assert Path(info.value.path) == part
 
 
 def test_missing_events_or_table(tmp_path):

@@ -70,6 +70,8 @@ class MMRecConfig:
             raise MMRankError(f"--name must be a file stem such as 'baby', got {self.name!r}")
         if self.neg_ratio < 0:
             raise MMRankError(f"--neg-ratio must be >= 0, got {self.neg_ratio}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise MMRankError(f"--seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def label_rule(self) -> str:

@@ -18,6 +18,7 @@ and for "unknown" in lookups, so an embedding table of num_items + 1 rows covers
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -89,9 +90,20 @@ class Manifest:
         if raw.get("schema_version") != SCHEMA_VERSION:
             raise DataError(path, f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}")
         try:
-            return cls(**raw)
+            manifest = cls(**raw)
         except TypeError as e:
             raise DataError(path, f"manifest fields do not match the schema ({e})") from e
+        manifest._check_counts(path)
+        return manifest
+
+    def _check_counts(self, path: Path) -> None:
+        """The counts every reader sizes its tables by, checked here so none of them meets a KeyError."""
+        if not isinstance(self.counts, dict):
+            raise DataError(path, f"counts is {self.counts!r}, expected an object")
+        for key in ("items", "users"):
+            value = self.counts.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DataError(path, f"counts.{key} is {value!r}, expected a non-negative integer")
 
 
 def check_not_above(out: str | Path, inputs: Sequence[str | Path]) -> None:
@@ -196,6 +208,22 @@ def write_dataset_files(
     (root / MANIFEST).write_text(manifest.to_json())
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """The files a table was concatenated from, in order, so an error can name the file and the row in
+    it instead of a row of the whole table."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    starts: tuple[int, ...]  # first row of each file in the table
+
+    def locate(self, row: int | None) -> tuple[Path, int | None]:
+        if row is None:
+            return self.folder, None
+        part = bisect.bisect_right(self.starts, row) - 1
+        return self.files[part], row - self.starts[part]
+
+
 @dataclass
 class Dataset:
     """A loaded dataset: the manifest, the item and user tables, and events sorted by (ts, user)."""
@@ -205,6 +233,9 @@ class Dataset:
     items: pd.DataFrame
     users: pd.DataFrame
     events: pd.DataFrame
+    # The event parts the rows were read from (in file order, before sorting); None for events held in
+    # memory, whose errors name the events folder and the row of the frame.
+    event_source: RowSource | None = None
 
     @property
     def num_items(self) -> int:
@@ -222,14 +253,29 @@ class Dataset:
 
 
 def read_events(root: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    path = Path(root) / EVENTS
-    if not path.is_dir() or not any(path.glob("*.parquet")):
-        raise DataError(path, "no event parts (events/part-*.parquet)")
-    try:
-        table = pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(path, f"unreadable Parquet ({e})") from e
-    return table.to_pandas()
+    return read_event_parts(root, columns)[0]
+
+
+def read_event_parts(root: str | Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, RowSource]:
+    """All event parts in name order, concatenated, and where each row came from."""
+    folder = Path(root) / EVENTS
+    # The files pyarrow's folder reader takes: it skips names starting with "." or "_".
+    parts = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not parts:
+        raise DataError(folder, "no event parts (events/part-*.parquet)")
+    tables = []
+    for part in parts:
+        try:
+            tables.append(pq.read_table(part, columns=columns))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(part, f"unreadable Parquet ({e})") from e
+    for part, table in zip(parts, tables, strict=True):
+        if not table.schema.equals(tables[0].schema):
+            raise DataError(
+                part, f"columns {table.schema.names} or their types differ from {parts[0].name}'s"
+            )
+    starts = np.cumsum([0] + [t.num_rows for t in tables[:-1]]).tolist()
+    return pa.concat_tables(tables).to_pandas(), RowSource(folder, tuple(parts), tuple(starts))
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -247,8 +293,8 @@ def load_dataset(root: str | Path, validate: bool = True) -> Dataset:
     manifest = Manifest.read(root)
     items = _read_table(root / ITEMS)
     users = _read_table(root / USERS)
-    events = read_events(root)
-    ds = Dataset(root, manifest, items, users, events)
+    events, event_source = read_event_parts(root)
+    ds = Dataset(root, manifest, items, users, events, event_source)
     if validate:
         from trainer.data.validate import validate_dataset
 

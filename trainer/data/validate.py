@@ -4,57 +4,81 @@ the file, the column and the row, so a user can open the file and find it."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mmrank.errors import DataError
-from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, MANIFEST, SPLITS, USERS, Dataset
+from model_repository.image_inputs import ImageSizeError, check_image_size
+from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, MANIFEST, SPLITS, USERS, Dataset, RowSource
+
+# Where rows live: one file (row = row of the file) or several files read as one table.
+Source = str | Path | RowSource
 
 
-def _require(df: pd.DataFrame, path, columns: dict[str, str]) -> None:
+def _error(source: Source, message: str, column: str | None = None, row: int | None = None) -> DataError:
+    if isinstance(source, RowSource):
+        source, row = source.locate(row)
+    return DataError(source, message, column=column, row=row)
+
+
+def _require(df: pd.DataFrame, path: Source, columns: dict[str, str]) -> None:
     """columns: name -> numpy kind ('i' integer, 'O' object/string, 'b' bytes-or-null)."""
     for name, kind in columns.items():
         if name not in df.columns:
-            raise DataError(path, "missing column", column=name)
+            raise _error(path, "missing column", column=name)
         dtype = df[name].dtype
         if kind == "i" and not pd.api.types.is_integer_dtype(dtype):
-            raise DataError(path, f"dtype {dtype}, expected an integer", column=name)
+            raise _error(path, f"dtype {dtype}, expected an integer", column=name)
         if kind in ("O", "b") and pd.api.types.is_numeric_dtype(dtype):
-            raise DataError(
-                path, f"dtype {dtype}, expected {'text' if kind == 'O' else 'bytes'}", column=name
-            )
+            raise _error(path, f"dtype {dtype}, expected {'text' if kind == 'O' else 'bytes'}", column=name)
+        if kind == "b":
+            # An object column passes the dtype check with any values in it, image paths included.
+            bad = df[name].map(lambda x: not (x is None or isinstance(x, bytes))).to_numpy(dtype=bool)
+            if bad.any():
+                row = _first(bad)
+                found = type(df[name].iloc[row]).__name__
+                raise _error(path, f"a {found}, expected encoded image bytes or null", column=name, row=row)
 
 
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_ids(values: np.ndarray, path, column: str, low: int, high: int, unique: bool = False) -> None:
+def check_ids(
+    values: np.ndarray, path: Source, column: str, low: int, high: int, unique: bool = False
+) -> None:
     """Every id in [low, high]; with `unique`, no id twice."""
     values = np.asarray(values)
     bad = (values < low) | (values > high)
     if bad.any():
         row = _first(bad)
-        raise DataError(path, f"id {values[row]} out of range [{low}, {high}]", column=column, row=row)
+        raise _error(path, f"id {values[row]} out of range [{low}, {high}]", column=column, row=row)
     if unique:
         _, first_index, counts = np.unique(values, return_index=True, return_counts=True)
         if (counts > 1).any():
             dup = values[first_index[counts > 1][0]]
             row = _first(values == dup)
             rows = np.flatnonzero(values == dup)
-            raise DataError(path, f"duplicate id {dup} (rows {rows[:5].tolist()})", column=column, row=row)
+            raise _error(path, f"duplicate id {dup} (rows {rows[:5].tolist()})", column=column, row=row)
 
 
 def check_image_bytes(blob, path, row: int, column: str = "image") -> None:
-    """The image decodes completely: `verify()` alone reads only headers and passes a truncated JPEG."""
+    """The image is within the size bounds of the feature cache and the server (checked on the header,
+    before decoding) and decodes completely: `verify()` alone reads only headers and passes a truncated
+    JPEG."""
     if blob is None:
         return
     try:
         with Image.open(io.BytesIO(blob)) as im:
+            check_image_size(*im.size)
             im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except ImageSizeError as e:
+        raise DataError(path, f"{e} (the encoder refuses it)", column=column, row=row) from e
+    # Decoders raise many types on hostile bytes; PIL's DecompressionBombError is a plain Exception.
+    except Exception as e:
         raise DataError(path, f"unreadable image ({type(e).__name__}: {e})", column=column, row=row) from e
 
 
@@ -95,7 +119,7 @@ def validate_users(ds: Dataset) -> None:
 
 
 def validate_events(ds: Dataset) -> None:
-    path = ds.root / EVENTS
+    path = ds.event_source or ds.root / EVENTS
     ev = ds.events
     _require(ev, path, {name: "i" for name in EVENT_SCHEMA.names})
     check_ids(ev["user_id"].to_numpy(), path, "user_id", 1, ds.num_users)
@@ -105,7 +129,7 @@ def validate_events(ds: Dataset) -> None:
     counts = np.bincount(ev["split"].to_numpy(), minlength=3)
     for name, code in SPLITS.items():
         if counts[code] == 0:
-            raise DataError(path, f"split {name!r} is empty", column="split")
+            raise _error(path, f"split {name!r} is empty", column="split")
     check_split_times(ev["ts"].to_numpy(), ev["split"].to_numpy(), split_bounds(ds), path)
 
 
@@ -123,7 +147,7 @@ def split_bounds(ds: Dataset) -> tuple[int, int]:
     return valid_start, test_start
 
 
-def check_split_times(ts: np.ndarray, split: np.ndarray, bounds: tuple[int, int], path) -> None:
+def check_split_times(ts: np.ndarray, split: np.ndarray, bounds: tuple[int, int], path: Source) -> None:
     """train < valid_start <= valid < test_start <= test (SPEC §1). A label that disagrees with its
     event's time puts held-out positives into training histories, so the first such row is an error."""
     valid_start, test_start = bounds
@@ -134,7 +158,7 @@ def check_split_times(ts: np.ndarray, split: np.ndarray, bounds: tuple[int, int]
     if wrong.any():
         row = _first(wrong)
         names = {code: name for name, code in SPLITS.items()}
-        raise DataError(
+        raise _error(
             path,
             f"split {names[int(split[row])]!r} at ts {ts[row]}, but the manifest's boundaries "
             f"(valid_start_ts {valid_start}, test_start_ts {test_start}) put that time in "
