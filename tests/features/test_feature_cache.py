@@ -183,6 +183,33 @@ def test_changed_settings_recompute_the_modality(copy, config):
     assert report.modalities["text"].computed == 7 and report.modalities["image"].computed == 0
 
 
+def test_another_runtime_recomputes_every_row(copy, config):
+    """The runtimes agree to 1e-4, not exactly: rows of the other one are not reused."""
+    report = build_features(copy, FeatureConfig(**{**config.__dict__, "runtime": "torch"}))
+    assert {m: (r.computed, r.reused, r.runtime) for m, r in report.modalities.items()} == {
+        "text": (7, 0, "torch"),
+        "image": (7, 0, "torch"),
+    }
+    meta = json.loads((copy / "features" / "meta.json").read_text())
+    assert {m["settings"]["runtime"] for m in meta["modalities"].values()} == {"torch"}
+
+
+@pytest.mark.parametrize(
+    "option,value,allowed",
+    [
+        ("--batch-size", "0", ">= 1"),
+        ("--max-text-tokens", "0", "in [3, 512]"),
+        ("--max-text-tokens", "1", "in [3, 512]"),
+        ("--max-text-tokens", "-5", "in [3, 512]"),
+        ("--max-text-tokens", "513", "in [3, 512]"),
+    ],
+)
+def test_an_option_out_of_range_is_one_line(copy, capsys, option, value, allowed):
+    assert mmrank_main(["features", "--data", str(copy), option, value]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and f"{option} must be an integer {allowed}, got {value}" in errors[0]
+
+
 def test_corrupt_image_names_the_item_and_keeps_the_cache(copy, config):
     meta_before = (copy / "features" / "meta.json").read_bytes()
     _edit_items(copy, "overview", 1, "changed, so text work happens before the failure")
@@ -191,6 +218,15 @@ def test_corrupt_image_names_the_item_and_keeps_the_cache(copy, config):
         build_features(copy, config)
     assert (copy / "features" / "meta.json").read_bytes() == meta_before
     assert sorted(p.name for p in copy.iterdir()) == sorted([ITEMS, MANIFEST, "features"])  # no temp left
+
+
+def test_a_decompression_bomb_names_the_item(copy, config, monkeypatch):
+    """PIL refuses an image over twice MAX_IMAGE_PIXELS with DecompressionBombError, a plain Exception;
+    lowering the limit makes a 9 x 6 image one."""
+    _edit_items(copy, "image", 4, _png(98))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(DataError, match=r"item_id 4: unreadable image \(DecompressionBombError"):
+        build_features(copy, config)
 
 
 def test_store_joins_cache_and_precomputed_features(copy):
@@ -211,6 +247,16 @@ def test_store_joins_cache_and_precomputed_features(copy):
     np.testing.assert_array_equal(feats[:, 0], extra.astype(np.float32))
     assert mask[:, 0].tolist() == [False, True, True, True, False, False, False, False]
     assert features.modalities["text"][1][1:].astype(int).tolist() == TEXT_MASK
+
+
+def test_store_refuses_features_of_other_encoder_weights(copy):
+    meta = json.loads((copy / "features" / "meta.json").read_text())
+    meta["modalities"]["image"]["settings"]["weights_sha256"] = "0" * 64
+    (copy / "features" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"efficientnet-lite0 weights than the installed ones; run `mmrank features"
+    ):
+        load_item_features(copy)
 
 
 def test_store_errors_name_the_fix(copy):

@@ -4,17 +4,22 @@ onnxruntime path against the PyTorch reference."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch import nn
 
+from mmrank.errors import DataError
+from trainer.features import runtime
 from trainer.features.image import IMAGE_DIM, IMAGE_SIZE, ImageEncoder, load_image
-from trainer.features.runtime import TorchRunner, onnx_runner, sha256_files
-from trainer.features.text import TEXT_DIM, TextEncoder
+from trainer.features.runtime import TorchRunner, onnx_path, onnx_runner, sha256_files
+from trainer.features.text import TEXT_DIM, TEXT_MAX_TOKENS, TextEncoder
 
 pytestmark = pytest.mark.threads(1)  # the CPU is shared with other test runs (conftest.py)
 
@@ -130,3 +135,45 @@ def test_onnxruntime_matches_torch(text_encoder, image_encoder, tmp_path):
         for x in inputs:
             assert np.abs(fast(*x) - reference(*x)).max() <= 1e-4, name
     assert len(list(tmp_path.glob("*.onnx"))) == 2
+
+
+def test_the_token_limit_is_the_models(text_encoder):
+    assert text_encoder.model.config.max_position_embeddings == TEXT_MAX_TOKENS
+
+
+class _Double(nn.Module):
+    """An encoder in miniature: exports in a moment."""
+
+    onnx_inputs = ("x",)
+    onnx_axes = {"x": {0: "batch"}, "features": {0: "batch"}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        return (torch.ones(2, 3),)
+
+
+def test_a_corrupt_cached_graph_is_exported_again(tmp_path):
+    path = onnx_path(_Double(), "double", "weights", tmp_path)
+    path.write_bytes(b"\x08\x07 a graph cut short by a crash")
+    run = onnx_runner(_Double(), "double", "weights", tmp_path, threads=1)
+    assert run(np.ones((1, 3), np.float32)).tolist() == [[2.0, 2.0, 2.0]]
+    assert path.stat().st_size > 100 and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_graph_that_cannot_load_after_a_fresh_export_is_named(tmp_path, monkeypatch):
+    def broken_export(module, example, input_names, dynamic_axes, path):
+        Path(path).write_bytes(b"not a graph")
+
+    monkeypatch.setattr(runtime, "export_onnx", broken_export)
+    with pytest.raises(DataError, match="onnxruntime cannot load the graph") as info:
+        onnx_runner(_Double(), "double", "weights", tmp_path, threads=1)
+    assert Path(info.value.path) == onnx_path(_Double(), "double", "weights", tmp_path)
+
+
+def test_the_graph_cache_key_holds_the_exporter_versions(tmp_path, monkeypatch):
+    before = onnx_path(_Double(), "double", "weights", tmp_path)
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "99.0" if p == "torch" else version(p))
+    assert onnx_path(_Double(), "double", "weights", tmp_path) != before

@@ -7,12 +7,12 @@ Layout of `<data>/features/` (row i = item_id i, row 0 = padding, zero and maske
     image.npy       float32 [n+1, 1, 1280]
     image_mask.npy  bool    [n+1, 1]       False where the item has no image
     hashes.parquet  item_id, text_sha256, image_sha256 ("" = no image): what each row was computed from
-    meta.json       per modality: encoder, weights sha256, dims, settings, runtime, last build's counts
-                    and seconds; written last
+    meta.json       per modality: dims, settings (encoder, weights sha256, runtime, ...), last build's
+                    counts and seconds; written last
 
 A rerun reuses every row whose content hash is unchanged and recomputes the others; a change of the
-encoder weights or settings (fields, token limit, preprocessing) recomputes the whole modality. The
-folder is rebuilt in a temporary sibling and renamed into place, so a crash leaves the previous cache.
+encoder weights or settings (fields, token limit, preprocessing, runtime) recomputes the whole modality.
+The folder is rebuilt in a temporary sibling and renamed into place, so a crash leaves the previous cache.
 Datasets without text fields (or without images) have no text (image) files.
 """
 
@@ -33,17 +33,19 @@ from numpy.lib.format import open_memmap
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from mmrank.errors import DataError
+from mmrank.errors import DataError, MMRankError
 from trainer.data.schema import ITEMS, Manifest, atomic_dir, write_json_atomic
 from trainer.data.validate import check_ids
 from trainer.features import image as image_mod
 from trainer.features import text as text_mod
-from trainer.features.runtime import default_onnx_dir, make_runner, resolve_runtime, sha256_files
-from trainer.features.store import FEATURES, META
+from trainer.features.runtime import RUNTIMES, default_onnx_dir, make_runner, resolve_runtime
+from trainer.features.store import FEATURES, META, encoder_weights_sha256
 
 HASHES = "hashes.parquet"
 CACHE_VERSION = 1
 IMAGE_PREPROCESS = "rgb, shorter side 224 bicubic, centre crop 224, imagenet mean/std"
+# [CLS], [SEP] and one token of text; the tokenizer ignores a max_length of 0 or 1 and truncates nothing.
+MIN_TEXT_TOKENS = 3
 
 
 @dataclass
@@ -54,6 +56,24 @@ class FeatureConfig:
     onnx_dir: Path | None = None  # exported encoder graphs; None = $MMRANK_CACHE or ~/.cache/mmrank, /onnx
     threads: int = 0  # onnxruntime intra-op threads; 0 = its default
     progress: bool = True  # tqdm bars on stderr
+
+    def __post_init__(self):
+        _check_int("--batch-size", self.batch_size, 1)
+        _check_int("--max-text-tokens", self.max_text_tokens, MIN_TEXT_TOKENS, text_mod.TEXT_MAX_TOKENS)
+        _check_int("threads", self.threads, 0)
+        if self.runtime not in ("auto", *RUNTIMES):
+            raise MMRankError(f"--runtime must be auto or one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+
+
+def _check_int(option: str, value, low: int, high: int | None = None) -> None:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise MMRankError(f"{option} must be an integer {allowed}, got {value!r}")
 
 
 @dataclass
@@ -111,22 +131,25 @@ def _text_modality(items: pd.DataFrame, fields: list[str], config: FeatureConfig
     hashes = np.array([_sha(json.dumps(v, ensure_ascii=False).encode()) for v in values], dtype=object)
     settings = {
         "encoder": text_mod.TEXT_MODEL,
-        "weights_sha256": sha256_files(text_mod.text_weights_files()),
+        "weights_sha256": encoder_weights_sha256("text"),
         "fields": list(fields),
         "max_tokens": config.max_text_tokens,
         "pooling": "mean, l2-normalised",
+        # torch and onnxruntime agree to about 1e-4, not exactly: a cache must not mix rows of both.
+        "runtime": resolve_runtime(config.runtime, "text"),
     }
     return _Modality("text", len(fields), text_mod.TEXT_DIM, settings, hashes, values, source)
 
 
-def _image_modality(items: pd.DataFrame, source: Path) -> _Modality:
+def _image_modality(items: pd.DataFrame, config: FeatureConfig, source: Path) -> _Modality:
     values = [None if b is None else bytes(b) for b in items["image"]]
     hashes = np.array(["" if b is None else _sha(b) for b in values], dtype=object)
     settings = {
         "encoder": image_mod.IMAGE_MODEL,
-        "weights_sha256": sha256_files([image_mod.image_weights_path()]),
+        "weights_sha256": encoder_weights_sha256("image"),
         "image_size": image_mod.IMAGE_SIZE,
         "preprocess": IMAGE_PREPROCESS,
+        "runtime": resolve_runtime(config.runtime, "image"),
     }
     return _Modality("image", 1, image_mod.IMAGE_DIM, settings, hashes, values, source)
 
@@ -191,7 +214,7 @@ def build_features(data_dir: str | Path, config: FeatureConfig | None = None) ->
     if manifest.text_fields:
         modalities.append(_text_modality(items, manifest.text_fields, config, root / ITEMS))
     if manifest.has_images:
-        modalities.append(_image_modality(items, root / ITEMS))
+        modalities.append(_image_modality(items, config, root / ITEMS))
     out = root / FEATURES
     previous = _PreviousCache(out)
     n = len(items)
@@ -205,7 +228,6 @@ def build_features(data_dir: str | Path, config: FeatureConfig | None = None) ->
                 "dim": m.dim,
                 "tokens": m.tokens,
                 "settings": m.settings,
-                "runtime": r.runtime or previous.modality(m.name).get("runtime", ""),
                 "last_build": {"computed": r.computed, "reused": r.reused, "seconds": round(r.seconds, 3)},
             }
             hashes[f"{m.name}_sha256"] = m.hashes
@@ -230,7 +252,7 @@ def _build_modality(
     todo = np.flatnonzero(~keep) + 1  # item ids
     runtime = ""
     if len(todo):
-        runtime = resolve_runtime(config.runtime, m.name)
+        runtime = m.settings["runtime"]
         encode = _encode_text if m.name == "text" else _encode_images
         encode(m, todo, feats, mask, runtime, config)
     feats.flush()
@@ -289,7 +311,8 @@ def _decode(blob: bytes, item_id: int, source: Path) -> torch.Tensor:
         raise DataError(
             source, f"item_id {item_id}: unreadable image (unknown format)", column="image"
         ) from e
-    except (OSError, SyntaxError, ValueError) as e:
+    # Decoders raise many types on hostile bytes; PIL's DecompressionBombError is a plain Exception.
+    except Exception as e:
         raise DataError(
             source, f"item_id {item_id}: unreadable image ({type(e).__name__}: {e})", column="image"
         ) from e

@@ -2,7 +2,8 @@
 
 The onnxruntime path exports the encoder once with `torch.onnx.export` (TorchScript exporter,
 `dynamo=False`: it traces the transformers 5 BERT and the static-padding EfficientNet cleanly) into
-an ONNX cache folder, keyed by the weights hash and the encoder's source, and reuses the file later.
+an ONNX cache folder, keyed by the weights hash, the encoder's source and the versions of the packages
+that trace it, and reuses the file later; a cached file onnxruntime cannot load is exported again.
 
 `--runtime auto` uses onnxruntime for both encoders, from `benchmarks/encoder_runtime.py` on this
 project's 2-core CPU (AMD EPYC, torch 2 threads, onnxruntime default threads; batch of 64; runtimes
@@ -21,6 +22,7 @@ End to end on ML-100K (benchmarks/results/feature_cache.md) the same holds: text
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import os
 import tempfile
@@ -32,9 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmrank.errors import DataError
+
 RUNTIMES = ("torch", "onnxruntime")
 AUTO_RUNTIME = {"text": "onnxruntime", "image": "onnxruntime"}
 OPSET = 17
+# The exporter and the encoders' model code: a new version of any of them may trace another graph.
+EXPORT_PACKAGES = ("torch", "onnx", "transformers", "efficientnet-lite-pytorch")
 
 Runner = Callable[..., np.ndarray]  # numpy inputs in the encoder's input order -> numpy features
 
@@ -83,7 +89,11 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0 = onnxruntime's default, one per physical core
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        # onnxruntime's load errors (InvalidProtobuf, Fail, NoSuchFile, ...) derive from Exception only.
+        except Exception as e:
+            raise DataError(onnx_path, f"onnxruntime cannot load the graph ({type(e).__name__}: {e})") from e
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *inputs: np.ndarray) -> np.ndarray:
@@ -132,14 +142,25 @@ def onnx_runner(
     threads: int = 0,
 ) -> OrtRunner:
     """An onnxruntime runner for an encoder that declares `onnx_inputs`, `onnx_axes` and
-    `example_inputs()`. The graph is exported on first use and cached under a key of the weights hash
-    and the source of the encoder's module file, so editing either exports afresh."""
-    source = inspect.getsource(inspect.getmodule(type(module))).encode()
-    key = hashlib.sha256(weights_sha256.encode() + source).hexdigest()[:16]
-    path = Path(onnx_dir or default_onnx_dir()) / f"{name}-{key}-opset{OPSET}.onnx"
-    if not path.is_file():
-        export_onnx(module, module.example_inputs(), list(module.onnx_inputs), module.onnx_axes, path)
+    `example_inputs()`. The graph is exported on first use and cached (`onnx_path`); a cached file that
+    onnxruntime cannot load (truncated by a crash or a full disk) is exported again, once."""
+    path = onnx_path(module, name, weights_sha256, onnx_dir)
+    if path.is_file():
+        try:
+            return OrtRunner(path, threads)
+        except DataError:
+            pass
+    export_onnx(module, module.example_inputs(), list(module.onnx_inputs), module.onnx_axes, path)
     return OrtRunner(path, threads)
+
+
+def onnx_path(module: nn.Module, name: str, weights_sha256: str, onnx_dir: str | Path | None = None) -> Path:
+    """The cached graph of `module`, keyed by the weights hash, the source of the encoder's module file
+    and the versions of EXPORT_PACKAGES, so a change of any of them exports afresh."""
+    source = inspect.getsource(inspect.getmodule(type(module))).encode()
+    versions = ",".join(f"{p}=={importlib.metadata.version(p)}" for p in EXPORT_PACKAGES).encode()
+    key = hashlib.sha256(weights_sha256.encode() + source + versions).hexdigest()[:16]
+    return Path(onnx_dir or default_onnx_dir()) / f"{name}-{key}-opset{OPSET}.onnx"
 
 
 def make_runner(

@@ -8,6 +8,7 @@ Arrays are memory-mapped; row i = item_id i and row 0 is padding (zeros, masked 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,21 @@ import numpy as np
 
 from mmrank.errors import DataError
 from trainer.data.schema import Manifest
+from trainer.features import image, text
+from trainer.features.runtime import sha256_files
 
 FEATURES = "features"  # the cache folder name, shared with trainer.features.cache
 META = "meta.json"
 CACHE_MODALITIES = ("text", "image")
+
+
+@functools.cache
+def encoder_weights_sha256(modality: str) -> str:
+    """The digest of the installed encoder's files (weights, config, vocabulary) that a cache's rows must
+    have been computed with. Hashed once per process: the installed packages do not change under it."""
+    if modality == "text":
+        return sha256_files(text.text_weights_files())
+    return sha256_files([image.image_weights_path()])
 
 
 @dataclass
@@ -71,6 +83,13 @@ def _cached(root: Path, manifest: Manifest, n: int) -> dict[str, tuple[np.ndarra
     for name in expected:
         if name not in meta.get("modalities", {}):
             raise DataError(out, f"stale feature cache: no {name} features; {rerun}")
+        settings = meta["modalities"][name].get("settings", {})
+        if settings.get("weights_sha256") != encoder_weights_sha256(name):
+            raise DataError(
+                out / META,
+                f"stale feature cache: the {name} features were computed with other "
+                f"{settings.get('encoder', 'encoder')} weights than the installed ones; {rerun}",
+            )
         try:
             feats = np.load(out / f"{name}.npy", mmap_mode="r")
             mask = np.load(out / f"{name}_mask.npy")

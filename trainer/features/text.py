@@ -18,6 +18,7 @@ from torch import nn
 
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_DIM = 384
+TEXT_MAX_TOKENS = 512  # the model's max_position_embeddings: a longer input has no position vectors
 
 
 def text_model_path() -> Path:
