@@ -162,6 +162,14 @@ def test_cli(src, tmp_path, capsys):
         MMRecConfig(name="../toy")
 
 
+def test_force_never_replaces_the_source_folder(tmp_path):
+    src = write_source(tmp_path / "parent" / "src")
+    for out in (src, src.parent):
+        with pytest.raises(DataError, match="would replace the input"):
+            build_mmrec(src, out, MMRecConfig(name="toy"), force=True)
+    assert sorted(p.name for p in src.iterdir()) == ["image_feat.npy", "text_feat.npy", "toy.inter"]
+
+
 def test_a_negative_seed_is_one_line_naming_the_option(src, tmp_path, capsys):
     argv = [
         "data",
