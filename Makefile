@@ -46,8 +46,8 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # Here (package index reachable): the wheels the GPU machine lacks for serving, for CPython 3.12, in two
-# folders that each fit one device call's 64 MiB: build/gpu-wheels/server (nvidia-pytriton, 55 MB) and
-# build/gpu-wheels/client (17 MB: tritonclient, grpcio, python-rapidjson, and locust with the packages
+# folders that each fit one device call's 64 MiB: build/gpu-wheels/server (nvidia-pytriton, 53 MiB) and
+# build/gpu-wheels/client (17 MiB: tritonclient, grpcio, python-rapidjson, and locust with the packages
 # the machine lacks for it, at this venv's versions; in client/fallback the protobuf that tritonclient's
 # generated code needs, installed there only where the machine's protobuf is older).
 GPU_CLIENT = tritonclient grpcio python-rapidjson locust configargparse flask flask-cors flask-login \

@@ -26,8 +26,9 @@ Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (T
 from export/tensorrt.py), the lookup, tokenizer and image preprocessing stay Python. Every model
 batches (the first dimension of every tensor is the batch); graph models have dynamic batching.
 Every Python-backend version folder gets its `model.py` and a copy of the serving runtime package
-(model_repository/, numpy + onnxruntime + tokenizers + Pillow, no torch, no project), so the rendered
-folder alone deploys; its README.md says what a stock server's Python needs.
+(model_repository/, numpy + onnxruntime + tokenizers + Pillow, no project; torch only in torch_ranker.py,
+the `torch` backend's ranking step), so the rendered folder alone deploys; its README.md says what a
+stock server's Python needs.
 
 The repository is rendered into a temporary sibling and renamed into place.
 """
