@@ -1,10 +1,12 @@
 """The fused attention kernels themselves (trainer/kernels/attention_triton.py) against the reference.
 
 Without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set in tests/conftest.py) on CPU
-tensors, at fp32; on a GPU the same tests run compiled, in fp16 and bf16 too. Shapes are small and
+tensors, at fp32 and fp16; on a GPU the same tests run compiled, in bf16 too. Shapes are small and
 chosen to hit the edges: tiles of 16 with N and L that are not multiples, L = 1, N = 1, histories
 shorter than k, rows with no history at all, d that is not a power of two, several heads.
 """
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from trainer.kernels.attention_op import (
     attention_cosine_op,
     attention_reference,
     cosine_backward_reference,
+    kernels_on_cpu,
     masked_attention_op,
 )
 from trainer.kernels.attention_triton import Blocks, fused_backward, fused_forward
@@ -23,7 +26,10 @@ from trainer.model.similarity import similarity_features
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BLOCKS = Blocks(n=16, l=16, warps=4 if CUDA else 1, stages=1)
-DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+# bf16 is GPU-only: under Triton's interpreter a bf16 tl.dot returns garbage (values around 1e10).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
+# The ops run their kernels on CUDA tensors, and on CPU tensors within kernels_on_cpu().
+KERNELS = nullcontext if CUDA else kernels_on_cpu
 # fp32 products stay fp32 ("ieee"); half types round q, k, v and the probabilities (about 2^-11 / 2^-8).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -138,7 +144,9 @@ def test_kernel_multi_head_attention_with_separate_keys_and_values(heads):
         _close_grad(got.cpu(), ref, torch.float32)
 
 
-@pytest.mark.skipif(not CUDA, reason="the ops run their kernels on CUDA tensors only (CPU: the reference)")
+@pytest.mark.skipif(
+    not CUDA, reason="a GPU-sized shape (the CPU interpreter runs the ops at small ones below)"
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)
@@ -169,3 +177,51 @@ def test_kernel_cosine_features_alone():
     res = fused_forward(None, hist[:, None], None, mask, 1.0, c, topk, BLOCKS)
     assert res.out is None and res.lse is None
     _close(res.features.cpu(), _reference(q, hist, c, mask, topk)[1], torch.float32)
+
+
+def test_kernels_reject_mixed_dtypes_with_a_clear_message():
+    q, hist, c, mask = _inputs(SHAPES[1], torch.float32)
+    h, h16 = hist[:, None], hist[:, None].half()
+    with pytest.raises(TypeError, match="one dtype for q, k, v and c, got q torch.float16, k torch.float32"):
+        fused_forward(q.half(), h, h, mask, 0.7, blocks=BLOCKS)
+    with pytest.raises(TypeError, match="c torch.float32"):
+        fused_forward(q.half(), h16, h16, mask, 0.7, c, 3, BLOCKS)
+    res = fused_forward(q, h, h, mask, 0.7, blocks=BLOCKS)
+    with pytest.raises(TypeError, match="v torch.float16"):
+        fused_backward(q, h, h16, mask, 0.7, res.out, res.lse, res.out)
+
+
+def test_ops_cast_keys_values_history_and_targets_to_the_query_dtype():
+    """Under autocast a projected query is half precision while the history may be stored float32 (the
+    memory bank): the ops run the kernels in q's dtype and return each input's gradient in its dtype."""
+    q, hist, c, mask = _inputs((2, 5, 9, 16, 3), torch.float32, seed=7)
+    q = q.half().requires_grad_()
+    hist, c = hist.requires_grad_(), c.requires_grad_()
+    gen = torch.Generator().manual_seed(8)
+    g_out, g_feat = torch.randn(2, 5, 16, generator=gen).half(), torch.randn(2, 5, 6, generator=gen).half()
+    g_out, g_feat = g_out.to(DEVICE), g_feat.to(DEVICE)
+    with KERNELS():
+        out, feats, _, index = attention_cosine_op(q, hist, mask, c, 0.7, 3)
+        ((out * g_out).sum() + (feats * g_feat).sum()).backward()
+    assert out.dtype == feats.dtype == q.grad.dtype == torch.float16
+    assert hist.grad.dtype == c.grad.dtype == torch.float32
+    want_out, want_feat = _reference(q, hist, c, mask, 3)
+    _close(out.cpu(), want_out, torch.float16)
+    _close(feats.cpu(), want_feat, torch.float16)
+    want = _reference_grads(q, hist, c, mask, g_out, g_feat, index)
+    for x, ref in zip((q, hist, c), want, strict=True):
+        _close_grad(x.grad.reshape(ref.shape).cpu(), ref, torch.float16)
+
+    heads = q.detach().expand(2, 2, 5, 16).requires_grad_()
+    k = hist.detach()[:, None].expand(2, 2, 9, 16).requires_grad_()
+    g = g_out[:, None].expand(2, 2, 5, 16)
+    with KERNELS():
+        got = masked_attention_op(heads, k, k, mask, 0.7)[0]
+        (got * g).sum().backward()
+    leaves = [x.detach().cpu().double().requires_grad_() for x in (heads, k)]
+    want = attention_reference(leaves[0], leaves[1], leaves[1], mask.cpu(), 0.7)
+    (want * g.cpu().double()).sum().backward()
+    _close(got.cpu(), want, torch.float16)
+    assert heads.grad.dtype == torch.float16 and k.grad.dtype == torch.float32
+    for x, ref in zip((heads, k), leaves, strict=True):
+        _close_grad(x.grad.cpu(), ref.grad, torch.float16)

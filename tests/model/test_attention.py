@@ -1,13 +1,17 @@
 """The one masked-attention entry point: every implementation against the reference, masking, the
 custom op's registration, and the exporter's switch. ("fused" on CPU tensors is the custom op with its
-reference path and autograd formula; the Triton kernels themselves are tested in tests/kernels.)"""
+reference path and autograd formula; the Triton kernels themselves are tested in tests/kernels, and
+behind every module's fused path at the end, interpreted on CPU tensors within kernels_on_cpu().)"""
+
+import copy
+from contextlib import nullcontext
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.kernels.attention_op import attention_cosine_op, masked_attention_op
+from trainer.kernels.attention_op import attention_cosine_op, kernels_on_cpu, masked_attention_op
 from trainer.model.attention import (
     attention_sdpa,
     masked_attention,
@@ -15,7 +19,13 @@ from trainer.model.attention import (
     standard_attention,
 )
 from trainer.model.decoder import CrossAttentionDecoder
+from trainer.model.fq_former import FQFormer
 from trainer.model.target_attention import TargetAttention
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# The ops run their kernels on CUDA tensors, and on CPU tensors within kernels_on_cpu().
+KERNELS = nullcontext if CUDA else kernels_on_cpu
 
 
 def _random_mask(gen: torch.Generator, b: int, s: int) -> torch.Tensor:
@@ -84,6 +94,22 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(attention_cosine_op, (qf, hist, mask, c, 0.3, 3))
 
 
+def test_log_sum_exp_and_top_index_outputs_are_not_differentiable():
+    """The ops' backward formulas take no gradient for lse or top_index: a loss on them must fail, not
+    silently give zero gradients."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 4, 8, generator=gen, requires_grad=True)
+    hist = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    mask = _random_mask(gen, 2, 5)
+    out, lse = masked_attention_op(q, hist[:, None], hist[:, None], mask, 0.3)
+    out_c, features, lse_c, top_index = attention_cosine_op(q, hist, mask, hist[:, :4], 0.3, 3)
+    assert out.requires_grad and out_c.requires_grad and features.requires_grad
+    for x in (lse, lse_c, top_index):
+        assert not x.requires_grad
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            x.float().sum().backward()
+
+
 def test_one_switch_sets_every_attention_and_export_restores_it():
     module = torch.nn.ModuleDict(
         {"ta": TargetAttention(8, 2), "dec": CrossAttentionDecoder(8, 4, 2, 2, heads=2, impl="fused")}
@@ -120,3 +146,58 @@ def test_onnx_export_of_a_fused_model_holds_standard_ops_only(tmp_path):
     (got,) = ort.InferenceSession(str(path)).run(None, feeds)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), module(target, history, mask), atol=1e-5, rtol=1e-5)
+
+
+# (module, its inputs, the call): tiny shapes, since the interpreter runs each program in Python.
+def _fused_cases():
+    gen = torch.Generator().manual_seed(7)
+    target, history = torch.randn(3, 4, 8, generator=gen), torch.randn(3, 9, 8, generator=gen)
+    mask = _random_mask(gen, 3, 9)
+    tokens, token_mask = torch.randn(3, 5, 16, generator=gen), _random_mask(gen, 3, 5)
+    torch.manual_seed(0)
+    return {
+        "target attention, 2 heads": (TargetAttention(8, 2), (target, history, mask), lambda m, *x: m(*x)),
+        # one head: attention and LEMUR's similarity features in one kernel pass
+        "target attention + similarity": (
+            TargetAttention(8, 1),
+            (target, history, mask),
+            lambda m, *x: torch.cat(m.with_similarity(*x, 4), -1),
+        ),
+        "decoder": (CrossAttentionDecoder(8, 8, 2, 1, heads=2), (target, history, mask), lambda m, *x: m(*x)),
+        "fq-former": (FQFormer(16, 2, 1, heads=4, dropout=0.0), (tokens, token_mask), lambda m, *x: m(*x)),
+    }
+
+
+# Autocast gives half-precision queries while the history stays float32, as the memory bank's does
+# (bf16 only on a GPU: under Triton's interpreter a bf16 tl.dot returns garbage). Half-precision
+# tolerances cover a few roundings at 2^-11 (fp16) or 2^-8 (bf16) of values and gradients of order 1.
+AMP = {None: 1e-5, torch.float16: 1e-2, **({torch.bfloat16: 6e-2} if CUDA else {})}
+
+
+@pytest.mark.parametrize("amp", AMP, ids=str)
+@pytest.mark.parametrize("case", list(_fused_cases()))
+def test_fused_modules_run_the_kernels_like_the_reference(case, amp):
+    """Every module's fused path through the Triton kernels themselves: outputs and the gradients of
+    inputs and parameters against a float64 copy of the module with the reference implementation."""
+    module, inputs, call = _fused_cases()[case]
+    ref = copy.deepcopy(module).double()
+    set_attention_impl(ref, "reference")
+    set_attention_impl(module, "fused")
+    module.to(DEVICE)
+    runs = (
+        (module, [x.detach().to(DEVICE) for x in inputs], amp),
+        (ref, [x.detach().double() if x.is_floating_point() else x for x in inputs], None),
+    )
+    results = []
+    for m, xs, autocast in runs:
+        xs = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
+        with KERNELS():
+            with torch.autocast(DEVICE, autocast) if autocast else nullcontext():
+                out = call(m, *xs)
+            (out * torch.arange(out.numel(), device=out.device).view_as(out).cos()).sum().backward()
+        grads = [x.grad for x in xs if x.is_floating_point()]
+        params = [torch.zeros_like(p) if p.grad is None else p.grad for p in m.parameters()]
+        results.append([out, *grads, *params])
+    for got, want in zip(*results, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu().double(), want.detach(), atol=AMP[amp], rtol=AMP[amp])

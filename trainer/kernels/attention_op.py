@@ -3,8 +3,15 @@
 
 CUDA tensors run the Triton kernels of attention_triton.py; every other device runs the plain PyTorch
 reference, so a model built with attention_impl="fused" trains and evaluates on a CPU too, and
-`torch.library.opcheck` exercises the registration there. ONNX export never sees these ops: the
-exporter switches models to the standard-op implementations first (trainer.model.attention).
+`torch.library.opcheck` exercises the registration there. Inside `kernels_on_cpu()` CPU tensors run
+the kernels too, under Triton's interpreter: how the tests run a model's fused path without a GPU.
+ONNX export never sees these ops: the exporter switches models to the standard-op implementations
+first (trainer.model.attention).
+
+q's dtype is the computation's: the ops cast keys, values, history and c to it (and their gradients
+back). Under autocast q comes out of a projection in the autocast dtype while the history may be
+stored float32 vectors (the memory bank), and the kernels take one dtype; the reference casts alike,
+so both paths compute in the same precision and return the same dtypes.
 
 - masked_attention(q [B, H, N, D], k [B, H, L, D], v [B, H, L, DV], mask [B, L], scale)
   -> (out [B, H, N, DV], lse [B, H, N])
@@ -17,10 +24,41 @@ exporter switches models to the standard-op implementations first (trainer.model
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
 from trainer.model.similarity import similarity_features
+
+# A context variable, not a module flag: the setting ends with its block, and other threads never see it.
+_KERNELS_ON_CPU: ContextVar[bool] = ContextVar("mmrank_kernels_on_cpu", default=False)
+
+
+@contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Within the block the ops run the Triton kernels on CPU tensors too (Triton's interpreter), for
+    tests of the models' fused path. The kernels must have been defined interpreted (TRITON_INTERPRET=1
+    before their first import; tests/conftest.py sets it where there is no GPU)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from trainer.kernels.attention_triton import _fwd_kernel
+
+    if not isinstance(_fwd_kernel, InterpretedFunction):
+        raise RuntimeError(
+            "kernels_on_cpu needs Triton's interpreter: set TRITON_INTERPRET=1 before trainer.kernels is imported"
+        )
+    token = _KERNELS_ON_CPU.set(True)
+    try:
+        yield
+    finally:
+        _KERNELS_ON_CPU.reset(token)
+
+
+def _use_kernels(x: Tensor) -> bool:
+    return x.is_cuda or _KERNELS_ON_CPU.get()
 
 
 # ---- references (the CPU path, and what the kernels are tested against) ----------------------------
@@ -102,7 +140,8 @@ def _through_unit(grad_unit: Tensor, x: Tensor) -> Tensor:
 # ---- mmrank::masked_attention ----------------------------------------------------------------------
 @torch.library.custom_op("mmrank::masked_attention", mutates_args=())
 def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    if q.is_cuda:
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    if _use_kernels(q):
         from trainer.kernels.attention_triton import fused_forward
 
         res = fused_forward(q, k, v, mask, scale)
@@ -120,12 +159,15 @@ def _(q, k, v, mask, scale):
 def masked_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if q.is_cuda:
+    kq, vq = k.to(q.dtype), v.to(q.dtype)
+    if _use_kernels(q):
         from trainer.kernels.attention_triton import fused_backward
 
-        res = fused_backward(q, k, v, mask, scale, out, lse, grad_out)
-        return res.dq, res.dk, res.dv
-    return tuple(g.contiguous() for g in attention_backward_reference(grad_out, q, k, v, mask, scale))
+        res = fused_backward(q, kq, vq, mask, scale, out, lse, grad_out)
+        dq, dk, dv = res.dq, res.dk, res.dv
+    else:
+        dq, dk, dv = (g.contiguous() for g in attention_backward_reference(grad_out, q, kq, vq, mask, scale))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 @masked_attention_backward_op.register_fake
@@ -135,7 +177,11 @@ def _(grad_out, q, k, v, mask, out, lse, scale):
 
 def _masked_setup(ctx, inputs, output):
     q, k, v, mask, scale = inputs
-    ctx.save_for_backward(q, k, v, mask, *output)
+    out, lse = output
+    # lse is saved for the backward, and its gradient is not part of the formula: a loss on it must
+    # fail loudly ("does not require grad"), not get zeros.
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, mask, out, lse)
     ctx.scale = scale
 
 
@@ -153,13 +199,13 @@ masked_attention_op.register_autograd(_masked_backward, setup_context=_masked_se
 def attention_cosine_op(
     q: Tensor, history: Tensor, mask: Tensor, c: Tensor, scale: float, topk: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if q.is_cuda:
+    history, c = history.to(q.dtype), c.to(q.dtype)
+    hist = history[:, None]
+    if _use_kernels(q):
         from trainer.kernels.attention_triton import fused_forward
 
-        hist = history[:, None]
-        res = fused_forward(q, hist, hist, mask, scale, c.to(history.dtype), topk)
-        return res.out[:, 0], res.features.to(q.dtype), res.lse[:, 0], res.top_index
-    hist = history[:, None]
+        res = fused_forward(q, hist, hist, mask, scale, c, topk)
+        return res.out[:, 0], res.features, res.lse[:, 0], res.top_index
     out = attention_reference(q, hist, hist, mask, scale)[:, 0]
     features = similarity_features(c, history, mask, topk)
     lse = _lse_reference(q, hist, mask, scale)[:, 0]
@@ -190,19 +236,21 @@ def attention_cosine_backward_op(
     top_index: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if q.is_cuda:
+    hq, cq = history.to(q.dtype), c.to(q.dtype)
+    hist = hq[:, None]
+    if _use_kernels(q):
         from trainer.kernels.attention_triton import fused_backward
 
-        hist = history[:, None]
         res = fused_backward(
             q, hist, hist, mask, scale, out[:, None], lse[:, None], grad_out[:, None],
-            c.to(history.dtype), grad_features, top_index, same_kv=True,
+            cq, grad_features, top_index, same_kv=True,
         )  # fmt: skip
-        return res.dq, res.dk[:, 0], res.dc.to(c.dtype)
-    hist = history[:, None]
-    dq, dk, dv = attention_backward_reference(grad_out[:, None], q, hist, hist, mask, scale)
-    d_hist, d_c = cosine_backward_reference(grad_features, history, mask, c, top_index)
-    return dq.contiguous(), (dk[:, 0] + dv[:, 0] + d_hist).contiguous(), d_c.contiguous()
+        dq, d_hist, d_c = res.dq, res.dk[:, 0], res.dc
+    else:
+        dq, dk, dv = attention_backward_reference(grad_out[:, None], q, hist, hist, mask, scale)
+        d_h, d_c = cosine_backward_reference(grad_features, hq, mask, cq, top_index)
+        dq, d_hist, d_c = dq.contiguous(), (dk[:, 0] + dv[:, 0] + d_h).contiguous(), d_c.contiguous()
+    return dq, d_hist.to(history.dtype), d_c.to(c.dtype)
 
 
 @attention_cosine_backward_op.register_fake
@@ -213,6 +261,7 @@ def _(grad_out, grad_features, q, history, mask, c, out, lse, top_index, scale):
 def _cosine_setup(ctx, inputs, output):
     q, history, mask, c, scale, _topk = inputs
     out, _features, lse, top_index = output
+    ctx.mark_non_differentiable(lse, top_index)  # as in _masked_setup; top_index is a position
     ctx.save_for_backward(q, history, mask, c, out, lse, top_index)
     ctx.scale = scale
 

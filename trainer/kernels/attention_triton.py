@@ -7,14 +7,14 @@ feeds its ranker, so the scores never reach device memory:
 
 - attention  out[n] = sum_j softmax_j(scale * q_n . k_j) v_j over unmasked j; an empty history gives 0;
 - recent     cos(c_n, k_j) for the k most recent positions (j >= L - k; histories are right-aligned);
-- top-k      the k largest cos(c_n, k_j) over unmasked j and where they are (sorted by the caller).
+- top-k      the k largest cos(c_n, k_j) over unmasked j, descending, and where they are.
 
 With COSINE the keys are the raw history vectors (EM3 eq. 7: values = history; the target-attention
 module folds its key projection into the query, see trainer/model/attention.py), so the tile that
 feeds the scores also feeds the cosines: `c` arrives L2-normalised and the key norms are taken
-in-kernel. Top-k keeps an unsorted set of k (value, position) slots per row and, per tile, inserts
-the row's tile maximum while it beats the set's minimum; after a few tiles almost no tile element
-qualifies, so that loop runs far fewer than k rounds per tile.
+in-kernel. Top-k packs each (cosine, position) pair into one int64 key and keeps the row's k largest
+keys, sorted; per tile two bitonic `tl.topk` passes (the tile's own k largest, then the k largest of
+those and the running ones) update them with fixed work, no data-dependent loop.
 
 The backward follows FlashAttention-2 (recompute the probabilities from the saved log-sum-exp): one
 kernel per history tile accumulates dK, dV and the cosine gradient of the history; one per candidate
@@ -22,8 +22,9 @@ tile accumulates dQ and the cosine gradient of c. The cosine gradient routes eac
 the position it was read from, rebuilt per tile from the saved top-k positions.
 
 Launchers take strided tensors (a head dimension of stride 0 broadcasts one history to every head)
-and work under Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how the tests run
-the kernels on machines without a GPU.
+of one floating dtype (`tl.dot` takes no mixed operands; the torch ops cast to q's) and work under
+Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how the tests run the kernels on
+machines without a GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-COS_EPS = 1e-12  # F.normalize's eps: a zero history vector has cosine 0 with everything
+COS_EPS = tl.constexpr(1e-12)  # F.normalize's eps: a zero history vector has cosine 0 with everything
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,9 @@ def _tile(base, rows, row_stride, rows_ok, cols, col_stride, n_cols):
 
 @triton.jit
 def _row_norms(x):
-    """max(|row|, 1e-12) in float32, F.normalize's denominator."""
+    """max(|row|, COS_EPS) in float32, F.normalize's denominator."""
     xf = x.to(tl.float32)
-    return tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
+    return tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), COS_EPS)
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _through_unit(grad_unit, x):
 
 @triton.jit
 def _unit_rows(c):
-    """Rows of c divided by max(|c|, 1e-12) (F.normalize), in c's dtype."""
+    """Rows of c divided by max(|c|, COS_EPS) (F.normalize), in c's dtype."""
     return (c.to(tl.float32) / _row_norms(c)[:, None]).to(c.dtype)
 
 
@@ -127,8 +128,8 @@ def _fwd_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,8 +248,8 @@ def _bwd_kv_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_l = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -316,8 +317,8 @@ def _bwd_q_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -388,6 +389,14 @@ def _strides(x: Tensor | None, dims: int) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * dims
 
 
+def _check_one_dtype(**tensors: Tensor | None) -> None:
+    """Triton's tl.dot asserts deep inside the kernel on mixed operands; say which input differs."""
+    dtypes = {name: x.dtype for name, x in tensors.items() if x is not None}
+    if len(set(dtypes.values())) > 1:
+        given = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"the fused attention kernels take one dtype for q, k, v and c, got {given}")
+
+
 def fused_forward(
     q: Tensor | None,
     k: Tensor,
@@ -411,6 +420,7 @@ def fused_forward(
     n = (q if attention else c).shape[-2]
     if cosine and h != 1:
         raise ValueError(f"cosine features take one history per request (H = 1), got H = {h}")
+    _check_one_dtype(q=q, k=k, v=v, c=c if cosine else None)
     dv = v.shape[-1] if attention else d
     blocks = blocks or default_blocks(d, k.device)
     block_k = triton.next_power_of_2(max(topk, 1))
@@ -421,7 +431,8 @@ def fused_forward(
     top_i = torch.empty(b, n, topk, dtype=torch.int32, device=dev) if cosine else None
     dummy = k.new_empty(1)
     qq, vv = (q, v) if attention else (k, k)
-    grid = (triton.cdiv(n, blocks.n), b * h)
+    # b * h on axis 0: CUDA's grid axes 1 and 2 stop at 65535, axis 0 at 2^31 - 1.
+    grid = (b * h, triton.cdiv(n, blocks.n))
     _fwd_kernel[grid](
         qq, k, vv, mask.view(torch.uint8), c if cosine else dummy,
         out if attention else dummy, lse if attention else dummy,
@@ -465,6 +476,7 @@ def fused_backward(
     are the same tensor, and dk carries both gradients."""
     attention = q is not None
     cosine = c is not None and top_index is not None
+    _check_one_dtype(q=q, k=k, v=v, c=c if cosine else None)
     b, h, length, d = k.shape
     n = (q if attention else c).shape[-2]
     dv_dim = v.shape[-1] if attention else d
@@ -497,8 +509,8 @@ def fused_backward(
         *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_strides(c if cosine else None, 3),
         *_strides(do if attention else None, 4),
     )  # fmt: skip
-    _bwd_kv_kernel[(triton.cdiv(length, blocks.l), b * h)](
+    _bwd_kv_kernel[(b * h, triton.cdiv(length, blocks.l))](  # b * h on axis 0, as in fused_forward
         *args, dk, dvv, scale, *strides, h, n, length, **common
     )
-    _bwd_q_kernel[(triton.cdiv(n, blocks.n), b * h)](*args, dq, dc, scale, *strides, h, n, length, **common)
+    _bwd_q_kernel[(b * h, triton.cdiv(n, blocks.n))](*args, dq, dc, scale, *strides, h, n, length, **common)
     return BackwardResult(dq if attention else None, dk, dvv if separate_dv else None, dc if cosine else None)
