@@ -153,12 +153,36 @@ def test_validate_rejects_inconsistent_values(sets, message):
         ({"model.content.fusion_heads": 0}, "model.content.fusion_heads must be >= 1"),
         ({"train.lr_ranker": -1e-3}, "train.lr_ranker must be >= 0"),
         ({"train.topk": [10, 0]}, "train.topk: every cut-off must be >= 1, got [10, 0]"),
+        ({"train.topk": []}, "train.topk: needs at least one cut-off"),
+        ({"seed": -1}, "seed must be in [0, 2**63), got -1"),
+        ({"seed": 2**63}, "seed must be in [0, 2**63)"),
     ],
 )
 def test_validate_rejects_values_out_of_range_naming_key_and_range(sets, message):
     with pytest.raises(MMRankError) as info:
         validate(resolve(sets=sets))
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("sets", "topk_protocol", "message"),
+    [
+        ({"train.early_stop_metric": "recall@5"}, None, "'recall@5' needs 5 in train.topk, got [10, 20, 50]"),
+        ({"train.early_stop_metric": "ndcg@20"}, False, "'ndcg@20' needs data with a top-K protocol"),
+        ({"train.topk": [10]}, True, "'auto' (recall@20 on this data) needs 20 in train.topk, got [10]"),
+    ],
+)
+def test_a_topk_stop_metric_needs_topk_data_and_its_cutoff(sets, topk_protocol, message):
+    """Caught with the config, not as a null metric (or a max() of nothing) at the first validation."""
+    with pytest.raises(MMRankError) as info:
+        validate(resolve(sets=sets), topk_protocol)
+    assert message in str(info.value)
+
+
+def test_auto_stop_metric_is_checked_only_where_the_data_is_known():
+    validate(resolve(sets={"train.topk": [10]}))  # auto may be auc: the data decides
+    validate(resolve(sets={"train.topk": [10]}), topk_protocol=False)  # auto is auc
+    validate(resolve(sets={"train.early_stop_metric": "recall@10", "train.topk": [10]}), topk_protocol=True)
 
 
 def test_validate_rejects_nan_in_a_range():

@@ -109,10 +109,13 @@ class TrainConfig:
     # auto (auc; recall@20 on top-K data) | auc | gauc | gauc_request | cold_auc | recall@K | ndcg@K |
     # logloss (lower is better). A validation where the metric is null (e.g. auc without negatives) fails.
     early_stop_metric: str = "auto"
-    patience: int = 3  # stop after this many validations without improvement; 0 = never stop early
+    # stop after this many validations without improvement; 0 = never stop early. An early stop in phase 1
+    # of a LoRA schedule ends that phase: the LoRA phase starts from its best weights, with its own patience.
+    patience: int = 3
     log_every: int = 50  # a structured line in RUN/train_log.jsonl every N steps
     checkpoint_every_steps: int = 200  # RUN/last.pt every N steps (and at every epoch end)
-    topk: tuple[int, ...] = (10, 20, 50)  # Recall@K / NDCG@K cut-offs on data with a top-K protocol
+    # Recall@K / NDCG@K cut-offs on data with a top-K protocol; they include a recall@K / ndcg@K early-stop K
+    topk: tuple[int, ...] = (10, 20, 50)
     # Streaming (online learning): one pass in time order over train + valid + test, each window
     # evaluated before the model trains on it (prequential evaluation).
     streaming: bool = False
@@ -286,9 +289,35 @@ def check_model_ranges(model: ModelConfig) -> None:
             raise MMRankError(f"model.{key}={heads} must divide model.content.d={model.content.d}")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value checks the types cannot express; the model checks its option names and combinations."""
+def check_stop_metric(t: TrainConfig, topk_protocol: bool | None) -> None:
+    """A known early-stopping metric; a recall@K / ndcg@K one (what `auto` resolves to, where the data is
+    known) needs top-K data and K among train.topk: no other cut-off is computed, so its value would be null."""
+    if t.early_stop_metric != "auto" and higher_is_better(t.early_stop_metric) is None:
+        raise MMRankError(
+            f"train.early_stop_metric: {t.early_stop_metric!r} is not one of auto, {', '.join(STOP_METRICS)}, recall@K, ndcg@K"
+        )
+    if topk_protocol is None and t.early_stop_metric == "auto":
+        return
+    name = t.early_stop_metric if topk_protocol is None else stop_metric(t.early_stop_metric, topk_protocol)
+    if not name.startswith(TOPK_METRICS):
+        return
+    shown = f"train.early_stop_metric={t.early_stop_metric!r}" + (
+        f" ({name} on this data)" if name != t.early_stop_metric else ""
+    )
+    if topk_protocol is False:
+        raise MMRankError(f"{shown} needs data with a top-K protocol")
+    k = int(name.partition("@")[2])
+    if k not in t.topk:
+        raise MMRankError(f"{shown} needs {k} in train.topk, got {list(t.topk)}")
+
+
+def validate(cfg: RunConfig, topk_protocol: bool | None = None) -> None:
+    """Value checks the types cannot express; the model checks its option names and combinations.
+    `topk_protocol`: whether the data has a top-K protocol, where known (it resolves early_stop_metric=auto)."""
     check_model_ranges(cfg.model)
+    # NumPy's per-epoch generators refuse a negative seed; torch's refuses one of 2**64 or more.
+    if not 0 <= cfg.seed < 2**63:
+        raise MMRankError(f"seed must be in [0, 2**63), got {cfg.seed}")
     t = cfg.train
     if cfg.model.loss.main not in MAIN_LOSSES:
         raise MMRankError(f"model.loss.main: {cfg.model.loss.main!r} is not one of {', '.join(MAIN_LOSSES)}")
@@ -302,10 +331,6 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.amp not in AMP_MODES:
         raise MMRankError(f"train.amp: {t.amp!r} is not one of {', '.join(AMP_MODES)}")
-    if t.early_stop_metric != "auto" and higher_is_better(t.early_stop_metric) is None:
-        raise MMRankError(
-            f"train.early_stop_metric: {t.early_stop_metric!r} is not one of auto, {', '.join(STOP_METRICS)}, recall@K, ndcg@K"
-        )
     positive = {
         "batch_size": t.batch_size,
         "eval_batch_size": t.eval_batch_size,
@@ -333,8 +358,11 @@ def validate(cfg: RunConfig) -> None:
     for name, value in nonneg.items():
         if not value >= 0:
             raise MMRankError(f"train.{name} must be >= 0, got {value}")
+    if not t.topk:
+        raise MMRankError("train.topk: needs at least one cut-off")
     if not all(k >= 1 for k in t.topk):
         raise MMRankError(f"train.topk: every cut-off must be >= 1, got {list(t.topk)}")
+    check_stop_metric(t, topk_protocol)
     if t.lora_epochs and cfg.model.interest.lora_rank <= 0:
         raise MMRankError("train.lora_epochs > 0 needs model.interest.lora_rank > 0")
     if t.lora_epochs and (t.task_pe or cfg.model.content.source == "fixed"):
