@@ -1,15 +1,15 @@
-"""`mmrank ablation` reuses a finished run only when its config.json is the config the command resolves;
-checked on hand-written finished runs, so nothing trains."""
+"""`mmrank ablation` reuses a finished run (or resumes an unfinished one) only when it was trained with the
+config the command resolves and on its dataset; checked on hand-written run folders, so nothing trains."""
 
 import json
 
 import pytest
 
 from mmrank.errors import MMRankError
-from trainer.ablation import run_ablation, run_path
+from trainer.ablation import check_reusable, run_ablation, run_path
 from trainer.config import resolve
 from trainer.data.schema import MANIFEST, Manifest
-from trainer.run import CONFIG, METRICS
+from trainer.run import CONFIG, DATA, METRICS, data_identity
 
 SETS = {"train.log_every": 100}
 
@@ -35,13 +35,15 @@ def data(tmp_path):
     return root
 
 
-def finished_run(out, seed: int, max_steps: int) -> None:
-    """A run folder as `mmrank ablation ... --max-steps max_steps` leaves it for id_only."""
+def finished_run(out, seed: int, max_steps: int, data=None) -> None:
+    """A run folder as `mmrank ablation ... --max-steps max_steps` leaves it for id_only; `data`: the
+    dataset folder its metrics.json names (as runs from before data.json record it)."""
     run_dir = run_path(out, "id_only", seed)
     run_dir.mkdir(parents=True)
     cfg = resolve("id_only", sets=SETS, seed=seed, max_steps=max_steps)
     (run_dir / CONFIG).write_text(cfg.to_json())
-    metrics = {"valid": {}, "test": {"auc": [0.6, 0.61][seed]}, "train": {"steps": max_steps, "best_step": 2}}
+    train = {"steps": max_steps, "best_step": 2, **({"data": str(data.resolve())} if data else {})}
+    metrics = {"valid": {}, "test": {"auc": [0.6, 0.61][seed]}, "train": train}
     (run_dir / METRICS).write_text(json.dumps(metrics))
 
 
@@ -64,3 +66,45 @@ def test_a_finished_run_with_another_config_is_refused_naming_the_keys(data, tmp
     assert "seed0: a finished run trained with another config" in message
     assert "train.batch_size: 256 there, 64 now" in message and "train.max_steps: 3 there, 5 now" in message
     assert not (out / "ablation.md").exists()
+
+
+def test_a_finished_run_on_another_dataset_is_refused(data, tmp_path):
+    out = tmp_path / "ablation"
+    finished_run(out, 0, max_steps=3, data=data)
+    run_ablation(data, ["id_only"], [0], out, SETS, max_steps=3)  # the folder it names: reused
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / MANIFEST).write_bytes((data / MANIFEST).read_bytes())
+    with pytest.raises(
+        MMRankError, match=f"a finished run trained on {data.resolve()}, not on {tmp_path / 'other'}"
+    ):
+        run_ablation(tmp_path / "other", ["id_only"], [0], out, SETS, max_steps=3)
+    # data.json names the manifest too: the same folder rebuilt with other data is another dataset.
+    identity = data_identity(data)
+    (run_path(out, "id_only", 0) / DATA).write_text(json.dumps({**identity, "manifest_sha256": "0" * 64}))
+    with pytest.raises(
+        MMRankError, match=r"\(manifest sha256 000000000000\), not on .*its metrics.json would"
+    ):
+        run_ablation(data, ["id_only"], [0], out, SETS, max_steps=3)
+
+
+def test_an_unfinished_run_with_another_config_is_refused_before_anything_trains(data, tmp_path):
+    out = tmp_path / "ablation"
+    unfinished = run_path(out, "id_only", 1)
+    unfinished.mkdir(parents=True)
+    (unfinished / CONFIG).write_text(
+        resolve("id_only", sets={**SETS, "train.batch_size": 64}, seed=1).to_json()
+    )
+    with pytest.raises(MMRankError) as info:
+        run_ablation(data, ["id_only"], [0, 1], out, SETS)
+    assert (
+        "seed1: an unfinished run trained with another config (train.batch_size: 64 there, 256 now)"
+        in str(info.value)
+    )
+    assert "resuming it would make it this command's result" in str(info.value)
+    assert not run_path(out, "id_only", 0).exists()
+    # When to stop is what a resumed run may change.
+    check_reusable(
+        unfinished,
+        resolve("id_only", sets={**SETS, "train.batch_size": 64}, seed=1, max_steps=9),
+        data_identity(data),
+    )

@@ -5,8 +5,8 @@ the interval (`trainer.stats`).
 
 OUT/runs/PRESET/seedS/ are ordinary run folders: a finished one (metrics.json) is reused and an
 interrupted one resumed, so re-running the same command after a crash only does the missing work. A
-finished run whose config.json differs from the config this command resolves is refused, naming the
-keys, before anything trains.
+run folder trained with another config than this command resolves (an unfinished one may differ in when
+to stop) or on another dataset is refused, naming the difference, before anything trains.
 OUT/ablation.md holds the table with the exact command and machine; OUT/ablation.json the raw metrics.
 """
 
@@ -24,10 +24,10 @@ from mmrank.errors import MMRankError
 from trainer.config import RunConfig, parse_sets, read_preset, resolve, stop_metric, validate
 from trainer.data.schema import Manifest, write_json_atomic
 from trainer.provenance import machine
-from trainer.run import CONFIG, METRICS, read_config
+from trainer.run import CONFIG, METRICS, data_identity, data_mismatch, read_config
 from trainer.stats import describe, paired
 from trainer.train import train
-from trainer.train.run_dir import _differences
+from trainer.train.run_dir import RESUMABLE_CHANGES, _differences
 
 # (metrics.json block, key, column title, decimals); a column no run has is left out
 COLUMNS = (
@@ -62,20 +62,26 @@ def _value(tree: dict, key: str):
     return tree
 
 
-def check_reusable(run_dir: Path, cfg: RunConfig) -> None:
-    """A finished run stands in for `cfg` only if it was trained with `cfg`: otherwise a rerun with
-    another --set, --epochs or --max-steps would tabulate the old run's results under the new command."""
-    if not (run_dir / METRICS).is_file():
+def check_reusable(run_dir: Path, cfg: RunConfig, data: dict[str, str]) -> None:
+    """A run folder stands in for `cfg` on the dataset `data` (`data_identity`) only if it was trained with
+    both: otherwise a rerun with another --set, --epochs, --max-steps or --data would tabulate the old
+    run's results (finished) or continue it (unfinished) under the new command."""
+    if not (run_dir / CONFIG).is_file():
         return
+    finished = (run_dir / METRICS).is_file()
+    what = "a finished run" if finished else "an unfinished run"
+    outcome = f"its {METRICS} would be tabulated as" if finished else "resuming it would make it"
+    advice = "Choose another --out, or delete that run folder to train it again"
     saved, asked = read_config(run_dir).to_dict(), cfg.to_dict()
-    diff = _differences(saved, asked)
+    diff = [k for k in _differences(saved, asked) if finished or k not in RESUMABLE_CHANGES]
     if diff:
         shown = "; ".join(f"{k}: {_value(saved, k)!r} there, {_value(asked, k)!r} now" for k in diff)
         raise MMRankError(
-            f"{run_dir}: a finished run trained with another config ({shown}); its {METRICS} would be "
-            "tabulated as this command's result. Choose another --out, or delete that run folder to "
-            "train it again"
+            f"{run_dir}: {what} trained with another config ({shown}); {outcome} this command's result. {advice}"
         )
+    other = data_mismatch(run_dir, data)
+    if other:
+        raise MMRankError(f"{run_dir}: {what} {other}; {outcome} this command's result. {advice}")
 
 
 def run_one(data: Path, cfg: RunConfig, run_dir: Path) -> dict:
@@ -172,9 +178,10 @@ def run_ablation(
         for preset in presets
         for seed in seeds
     }
+    identity = data_identity(data)
     for (preset, seed), cfg in plan.items():  # every name, override and reused run checked before training
-        validate(cfg)
-        check_reusable(run_path(out, preset, seed), cfg)
+        validate(cfg, manifest.topk_protocol)
+        check_reusable(run_path(out, preset, seed), cfg, identity)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for (preset, seed), cfg in plan.items():

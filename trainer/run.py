@@ -1,8 +1,8 @@
 """A run folder and the model it describes: build a RankingModel from a dataset and a RunConfig, and
 load a finished run back (`load_run`) for evaluation and export.
 
-RUN/ holds config.json (the full resolved config), metrics.json, train_log.jsonl, last.pt, best.pt and,
-for runs on a fixed content table, content_table.npy. config.json describes what was asked; the model
+RUN/ holds config.json (the full resolved config), data.json (which dataset it trains on), metrics.json,
+train_log.jsonl, last.pt, best.pt and, for runs on a fixed content table, content_table.npy. config.json describes what was asked; the model
 in best.pt may differ from `cfg.model` in two documented ways, both resolved by `final_model_config`:
 - a fixed content source without a table (the `pe` preset) or `train.task_pe` reads RUN/content_table.npy
   (pe: PCA of the frozen features; task_pe: the stage-1 tower's vectors, stage 1 living in RUN/stage1/);
@@ -13,6 +13,7 @@ in best.pt may differ from `cfg.model` in two documented ways, both resolved by 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -23,12 +24,13 @@ import torch
 from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import RunConfig, from_dict, load_json
-from trainer.data.schema import Dataset
+from trainer.data.schema import MANIFEST, Dataset
 from trainer.features.store import ItemFeatures, load_item_features
 from trainer.model.config import ModelConfig
 from trainer.model.ranking_model import ModelSchema, RankingModel
 
 CONFIG = "config.json"
+DATA = "data.json"
 METRICS = "metrics.json"
 TRAIN_LOG = "train_log.jsonl"
 CONTENT_TABLE = "content_table.npy"
@@ -139,6 +141,39 @@ def read_config(run_dir: str | Path) -> RunConfig:
         return from_dict(raw)
     except MMRankError as e:
         raise MMRankError(f"{path}: {e}") from e
+
+
+def data_identity(root: str | Path) -> dict[str, str]:
+    """A dataset as a run records it: its resolved folder and the SHA-256 of its manifest.json (which
+    changes when the folder is rebuilt with other data: seed, counts, split boundaries)."""
+    root = Path(root).resolve()
+    return {"path": str(root), "manifest_sha256": hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()}
+
+
+def recorded_data(run_dir: str | Path) -> dict[str, str]:
+    """The identity of the dataset a run folder trained on, as far as it recorded one: RUN/data.json, else
+    (runs from before it) the folder named in a finished run's metrics.json; {} when neither is there."""
+    run_dir = Path(run_dir)
+    if (run_dir / DATA).is_file():
+        return load_json(run_dir / DATA)
+    if (run_dir / METRICS).is_file():
+        path = load_json(run_dir / METRICS).get("train", {}).get("data")
+        return {"path": path} if path else {}
+    return {}
+
+
+def describe_data(identity: dict[str, str]) -> str:
+    digest = identity.get("manifest_sha256")
+    return identity.get("path", "?") + (f" (manifest sha256 {digest[:12]})" if digest else "")
+
+
+def data_mismatch(run_dir: str | Path, identity: dict[str, str]) -> str | None:
+    """None when the dataset `identity` is the one `run_dir` recorded (as far as it did), else a phrase
+    naming both: "trained on RECORDED, not on IDENTITY"."""
+    recorded = recorded_data(run_dir)
+    if all(recorded.get(k, v) == v for k, v in identity.items()):
+        return None
+    return f"trained on {describe_data(recorded)}, not on {describe_data(identity)}"
 
 
 def restore(
