@@ -16,7 +16,7 @@ from trainer import checkpoint
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
 from trainer.provenance import code_commit, machine
-from trainer.run import CONTENT_TABLE, load_run
+from trainer.run import CONTENT_TABLE, load_run, restore
 from trainer.train import Trainer, evaluate_run, train
 
 QUIET = {"train.log_every": 10_000}
@@ -109,13 +109,18 @@ def uninterrupted(data, tmp_path_factory):
     return out, metrics
 
 
+def _same_model(a, b):
+    """Every tensor of the state dict `a` as in `b`."""
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=0, atol=1e-6, msg=name)
+
+
 def _assert_same_weights(a, b):
     sa = checkpoint.load(a / "last.pt")["model"]
     sb = checkpoint.load(b / "last.pt")["model"]
     assert sa.keys() == sb.keys()
     assert any("lora_a" in k for k in sa) and "bank.vectors" in sa
-    for name in sa:
-        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=1e-6, msg=name)
+    _same_model(sa, sb)
 
 
 @pytest.mark.threads(1)
@@ -150,6 +155,153 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(data, tmp_path, unint
     monkeypatch.setattr(Trainer, "_step", step)
     train(data, _cfg("em3", **RESUME), out, resume=True, progress=False)
     _assert_same_weights(ref, out)
+
+
+def _log_events(run):
+    """(event, step) of every train_log.jsonl line: the same for runs that trained the same steps."""
+    return [
+        (x["event"], x["step"]) for x in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+    ]
+
+
+# Early stopping that triggers within a few seconds: id_only validated every 4 steps stops at step 20
+# (best 16) with patience 1.
+EARLY = {
+    "train.batch_size": 512,
+    "train.epochs": 3,
+    "train.eval_every_steps": 4,
+    "train.patience": 1,
+    "train.lr_ranker": 0.02,
+}
+
+
+@pytest.mark.threads(1)
+def test_stops_at_max_steps_leave_early_stopping_to_the_resumed_run(data, tmp_path):
+    """A stop before the first validation (3) and one off the schedule (6) neither validate into the
+    early-stopping state nor move best.pt, so the resumed run stops and keeps what one that never
+    stopped does."""
+    ref = train(data, _cfg("id_only", **EARLY), tmp_path / "ref", progress=False)
+    assert ref["train"]["stopped"] == "early_stop" and ref["train"]["best_step"] < ref["train"]["steps"]
+    out = tmp_path / "run"
+    first = train(data, _cfg("id_only", **EARLY, **{"train.max_steps": 3}), out, progress=False)
+    assert first["train"]["best_step"] == 3 and checkpoint.load(out / "best.pt")["step"] == 3  # reported only
+    assert checkpoint.load(out / "last.pt")["state"]["best_step"] == -1
+    second = train(data, _cfg("id_only", **EARLY, **{"train.max_steps": 6}), out, resume=True, progress=False)
+    assert second["train"]["best_step"] == 4 and second["train"]["stopped"] == "max_steps"
+    resumed = train(data, _cfg("id_only", **EARLY), out, resume=True, progress=False)
+    for key in ("steps", "best_step", "stopped"):
+        assert resumed["train"][key] == ref["train"][key], key
+    assert resumed["valid"] == ref["valid"] and _log_events(out) == _log_events(tmp_path / "ref")
+    for name in ("best.pt", "last.pt"):
+        _same_model(checkpoint.load(out / name)["model"], checkpoint.load(tmp_path / "ref" / name)["model"])
+
+
+@pytest.mark.threads(1)
+def test_a_crash_between_the_checkpoint_writes_resumes_to_the_same_best_model_and_log(
+    data, tmp_path, monkeypatch
+):
+    """A kill after last.pt records a new best but before best.pt holds it, then one after steps were
+    logged past the last checkpoint: the resumed run rewrites best.pt and drops the repeated log lines."""
+    cfg = _cfg(
+        "id_only",
+        **{
+            "train.batch_size": 512,
+            "train.eval_every_steps": 2,
+            "train.checkpoint_every_steps": 5,
+            "train.log_every": 1,
+            "train.patience": 0,
+            "train.max_steps": 12,
+        },
+    )
+    ref = train(data, cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "run"
+    save_best, step, calls = checkpoint.save_best, Trainer._step, []
+
+    def crashing_save_best(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("killed before best.pt")
+        save_best(*args)
+
+    monkeypatch.setattr(checkpoint, "save_best", crashing_save_best)
+    with pytest.raises(RuntimeError, match="killed before best.pt"):
+        train(data, cfg, out, progress=False)
+    last = checkpoint.load(out / "last.pt")["state"]
+    assert last["best_step"] == last["global_step"] > checkpoint.load(out / "best.pt")["step"]
+    monkeypatch.setattr(checkpoint, "save_best", save_best)
+
+    def crashing_step(self, batch):
+        if self.state.global_step == 9:
+            raise RuntimeError("killed after logging")
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_step", crashing_step)
+    with pytest.raises(RuntimeError, match="killed after logging"):
+        train(data, cfg, out, resume=True, progress=False)
+    assert checkpoint.load(out / "last.pt")["state"]["global_step"] < _log_events(out)[-1][1]
+    monkeypatch.setattr(Trainer, "_step", step)
+    resumed = train(data, cfg, out, resume=True, progress=False)
+    assert resumed["train"]["best_step"] == ref["train"]["best_step"] and resumed["valid"] == ref["valid"]
+    assert _log_events(out) == _log_events(tmp_path / "ref")
+    _same_model(
+        checkpoint.load(out / "best.pt")["model"], checkpoint.load(tmp_path / "ref" / "best.pt")["model"]
+    )
+
+
+@pytest.mark.threads(1)
+def test_the_final_validation_is_saved_and_a_finished_run_is_not_resumed(data, mmrec, tmp_path):
+    # One epoch (38 steps) validated every 5: the final validation (38) does not improve on step 35's
+    # and falls on a step last.pt was already written at (every step).
+    cfg = _cfg(
+        "id_only",
+        **{
+            "train.batch_size": 512,
+            "train.epochs": 1,
+            "train.eval_every_steps": 5,
+            "train.checkpoint_every_steps": 1,
+            "train.patience": 0,
+            "train.lr_ranker": 0.05,
+        },
+    )
+    out = tmp_path / "run"
+    metrics = train(data, cfg, out, progress=False)
+    steps = metrics["train"]["steps"]
+    state = checkpoint.load(out / "last.pt")["state"]
+    assert metrics["train"]["best_step"] < steps and metrics["train"]["stopped"] == "epochs"
+    assert state["last_eval_step"] == steps and state["bad_evals"] == 1
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(MMRankError, match=f"the run is finished \\(step {steps}, results in metrics.json\\)"):
+        train(data, cfg, out, resume=True, progress=False)
+    with pytest.raises(
+        MMRankError, match=f"the run trained on {data.resolve()} \\(manifest sha256 [0-9a-f]{{12}}\\), not on"
+    ):
+        train(mmrec, cfg, out, resume=True, progress=False)
+    assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.threads(1)
+def test_an_early_stop_in_phase_1_hands_its_best_weights_to_the_lora_phase(data, tmp_path):
+    """EM3 §3.3.2 adds LoRA to weights that have stabilised: phase 1 stops early at step 12 (best 8), the
+    LoRA phase starts from step 8's weights with its own patience (stopping at 24), and a resume at the
+    phase boundary lands on the same weights."""
+    sets = {"train.eval_every_steps": 4, "train.patience": 1, "train.lr_ranker": 0.02, "train.max_steps": 30}
+    cfg = _cfg("em3", **sets)
+    ref = train(data, cfg, tmp_path / "ref", progress=False)
+    assert ref["train"]["lora_phase"] and ref["train"]["phase1_stopped_early"]
+    assert ref["train"]["stopped"] == "early_stop" and ref["train"]["best_step"] > 12
+    out = tmp_path / "run"
+    first = train(data, _cfg("em3", **{**sets, "train.max_steps": 12}), out, progress=False)
+    assert not first["train"]["lora_phase"] and first["train"]["stopped"] == "max_steps"
+    assert first["train"]["best_step"] == 8
+    (tmp_path / "phase1_best.pt").write_bytes((out / "best.pt").read_bytes())
+    train(data, cfg, out, resume=True, progress=False)
+    for name in ("best.pt", "last.pt"):
+        _same_model(checkpoint.load(out / name)["model"], checkpoint.load(tmp_path / "ref" / name)["model"])
+    _, phase1 = restore(cfg, out, load_dataset(data), tmp_path / "phase1_best.pt")
+    phase1.start_lora_phase()
+    frozen = {n: p for n, p in phase1.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("tower.") for n in frozen)
+    _same_model(frozen, checkpoint.load(out / "last.pt")["model"])
 
 
 def test_evaluate_reloads_a_best_model_from_the_lora_phase(data, uninterrupted):
@@ -253,6 +405,11 @@ def test_cli_failures_are_one_line_and_lose_nothing(data, tmp_path, capsys):
         ["train", "--data", str(data), "--preset", "id_only", "--out", str(out), "--set", "train.nope=1"],
         capsys,
         "unknown config key 'train.nope'",
+    )
+    _fails(
+        ["train", "--data", str(data), "--preset", "id_only", "--out", str(out), "--seed", "-1"],
+        capsys,
+        "seed must be in [0, 2**63), got -1",
     )
     assert not out.exists()
     args = [

@@ -3,7 +3,9 @@
 last.pt holds the model (memory bank buffers included), optimizer, loss scaler, the data position
 (epoch and batches consumed in it), the global step, the early-stopping state and every process's RNG
 states, so a killed run resumes exactly where its last checkpoint was written. Files are written to a
-temporary sibling and renamed into place: a kill during a write leaves the previous file intact.
+temporary sibling and renamed into place: a kill during a write leaves the previous file intact. An
+improvement writes last.pt, then best.pt: a kill between the two leaves a last.pt that records the new
+best step and holds its model, from which a resume rewrites best.pt (`Trainer._check_best`).
 Everything is stored as tensors and plain Python values, so files load with `weights_only=True`.
 """
 
@@ -38,9 +40,11 @@ class TrainState:
     best_valid: dict = field(default_factory=dict)  # every validation metric at the best step
     bad_evals: int = 0  # validations since the last improvement
     stopped_early: bool = False
+    phase1_stopped_early: bool = False  # early stopping ended phase 1; the LoRA phase started from its best
     samples_seen: int = 0  # training rows consumed, all processes together
     train_seconds: float = 0.0  # wall time spent in training steps (evaluation excluded)
     windows: list = field(default_factory=list)  # streaming: per-window prequential metrics
+    log_lines: int = 0  # lines of RUN/train_log.jsonl written so far; a resume drops any later ones
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainState:

@@ -9,7 +9,7 @@ import torch
 
 from mmrank.errors import MMRankError
 from trainer.config import RunConfig, parse_sets, resolve, validate
-from trainer.data.schema import load_dataset, write_json_atomic
+from trainer.data.schema import Manifest, load_dataset, write_json_atomic
 from trainer.evaluate import evaluate_split
 from trainer.run import METRICS, load_run, read_config
 from trainer.train.distributed import Dist
@@ -20,7 +20,7 @@ def train(
     data_dir: str | Path, cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool | None = None
 ) -> dict:
     """Train `cfg` on the dataset in `data_dir` into the run folder `out`; returns metrics.json's content."""
-    validate(cfg)
+    validate(cfg, Manifest.read(data_dir).topk_protocol)  # before the (slower) dataset checks
     ds = load_dataset(data_dir)
     dist = Dist.init()
     try:

@@ -4,20 +4,25 @@ AdamW with separate learning rates for the content tower and the ranker, loss = 
 or BPR against sampled negatives, or none) + the model's weighted auxiliary losses (CIC, SQDC),
 autocast per `train.amp`, gradient clipping, validation every N steps or per epoch with early stopping
 on the best checkpoint, and the best model evaluated on test at the end. `train.lora_epochs`: after
-`train.epochs`, `start_lora_phase()` and longer histories (EM3 §3.3.2).
+`train.epochs`, `start_lora_phase()` and longer histories (EM3 §3.3.2); an early stop ends phase 1
+only, and the LoRA phase starts from phase 1's best weights with its own patience.
 
 Resume: every row order is a pure function of (seed, epoch) (`SampleSet.order`) and last.pt records
 the batches consumed in the epoch, the RNG states of every process and the optimizer, so a resumed run
 continues with the same batches and random draws as one that never stopped. Evaluation runs in eval
-mode on a forked RNG and never writes the memory bank, so it does not perturb training either.
+mode on a forked RNG and never writes the memory bank, so it does not perturb training either. A stop
+at train.max_steps leaves the early-stopping state and best.pt as they were, so resuming it continues
+the run that never stopped; train_log.jsonl is cut back to the lines last.pt accounts for.
 
 Streaming (`train.streaming`) is the other way through the same loop: `trainer.train.streaming`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -31,7 +36,7 @@ from tqdm import tqdm
 from mmrank.errors import MMRankError
 from trainer import checkpoint, provenance
 from trainer.checkpoint import TrainState
-from trainer.config import TOPK_METRICS, RunConfig, higher_is_better, stop_metric
+from trainer.config import RunConfig, TrainConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
 from trainer.data.negatives import NegativeSampler
 from trainer.data.samples import SampleSet, make_samples
@@ -39,10 +44,21 @@ from trainer.data.schema import SPLITS, Dataset, write_json_atomic
 from trainer.evaluate import evaluate_ctr, evaluate_topk, train_item_ids
 from trainer.losses import bce, bpr
 from trainer.model.ranking_model import RankingModel
-from trainer.run import METRICS, TRAIN_LOG, build_schema, final_model_config, restore
+from trainer.run import METRICS, TRAIN_LOG, build_schema, data_identity, final_model_config, restore
 from trainer.train.batches import batches, take
 from trainer.train.distributed import Dist, seed_everything
 from trainer.train.streaming import stream
+
+
+def trains_further(s: TrainState, t: TrainConfig) -> bool:
+    """Whether a run in state `s` has steps left under `t`."""
+    if 0 < t.max_steps <= s.global_step:
+        return False
+    if t.streaming:
+        return s.epoch < t.stream_windows + 2  # the train windows, then valid and test (`stream_windows`)
+    if s.stopped_early:  # an early stop ends its phase; the LoRA phase still follows phase 1
+        return t.lora_epochs > 0 and not s.lora_phase
+    return s.epoch < t.epochs + t.lora_epochs
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -77,11 +93,7 @@ class Trainer:
             self._resume()
         self.ddp = self._wrap()
         self.topk = ds.manifest.topk_protocol
-        self.stop_metric = stop_metric(self.t.early_stop_metric, self.topk)
-        if self.stop_metric.startswith(TOPK_METRICS) and not self.topk:
-            raise MMRankError(
-                f"train.early_stop_metric={self.stop_metric!r} needs data with a top-K protocol"
-            )
+        self.stop_metric = stop_metric(self.t.early_stop_metric, self.topk)  # checked by config.validate
         self.history_splits = ("train",) if self.topk else tuple(SPLITS)
         self.train_items = train_item_ids(ds)
         self.negatives = self._negative_sampler() if self.model_cfg.loss.main == "bpr" else None
@@ -89,7 +101,11 @@ class Trainer:
         self._log_sums: dict[str, list[float]] = {}
         self._log_t0 = time.perf_counter()
         self._log_rows = 0
-        self._saved_step = -1
+        self._saved_step = -1  # step of the latest last.pt, -1 once the state has changed since
+        # (step, valid metrics) of a model saved to best.pt only to be reported (`_report_current`)
+        self._reported: tuple[int, dict] | None = None
+        if dist.main:
+            self._truncate_log()
 
     # -- setup
     def _negative_sampler(self) -> NegativeSampler:
@@ -128,13 +144,55 @@ class Trainer:
             raise MMRankError(f"{path}: optimizer state does not match the model ({e})") from e
         self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][self.dist.rank])
+        if "log_lines" not in ckpt["state"]:  # a last.pt from before log_lines: its log is kept whole
+            log = self.out / TRAIN_LOG
+            self.state.log_lines = len(log.read_text().splitlines()) if log.is_file() else 0
+        self._check_best()
+
+    def _check_best(self) -> None:
+        """best.pt is written right after the last.pt that records it: a kill between the two leaves a
+        best.pt behind a last.pt whose own model is the best one, and best.pt is rewritten from it."""
+        s, path = self.state, self.out / checkpoint.BEST
+        if s.best_step < 0:  # not validated yet: a best.pt there only reports a max-steps stop
+            return
+        step = checkpoint.load(path)["step"] if path.is_file() else None
+        if step == s.best_step:
+            return
+        if s.best_step != s.global_step:
+            raise MMRankError(
+                f"{path}: holds step {step}, but {checkpoint.LAST} records the best model at step "
+                f"{s.best_step}, which no file holds; train again in another --out"
+            )
+        if self.dist.main:
+            checkpoint.save_best(path, self.model, s)
+
+    def _truncate_log(self) -> None:
+        """Drop the lines a crashed attempt logged after its last checkpoint: the resumed run logs those
+        steps again. Written to a temporary sibling and renamed, so a kill keeps the old log."""
+        path = self.out / TRAIN_LOG
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        if len(lines) <= self.state.log_lines:
+            return
+        tmp = path.with_name(f".{TRAIN_LOG}.tmp")
+        tmp.write_text("".join(lines[: self.state.log_lines]))
+        os.replace(tmp, path)
 
     def _start_lora_phase(self) -> None:
+        """EM3 §3.3.2: freeze the content tower trained in phase 1 and add LoRA adapters. Each phase has
+        its own patience; after an early stop, phase 1's weights are its best ones (best.pt, which stays
+        the best of the whole run) and the LoRA phase starts at its first epoch."""
+        s = self.state
+        if s.stopped_early:
+            best = self.out / checkpoint.BEST
+            checkpoint.load_model_state(self.model, checkpoint.load(best)["model"], best)
+            s.epoch, s.batch_in_epoch = self.t.epochs, 0
+            s.stopped_early, s.phase1_stopped_early = False, True
+        s.bad_evals = 0
         self.model.start_lora_phase()
         self.model.to(self.device)
         self.optimizer = self._make_optimizer()
         self.ddp = self._wrap()
-        self.state.lora_phase = True
+        s.lora_phase = True
 
     def lengths(self, lora_phase: bool) -> tuple[int, int]:
         it = final_model_config(self.cfg, self.out, lora_phase).interest
@@ -212,7 +270,7 @@ class Trainer:
             ):
                 self._validate()
             if s.global_step % self.t.checkpoint_every_steps == 0:
-                self._save_last()
+                self._checkpoint()
             if s.stopped_early or self._at_max_steps():
                 return False
 
@@ -246,6 +304,7 @@ class Trainer:
         text = json.dumps(line, sort_keys=True, default=float)
         with open(self.out / TRAIN_LOG, "a") as f:
             f.write(text + "\n")
+        self.state.log_lines += 1
         if bar is None or bar.disable:
             print(f"train: {text}", file=sys.stderr)
 
@@ -277,34 +336,37 @@ class Trainer:
                     )
         return self.dist.broadcast(metrics)
 
-    def _validate(self) -> None:
-        s = self.state
+    def _valid_metrics(self) -> tuple[dict, float]:
+        """The current model's validation metrics and its value of the early-stopping metric."""
         metrics = self.evaluate(
-            self.model, self.samples("valid"), "valid", self.train_items, self.lengths(s.lora_phase)
+            self.model, self.samples("valid"), "valid", self.train_items, self.lengths(self.state.lora_phase)
         )
-        s.last_eval_step = s.global_step
-        name = self.stop_metric
-        value, higher = metrics.get(name), higher_is_better(name)
+        value = metrics.get(self.stop_metric)
         if value is None:  # a null metric would keep the first checkpoint forever, silently
             known = sorted(k for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
             raise MMRankError(
-                f"valid {name} is null on this data (defined: {', '.join(known) or 'none'}); "
+                f"valid {self.stop_metric} is null on this data (defined: {', '.join(known) or 'none'}); "
                 "choose one with --set train.early_stop_metric=NAME"
             )
+        return metrics, value
+
+    def _validate(self) -> None:
+        s = self.state
+        metrics, value = self._valid_metrics()
+        s.last_eval_step = s.global_step
         improved = (
             s.best_metric is None
             # Without a ranking loss the ranking metrics say nothing of the model: keep the latest.
             or self.model_cfg.loss.main == "none"
-            or (value > s.best_metric if higher else value < s.best_metric)
+            or (value > s.best_metric if higher_is_better(self.stop_metric) else value < s.best_metric)
         )
         if improved:
             s.best_metric, s.best_step, s.best_valid = value, s.global_step, metrics
             s.bad_evals = 0
-            if self.dist.main:
-                checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
         else:
             s.bad_evals += 1
             s.stopped_early = 0 < self.t.patience <= s.bad_evals
+        self._saved_step = -1
         self._log(
             {
                 "event": "valid",
@@ -315,6 +377,22 @@ class Trainer:
                 **metrics,
             }
         )
+        if improved:  # last.pt first (see `_check_best`)
+            self._save_last()
+            if self.dist.main:
+                checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
+
+    def _report_current(self) -> None:
+        """A run stopped at max_steps before its first validation still reports, evaluates and exports a
+        model: the current one, validated outside the early-stopping state and saved as best.pt until the
+        resumed run's first validation replaces it."""
+        s = self.state
+        metrics, value = self._valid_metrics()
+        self._reported = (s.global_step, metrics)
+        if self.dist.main:
+            checkpoint.save_best(
+                self.out / checkpoint.BEST, self.model, dataclasses.replace(s, best_metric=value)
+            )
 
     def _save_last(self) -> None:
         self._saved_step = self.state.global_step
@@ -324,6 +402,11 @@ class Trainer:
                 self.out / checkpoint.LAST, self.model, self.optimizer, self.scaler, self.state, rng
             )
         self.dist.barrier()
+
+    def _checkpoint(self) -> None:
+        """last.pt, unless it already holds the current state."""
+        if self._saved_step != self.state.global_step:
+            self._save_last()
 
     def _bar(self, total: int) -> tqdm:
         disable = (None if self.progress is None else not self.progress) if self.dist.main else True
@@ -347,22 +430,33 @@ class Trainer:
         total = self._steps_per_epoch(len(self.samples("train"))) * epochs
         total = min(total, t.max_steps) if t.max_steps else total
         with self._bar(total) as bar:
-            while s.epoch < epochs and not s.stopped_early and not self._at_max_steps():
-                if s.epoch >= t.epochs and not s.lora_phase:
+            while trains_further(s, t):
+                if not s.lora_phase and (s.epoch >= t.epochs or s.stopped_early):
                     self._start_lora_phase()
                 samples = self.samples("train")
                 rows = self.dist.shard(samples.order(s.epoch, self.cfg.seed, t.shuffle))
-                if not self._train_rows(samples, rows, bar):
-                    break
-                s.epoch += 1
-                s.batch_in_epoch = 0
-                if not t.eval_every_steps:
-                    self._validate()
-                self._save_last()
-        if s.last_eval_step != s.global_step or s.best_step < 0:
-            self._validate()
-        if self._saved_step != s.global_step:
-            self._save_last()
+                if self._train_rows(samples, rows, bar):
+                    s.epoch += 1
+                    s.batch_in_epoch = 0
+                    if not t.eval_every_steps:
+                        self._validate()
+                    self._checkpoint()
+        self._finish()
+
+    def _complete(self) -> bool:
+        """Nothing is left to train, even without train.max_steps."""
+        return not trains_further(self.state, dataclasses.replace(self.t, max_steps=0))
+
+    def _finish(self) -> None:
+        """A complete run validates its final model; a run stopped at max_steps is not over (--resume
+        continues it), so its early-stopping state and best.pt stay as a run that never stopped has them."""
+        s = self.state
+        if self._complete():
+            if s.last_eval_step != s.global_step:
+                self._validate()
+        elif s.best_step < 0:
+            self._report_current()
+        self._checkpoint()
 
     def run(self) -> dict:
         """Train, then evaluate the best model on test; returns (and rank 0 writes) metrics.json."""
@@ -381,6 +475,7 @@ class Trainer:
 
     def _final_metrics(self) -> dict:
         s = self.state
+        best_step = s.best_step
         if self.t.streaming:
             by_split = {e["split"]: e for e in s.windows if e["split"] != "train"}
             valid, test = by_split.get("valid", {}), by_split.get("test", {})
@@ -389,10 +484,11 @@ class Trainer:
             best_cfg, best = restore(self.cfg, self.out, self.ds, self.out / checkpoint.BEST, self.schema)
             best.to(self.device)
             lengths = (best_cfg.interest.short_len, best_cfg.interest.long_len)
-            valid = s.best_valid
+            best_step, valid = self._reported or (best_step, s.best_valid)
             test = self.evaluate(best, self.samples("test", lengths), "test", self.train_items, lengths)
-            stopped = "early_stop" if s.stopped_early else "max_steps" if self._at_max_steps() else "epochs"
+            stopped = ("early_stop" if s.stopped_early else "epochs") if self._complete() else "max_steps"
         params = list(self.model.parameters())
+        data = data_identity(self.ds.root)
         train = {
             "samples_per_s": s.samples_seen / s.train_seconds if s.train_seconds else 0.0,
             "train_s": s.train_seconds,
@@ -400,14 +496,18 @@ class Trainer:
             "epochs": s.epoch,
             "samples": s.samples_seen,
             "stopped": stopped,
-            "best_step": s.best_step,
+            "best_step": best_step,
             "world_size": self.dist.world,
             "device": str(self.device),
-            "data": str(Path(self.ds.root).resolve()),
+            "data": data["path"],
+            "data_manifest_sha256": data["manifest_sha256"],
+            "lora_phase": s.lora_phase,  # whether the LoRA phase ran
             "amp": str(self.amp).replace("torch.", "") if self.amp else "off",
             "parameters": sum(p.numel() for p in params),
             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         }
+        if self.t.lora_epochs:
+            train["phase1_stopped_early"] = s.phase1_stopped_early
         out = {"valid": valid, "test": test, "train": train}
         if self.t.streaming:
             out["stream"] = s.windows

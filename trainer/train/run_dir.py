@@ -1,5 +1,5 @@
-"""The run folder of `mmrank train`: checked against --resume, config.json written, nothing of value
-overwritten."""
+"""The run folder of `mmrank train`: checked against --resume, config.json and data.json written, nothing
+of value overwritten."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 from mmrank.errors import MMRankError
 from trainer import checkpoint
+from trainer.checkpoint import TrainState
 from trainer.config import RunConfig
 from trainer.data.schema import write_json_atomic
-from trainer.run import CONFIG, CONTENT_TABLE, METRICS, STAGE1, TRAIN_LOG, read_config
+from trainer.run import CONFIG, CONTENT_TABLE, DATA, METRICS, STAGE1, data_mismatch, read_config
 from trainer.train.distributed import Dist
+from trainer.train.loop import trains_further
 
 # Keys a resumed run may change: when to stop, not what to train.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs")
@@ -27,24 +29,43 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist) -> None:
-    """Check the run folder against --resume and write config.json (rank 0); nothing of value is overwritten.
-
-    A folder holding a checkpoint or metrics needs --resume; one holding only config.json (a run that
-    failed before its first checkpoint) starts over; any other non-empty folder is refused.
-    """
-    has_run = (out / CONFIG).is_file()
-    if resume:
-        if not has_run:
-            raise MMRankError(f"{out}: nothing to resume (no {CONFIG})")
-        saved = read_config(out)
-        diff = [k for k in _differences(saved.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
-        if diff:
+def check_resume(out: Path, cfg: RunConfig, data: dict[str, str] | None) -> None:
+    """A resume continues the same run: its config (but when to stop), its dataset, and steps left to
+    train; a finished run's metrics.json is not rewritten by resuming it."""
+    if not (out / CONFIG).is_file():
+        raise MMRankError(f"{out}: nothing to resume (no {CONFIG})")
+    saved = read_config(out)
+    diff = [k for k in _differences(saved.to_dict(), cfg.to_dict()) if k not in RESUMABLE_CHANGES]
+    if diff:
+        raise MMRankError(
+            f"{out}: the config differs from the run's {CONFIG} in {', '.join(diff[:4])}; "
+            f"resume with --config {out / CONFIG}"
+        )
+    other = data and data_mismatch(out, data)
+    if other:
+        raise MMRankError(f"{out}: the run {other}; resume with the --data it trained on")
+    last = out / checkpoint.LAST
+    if (out / METRICS).is_file() and last.is_file():
+        state = TrainState.from_dict(checkpoint.load(last, ("state",))["state"])
+        if not trains_further(state, cfg.train):
             raise MMRankError(
-                f"{out}: the config differs from the run's {CONFIG} in {', '.join(diff[:4])}; "
-                f"resume with --config {out / CONFIG}"
+                f"{out}: the run is finished (step {state.global_step}, results in {METRICS}); nothing is "
+                "left to train: raise --max-steps or --epochs to train it further"
             )
-    elif has_run:
+
+
+def open_run_dir(
+    out: Path, cfg: RunConfig, resume: bool, dist: Dist, data: dict[str, str] | None = None
+) -> None:
+    """Check the run folder against --resume, write config.json and data.json (rank 0; `data` is the
+    dataset's `data_identity`, None where a caller records none); nothing of value is overwritten.
+
+    A folder holding a checkpoint or metrics needs --resume (`check_resume`); one holding only config.json
+    (a run that failed before its first checkpoint) starts over; any other non-empty folder is refused.
+    """
+    if resume:
+        check_resume(out, cfg, data)
+    elif (out / CONFIG).is_file():
         names = (
             checkpoint.LAST,
             checkpoint.BEST,
@@ -65,7 +86,7 @@ def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist) -> None:
     dist.barrier()
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / TRAIN_LOG).exists():
-            (out / TRAIN_LOG).unlink()
         write_json_atomic(out / CONFIG, cfg.to_dict())
+        if data:
+            write_json_atomic(out / DATA, data)
     dist.barrier()

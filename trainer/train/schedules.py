@@ -18,7 +18,16 @@ from trainer.config import RunConfig, from_dict
 from trainer.data.schema import Dataset, write_json_atomic
 from trainer.evaluate import item_vectors
 from trainer.model.pca_table import pca_table, save_content_table
-from trainer.run import CONFIG, CONTENT_TABLE, METRICS, STAGE1, build_schema, load_run, on_own_table
+from trainer.run import (
+    CONFIG,
+    CONTENT_TABLE,
+    METRICS,
+    STAGE1,
+    build_schema,
+    data_identity,
+    load_run,
+    on_own_table,
+)
 from trainer.train.distributed import Dist
 from trainer.train.loop import Trainer
 from trainer.train.run_dir import open_run_dir
@@ -56,7 +65,7 @@ def build_content_table(ds: Dataset, cfg: RunConfig, out: Path, dist: Dist, stag
 def train_stages(
     ds: Dataset, cfg: RunConfig, out: Path, resume: bool, dist: Dist, progress: bool | None
 ) -> dict:
-    open_run_dir(out, cfg, resume, dist)
+    open_run_dir(out, cfg, resume, dist, data_identity(ds.root))
     stage1 = None
     if cfg.train.task_pe:
         stage1_dir = out / STAGE1
