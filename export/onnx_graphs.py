@@ -522,7 +522,7 @@ def export_run(
     if not ckpt.is_file():
         raise MMRankError(f"{ckpt}: no best checkpoint (is {run_dir} a finished `mmrank train` run?)")
     out, data_dir = Path(out), find_dataset(run_dir, data)
-    # Checked before the model loads; export_model's atomic_dir checks again before it writes.
+    # Before the model loads; export_model reads nothing from either folder once the model is loaded.
     check_not_above(out, [run_dir, data_dir])
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise MMRankError(f"{out}: output exists and is not empty (pass --force to replace it)")

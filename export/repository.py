@@ -35,10 +35,12 @@ The repository is rendered into a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -61,6 +63,7 @@ RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", ".ruff
 REPOSITORY_README = RUNTIME / "README.md"
 RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
 RANKING_PROGRAM = "ranking.pt2"  # torch backend: the ranking program inside each item_lookup version
+ABANDONED_AFTER_S = 3600  # a hidden table version older than this is a killed publisher's
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
 
@@ -442,10 +445,12 @@ def render_repository(
     manifest = Manifest.read(export_dir)
     models = build_configs(manifest, rc)
     sources = {name: _graph_file(export_dir, manifest, name, rc) for name in models if name in GRAPH_NAMES}
+    inputs = [export_dir]
     if rc.backend == "tensorrt":
         engines = rc.engines_dir or export_dir / ENGINES_DIR
         check_engines_hold(engines, manifest, rc.max_batch_size, rc.limits.max_candidates)
-    with atomic_dir(out, force=force, inputs=[export_dir, rc.engines_dir or export_dir]) as tmp:
+        inputs.append(engines)
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         for name, config in models.items():
             write_config(tmp / name, config)
             version = tmp / name / "1"
@@ -526,6 +531,16 @@ def _write_version(tmp: Path, served: Path, table: it.ItemTable) -> None:
     _fsync(tmp)
 
 
+def _sweep_abandoned(model: Path) -> None:
+    """Remove hidden version folders a killed publisher left behind. Only old ones: a younger one may
+    belong to a publisher still writing."""
+    cutoff = time.time() - ABANDONED_AFTER_S
+    for tmp in model.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and tmp.stat().st_mtime < cutoff:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
 def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     """Publish `table` as the next version of item_lookup: checked (finite values; the widths of the
     newest valid version, the one the server serves: `newest_valid_table`), written in a hidden folder
@@ -540,6 +555,7 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     served, served_version, _ = it.newest_valid_table(model, versions[-1], *_config_widths(model))
     check_table_fits(table, served)
     number = versions[-1] + 1
+    _sweep_abandoned(model)
     # A name of its own: a second publisher must not write into (or delete) this one's folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{number}.tmp-", dir=model))
     tmp.chmod(0o755)

@@ -3,7 +3,9 @@ how item-table versions are published and chosen."""
 
 import ast
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +104,12 @@ def test_add_table_version_checks_widths_and_publishes_whole_versions(tmp_path):
     # table.json says the folder's number whatever the caller's table said
     third = add_table_version(tmp_path / "repo", _table(version=7))
     assert third == model / "3" and it.ItemTable.read(third / "item_table").version == 3
+    # a killed publisher's hidden folder goes once it is old; a young one may still be written
+    old, young = model / ".4.tmp-killed", model / ".4.tmp-writing"
+    old.mkdir(), young.mkdir()
+    os.utime(old, (time.time() - 7200,) * 2)
+    add_table_version(tmp_path / "repo", _table())
+    assert not old.exists() and young.is_dir()
 
 
 class FakePbUtils:

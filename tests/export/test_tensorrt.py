@@ -105,6 +105,8 @@ def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_exp
         render_repository(small_export.out, tmp_path / "r2", replace(fits, precision="fp16"))
     with pytest.raises(MMRankError, match="--engines applies to the tensorrt backend only"):
         render_repository(small_export.out, tmp_path / "r2", replace(fits, backend="onnxruntime"))
+    with pytest.raises(MMRankError, match="would replace the input"):  # the engines are an input too
+        render_repository(small_export.out, fits.engines_dir, fits, force=True)
     args = ["repo", "--export", str(small_export.out), "--out", str(tmp_path / "r3"), "--backend", "tensorrt"]
     assert main([*args, "--engines", str(fits.engines_dir)]) == 0
     assert (tmp_path / "r3" / "ranking" / "1" / "model.plan").is_file()

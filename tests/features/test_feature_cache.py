@@ -194,6 +194,20 @@ def test_another_runtime_recomputes_every_row(copy, config):
     assert {m["settings"]["runtime"] for m in meta["modalities"].values()} == {"torch"}
 
 
+def test_a_cache_from_before_the_runtime_setting_is_reused(copy, config):
+    # Such caches kept the runtime beside the settings; the same runtime must not recompute anything.
+    path = copy / "features" / "meta.json"
+    meta = json.loads(path.read_text())
+    for m in meta["modalities"].values():
+        m["runtime"] = m["settings"].pop("runtime")
+    path.write_text(json.dumps(meta))
+    report = build_features(copy, config)
+    assert {m: (r.computed, r.reused) for m, r in report.modalities.items()} == {
+        "text": (0, 7),
+        "image": (0, 7),
+    }
+
+
 @pytest.mark.parametrize(
     "option,value,allowed",
     [

@@ -116,9 +116,14 @@ def check_not_above(out: str | Path, inputs: Sequence[str | Path]) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    # Read, not set and restored: os.umask would change it for every thread of the process meanwhile.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 @contextlib.contextmanager

@@ -168,7 +168,12 @@ class _PreviousCache:
             self.meta, self.hashes = {}, None
 
     def modality(self, name: str) -> dict:
-        return self.meta.get("modalities", {}).get(name, {})
+        entry = dict(self.meta.get("modalities", {}).get(name, {}))
+        if "runtime" in entry and isinstance(entry.get("settings"), dict):
+            # Caches written before the runtime became a setting kept it beside the settings: the same
+            # runtime must still reuse their rows.
+            entry["settings"] = {**entry["settings"], "runtime": entry["runtime"]}
+        return entry
 
     def reusable(self, m: _Modality) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """keep [n] bool (rows computed from the same content and settings) and the previous
