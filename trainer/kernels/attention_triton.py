@@ -110,6 +110,19 @@ def _unit_rows(c):
     return (c.to(tl.float32) / _row_norms(c)[:, None]).to(c.dtype)
 
 
+@triton.jit
+def _bh_and_tile(n_items, BLOCK: tl.constexpr):
+    """(b * h index, tile index) of this program on the 1-D grid `_grid` launches.
+
+    One axis because CUDA's grid axes 1 and 2 stop at 65535 (b * h exceeds that) and axis 0 at
+    2^31 - 1; tiles vary fastest so the programs that read one (b, h)'s K/V (or Q/dO) run next to
+    each other and find it in L2.
+    """
+    n_tiles = tl.cdiv(n_items, BLOCK)
+    pid = tl.program_id(0)
+    return pid // n_tiles, pid % n_tiles
+
+
 # ---- forward ---------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
@@ -128,8 +141,7 @@ def _fwd_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_bh, pid_n = _bh_and_tile(N, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,8 +260,7 @@ def _bwd_kv_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    pid_l = tl.program_id(1)
+    pid_bh, pid_l = _bh_and_tile(L, BLOCK_L)
     b = pid_bh // H
     h = pid_bh % H
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -317,8 +328,7 @@ def _bwd_q_kernel(
     ATTENTION: tl.constexpr, COSINE: tl.constexpr, TOPK: tl.constexpr, SAME_KV: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_bh, pid_n = _bh_and_tile(N, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -389,6 +399,11 @@ def _strides(x: Tensor | None, dims: int) -> tuple[int, ...]:
     return tuple(x.stride()) if x is not None else (0,) * dims
 
 
+def _grid(bh: int, n_items: int, block: int) -> tuple[int]:
+    """b * h times the tile count on grid axis 0, tiles fastest (decomposed by `_bh_and_tile`)."""
+    return (bh * triton.cdiv(n_items, block),)
+
+
 def _check_one_dtype(**tensors: Tensor | None) -> None:
     """Triton's tl.dot asserts deep inside the kernel on mixed operands; say which input differs."""
     dtypes = {name: x.dtype for name, x in tensors.items() if x is not None}
@@ -431,9 +446,7 @@ def fused_forward(
     top_i = torch.empty(b, n, topk, dtype=torch.int32, device=dev) if cosine else None
     dummy = k.new_empty(1)
     qq, vv = (q, v) if attention else (k, k)
-    # b * h on axis 0: CUDA's grid axes 1 and 2 stop at 65535, axis 0 at 2^31 - 1.
-    grid = (b * h, triton.cdiv(n, blocks.n))
-    _fwd_kernel[grid](
+    _fwd_kernel[_grid(b * h, n, blocks.n)](
         qq, k, vv, mask.view(torch.uint8), c if cosine else dummy,
         out if attention else dummy, lse if attention else dummy,
         feat if cosine else dummy, top_i if cosine else dummy,
@@ -509,8 +522,6 @@ def fused_backward(
         *qq.stride(), *k.stride(), *vv.stride(), *mask.stride(), *_strides(c if cosine else None, 3),
         *_strides(do if attention else None, 4),
     )  # fmt: skip
-    _bwd_kv_kernel[(b * h, triton.cdiv(length, blocks.l))](  # b * h on axis 0, as in fused_forward
-        *args, dk, dvv, scale, *strides, h, n, length, **common
-    )
-    _bwd_q_kernel[(b * h, triton.cdiv(n, blocks.n))](*args, dq, dc, scale, *strides, h, n, length, **common)
+    _bwd_kv_kernel[_grid(b * h, length, blocks.l)](*args, dk, dvv, scale, *strides, h, n, length, **common)
+    _bwd_q_kernel[_grid(b * h, n, blocks.n)](*args, dq, dc, scale, *strides, h, n, length, **common)
     return BackwardResult(dq if attention else None, dk, dvv if separate_dv else None, dc if cosine else None)
