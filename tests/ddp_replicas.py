@@ -3,11 +3,13 @@ tests compare the replicas bit for bit."""
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from trainer import checkpoint
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
 from trainer.train import Dist, Trainer, open_run_dir
@@ -21,7 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, data: str, out: str, preset: str, sets: dict) -> None:
+def _slow(save_best, delay: float):
+    def slow_save_best(*args):
+        time.sleep(delay)  # a large best.pt on a slow disk
+        save_best(*args)
+
+    return slow_save_best
+
+
+def _worker(rank: int, port: int, data: str, out: str, preset: str, sets: dict, best_delay: float) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -30,6 +40,8 @@ def _worker(rank: int, port: int, data: str, out: str, preset: str, sets: dict) 
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    if best_delay and rank == 0:
+        checkpoint.save_best = _slow(checkpoint.save_best, best_delay)
     cfg = resolve(preset, sets=sets)
     dist = Dist.init()
     try:
@@ -43,7 +55,12 @@ def _worker(rank: int, port: int, data: str, out: str, preset: str, sets: dict) 
         dist.close()
 
 
-def train_replicas(data: Path, out: Path, preset: str, sets: dict) -> list[dict[str, torch.Tensor]]:
-    """Train `preset` with `sets` on WORLD processes (run folder out/run); every rank's state_dict."""
-    mp.spawn(_worker, args=(free_port(), str(data), str(out), preset, sets), nprocs=WORLD, join=True)
+def train_replicas(
+    data: Path, out: Path, preset: str, sets: dict, best_delay: float = 0.0
+) -> list[dict[str, torch.Tensor]]:
+    """Train `preset` with `sets` on WORLD processes (run folder out/run); every rank's state_dict.
+    `best_delay`: seconds rank 0 sleeps before each best.pt write."""
+    mp.spawn(
+        _worker, args=(free_port(), str(data), str(out), preset, sets, best_delay), nprocs=WORLD, join=True
+    )
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]

@@ -16,6 +16,7 @@ SETS = {
     "train.epochs": 1,
     "train.lora_epochs": 0,
     "train.max_steps": 6,
+    "train.eval_every_steps": 6,
     "train.batch_size": 128,
     "train.log_every": 10_000,
 }
@@ -27,13 +28,16 @@ def data(tmp_path_factory, pytestconfig):
 
 
 def test_replicas_stay_identical(data, tmp_path):
-    states = train_replicas(data, tmp_path, "em3", SETS)
+    """Also: the only validation (the last step) improves, so last.pt is current and the final checkpoint
+    (with its barrier) is skipped; rank 1 restores best.pt only after rank 0, slowed, has written it."""
+    states = train_replicas(data, tmp_path, "em3", SETS, best_delay=1.0)
     assert "bank.vectors" in states[0] and bool(states[0]["bank.present"].any())
     for name, value in states[0].items():
         torch.testing.assert_close(value, states[1][name], rtol=0, atol=0, msg=name)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train"]["world_size"] == WORLD
     assert metrics["train"]["samples"] == SETS["train.max_steps"] * SETS["train.batch_size"] * WORLD
+    assert metrics["train"]["best_step"] == 6
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:

@@ -249,6 +249,68 @@ def test_a_crash_between_the_checkpoint_writes_resumes_to_the_same_best_model_an
 
 
 @pytest.mark.threads(1)
+def test_max_steps_on_the_last_batch_ends_the_run_as_without_it(data, tmp_path):
+    """One epoch (38 steps) validated at its end: max_steps=38 stops where the schedule ends, so the run
+    validates its last epoch and reports the same stop, best step and metrics as one without max_steps."""
+    sets = {"train.batch_size": 512, "train.epochs": 1, "train.eval_every_steps": 0, "train.patience": 0}
+    ref = train(data, _cfg("id_only", **sets), tmp_path / "ref", progress=False)
+    steps = ref["train"]["steps"]
+    capped = train(
+        data, _cfg("id_only", **sets, **{"train.max_steps": steps}), tmp_path / "run", progress=False
+    )
+    for key in ("steps", "epochs", "best_step", "stopped"):
+        assert capped["train"][key] == ref["train"][key], key
+    assert capped["train"]["stopped"] == "epochs" and capped["train"]["best_step"] == steps
+    assert capped["valid"] == ref["valid"] and _log_events(tmp_path / "run") == _log_events(tmp_path / "ref")
+
+
+@pytest.mark.threads(1)
+def test_a_best_pt_later_than_last_pt_from_an_older_version_resumes(data, tmp_path, capsys):
+    """Before last.pt was written at every improvement, a kill after an improving validation (step 8)
+    and before the next checkpoint (step 10) left best.pt at 8 and last.pt at 5 (best step 4). A resume
+    warns and replays: stopped at 6 it reports best.pt's model as step 8's, and to the end it matches a
+    run that never stopped. A best.pt of no step last.pt accounts for is still refused."""
+    sets = {
+        "train.batch_size": 512,
+        "train.eval_every_steps": 2,
+        "train.checkpoint_every_steps": 5,
+        "train.patience": 0,
+        "train.lr_ranker": 0.02,
+    }
+    cfg = _cfg("id_only", **sets, **{"train.max_steps": 12})
+    ref = train(data, cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "run"
+    train(data, _cfg("id_only", **sets, **{"train.max_steps": 5}), out, progress=False)
+    last5 = (out / "last.pt").read_bytes()
+    assert checkpoint.load(out / "last.pt")["state"]["best_step"] == 4
+    train(data, _cfg("id_only", **sets, **{"train.max_steps": 9}), out, resume=True, progress=False)
+    assert checkpoint.load(out / "best.pt")["step"] == 8
+    (out / "last.pt").write_bytes(last5)  # the old layout: best.pt at 8, last.pt at 5
+    capsys.readouterr()
+    early = train(data, _cfg("id_only", **sets, **{"train.max_steps": 6}), out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "warning: " in err and "holds step 8, later than last.pt's step 5" in err
+    assert "another --out" not in err and early["train"]["best_step"] == 8
+    step8 = next(
+        x
+        for x in map(json.loads, (tmp_path / "ref" / "train_log.jsonl").read_text().splitlines())
+        if x["event"] == "valid" and x["step"] == 8
+    )
+    assert early["valid"]["auc"] == pytest.approx(step8["auc"], abs=AUC_TOL)
+    resumed = train(data, cfg, out, resume=True, progress=False)
+    assert resumed["train"]["best_step"] == ref["train"]["best_step"] and resumed["valid"] == ref["valid"]
+    assert _log_events(out) == _log_events(tmp_path / "ref")
+    _same_model(
+        checkpoint.load(out / "best.pt")["model"], checkpoint.load(tmp_path / "ref" / "best.pt")["model"]
+    )
+    best = checkpoint.load(out / "best.pt")
+    checkpoint.save_atomic({**best, "step": 3}, out / "best.pt")
+    (out / "last.pt").write_bytes(last5)
+    with pytest.raises(MMRankError, match="holds step 3, but last.pt records the best model at step"):
+        train(data, cfg, out, resume=True, progress=False)
+
+
+@pytest.mark.threads(1)
 def test_the_final_validation_is_saved_and_a_finished_run_is_not_resumed(data, mmrec, tmp_path):
     # One epoch (38 steps) validated every 5: the final validation (38) does not improve on step 35's
     # and falls on a step last.pt was already written at (every step).
@@ -517,11 +579,8 @@ def test_ablation_tabulates_presets_over_seeds(data, tmp_path, capsys):
 
 def test_early_stopping_keeps_the_best_checkpoint(data, tmp_path):
     out = tmp_path / "run"
-    cfg = _cfg(
-        "id_only",
-        **{"train.epochs": 6, "train.eval_every_steps": 10, "train.patience": 2, "train.lr_ranker": 0.02},
-    )
-    metrics = train(data, cfg, out, progress=False)
+    sets = {"train.epochs": 6, "train.eval_every_steps": 10, "train.patience": 2, "train.lr_ranker": 0.02}
+    metrics = train(data, _cfg("id_only", **sets), out, progress=False)
     tr = metrics["train"]
     assert tr["stopped"] == "early_stop" and tr["steps"] - tr["best_step"] == 2 * 10
     assert checkpoint.load(out / "best.pt")["step"] == tr["best_step"]
@@ -529,6 +588,9 @@ def test_early_stopping_keeps_the_best_checkpoint(data, tmp_path):
     valid = [x for x in log if x["event"] == "valid"]
     best = max(valid, key=lambda x: x["auc"])
     assert best["step"] == tr["best_step"] and metrics["valid"]["auc"] == best["auc"]
+    # More epochs would not move an early stop: the refusal says so rather than suggest them.
+    with pytest.raises(MMRankError, match=r"stopped early at step \d+ \(best step \d+.*would not train it"):
+        train(data, _cfg("id_only", **{**sets, "train.epochs": 12}), out, resume=True)
 
 
 @pytest.mark.threads(1)  # bitwise parity of two training runs needs one thread (see conftest)

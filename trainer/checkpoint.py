@@ -5,7 +5,8 @@ last.pt holds the model (memory bank buffers included), optimizer, loss scaler, 
 states, so a killed run resumes exactly where its last checkpoint was written. Files are written to a
 temporary sibling and renamed into place: a kill during a write leaves the previous file intact. An
 improvement writes last.pt, then best.pt: a kill between the two leaves a last.pt that records the new
-best step and holds its model, from which a resume rewrites best.pt (`Trainer._check_best`).
+best step and holds its model, from which a resume rewrites best.pt (`Trainer._check_best`). Runs from
+before that order wrote best.pt alone, so their best.pt may be later than last.pt; a resume accepts it.
 Everything is stored as tensors and plain Python values, so files load with `weights_only=True`.
 """
 
@@ -97,13 +98,15 @@ def save_atomic(obj: dict, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, expect: tuple[str, ...] = ("model",)) -> dict:
-    """Read a checkpoint written by this module; a missing, truncated or foreign file is a MMRankError."""
+def load(path: str | Path, expect: tuple[str, ...] = ("model",), mmap: bool = False) -> dict:
+    """Read a checkpoint written by this module; a missing, truncated or foreign file is a MMRankError.
+    `mmap`: tensors are mapped from the file, not read, for a caller that needs only its plain values
+    (state, step)."""
     path = Path(path)
     if not path.is_file():
         raise MMRankError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types (pickle, zip, runtime) for a damaged file
         raise MMRankError(
             f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"

@@ -12,7 +12,11 @@ the batches consumed in the epoch, the RNG states of every process and the optim
 continues with the same batches and random draws as one that never stopped. Evaluation runs in eval
 mode on a forked RNG and never writes the memory bank, so it does not perturb training either. A stop
 at train.max_steps leaves the early-stopping state and best.pt as they were, so resuming it continues
-the run that never stopped; train_log.jsonl is cut back to the lines last.pt accounts for.
+the run that never stopped (one that falls on the schedule's last batch finishes the run as that one
+does); train_log.jsonl is cut back to the lines last.pt accounts for. Every improving validation also
+writes last.pt (model, optimizer and RNG states: about three times the model, plus a barrier) before
+best.pt, because that keeps best.pt from being newer than every resume point: a kill between the two is
+repaired from last.pt, and a resume continues early stopping from the state its best.pt belongs to.
 
 Streaming (`train.streaming`) is the other way through the same loop: `trainer.train.streaming`.
 """
@@ -88,6 +92,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.state = TrainState()
         self.optimizer = self._make_optimizer()
+        # step of a best.pt later than the resumed last.pt, until this run rewrites it (`_check_best`)
+        self._best_ahead: int | None = None
         self.resumed = resume and (out / checkpoint.LAST).is_file()
         if self.resumed:
             self._resume()
@@ -151,20 +157,34 @@ class Trainer:
 
     def _check_best(self) -> None:
         """best.pt is written right after the last.pt that records it: a kill between the two leaves a
-        best.pt behind a last.pt whose own model is the best one, and best.pt is rewritten from it."""
+        best.pt behind a last.pt whose own model is the best one, and best.pt is rewritten from it.
+
+        Runs from before that order wrote best.pt at an improving validation without last.pt, so a kill
+        before the next checkpoint left a best.pt (step B) later than last.pt. It is kept: the resumed
+        run replays from last.pt's step, validates step B again and rewrites best.pt there."""
         s, path = self.state, self.out / checkpoint.BEST
         if s.best_step < 0:  # not validated yet: a best.pt there only reports a max-steps stop
             return
-        step = checkpoint.load(path)["step"] if path.is_file() else None
+        step = checkpoint.load(path, ("step",), mmap=True)["step"] if path.is_file() else None
         if step == s.best_step:
             return
-        if s.best_step != s.global_step:
+        if s.best_step == s.global_step:
+            self.dist.barrier()  # every rank has read best.pt's step before rank 0 replaces it
+            self._save_best(s)
+        elif step is not None and step > s.global_step:
+            self._best_ahead = step
+            if self.dist.main:
+                print(
+                    f"warning: {path} holds step {step}, later than {checkpoint.LAST}'s step "
+                    f"{s.global_step} (a run from before last.pt was written at every improvement); the "
+                    f"resumed run trains from step {s.global_step} and validates step {step} again",
+                    file=sys.stderr,
+                )
+        else:
             raise MMRankError(
                 f"{path}: holds step {step}, but {checkpoint.LAST} records the best model at step "
                 f"{s.best_step}, which no file holds; train again in another --out"
             )
-        if self.dist.main:
-            checkpoint.save_best(path, self.model, s)
 
     def _truncate_log(self) -> None:
         """Drop the lines a crashed attempt logged after its last checkpoint: the resumed run logs those
@@ -247,9 +267,11 @@ class Trainer:
         return values, out.stats
 
     def _train_rows(self, samples: SampleSet, rows: np.ndarray, bar: tqdm) -> bool:
-        """Train on this rank's `rows` from the state's position; False when a stop condition hit."""
+        """Train on this rank's `rows` from the state's position; False when a stop condition hit before
+        their end (an early stop, or max_steps short of the last batch: one on it ends the epoch)."""
         s = self.state
         size = self.t.batch_size
+        n_batches = math.ceil(len(rows) / size)
         pin = self.device.type == "cuda"
         source = batches(samples, rows, size, s.batch_in_epoch, self.t.num_workers, pin)
         while True:
@@ -271,8 +293,10 @@ class Trainer:
                 self._validate()
             if s.global_step % self.t.checkpoint_every_steps == 0:
                 self._checkpoint()
-            if s.stopped_early or self._at_max_steps():
+            if s.stopped_early:
                 return False
+            if self._at_max_steps():
+                return s.batch_in_epoch >= n_batches
 
     def _at_max_steps(self) -> bool:
         return 0 < self.t.max_steps <= self.state.global_step
@@ -379,8 +403,7 @@ class Trainer:
         )
         if improved:  # last.pt first (see `_check_best`)
             self._save_last()
-            if self.dist.main:
-                checkpoint.save_best(self.out / checkpoint.BEST, self.model, s)
+            self._save_best(s)
 
     def _report_current(self) -> None:
         """A run stopped at max_steps before its first validation still reports, evaluates and exports a
@@ -389,10 +412,14 @@ class Trainer:
         s = self.state
         metrics, value = self._valid_metrics()
         self._reported = (s.global_step, metrics)
+        self._save_best(dataclasses.replace(s, best_metric=value))
+
+    def _save_best(self, state: TrainState) -> None:
+        """best.pt (rank 0); every rank waits for it, so none loads or restores a best.pt not yet written."""
         if self.dist.main:
-            checkpoint.save_best(
-                self.out / checkpoint.BEST, self.model, dataclasses.replace(s, best_metric=value)
-            )
+            checkpoint.save_best(self.out / checkpoint.BEST, self.model, state)
+        self.dist.barrier()
+        self._best_ahead = None
 
     def _save_last(self) -> None:
         self._saved_step = self.state.global_step
@@ -479,12 +506,17 @@ class Trainer:
         if self.t.streaming:
             by_split = {e["split"]: e for e in s.windows if e["split"] != "train"}
             valid, test = by_split.get("valid", {}), by_split.get("test", {})
-            stopped = "max_steps" if self._at_max_steps() else "stream_end"
+            stopped = "stream_end" if self._complete() else "max_steps"
         else:
             best_cfg, best = restore(self.cfg, self.out, self.ds, self.out / checkpoint.BEST, self.schema)
             best.to(self.device)
             lengths = (best_cfg.interest.short_len, best_cfg.interest.long_len)
             best_step, valid = self._reported or (best_step, s.best_valid)
+            if self._best_ahead is not None:  # best.pt is not the model s.best_valid describes
+                best_step = self._best_ahead
+                valid = self.evaluate(
+                    best, self.samples("valid", lengths), "valid", self.train_items, lengths
+                )
             test = self.evaluate(best, self.samples("test", lengths), "test", self.train_items, lengths)
             stopped = ("early_stop" if s.stopped_early else "epochs") if self._complete() else "max_steps"
         params = list(self.model.parameters())

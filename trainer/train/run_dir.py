@@ -3,6 +3,7 @@ of value overwritten."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mmrank.errors import MMRankError
@@ -46,8 +47,16 @@ def check_resume(out: Path, cfg: RunConfig, data: dict[str, str] | None) -> None
         raise MMRankError(f"{out}: the run {other}; resume with the --data it trained on")
     last = out / checkpoint.LAST
     if (out / METRICS).is_file() and last.is_file():
-        state = TrainState.from_dict(checkpoint.load(last, ("state",))["state"])
+        state = TrainState.from_dict(checkpoint.load(last, ("state",), mmap=True)["state"])
         if not trains_further(state, cfg.train):
+            # An early stop with no LoRA phase left ends the run whatever --epochs or --max-steps say.
+            if state.stopped_early and not trains_further(state, dataclasses.replace(cfg.train, max_steps=0)):
+                raise MMRankError(
+                    f"{out}: the run stopped early at step {state.global_step} (best step "
+                    f"{state.best_step}, results in {METRICS}): its validation metric stopped improving, so "
+                    "more --epochs or --max-steps would not train it further; train a new run in another "
+                    "--out (e.g. with a larger train.patience)"
+                )
             raise MMRankError(
                 f"{out}: the run is finished (step {state.global_step}, results in {METRICS}); nothing is "
                 "left to train: raise --max-steps or --epochs to train it further"

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from trainer import checkpoint
 from trainer.train.batches import take
 
 if TYPE_CHECKING:
@@ -51,8 +50,7 @@ def stream(trainer: Trainer) -> None:
         if split != "train":
             stream_eval(trainer, windows, w)
     trainer._save_last()  # the evaluations above belong to the state
-    if trainer.dist.main:
-        checkpoint.save_best(trainer.out / checkpoint.BEST, trainer.model, s)
+    trainer._save_best(s)
 
 
 def stream_eval(trainer: Trainer, windows: list[tuple[str, str, int, int]], w: int) -> None:
