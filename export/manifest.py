@@ -202,6 +202,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def variant(spec: GraphSpec | ProgramSpec, precision: str) -> tuple[str | None, str | None]:
+    """(file, sha256) of a graph's or program's fp32 or fp16 variant; (None, None) where it has none."""
+    return (spec.fp16_file, spec.fp16_sha256) if precision == "fp16" else (spec.file, spec.sha256)
+
+
 def check_sha256(path: str | Path, expected: str) -> Path:
     """`path`, after checking it is the file the manifest recorded (a truncated or swapped graph would
     otherwise render fine and fail only when the server loads it)."""

@@ -47,7 +47,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256
+from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
 from export.tensorrt import check_engines_hold
 from mmrank.errors import MMRankError
 from model_repository import item_table as it
@@ -420,7 +420,7 @@ def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfi
             )
         return plan, "model.plan"
     spec = manifest.graph(name)
-    file, sha = (spec.fp16_file, spec.fp16_sha256) if rc.precision == "fp16" else (spec.file, spec.sha256)
+    file, sha = variant(spec, rc.precision)
     if file is None:
         raise MMRankError(f"the export has no {rc.precision} variant of the {name} graph")
     return check_sha256(export_dir / file, sha), "model.onnx"
@@ -468,12 +468,7 @@ def render_repository(
         if "graph" in models["item_lookup"].parameters:
             shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
         if "program" in models["item_lookup"].parameters:
-            program = manifest.programs["ranking"]
-            file, sha = (
-                (program.fp16_file, program.fp16_sha256)
-                if rc.precision == "fp16"
-                else (program.file, program.sha256)
-            )
+            file, sha = variant(manifest.programs["ranking"], rc.precision)
             shutil.copy2(check_sha256(export_dir / file, sha), tmp / "item_lookup" / "1" / RANKING_PROGRAM)
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
