@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.provenance import code_commit  # noqa: E402
 from trainer.kernels.attention_op import attention_cosine_op, attention_reference  # noqa: E402
 from trainer.model.attention import attention_sdpa  # noqa: E402
 from trainer.model.similarity import similarity_features  # noqa: E402
-from trainer.provenance import code_commit  # noqa: E402
 
 TOPK = 10
 GRID = [

@@ -21,9 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import machine  # noqa: E402
 from benchmarks.serving_overhead import build  # noqa: E402
+from common.provenance import code_commit  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
-from trainer.provenance import code_commit  # noqa: E402
 
 OK_HIST, OK_CANDS = np.arange(1, 51, dtype=np.int64)[None], np.arange(1, 101, dtype=np.int64)[None]
 CASES = {

@@ -71,7 +71,7 @@ def measure(events: int, users: int, items: int, chunk_events: int, seed: int) -
 
 
 def machine() -> str:
-    from trainer.provenance import cpu_name
+    from common.provenance import cpu_name
 
     return f"nproc {len(os.sched_getaffinity(0))}, {cpu_name()}, Python {platform.python_version()}"
 

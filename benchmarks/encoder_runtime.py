@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from common.provenance import cpu_name  # noqa: E402
 from trainer.features.image import IMAGE_SIZE, ImageEncoder  # noqa: E402
 from trainer.features.runtime import TorchRunner, onnx_runner, sha256_files  # noqa: E402
 from trainer.features.text import TextEncoder  # noqa: E402
-from trainer.provenance import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "encoder_runtime.md"
 HEADER = [

@@ -27,11 +27,11 @@ import numpy as np
 import onnxruntime
 import torch
 
+from common.provenance import cpu_name
 from export.manifest import Manifest
 from export.onnx_graphs import ExportConfig, TextSetup, export_model, graph_builds
 from export.parity import random_feeds
 from model_repository.ort_graph import OrtGraph
-from trainer.provenance import cpu_name
 
 CASES = [(100, 50), (500, 200)]
 NUM_ITEMS, NUM_USERS, FIELDS = 1682, 943, ["title", "overview"]

@@ -31,7 +31,7 @@ rm -rf "$WORK/tree" "$WORK/results" "$WORK/gpu_check.log" "$WORK/gpu_check.tar.g
 mkdir -p "$WORK/tree/build" "$WORK/results"
 git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$WORK/tree"
 cp -r build/gpu-wheels "$WORK/tree/build/"
-commit=$(python3 -c 'from trainer.provenance import code_commit; print(code_commit())')
+commit=$(python3 -c 'from common.provenance import code_commit; print(code_commit())')
 cd "$WORK/tree"
 PATH="$WORK/venv/bin:$PATH" MMRANK_COMMIT="$commit (rehearsal)" GPU_CHECK=serving RESULTS="$WORK/results" \
   GPU_CHECK_PACK="$WORK/gpu_check.tar.gz" bash benchmarks/gpu_check.sh 2>&1 | tee "$WORK/gpu_check.log"

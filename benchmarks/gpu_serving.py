@@ -52,13 +52,13 @@ from benchmarks.serving_latency import (  # noqa: E402
 )
 from clients.loadtest import LoadTestConfig, percentiles, run_loadtest, table  # noqa: E402
 from clients.request_sample import RequestSample, SampleConfig, random_requests  # noqa: E402
+from common.provenance import record  # noqa: E402
 from export.manifest import Manifest  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 from model_repository.torch_ranker import TorchRanker  # noqa: E402
-from trainer.provenance import record  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

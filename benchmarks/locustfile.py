@@ -25,7 +25,7 @@ from locust import LoadTestShape, User, events, task
 from clients.loadtest import check_loopback, parse_user_steps
 from clients.ranking_client import ClientConfig, RankingClient
 from clients.request_sample import RequestSample
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 grpc_gevent.init_gevent()
 

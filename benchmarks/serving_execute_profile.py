@@ -25,9 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import machine, timed  # noqa: E402
 from benchmarks.serving_overhead import _inputs, build, in_process, model_stats, request  # noqa: E402
+from common.provenance import code_commit  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
-from trainer.provenance import code_commit  # noqa: E402
 
 WARMUP = 100
 TIMED = ("execute", "_read", "_lookup")

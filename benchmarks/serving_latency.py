@@ -39,11 +39,11 @@ import numpy as np
 from clients.loadtest import check_loopback, check_ready, parse_user_steps, percentiles
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from clients.triton_metrics import ModelTimes, per_request, settled_scrape
+from common.errors import MMRankError
+from common.provenance import record
 from export.manifest import ModelInfo
-from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
-from trainer.provenance import record
 
 LOOKUP, RANKING, RANK = "item_lookup", "ranking", "rank"
 

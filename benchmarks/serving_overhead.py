@@ -34,12 +34,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import build_model, machine, timed  # noqa: E402
+from common.provenance import code_commit  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
-from trainer.provenance import code_commit  # noqa: E402
 
 MODELS = ("rank", "item_lookup", "ranking", "floor")
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")

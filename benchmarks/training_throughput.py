@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
+from common.provenance import machine
 from trainer.config import resolve
-from trainer.data.schema import write_json_atomic
-from trainer.provenance import machine
 from trainer.run import METRICS
 from trainer.train import train
 

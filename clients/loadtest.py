@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "locustfile.py"
 PERCENTILES = (50, 95, 99)
@@ -303,7 +303,7 @@ def run_loadtest(
     out, data = Path(out), Path(data)
     stage = staging_folder(out)
     # A given sample comes from the calling script, whose own command line reproduces the run.
-    from trainer.provenance import record
+    from common.provenance import record
 
     started = record(command_line(out, data, cfg) if sample is None else ["python", *sys.argv])
     sample = sample or draw_requests(data, cfg.sample)

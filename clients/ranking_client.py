@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 HISTORY, CANDIDATES, USER, SCORES = "history_ids", "candidate_ids", "user_id", "scores"
 KNOWN = "candidate_known"  # False where the item table has no row for a candidate (scored -inf)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 
 @dataclass(frozen=True)

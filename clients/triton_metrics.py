@@ -15,7 +15,7 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 COUNTERS = {
     "success": "nv_inference_request_success",

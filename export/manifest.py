@@ -26,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from model_repository.item_table import LookupConfig
 
 MANIFEST = "manifest.json"

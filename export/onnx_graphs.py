@@ -36,13 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common.atomic import atomic_dir, check_not_above
+from common.errors import MMRankError
 from export.item_table import build_item_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
 from export.torch_program import write_ranking_programs
-from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
-from trainer.data.schema import atomic_dir, check_not_above
 from trainer.model.attention import standard_attention, use_standard_attention
 
 OPSET = 17

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import MMRankError
 from export.manifest import GraphSpec, Manifest, ModelInfo
-from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
 

@@ -47,17 +47,19 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from common.atomic import atomic_dir
+from common.errors import MMRankError
 from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
 from export.tensorrt import check_engines_hold
-from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.limits import EncodeLimits, RequestLimits
-from trainer.data.schema import atomic_dir
 
 BACKENDS = ("python", "torch", "onnxruntime", "tensorrt")
 PYTHON_GRAPHS = ("python", "torch")  # backends that run the ONNX graphs in the Python backend
 PRECISIONS = ("fp32", "fp16")
 RUNTIME = Path(__file__).resolve().parents[1] / "model_repository"  # the serving runtime package
+# The one module of the leaf package the runtime imports, copied beside it.
+LEAF, LEAF_MODULES = RUNTIME.parent / "common", ("__init__.py", "errors.py")
 PYTHON_CODE = RUNTIME / "models"
 RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", ".ruff_cache", "README.md")
 REPOSITORY_README = RUNTIME / "README.md"
@@ -400,7 +402,10 @@ def write_python_model(version: Path, code: str) -> None:
     although it was set (3.10 and 3.11 did not)."""
     shutil.copy2(PYTHON_CODE / code, version / "model.py")
     shutil.copytree(RUNTIME, version / RUNTIME.name, ignore=RUNTIME_IGNORE)
-    for folder in (version, version / RUNTIME.name):
+    (version / LEAF.name).mkdir()
+    for module in LEAF_MODULES:
+        shutil.copy2(LEAF / module, version / LEAF.name / module)
+    for folder in (version, version / RUNTIME.name, version / LEAF.name):
         (folder / BYTECODE_DIR).write_bytes(b"")
 
 

@@ -24,10 +24,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
 from export.manifest import GraphSpec, Manifest
-from mmrank.errors import MMRankError
 from model_repository.limits import RequestLimits
-from trainer.data.schema import write_json_atomic
 
 ENGINES = "tensorrt"
 ENGINE_RECORD = "engines.json"

@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 CONTROL_MODES = ("none", "poll", "explicit")
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 Handler = str  # "package.module:function", resolved at call time
 

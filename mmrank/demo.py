@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 PARITY_ATOL = 1e-4  # fp32 graphs vs the PyTorch model (the export parity bound)
 
@@ -231,10 +231,10 @@ def report_markdown(report: dict) -> str:
 
 
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
+    from common.atomic import write_json_atomic
+    from common.provenance import machine
     from export.manifest import Manifest
     from export.repository import RenderConfig, render_repository
-    from trainer.data.schema import write_json_atomic
-    from trainer.provenance import machine
 
     cfg = cfg or DemoConfig()
     out = Path(out)

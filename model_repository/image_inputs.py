@@ -22,7 +22,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from model_repository.errors import MMRankError
+from common.errors import MMRankError
 
 IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

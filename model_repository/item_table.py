@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_repository.errors import MMRankError
+from common.errors import MMRankError
 
 TABLE_JSON = "table.json"
 PAD_ID = 0

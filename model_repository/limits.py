@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from model_repository.errors import MMRankError, RequestError
+from common.errors import MMRankError, RequestError
 
 
 def check_positive(limits, kind: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_repository.errors import MMRankError
+from common.errors import MMRankError
 
 ORT_TO_NUMPY = {
     "tensor(float)": np.float32,

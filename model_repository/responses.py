@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from model_repository.errors import RequestError
+from common.errors import RequestError
 
 
 def error_response(pb_utils, error: Exception):

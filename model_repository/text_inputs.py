@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_repository.errors import MMRankError
+from common.errors import MMRankError
 
 # Far above natural text's 4 to 5 characters a token, so the prefix nearly always fills max_length.
 CHARS_PER_TOKEN = 16

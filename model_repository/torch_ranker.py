@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from common.errors import MMRankError
 from model_repository import item_table as it
-from model_repository.errors import MMRankError
 
 CANDIDATE_AXIS = (it.CANDIDATE_C, it.CANDIDATE_ITEM, it.CANDIDATE_KNOWN)  # products with a candidates axis
 

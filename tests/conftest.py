@@ -42,8 +42,8 @@ def torch_threads(request):
 
 @pytest.fixture(scope="session")
 def tritonserver():
+    from common.errors import MMRankError
     from export.triton_launcher import TritonDistribution, check_can_start
-    from mmrank.errors import MMRankError
 
     if not TritonDistribution.installed():
         pytest.skip("nvidia-pytriton (the tritonserver) is not installed")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.ablation import check_reusable, run_ablation, run_path
 from trainer.config import resolve
 from trainer.data.schema import MANIFEST, Manifest

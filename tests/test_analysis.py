@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.analysis import (
     analysis_report,
     cosine_neighbours,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 

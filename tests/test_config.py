@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.config import (
     RunConfig,
     apply_overrides,

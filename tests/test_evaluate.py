@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.data.samples import make_samples
 from trainer.data.schema import SPLITS, Dataset, Manifest
 from trainer.evaluate import evaluate_ctr, evaluate_split, evaluate_topk, predict, train_item_ids

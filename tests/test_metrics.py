@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.metrics import (
     auc,
     auc_reference,

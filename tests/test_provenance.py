@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from trainer.provenance import COMMIT_ENV, UNKNOWN, code_commit, cpu_name, record
+from common.provenance import COMMIT_ENV, UNKNOWN, code_commit, cpu_name, record
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from common.errors import MMRankError
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 from trainer.config import resolve
 from trainer.data.synth import SynthConfig, generate
 from trainer.train import evaluate_run, train

@@ -10,12 +10,12 @@ import pytest
 import torch
 from trainer_data import mmrec_toy, synth_with_features
 
+from common.errors import MMRankError
+from common.provenance import code_commit, machine
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
-from trainer.provenance import code_commit, machine
 from trainer.run import CONTENT_TABLE, load_run, restore
 from trainer.train import Trainer, evaluate_run, train
 

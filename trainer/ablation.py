@@ -20,10 +20,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mmrank.errors import MMRankError
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
+from common.provenance import machine
 from trainer.config import RunConfig, parse_sets, read_preset, resolve, stop_metric, validate
-from trainer.data.schema import Manifest, write_json_atomic
-from trainer.provenance import machine
+from trainer.data.schema import Manifest
 from trainer.run import CONFIG, METRICS, data_identity, data_mismatch, read_config
 from trainer.stats import describe, paired
 from trainer.train import train

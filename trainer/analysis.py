@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrank.errors import MMRankError
-from trainer.data.schema import write_json_atomic
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
 from trainer.metrics import top_k
 
 DEFAULT_K = 3  # EM3: top-3 neighbours

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 FORMAT_VERSION = 1
 LAST = "last.pt"

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import ModelConfig
 
 PRESETS_DIR = Path(__file__).parent / "presets"

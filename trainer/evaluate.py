@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.data.samples import (
     HistoryIndex,
     SampleSet,

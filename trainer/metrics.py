@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 LOGLOSS_EPS = 1e-7
 

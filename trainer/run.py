@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import RunConfig, from_dict, load_json
 from trainer.data.schema import MANIFEST, Dataset

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from model_repository.errors import RequestError  # noqa: E402
+from common.errors import RequestError  # noqa: E402
 from model_repository.image_inputs import IMAGE_SIZE, ImageSizeError, image_pixels  # noqa: E402
 from model_repository.limits import EncodeLimits  # noqa: E402
 from model_repository.responses import output_dtypes, respond_each  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 from image_bytes import jpeg_claiming, png
 from PIL import Image
 
+from common.errors import DataError, MMRankError
 from mmrank.cli import main
-from mmrank.errors import DataError, MMRankError
 from trainer.data.ml100k import ML100KConfig, build_ml100k, read_source
 from trainer.data.schema import SPLITS, load_dataset
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import DataError, MMRankError
 from mmrank.cli import main
-from mmrank.errors import DataError, MMRankError
 from trainer.data.mmrec import MMRecConfig, build_mmrec, nth_uninteracted, nth_uninteracted_reference
 from trainer.data.schema import load_dataset
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.data.negatives import NegativeSampler
 
 

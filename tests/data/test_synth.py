@@ -12,8 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
 
+from common.errors import DataError, MMRankError
 from mmrank.cli import main
-from mmrank.errors import DataError, MMRankError
 from trainer.data.schema import MANIFEST, Manifest, load_dataset, read_events
 from trainer.data.synth import ATTRIBUTES, COLOURS, SHAPES, THEMES, SynthConfig, generate
 

@@ -14,16 +14,9 @@ import pytest
 from image_bytes import jpeg_claiming, png
 from PIL import Image
 
-from mmrank.errors import DataError
-from trainer.data.schema import (
-    EVENTS,
-    MANIFEST,
-    Manifest,
-    atomic_dir,
-    load_dataset,
-    read_events,
-    write_events,
-)
+from common.atomic import atomic_dir
+from common.errors import DataError
+from trainer.data.schema import EVENTS, MANIFEST, Manifest, load_dataset, read_events, write_events
 from trainer.data.synth import SynthConfig, generate
 
 

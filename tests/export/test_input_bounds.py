@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model_repository.errors import MMRankError, RequestError
+from common.errors import MMRankError, RequestError
 from model_repository.image_inputs import (
     IMAGE_SIZE,
     MAX_ASPECT_RATIO,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from model_repository import item_table as it
 
 

@@ -22,9 +22,9 @@ from clients.loadtest import (
     summarise,
 )
 from clients.request_sample import SampleConfig, draw_requests
+from common.errors import MMRankError
 from export.triton_launcher import free_port
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 
 REPORTS = [
     "requests.npz",

@@ -6,10 +6,10 @@ import onnx
 import pytest
 import torch
 
+from common.errors import MMRankError
 from export.manifest import MANIFEST, Manifest
 from export.onnx_graphs import OPSET, export_run, find_dataset, table_ranker
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 from model_repository.item_table import ItemTable
 
 

@@ -6,10 +6,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from common.errors import MMRankError
 from export.manifest import Manifest
 from export.repository import RenderConfig, build_configs, check_ensembles, render_repository
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 from model_repository.limits import EncodeLimits, RequestLimits
 
 ALL_MODELS = {

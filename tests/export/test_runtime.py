@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.errors import MMRankError, RequestError
 from export.repository import add_table_version
 from model_repository import item_table as it
-from model_repository.errors import MMRankError, RequestError
 from model_repository.limits import RequestLimits
 
 RUNTIME = Path(__file__).resolve().parents[2] / "model_repository"
 ALLOWED = {"numpy", "onnxruntime", "tokenizers", "PIL", "model_repository", "triton_python_backend_utils"}
+LEAF_MODULES = {"common.errors"}  # the one module of the leaf package a rendered repository carries
 
 
 def _imports(path: Path) -> set[str]:
@@ -30,6 +31,10 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _modules(path: Path) -> set[str]:
+    return {node.module for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)}
+
+
 # The torch backend's ranker is the one module that needs torch; only the lookup model imports it, and
 # only when its config names a torch program, so the other repositories never need torch.
 TORCH_MODULE, TORCH_USERS = RUNTIME / "torch_ranker.py", {RUNTIME / "models" / "item_lookup.py"}
@@ -38,13 +43,14 @@ TORCH_MODULE, TORCH_USERS = RUNTIME / "torch_ranker.py", {RUNTIME / "models" / "
 @pytest.mark.parametrize("path", sorted(RUNTIME.rglob("*.py")), ids=lambda p: str(p.relative_to(RUNTIME)))
 def test_the_runtime_imports_only_its_listed_dependencies(path):
     allowed = ALLOWED | ({"torch"} if path in {TORCH_MODULE, *TORCH_USERS} else set())
-    outside = _imports(path) - allowed - set(sys.stdlib_module_names)
+    outside = _imports(path) - allowed - {"common"} - set(sys.stdlib_module_names)
     assert not outside, f"{path.name} imports {sorted(outside)}: the runtime must not need the project"
+    leaf = {m for m in _modules(path) if m.split(".")[0] == "common"}
+    assert leaf <= LEAF_MODULES, f"{path.name} imports {sorted(leaf - LEAF_MODULES)}, not copied with it"
     if path not in TORCH_USERS:
-        modules = {
-            node.module for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
-        }
-        assert "model_repository.torch_ranker" not in modules, f"{path.name} must not import the torch ranker"
+        assert "model_repository.torch_ranker" not in _modules(path), (
+            f"{path.name} must not import the torch ranker"
+        )
 
 
 def _request(n=3, length=4, rows=1):
@@ -100,6 +106,7 @@ def test_add_table_version_checks_widths_and_publishes_whole_versions(tmp_path):
     final = add_table_version(tmp_path / "repo", _table(version=2))
     assert final == model / "2" and (final / "model.py").is_file()
     assert (final / "model_repository" / "item_table.py").is_file()  # the runtime travels with it
+    assert (final / "common" / "errors.py").is_file()  # and the leaf module it imports
     assert it.ItemTable.read(final / "item_table").version == 2
     # table.json says the folder's number whatever the caller's table said
     third = add_table_version(tmp_path / "repo", _table(version=7))

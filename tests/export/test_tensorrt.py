@@ -3,10 +3,10 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from common.errors import MMRankError
 from export.manifest import Manifest
 from export.tensorrt import EngineConfig, build_engines, check_engines_hold, profile_shapes
 from mmrank.cli import main
-from mmrank.errors import MMRankError
 from model_repository.limits import RequestLimits
 
 

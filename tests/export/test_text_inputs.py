@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from model_repository.text_inputs import ItemTokenizer, copy_tokenizer_files
 
 FIELDS = np.array(

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import NUM_ITEMS, make_model
 
+from common.errors import MMRankError
 from export.manifest import Manifest
 from export.onnx_graphs import ExportConfig, export_model
-from mmrank.errors import MMRankError
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
 from model_repository.torch_ranker import Bucket, TorchRanker, choose_device, pad_to, pick_bucket

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import DataError
 from mmrank.cli import main as mmrank_main
-from mmrank.errors import DataError
 from trainer.data.schema import ITEMS, MANIFEST, Manifest
 from trainer.features.cache import FeatureConfig, build_features
 from trainer.features.store import load_item_features

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from mmrank.errors import DataError
+from common.errors import DataError
 from trainer.features import runtime
 from trainer.features.image import IMAGE_DIM, IMAGE_SIZE, ImageEncoder, load_image
 from trainer.features.runtime import TorchRunner, onnx_path, onnx_runner, sha256_files

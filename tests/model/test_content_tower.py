@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrank.errors import DataError, MMRankError
+from common.errors import DataError, MMRankError
 from trainer.model.config import ContentConfig
 from trainer.model.content_tower import ContentTower
 from trainer.model.pca_table import load_content_table, pca_table, save_content_table

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.attention import set_attention_impl
 from trainer.model.config import ContentConfig
 from trainer.model.fq_former import FQFormer

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import ContentConfig
 from trainer.model.content_tower import ContentTower
 from trainer.model.lora import LoRALinear, apply_lora

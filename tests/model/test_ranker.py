@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import RankerConfig
 from trainer.model.ranker import NEW_ITEM, Ranker, RankMixerLayer, token_mix
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.data.batch import Batch
 from trainer.losses import bce
 from trainer.model.config import ContentConfig, InterestConfig, LossConfig, ModelConfig, RankerConfig

@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from mmrank.errors import DataError, MMRankError
-from trainer.data.schema import SPLITS, Dataset, Manifest, atomic_dir, write_dataset_files
+from common.atomic import atomic_dir
+from common.errors import DataError, MMRankError
+from trainer.data.schema import SPLITS, Dataset, Manifest, write_dataset_files
 from trainer.data.sourcefile import (
     check_known,
     check_range,

@@ -35,15 +35,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmrank.errors import DataError, MMRankError
-from trainer.data.schema import (
-    ITEM_FEATURES,
-    SPLITS,
-    Dataset,
-    Manifest,
-    atomic_dir,
-    write_dataset_files,
-)
+from common.atomic import atomic_dir
+from common.errors import DataError, MMRankError
+from trainer.data.schema import ITEM_FEATURES, SPLITS, Dataset, Manifest, write_dataset_files
 from trainer.data.sourcefile import (
     check_range,
     check_unique,

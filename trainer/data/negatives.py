@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 
 class NegativeSampler:

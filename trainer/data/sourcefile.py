@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmrank.errors import DataError
+from common.errors import DataError
 
 _INT = r"[+-]?\d{1,18}"
 

@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from mmrank.errors import MMRankError
-from trainer.data.schema import ITEMS, MANIFEST, SPLITS, USERS, EventsWriter, Manifest, atomic_dir
+from common.atomic import atomic_dir
+from common.errors import MMRankError
+from trainer.data.schema import ITEMS, MANIFEST, SPLITS, USERS, EventsWriter, Manifest
 
 REQUESTS_PER_BLOCK = 1024  # one RNG block; changing it changes the data, so it is not a setting
 T0 = 1_700_000_000  # first event time (unix seconds); fixed so that the bytes depend on the seed only

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mmrank.errors import DataError
+from common.errors import DataError
 from model_repository.image_inputs import ImageSizeError, check_image_size
 from trainer.data.schema import EVENT_SCHEMA, EVENTS, ITEMS, MANIFEST, SPLITS, USERS, Dataset, RowSource
 

@@ -33,8 +33,9 @@ from numpy.lib.format import open_memmap
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
-from mmrank.errors import DataError, MMRankError
-from trainer.data.schema import ITEMS, Manifest, atomic_dir, write_json_atomic
+from common.atomic import atomic_dir, write_json_atomic
+from common.errors import DataError, MMRankError
+from trainer.data.schema import ITEMS, Manifest
 from trainer.data.validate import check_ids
 from trainer.features import image as image_mod
 from trainer.features import text as text_mod

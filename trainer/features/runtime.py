@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmrank.errors import DataError
+from common.errors import DataError
 
 RUNTIMES = ("torch", "onnxruntime")
 AUTO_RUNTIME = {"text": "onnxruntime", "image": "onnxruntime"}

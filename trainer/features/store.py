@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import DataError
+from common.errors import DataError
 from trainer.data.schema import Manifest
 from trainer.features import image, text
 from trainer.features.runtime import sha256_files

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import ContentConfig
 from trainer.model.fusion_variants import FUSIONS, build_fusion
 from trainer.model.lora import apply_lora

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import ContentConfig
 from trainer.model.fq_former import AttentionBlock, FQFormer, FusionLayer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrank.errors import DataError, MMRankError
+from common.errors import DataError, MMRankError
 from trainer.model.projections import Modalities
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 
 # name -> (features [B, K, D], mask [B, K] bool); for per-item tables B = num_items + 1, row 0 = padding.
 Modalities = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.model.config import RankerConfig
 
 MIXERS = ("mlp", "rankmixer", "dot")

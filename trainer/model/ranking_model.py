@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.data.batch import Batch
 from trainer.data.schema import PAD_ID
 from trainer.losses import cic_loss, sqdc_loss

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmrank.errors import MMRankError
+from common.errors import MMRankError
 from trainer.features.text import TextEncoder
 from trainer.model.lora import apply_lora
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from mmrank.errors import MMRankError
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
 from trainer.config import RunConfig, parse_sets, resolve, validate
-from trainer.data.schema import Manifest, load_dataset, write_json_atomic
+from trainer.data.schema import Manifest, load_dataset
 from trainer.evaluate import evaluate_split
 from trainer.run import METRICS, load_run, read_config
 from trainer.train.distributed import Dist

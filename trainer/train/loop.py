@@ -37,14 +37,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from mmrank.errors import MMRankError
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
 from trainer import checkpoint, provenance
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, TrainConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
 from trainer.data.negatives import NegativeSampler
 from trainer.data.samples import SampleSet, make_samples
-from trainer.data.schema import SPLITS, Dataset, write_json_atomic
+from trainer.data.schema import SPLITS, Dataset
 from trainer.evaluate import evaluate_ctr, evaluate_topk, train_item_ids
 from trainer.losses import bce, bpr
 from trainer.model.ranking_model import RankingModel

@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mmrank.errors import MMRankError
+from common.atomic import write_json_atomic
+from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig
-from trainer.data.schema import write_json_atomic
 from trainer.run import CONFIG, CONTENT_TABLE, DATA, METRICS, STAGE1, data_mismatch, read_config
 from trainer.train.distributed import Dist
 from trainer.train.loop import trains_further

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import write_json_atomic
 from trainer.config import RunConfig, from_dict
-from trainer.data.schema import Dataset, write_json_atomic
+from trainer.data.schema import Dataset
 from trainer.evaluate import item_vectors
 from trainer.model.pca_table import pca_table, save_content_table
 from trainer.run import (
