@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import bce, cic_loss, first_occurrence, sqdc_loss
+from trainer.losses import bce, cic_loss, emb_loss, first_occurrence, sqdc_loss
 
 R = 1 / math.sqrt(2)
 
@@ -35,6 +35,28 @@ def test_cic_by_hand_with_a_repeated_item():
     c2i = sum(_nll(s[a][a], s[a]) for a in range(3)) / 3
     i2c = sum(_nll(s[b][b], [s[a][b] for a in range(3)]) for b in range(3)) / 3
     assert cic_loss(content, ids, item_ids, tau).item() == pytest.approx(0.5 * (c2i + i2c), rel=1e-6)
+
+
+def test_cic_with_sampled_negatives_by_hand():
+    # EM3's MMRec form: each item against `negatives` items drawn with replacement (itself allowed).
+    gen = torch.Generator().manual_seed(0)
+    content, ids = torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+    torch.manual_seed(4)
+    loss = cic_loss(content, ids, torch.arange(6), 0.2, negatives=5)
+    torch.manual_seed(4)
+    drawn = torch.randint(0, 6, (6, 5))
+    c = [x / x.norm() for x in content]
+    i = [x / x.norm() for x in ids]
+    c2i = i2c = 0.0
+    for a in range(6):
+        c2i += _nll(float(c[a] @ i[a]) / 0.2, [float(c[a] @ i[b]) / 0.2 for b in [a, *drawn[a].tolist()]])
+        i2c += _nll(float(i[a] @ c[a]) / 0.2, [float(i[a] @ c[b]) / 0.2 for b in [a, *drawn[a].tolist()]])
+    assert loss.item() == pytest.approx(0.5 * (c2i + i2c) / 6, rel=1e-5)
+
+
+def test_emb_loss_is_mmrecs_unsquared_norm_over_the_batch():
+    rows = (torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert emb_loss(*rows).item() == pytest.approx((5.0 + 1.0) / 2)
 
 
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])

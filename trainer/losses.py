@@ -2,11 +2,15 @@
 
 - BPR (`model.loss.main = "bpr"`, the `bpr` preset): the pairwise loss of BPR-MF, replacing BCE, for
   top-K data where a positive should outrank items the user never interacted with.
+- L2 (`model.loss.l2_weight`): MMRec's EmbLoss on the batch's embedding rows, the sum of each row
+  matrix's Frobenius norm (not squared) over the batch size.
 
 - CIC (EM3 eq. 10-14): C_i = f_cic(c_i) and I_i = f'_cic(id_i) come in already projected; both are
   L2-normalised, logits = cos / tau against every other distinct item of the batch (EM3 samples H
   negatives from the batch; we take all of them), L_CIC = 0.5 (L_C2I + L_I2C). An item repeated in the
-  batch would be its own negative, so only its first occurrence takes part.
+  batch would be its own negative, so only its first occurrence takes part. With `negatives` = H > 0,
+  EM3's MMRec code instead: each item against H items drawn uniformly with replacement from the same
+  set (the item itself may be drawn; torch's global RNG), logits over [positive, H drawn].
 - SQDC (LEMUR): for clicked samples i, InfoNCE of T * cos(q_i, d_j) over all in-batch samples j, where
   A_ij = 0 if i != j and request_i == request_j removes the other impressions of the same request from
   the denominator (the positive itself stays). Averaged over clicked samples (the paper sums; the mean
@@ -30,6 +34,11 @@ def bpr(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
     return -F.logsigmoid(pos_logits - neg_logits).mean()
 
 
+def emb_loss(*rows: Tensor) -> Tensor:
+    """MMRec's EmbLoss: sum of the Frobenius norms of the row matrices [B, e] (not squared) / B."""
+    return sum(torch.linalg.vector_norm(r) for r in rows) / rows[-1].shape[0]
+
+
 def first_occurrence(ids: Tensor) -> Tensor:
     """Indices [U] of the first occurrence of each distinct value of ids [B], in batch order."""
     unique, inverse = torch.unique(ids, return_inverse=True)
@@ -38,12 +47,19 @@ def first_occurrence(ids: Tensor) -> Tensor:
     return first.sort().values
 
 
-def cic_loss(content: Tensor, ids: Tensor, item_ids: Tensor, tau: float) -> Tensor:
+def cic_loss(content: Tensor, ids: Tensor, item_ids: Tensor, tau: float, negatives: int = 0) -> Tensor:
     """EM3 Content-ID-Contrastive loss 0.5 (C2I + I2C) of content [B, k] = f_cic(c) and ids [B, k] =
-    f'_cic(id) for the batch's items item_ids [B]; repeated items count once."""
+    f'_cic(id) for the batch's items item_ids [B]; repeated items count once. `negatives` = 0: every other
+    item is a negative; H > 0: H drawn per item, as EM3's MMRec code does (module docstring)."""
     keep = first_occurrence(item_ids)
     c = F.normalize(content[keep], dim=-1)
     i = F.normalize(ids[keep], dim=-1)
+    if negatives > 0:
+        drawn = torch.randint(0, keep.numel(), (keep.numel(), negatives), device=c.device)
+        c2i = torch.cat([i[:, None], i[drawn]], 1) @ c[:, :, None]
+        i2c = torch.cat([c[:, None], c[drawn]], 1) @ i[:, :, None]
+        target = torch.zeros(keep.numel(), dtype=torch.int64, device=c.device)
+        return 0.5 * (F.cross_entropy(c2i[..., 0] / tau, target) + F.cross_entropy(i2c[..., 0] / tau, target))
     logits = c @ i.T / tau
     target = torch.arange(keep.numel(), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
