@@ -73,6 +73,15 @@ MODEL_RANGES = {
     "loss.cic_dim": _at_least(1),
     "loss.sqdc_lambda": _at_least(0),
     "loss.sqdc_scale": POSITIVE,
+    "loss.cic_negatives": _at_least(0),
+    "loss.l2_weight": _at_least(0),
+    "graph.dim": _at_least(1),
+    "graph.ui_layers": _at_least(0),
+    "graph.item_layers": _at_least(0),
+    "graph.knn_k": _at_least(1),
+    "graph.image_weight": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "graph.edge_dropout": FRACTION,
+    "graph.feature_bpr_weight": _at_least(0),
 }
 # Heads split content vectors of width model.content.d into equal slices.
 HEAD_COUNTS = ("content.fusion_heads", "interest.attention_heads", "interest.decoder_heads")
@@ -311,6 +320,22 @@ def check_stop_metric(t: TrainConfig, topk_protocol: bool | None) -> None:
         raise MMRankError(f"{shown} needs {k} in train.topk, got {list(t.topk)}")
 
 
+def check_graph_model(cfg: RunConfig) -> None:
+    """A two-tower graph model trains with BPR in plain epochs: no LoRA phase, task PE or streaming."""
+    g, t = cfg.model.graph, cfg.train
+    if g.model == "none":
+        return
+    if cfg.model.loss.main != "bpr":
+        raise MMRankError(
+            f"model.graph.model={g.model!r} trains with model.loss.main='bpr', got {cfg.model.loss.main!r}"
+        )
+    for name in ("lora_epochs", "task_pe", "streaming"):
+        if getattr(t, name):
+            raise MMRankError(
+                f"model.graph.model={g.model!r} has no train.{name} schedule; set it to 0/false"
+            )
+
+
 def validate(cfg: RunConfig, topk_protocol: bool | None = None) -> None:
     """Value checks the types cannot express; the model checks its option names and combinations.
     `topk_protocol`: whether the data has a top-K protocol, where known (it resolves early_stop_metric=auto)."""
@@ -363,6 +388,7 @@ def validate(cfg: RunConfig, topk_protocol: bool | None = None) -> None:
     if not all(k >= 1 for k in t.topk):
         raise MMRankError(f"train.topk: every cut-off must be >= 1, got {list(t.topk)}")
     check_stop_metric(t, topk_protocol)
+    check_graph_model(cfg)
     if t.lora_epochs and cfg.model.interest.lora_rank <= 0:
         raise MMRankError("train.lora_epochs > 0 needs model.interest.lora_rank > 0")
     if t.lora_epochs and (t.task_pe or cfg.model.content.source == "fixed"):

@@ -84,6 +84,36 @@ class LossConfig:
     sqdc_lambda: float = 0.0  # LEMUR SQDC weight
     sqdc_scale: float = 50.0  # T, multiplies the cosine [50]
     sqdc_request_mask: bool = True  # mask other samples of the same request from the denominator
+    # CIC negatives per item: 0 = every other item of the batch (our ranker) | H > 0: H items drawn
+    # uniformly with replacement from the same set (EM3's MMRec code: 16, the positive may be drawn)
+    cic_negatives: int = 0
+    # MMRec's EmbLoss on the batch's embedding rows: weight x (sum over user, positive and negative rows
+    # of the Frobenius norm of the [B, e] matrix) / B. BPR-MF: the ID rows; LightGCN: the ego rows
+    # (before propagation). MMRec calls it reg_weight.
+    l2_weight: float = 0.0
+
+
+@dataclass
+class GraphConfig:
+    """Two-tower graph models (MMRec's LightGCN and FREEDOM, EM3 on FREEDOM): users and items are
+    vectors propagated over the training user-item graph, scored by their dot product. Defaults are the
+    MMRec settings of EM3's public evaluation (LEMUR digest, "Public evaluation")."""
+
+    # none: the ranking model (content tower, interest, ranker) | lightgcn | freedom | em3_freedom
+    model: str = "none"
+    dim: int = 64  # user and item ID embedding width [MMRec embedding_size 64]
+    ui_layers: int = 2  # propagation layers over the user-item graph [n_ui_layers 2; LightGCN n_layers]
+    item_layers: int = 1  # propagation layers over the item-item kNN graph [n_mm_layers 1]
+    knn_k: int = 10  # neighbours per item in each modality's kNN graph [knn_k 10]
+    image_weight: float = 0.1  # weight of the image modality's kNN graph [mm_image_weight 0.1]
+    # FREEDOM's degree-sensitive edge pruning: share of user-item edges dropped each epoch, drawn with
+    # probability proportional to 1 / sqrt(deg(u) deg(i)) [dropout 0.8]
+    edge_dropout: float = 0.8
+    # FREEDOM's reg_weight: weight of the BPR loss of the users against the items' projected raw
+    # features (each modality its own trainable copy of the features and Linear) [0: the Baby setting]
+    feature_bpr_weight: float = 0.0
+    # item features the kNN graphs (and EM3's FQ-Former) read; empty = every feature of the dataset
+    modalities: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,3 +122,4 @@ class ModelConfig:
     interest: InterestConfig = field(default_factory=InterestConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)

@@ -175,6 +175,11 @@ class Ranker(nn.Module):
         trained on) and item categorical embeddings."""
         return self._item_token(item_ids, self._id_rows(item_ids))
 
+    def id_embeddings(self, user_id: Tensor, item_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The user ID rows [B, e] and the item ID rows [..., e] that evaluation reads (the new-item row
+        for items never trained on): what MMRec's L2 penalty (`loss.l2_weight`) regularises."""
+        return self.user_emb(user_id), self.item_emb(self._id_rows(item_ids))
+
     def _id_rows(self, item_ids: Tensor) -> Tensor:
         return torch.where(self.item_known[item_ids], item_ids, NEW_ITEM)
 

@@ -36,19 +36,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from common.errors import MMRankError
 from trainer.data.batch import Batch
 from trainer.data.schema import PAD_ID
-from trainer.losses import cic_loss, sqdc_loss
+from trainer.losses import cic_loss, emb_loss, sqdc_loss
 from trainer.model.attention import set_attention_impl
 from trainer.model.config import ModelConfig
 from trainer.model.content_tower import ContentTower
 from trainer.model.decoder import CrossAttentionDecoder
 from trainer.model.fusion_variants import masked_mean
 from trainer.model.memory_bank import MemoryBank, dedup_join
+from trainer.model.param_groups import param_groups
 from trainer.model.projections import Modalities
 from trainer.model.ranker import Ranker
 from trainer.model.similarity import similarity_features
@@ -66,12 +68,14 @@ class ModelSchema:
     user_feat_cards: tuple[int, ...]  # cardinality of each user feature
     modalities: Modalities  # content tower inputs, row i = item i
     tokens: tuple[Tensor, Tensor] | None = None  # MiniLM token ids + mask per item (trainable encoder)
+    # (user ids, item ids) of the training positives: the user-item graph of the graph models
+    train_edges: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
 class ModelOutput:
     logits: Tensor  # [B]
-    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary terms: "cic", "sqdc"
+    losses: dict[str, Tensor] = field(default_factory=dict)  # weighted auxiliary terms: "cic", "sqdc", "l2"
     stats: dict[str, float] = field(default_factory=dict)  # bank staleness / coverage, sampling shares
     negative_logits: Tensor | None = None  # [B], when forward was given sampled negatives
 
@@ -148,6 +152,8 @@ class RankingModel(nn.Module):
         )
         if ls.cic_alpha > 0 and not self.ranker.item_dim:
             raise MMRankError("loss.cic_alpha > 0 needs item ID or item categorical embeddings")
+        if ls.l2_weight > 0 and self.ranker.item_emb is None:
+            raise MMRankError("loss.l2_weight > 0 regularises ID embeddings: it needs ranker.use_item_id")
         self.cic_content = nn.Linear(d, ls.cic_dim) if ls.cic_alpha > 0 else None
         self.cic_ids = nn.Linear(self.ranker.item_dim, ls.cic_dim) if ls.cic_alpha > 0 else None
         self.sqdc_query = nn.Linear(self.ranker.user_dim + d, d) if ls.sqdc_lambda > 0 else None
@@ -262,7 +268,11 @@ class RankingModel(nn.Module):
         if self.training:
             self.train_steps += 1
         negative_logits = None if negatives is None else logits[:, 1]
-        return ModelOutput(logits[:, 0], self._aux_losses(batch, columns[0], hist_c), stats, negative_logits)
+        losses = self._aux_losses(batch, columns[0], hist_c)
+        if self.cfg.loss.l2_weight > 0:
+            users, items = self.ranker.id_embeddings(batch.user_id, cand_ids)
+            losses["l2"] = self.cfg.loss.l2_weight * emb_loss(users, *items.unbind(1))
+        return ModelOutput(logits[:, 0], losses, stats, negative_logits)
 
     def _target_content(self, ids: Tensor, stats: dict[str, float]) -> tuple[list[Tensor], Tensor, Tensor]:
         """Vectors [B, d] of each column of the candidates ids [B, N] (column 0: the batch's targets, then
@@ -350,7 +360,9 @@ class RankingModel(nn.Module):
         ls, losses = self.cfg.loss, {}
         if self.cic_content is not None:
             ids = self.cic_ids(self.ranker.item_features(batch.item_id))
-            losses["cic"] = ls.cic_alpha * cic_loss(self.cic_content(c), ids, batch.item_id, ls.cic_tau)
+            losses["cic"] = ls.cic_alpha * cic_loss(
+                self.cic_content(c), ids, batch.item_id, ls.cic_tau, ls.cic_negatives
+            )
         if self.sqdc_query is not None:
             user = self.ranker.user_features(batch.user_id, batch.user_feats)
             query = self.sqdc_query(torch.cat([user, masked_mean(hist_c, batch.hist_mask)], dim=-1))
@@ -365,7 +377,7 @@ class RankingModel(nn.Module):
         if negatives is not None:
             if tuple(negatives.shape) != (b,):
                 raise MMRankError(f"negatives has shape {tuple(negatives.shape)}, expected ({b},)")
-            _check_range("negatives", negatives, self.schema.num_items)
+            check_ids("negatives", negatives, self.schema.num_items)
         for name in ("user_id", "label", "request_id"):
             if tuple(getattr(batch, name).shape) != (b,):
                 raise MMRankError(
@@ -385,11 +397,11 @@ class RankingModel(nn.Module):
                 raise MMRankError(
                     f"batch.{name}_ids {tuple(ids.shape)} and batch.{name}_mask {tuple(mask.shape)} must both be [{b}, L]"
                 )
-            _check_range(f"batch.{name}_ids", ids, self.schema.num_items)
-        _check_range("batch.item_id", batch.item_id, self.schema.num_items)
-        _check_range("batch.user_id", batch.user_id, self.schema.num_users)
+            check_ids(f"batch.{name}_ids", ids, self.schema.num_items)
+        check_ids("batch.item_id", batch.item_id, self.schema.num_items)
+        check_ids("batch.user_id", batch.user_id, self.schema.num_users)
         for i, card in enumerate(self.schema.user_feat_cards):
-            _check_range(f"batch.user_feats[:, {i}]", batch.user_feats[:, i], card - 1)
+            check_ids(f"batch.user_feats[:, {i}]", batch.user_feats[:, i], card - 1)
 
     # ---- training utilities -------------------------------------------------------------------------
     def start_lora_phase(self) -> None:
@@ -402,27 +414,12 @@ class RankingModel(nn.Module):
         self.tower.enable_lora(self.cfg.interest.lora_rank)
 
     def param_groups(self, lr_content: float, lr_ranker: float, weight_decay: float) -> list[dict]:
-        """AdamW groups: content tower vs the rest, each split into decayed (matrices) and not decayed
-        (biases, norms, embedding tables: decoupled decay would shrink rarely seen ID rows every step).
-        Frozen parameters are left out."""
-        tower = {id(p) for p in self.tower.parameters()} if self.tower is not None else set()
-        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-        for p in self.parameters():
-            if p.requires_grad:
-                part = "content" if id(p) in tower else "ranker"
-                decay = p.dim() >= 2 and id(p) not in embeddings
-                groups.setdefault((part, decay), []).append(p)
-        lrs = {"content": lr_content, "ranker": lr_ranker}
-        return [
-            {
-                "name": f"{part}/{'decay' if decay else 'no_decay'}",
-                "params": params,
-                "lr": lrs[part],
-                "weight_decay": weight_decay if decay else 0.0,
-            }
-            for (part, decay), params in sorted(groups.items())
-        ]
+        """AdamW groups (`trainer.model.param_groups`): the content tower at lr_content, the rest at
+        lr_ranker."""
+        return param_groups(self, self.tower, lr_content, lr_ranker, weight_decay)
+
+    def new_epoch(self, epoch: int, seed: int) -> None:
+        """Nothing of this model changes per epoch (the graph models redraw their pruned graph)."""
 
 
 @contextmanager
@@ -443,6 +440,6 @@ def _same(x: Tensor | None) -> Tensor | None:
     return x
 
 
-def _check_range(name: str, ids: Tensor, high: int) -> None:
+def check_ids(name: str, ids: Tensor, high: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > high):
         raise MMRankError(f"{name} has ids in [{int(ids.min())}, {int(ids.max())}], expected [0, {high}]")
