@@ -5,7 +5,8 @@ logloss, AUC on cold-start events (items absent from training), and, for data wi
 Recall@K / NDCG@K over all items with the user's training items masked.
 
 The model is anything with the RankingModel interface: `forward(batch).logits [B]`,
-`score(user_id, user_feats, cand_ids, cand_c, hist_c, hist_mask) -> [B, N]` and `item_vectors(ids)`.
+`score(user_id, user_feats, cand_ids, cand_c, hist_c, hist_mask) -> [B, N]` and `item_vectors(ids)`; a
+two-tower model (`full_scores(user_id) -> [B, num_items + 1]`) ranks every item of a user at once.
 Evaluation runs under `torch.no_grad` in eval mode and restores the model's training mode afterwards.
 """
 
@@ -115,6 +116,11 @@ def has_content(model: nn.Module) -> bool:
     return getattr(model, "tower", None) is not None
 
 
+def is_two_tower(model: nn.Module) -> bool:
+    """A two-tower model (trainer.model.two_tower) scores every item of a user at once."""
+    return hasattr(model, "full_scores")
+
+
 def _history_content(
     history: HistoryIndex, rows: np.ndarray, length: int, all_c: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -196,11 +202,17 @@ def evaluate_topk(
             long = {}
             if long_len > 0:
                 long["long_c"], long["long_mask"] = _history_content(history, rows, long_len, all_c, device)
-            scores = np.full((len(rows), n_items + 1), -np.inf)
-            for ids in cand_ids.split(item_chunk):
-                c = None if all_c is None else all_c[ids].expand(len(rows), -1, -1)
-                logits = model.score(user_t, feats_t, ids.expand(len(rows), -1), c, hist_c, hist_mask, **long)
-                scores[:, ids[0].item() : ids[-1].item() + 1] = logits.float().cpu().numpy()
+            if is_two_tower(model):
+                scores = model.full_scores(user_t).float().cpu().numpy()
+                scores[:, 0] = -np.inf  # padding
+            else:
+                scores = np.full((len(rows), n_items + 1), -np.inf)
+                for ids in cand_ids.split(item_chunk):
+                    c = None if all_c is None else all_c[ids].expand(len(rows), -1, -1)
+                    logits = model.score(
+                        user_t, feats_t, ids.expand(len(rows), -1), c, hist_c, hist_mask, **long
+                    )
+                    scores[:, ids[0].item() : ids[-1].item() + 1] = logits.float().cpu().numpy()
             scores[seen_rows.dense(users[rows], n_items + 1)] = -np.inf
             for name, values in topk_metrics(scores, truth_rows.dense(users[rows], n_items + 1), ks).items():
                 per_user.setdefault(name, []).append(values)

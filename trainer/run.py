@@ -1,5 +1,6 @@
-"""A run folder and the model it describes: build a RankingModel from a dataset and a RunConfig, and
-load a finished run back (`load_run`) for evaluation and export.
+"""A run folder and the model it describes: build the model (RankingModel, or a two-tower graph model:
+`trainer.model.build`) from a dataset and a RunConfig, and load a finished run back (`load_run`) for
+evaluation and export.
 
 RUN/ holds config.json (the full resolved config), data.json (which dataset it trains on), metrics.json,
 train_log.jsonl, last.pt, best.pt and, for runs on a fixed content table, content_table.npy. config.json describes what was asked; the model
@@ -20,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import RunConfig, from_dict, load_json
 from trainer.data.schema import MANIFEST, Dataset
 from trainer.features.store import ItemFeatures, load_item_features
+from trainer.model.build import build_model, is_graph_model
 from trainer.model.config import ModelConfig
-from trainer.model.ranking_model import ModelSchema, RankingModel
+from trainer.model.ranking_model import ModelSchema
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -82,14 +85,65 @@ def _modality_fix(features: ItemFeatures) -> str:
 
 def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> ModelSchema:
     """Sizes, categorical tables, the item features `cfg` needs (from the feature cache) and, for the
-    trainable text encoder, the per-item token table."""
+    trainable text encoder, the per-item token table; for a graph model, the training interactions."""
     m = ds.manifest
     items = ds.items.sort_values("item_id")
     cat_cols = list(m.item_categoricals)
     item_cats = np.zeros((ds.num_items + 1, len(cat_cols)), dtype=np.int64)
     if cat_cols:
         item_cats[items["item_id"].to_numpy()] = items[cat_cols].to_numpy(dtype=np.int64)
-    c = cfg.content
+    train_edges = None
+    if is_graph_model(cfg):
+        modalities, tokens = _tensors(ds, graph_modalities_wanted(ds, cfg)), None
+        train = ds.split("train")
+        positives = train[train["label"] == 1]
+        train_edges = (positives["user_id"].to_numpy(), positives["item_id"].to_numpy())
+    else:
+        modalities, tokens = _content_inputs(ds, cfg, items, build_table)
+    return ModelSchema(
+        num_items=ds.num_items,
+        num_users=ds.num_users,
+        item_cats=torch.from_numpy(item_cats),
+        item_cat_cards=tuple(int(v) for v in m.item_categoricals.values()),
+        user_feat_cards=tuple(int(v) for v in m.user_features.values()),
+        modalities=modalities,
+        tokens=tokens,
+        train_edges=train_edges,
+    )
+
+
+def graph_modalities_wanted(ds: Dataset, cfg: ModelConfig) -> list[str]:
+    """The item features a graph model reads: none for LightGCN, else `graph.modalities` or every one
+    the dataset has (MMRec's `*_feat.npy` files, the feature cache's text and image)."""
+    if cfg.graph.model == "lightgcn":
+        return []
+    have = sorted(load_item_features(ds.root).modalities)
+    wanted = list(cfg.graph.modalities) or have
+    missing = [name for name in wanted if name not in have]
+    if missing or not wanted:
+        raise MMRankError(
+            f"{ds.root}: model.graph.model={cfg.graph.model!r} builds its item-item graph from item "
+            f"features; the dataset has {have or 'none'}"
+            + (f", not {missing}: use --set 'model.graph.modalities={json.dumps(have)}'" if missing else "")
+        )
+    return wanted
+
+
+def _tensors(ds: Dataset, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The named item features of the dataset as tensors (features [n + 1, K, D], mask [n + 1, K])."""
+    if not names:
+        return {}
+    features = load_item_features(ds.root)
+    out = {}
+    for name in names:
+        feats, mask = features.modalities[name]
+        out[name] = (torch.from_numpy(np.array(feats, dtype=np.float32)), torch.from_numpy(np.array(mask)))
+    return out
+
+
+def _content_inputs(ds: Dataset, cfg: ModelConfig, items, build_table: bool):
+    """The ranking model's item features and, for the trainable text encoder, its token table."""
+    m, c = ds.manifest, cfg.content
     trainable_text = uses_content(cfg) and c.source == "tower" and c.encoder_mode == "trainable"
     if trainable_text and not m.text_fields:
         # MMRec-format data ships precomputed features only: the frozen encoder reads those instead.
@@ -101,7 +155,6 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
             f"--set model.content.encoder_mode=frozen{' ' + _modality_fix(features) if lacking else ''}"
         )
     wanted = needed_modalities(cfg, build_table)
-    modalities = {}
     if wanted:
         features = load_item_features(ds.root)
         missing = [name for name in wanted if name not in features.modalities]
@@ -110,26 +163,12 @@ def build_schema(ds: Dataset, cfg: ModelConfig, build_table: bool = False) -> Mo
             raise MMRankError(
                 f"{ds.root}: no {', '.join(missing)} features (have {have or 'none'}); use {_modality_fix(features)}"
             )
-        for name in wanted:
-            feats, mask = features.modalities[name]
-            modalities[name] = (
-                torch.from_numpy(np.array(feats, dtype=np.float32)),
-                torch.from_numpy(np.array(mask)),
-            )
     tokens = None
     if trainable_text:
         from trainer.features.text import TextEncoder
 
         tokens = TextEncoder().tokenize_items(items, m.text_fields, c.max_text_tokens)
-    return ModelSchema(
-        num_items=ds.num_items,
-        num_users=ds.num_users,
-        item_cats=torch.from_numpy(item_cats),
-        item_cat_cards=tuple(int(v) for v in m.item_categoricals.values()),
-        user_feat_cards=tuple(int(v) for v in m.user_features.values()),
-        modalities=modalities,
-        tokens=tokens,
-    )
+    return _tensors(ds, wanted), tokens
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
@@ -178,13 +217,13 @@ def data_mismatch(run_dir: str | Path, identity: dict[str, str]) -> str | None:
 
 def restore(
     cfg: RunConfig, run_dir: str | Path, ds: Dataset, path: str | Path, schema: ModelSchema | None = None
-) -> tuple[ModelConfig, RankingModel]:
+) -> tuple[ModelConfig, nn.Module]:
     """A fresh model holding the weights of the checkpoint `path` (best.pt or last.pt) of `run_dir`;
     `schema` saves rebuilding it when the caller has one for the same data and content source."""
     ckpt = checkpoint.load(path)
     lora = bool(ckpt.get("lora_phase", ckpt.get("state", {}).get("lora_phase", False)))
     model_cfg = final_model_config(cfg, run_dir, lora)
-    model = RankingModel(model_cfg, schema if schema is not None else build_schema(ds, model_cfg))
+    model = build_model(model_cfg, schema if schema is not None else build_schema(ds, model_cfg))
     if lora:
         model.start_lora_phase()
     checkpoint.load_model_state(model, ckpt["model"], path)
@@ -192,7 +231,7 @@ def restore(
     return model_cfg, model
 
 
-def load_run(run_dir: str | Path, ds: Dataset) -> tuple[RunConfig, RankingModel]:
+def load_run(run_dir: str | Path, ds: Dataset) -> tuple[RunConfig, nn.Module]:
     """The run's config and its best model (RUN/best.pt), in eval mode on the CPU.
 
     The returned config's `model` is the loaded model's own config (`final_model_config`), so callers

@@ -49,7 +49,7 @@ from trainer.data.samples import SampleSet, make_samples
 from trainer.data.schema import SPLITS, Dataset
 from trainer.evaluate import evaluate_ctr, evaluate_topk, train_item_ids
 from trainer.losses import bce, bpr
-from trainer.model.ranking_model import RankingModel
+from trainer.model.build import build_model
 from trainer.run import METRICS, TRAIN_LOG, build_schema, data_identity, final_model_config, restore
 from trainer.train.batches import batches, take
 from trainer.train.distributed import Dist, seed_everything
@@ -88,7 +88,7 @@ class Trainer:
         self.device = dist.device
         seed_everything(cfg.seed)
         self.schema = build_schema(ds, self.model_cfg)
-        self.model = RankingModel(self.model_cfg, self.schema).to(self.device)
+        self.model = build_model(self.model_cfg, self.schema).to(self.device)
         seed_everything(cfg.seed + 100_003 * dist.rank)  # per-process dropout and p/q sampling draws
         self.amp = amp_dtype(self.t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -109,6 +109,9 @@ class Trainer:
         self._log_sums: dict[str, list[float]] = {}
         self._log_t0 = time.perf_counter()
         self._log_rows = 0
+        # training losses and seconds since the latest validation, reported with it (progress per epoch)
+        self._losses_since_valid: list[float] = []
+        self._train_s_at_valid = self.state.train_seconds
         self._saved_step = -1  # step of the latest last.pt, -1 once the state has changed since
         # (step, valid metrics) of a model saved to best.pt only to be reported (`_report_current`)
         self._reported: tuple[int, dict] | None = None
@@ -307,6 +310,7 @@ class Trainer:
     def _record(self, values: dict[str, float], stats: dict[str, float], rows: int, bar: tqdm) -> None:
         for name, value in {**values, **stats}.items():
             self._log_sums.setdefault(name, []).append(value)
+        self._losses_since_valid.append(values["loss"])
         self._log_rows += rows
         bar.update(1)
         if self.state.global_step % self.t.log_every:
@@ -324,7 +328,8 @@ class Trainer:
         bar.set_postfix(loss=f"{line['loss']:.4f}", samples_per_s=f"{line['samples_per_s']:.0f}")
         self._log(line, bar)
 
-    def _log(self, line: dict, bar: tqdm | None = None) -> None:
+    def _log(self, line: dict, bar: tqdm | None = None, summary: str | None = None) -> None:
+        """One line of RUN/train_log.jsonl; on stderr too (as `summary` where given) unless a bar shows."""
         if not self.dist.main:
             return
         text = json.dumps(line, sort_keys=True, default=float)
@@ -332,7 +337,7 @@ class Trainer:
             f.write(text + "\n")
         self.state.log_lines += 1
         if bar is None or bar.disable:
-            print(f"train: {text}", file=sys.stderr)
+            print(f"train: {summary or text}", file=sys.stderr)
 
     # -- evaluation and checkpoints
     def evaluate(
@@ -378,7 +383,14 @@ class Trainer:
 
     def _validate(self) -> None:
         s = self.state
+        t0 = time.perf_counter()
         metrics, value = self._valid_metrics()
+        progress = {
+            "train_s": s.train_seconds - self._train_s_at_valid,
+            "train_loss": float(np.mean(self._losses_since_valid)) if self._losses_since_valid else None,
+            "valid_s": time.perf_counter() - t0,
+        }
+        self._losses_since_valid, self._train_s_at_valid = [], s.train_seconds
         s.last_eval_step = s.global_step
         improved = (
             s.best_metric is None
@@ -393,19 +405,31 @@ class Trainer:
             s.bad_evals += 1
             s.stopped_early = 0 < self.t.patience <= s.bad_evals
         self._saved_step = -1
-        self._log(
-            {
-                "event": "valid",
-                "step": s.global_step,
-                "epoch": s.epoch,
-                "improved": improved,
-                "stopped_early": s.stopped_early,
-                **metrics,
-            }
-        )
+        line = {
+            "event": "valid",
+            "step": s.global_step,
+            "epoch": s.epoch,
+            "improved": improved,
+            "stopped_early": s.stopped_early,
+            "best_step": s.best_step,
+            **progress,
+            **metrics,
+        }
+        self._log(line, summary=self._valid_summary(line, value))
         if improved:  # last.pt first (see `_check_best`)
             self._save_last()
             self._save_best(s)
+
+    def _valid_summary(self, line: dict, value: float) -> str:
+        """The stderr form of a validation line: where, how long, the loss and the stopping metric."""
+        s, loss = self.state, line["train_loss"]
+        return (
+            f"epoch {s.epoch} step {s.global_step}: train {line['train_s']:.1f} s"
+            + (f", loss {loss:.4f}" if loss is not None else "")
+            + f"; valid {line['valid_s']:.1f} s, {self.stop_metric} {value:.4f}"
+            + (" (best)" if line["improved"] else f" (best {s.best_metric:.4f} at step {s.best_step})")
+            + ("; stopping early" if s.stopped_early else "")
+        )
 
     def _report_current(self) -> None:
         """A run stopped at max_steps before its first validation still reports, evaluates and exports a
@@ -463,6 +487,7 @@ class Trainer:
                 if not s.lora_phase and (s.epoch >= t.epochs or s.stopped_early):
                     self._start_lora_phase()
                 samples = self.samples("train")
+                self.model.new_epoch(s.epoch, self.cfg.seed)
                 rows = self.dist.shard(samples.order(s.epoch, self.cfg.seed, t.shuffle))
                 if self._train_rows(samples, rows, bar):
                     s.epoch += 1
