@@ -11,7 +11,8 @@ from trainer_data import synth_with_features
 from trainer.config import PRESETS_DIR, list_presets, read_preset, resolve
 from trainer.data.samples import make_samples
 from trainer.data.schema import load_dataset
-from trainer.losses import bce
+from trainer.losses import bce, bpr
+from trainer.model.build import build_model, is_graph_model
 from trainer.model.ranking_model import RankingModel
 from trainer.run import build_schema, final_model_config
 from trainer.train import Dist, build_content_table
@@ -55,7 +56,28 @@ def test_preset_files_are_documented():
         assert json.loads((PRESETS_DIR / f"{name}.json").read_text()) == raw
 
 
-@pytest.mark.parametrize("name", list_presets())
+GRAPH_PRESETS = [n for n in list_presets() if is_graph_model(resolve(n).model)]
+RANKING_PRESETS = [n for n in list_presets() if n not in GRAPH_PRESETS]
+
+
+@pytest.mark.parametrize("name", GRAPH_PRESETS)
+def test_graph_preset_builds_and_trains_one_bpr_step(world, name):
+    ds, _, _ = world
+    cfg = resolve(name)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, build_schema(ds, cfg.model)).train()
+    model.new_epoch(0, 0)
+    samples = make_samples(ds, "train", 1)
+    batch = samples.batch(samples.order(0, 0, True)[:BATCH])
+    out = model(batch, torch.randint(1, ds.num_items + 1, (BATCH,)))
+    loss = bpr(out.logits, out.negative_logits) + sum(out.losses.values())
+    loss.backward()
+    assert np.isfinite(loss.item()) and model.item_emb.weight.grad.abs().sum() > 0
+    if name == "em3_mmrec":
+        assert _grad_norm(model.content_module().parameters()) > 0 and "cic" in out.losses
+
+
+@pytest.mark.parametrize("name", RANKING_PRESETS)
 def test_preset_builds_and_trains_one_step(world, name):
     ds, schema, table_dir = world
     cfg = resolve(name)
