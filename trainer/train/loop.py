@@ -37,9 +37,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common import provenance
 from common.atomic import write_json_atomic
 from common.errors import MMRankError
-from trainer import checkpoint, provenance
+from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, TrainConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
