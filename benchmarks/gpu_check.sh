@@ -36,15 +36,21 @@ if [[ "$PARTS" == *" serving "* ]] && compgen -G "build/gpu-wheels/*/*.whl" >/de
     "$PY" -m pip install -q --no-deps --target build/gpu-site build/gpu-wheels/*/fallback/*.whl
   fi
 fi
+commit=${MMRANK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 {
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__)'
-  echo "commit ${MMRANK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; parts:$PARTS"
+  echo "commit $commit; parts:$PARTS"
 } | tee "$RESULTS/kernel_gpu_machine.txt"
+# A test log names its commit and every test with its outcome (-v; -rs: why a test skipped), so it
+# stands on its own.
+run_tests() {
+  echo "commit $commit; $(date -u +%FT%TZ)"
+  timeout "$1" "$PY" -m pytest -v -rs -p no:cacheprovider "${@:2}"
+}
 if [[ "$PARTS" == *" kernels "* ]]; then
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/kernels tests/model/test_attention.py tests/model/test_target_attention.py 2>&1 \
+  run_tests 300 tests/kernels tests/model/test_attention.py tests/model/test_target_attention.py 2>&1 \
     | tee "$RESULTS/kernel_gpu_tests.log"
   tests=${PIPESTATUS[0]}
   timeout 300 "$PY" benchmarks/attention_kernel.py --out "$RESULTS" "$@"
@@ -52,7 +58,7 @@ if [[ "$PARTS" == *" kernels "* ]]; then
 fi
 if [[ "$PARTS" == *" serving "* ]]; then
   # The torch backend in process (programs vs ONNX, CUDA graphs vs eager); the server's part is the benchmark's parity.
-  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/export/test_torch_serving.py -k "programs_score or cuda_graph" 2>&1 \
+  run_tests 120 tests/export/test_torch_serving.py -k "programs_score or cuda_graph" 2>&1 \
     | tee "$RESULTS/gpu_serving_tests.log"
   serving=${PIPESTATUS[0]}
   # Closed-loop client processes: one per 4 cores, at most 4 (one Python client's GIL caps its call rate;
