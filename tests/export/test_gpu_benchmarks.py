@@ -1,6 +1,5 @@
 """The GPU check's scripts on this CPU: the serving benchmark end to end at a tiny shape against the real
-tritonserver (the program on the CPU), and gpu_check.sh's part selection and packing, which a device call
-relies on (it brings back at most 8 files)."""
+tritonserver (the program on the CPU), and gpu_check.sh's part selection, packing and test logs."""
 
 from __future__ import annotations
 
