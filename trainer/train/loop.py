@@ -1,4 +1,4 @@
-"""One stage of training: the `Trainer` loop (SPEC §2.6).
+"""One stage of training: the `Trainer` loop (docs/design.md, "Training schedule").
 
 AdamW with separate learning rates for the content tower and the ranker, loss = the main loss (BCE,
 or BPR against sampled negatives, or none) + the model's weighted auxiliary losses (CIC, SQDC),
