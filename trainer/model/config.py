@@ -97,7 +97,7 @@ class LossConfig:
 class GraphConfig:
     """Two-tower graph models (MMRec's LightGCN and FREEDOM, EM3 on FREEDOM): users and items are
     vectors propagated over the training user-item graph, scored by their dot product. Defaults are the
-    MMRec settings of EM3's public evaluation (LEMUR digest, "Public evaluation")."""
+    MMRec settings of EM3's public evaluation (its repository's EM3.yaml and logs)."""
 
     # none: the ranking model (content tower, interest, ranker) | lightgcn | freedom | em3_freedom
     model: str = "none"

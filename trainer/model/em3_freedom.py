@@ -1,5 +1,6 @@
 """EM3 on FREEDOM: the model of EM3's public evaluation (Table 10), as its MMRec code defines it
-(`src/models/em3.py` of github.com/em3e2e-anonymous/em3; LEMUR digest, "Public evaluation").
+(`src/models/em3.py`, `src/common/transformer.py` and `src/configs/model/EM3.yaml` of
+github.com/em3e2e-anonymous/em3).
 
 FREEDOM's ID towers and graphs (`freedom.py`: frozen kNN item-item graph, degree-sensitive pruning of
 the user-item graph) plus a multimodal tower:
@@ -16,11 +17,10 @@ the user-item graph) plus a multimodal tower:
   items on every step, `loss.cic_negatives` (16) drawn per item, temperature `loss.cic_tau`, weight
   `loss.cic_alpha` (1e-3), by our `trainer.losses.cic_loss`.
 
-Where this differs from EM3's code: its loop `hm = mm_adj @ mm_embedding` ignores the previous hm (the
-digest's loop bug); with one item-item layer, the setting, both agree, and more layers repeat the
-propagation here. A modality token an item lacks is masked in the FQ-Former (the code would project a
+Where this differs from EM3's code: its loop `hm = mm_adj @ mm_embedding` ignores the previous hm; with
+one item-item layer, the setting, both agree, and more layers repeat the propagation here. A modality token an item lacks is masked in the FQ-Former (the code would project a
 zero vector; MMRec data has every row). Where the paper and the code differ (CIC weight 0.1 vs 1e-3,
-Q = 2 vs Q in {1, 2}), the presets follow the code and the digest: Table 10's numbers come from it.
+Q = 2 vs Q in {1, 2}), the presets follow the code and its logs: Table 10's numbers come from them.
 """
 
 from __future__ import annotations
