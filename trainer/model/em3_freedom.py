@@ -61,16 +61,22 @@ class EM3Freedom(Freedom):
             masks.append(getattr(self, f"mask_{name}"))
         return self.fusion(torch.cat(tokens, 1), torch.cat(masks, 1))
 
+    def item_graph_inputs(self) -> Tensor:
+        """[item ID embeddings | multimodal embeddings]: both halves go through the item-item graph."""
+        return torch.cat([self.item_emb.weight, self.multimodal()], 1)
+
     def towers(self) -> Towers:
-        users, items = self.id_towers()
-        items = items + self.item_graph_term(self.item_emb.weight)
+        # Both halves go through the same graphs, so they propagate as one [ID | MM] matrix: the same
+        # numbers as two propagations, at one sparse product per layer.
         mm = self.multimodal()
-        mm_users, mm_items = self.propagate_nodes(mm.new_zeros(self.schema.num_users, mm.shape[1]), mm)
-        mm_items = mm_items + self.item_graph_term(mm)
+        ego_users = torch.cat([self.user_emb.weight, mm.new_zeros(self.schema.num_users, mm.shape[1])], 1)
+        users, items = self.propagate_nodes(ego_users, torch.cat([self.item_emb.weight, mm], 1))
+        items = items + self.item_graph_term(torch.cat([self.item_emb.weight, mm], 1))
+        dim = self.cfg.graph.dim
         return Towers(
-            padded(torch.cat([users, mm_users], 1)),
-            padded(torch.cat([items, mm_items], 1)),
-            {"id_users": padded(users), "id_items": items, "mm_items": mm_items},
+            padded(users),
+            padded(items),
+            {"id_users": padded(users[:, :dim]), "id_items": items[:, :dim], "mm_items": items[:, dim:]},
         )
 
     def aux_losses(

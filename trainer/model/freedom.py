@@ -102,6 +102,20 @@ class Freedom(LightGCN):
             rows = self.item_graph(rows)
         return rows
 
+    def item_graph_inputs(self) -> Tensor:
+        """The item rows [I, e] the item-item graph propagates: the item ID embeddings."""
+        return self.item_emb.weight
+
+    def placement(self) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], dict[str, float]]:
+        """What places an item the model never saw (model_repository/item_placement.py): R [I, E], the
+        item-item graph inputs after all but its last layer (the item term is S R), each modality's
+        pooled features [I, D] and presence [I], and the modality weights."""
+        rows = self.item_graph_inputs()
+        for _ in range(self.cfg.graph.item_layers - 1):
+            rows = self.item_graph(rows)
+        features = {name: pooled_features(*self.schema.modalities[name]) for name in self.modality_names}
+        return rows, features, modality_weights(self.modality_names, self.cfg.graph.image_weight)
+
     def towers(self) -> Towers:
         users, items = self.id_towers()
         users = padded(users)
