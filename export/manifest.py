@@ -15,7 +15,8 @@ one ("batch", "candidates", "history", "tokens", ...); the first axis of every g
                                "fp16_sha256": ..., "inputs": ["user_id", ...], "torch": "2.13.0"}},
       "item_table": {"dir": "item_table", "version": 1},
       "tokenizer": {"dir": "tokenizer", "max_length": 128, "fields": ["title", "overview"],
-                    "join_fields": false}
+                    "join_fields": false},
+      "user_table": "user_table.npy"   (two-tower models only: the propagated user vectors)
     }
 """
 
@@ -124,6 +125,7 @@ class Manifest:
     item_table: dict[str, object]
     tokenizer: TokenizerInfo | None = None
     programs: dict[str, ProgramSpec] = field(default_factory=dict)  # graph name -> torch program
+    user_table: str | None = None  # two-tower models: [num_users + 1, E] float32 .npy, row 0 = unknown
     format_version: int = FORMAT_VERSION
 
     def graph(self, name: str) -> GraphSpec:
@@ -161,6 +163,7 @@ class Manifest:
                 item_table=raw["item_table"],
                 tokenizer=TokenizerInfo(**raw["tokenizer"]) if raw.get("tokenizer") else None,
                 programs={name: ProgramSpec(**p) for name, p in raw.get("programs", {}).items()},
+                user_table=raw.get("user_table"),
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MMRankError(f"{path}: not valid JSON ({e})") from e
@@ -183,6 +186,8 @@ class Manifest:
                     raise MMRankError(f"{root / name}: listed in the manifest but missing")
         if not (root / str(self.item_table["dir"])).is_dir():
             raise MMRankError(f"{root / str(self.item_table['dir'])}: item table folder missing")
+        if self.user_table is not None and not (root / self.user_table).is_file():
+            raise MMRankError(f"{root / self.user_table}: listed in the manifest but missing")
         if self.tokenizer is not None and not (root / self.tokenizer.dir).is_dir():
             raise MMRankError(f"{root / self.tokenizer.dir}: tokenizer folder missing")
 

@@ -5,9 +5,12 @@
     fusion.onnx         {m}_feats [B, K_m, D_m], {m}_mask [B, K_m] per modality -> content [B, d]
     ranking.onnx        user_id [B], user_feats [B, U], candidate_item [B, N, E], candidate_c [B, N, d],
                         history_c [B, L, d], history_mask [B, L] (+ long_history_*), candidate_known
-                        [B, N] -> scores [B, N] (-inf for unknown candidates)
+                        [B, N] -> scores [B, N] (-inf for unknown candidates); for a two-tower model
+                        user_id [B], candidate_item [B, N, E], candidate_known [B, N] -> scores [B, N]
     *.fp16.onnx         the same graphs with fp16 weights and arithmetic, fp32 / int / bool at the edges
-    item_table/         content vectors + item ID rows of every item (export/item_table.py)
+    item_table/         content vectors + item ID rows of every item (export/item_table.py); a two-tower
+                        model's propagated item vectors (+ placement/, for new items)
+    user_table.npy      a two-tower model's propagated user vectors [num_users + 1, E] (row 0: unknown)
     tokenizer/          the text encoder's tokenizer files
     manifest.json       every graph's inputs and outputs read back from the files (export/manifest.py)
 
@@ -15,7 +18,10 @@ Every graph wraps the trained modules themselves (no second model definition): t
 trainer's TextEncoder / ImageEncoder (the fine-tuned one in trainable mode), fusion is
 `ContentTower.fuse`, ranking is `RankingModel.score`. The ranking graph reads the item token from the
 item table (`candidate_item`) instead of looking ids up in its own embeddings, so a table version can
-carry items the graph never saw (see `table_ranker`). `scores` are logits; sigmoid gives the click
+carry items the graph never saw (see `table_ranker`). A two-tower model (LightGCN, FREEDOM, EM3 on
+FREEDOM) needs no special serving: its item vectors are the table's item rows, the lookup's generic
+products, and its ranking graph holds the user table and takes their dot product
+(`TwoTowerRankingGraph`). `scores` are logits; sigmoid gives the click
 probability. Encoders use the TorchScript exporter (dynamo=False), as trainer/features/runtime.py does.
 """
 
@@ -38,12 +44,13 @@ from torch import Tensor, nn
 
 from common.atomic import atomic_dir, check_not_above
 from common.errors import MMRankError
-from export.item_table import build_item_table
+from export.item_table import build_item_table, build_placement, build_user_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
 from export.native_backend import fit_native_runtime
 from export.torch_program import write_ranking_programs
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
+from trainer.evaluate import is_two_tower
 from trainer.model.attention import standard_attention, use_standard_attention
 
 OPSET = 17
@@ -150,6 +157,25 @@ class RankingGraph(nn.Module):
             x.get(it.LONG_HISTORY_MASK),
         )
         return scores.masked_fill(~x[it.CANDIDATE_KNOWN], float("-inf"))
+
+
+class TwoTowerRankingGraph(nn.Module):
+    """A two-tower model's scores on lookup products: <users[user_id], candidate_item>, -inf where
+    `candidate_known` is False. The user table (the model's propagated users, row 0 = the unknown user,
+    zeros: it scores 0 against every item) is a constant of the graph; the item vectors are table rows."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        model.eval()
+        users, items = model.tables()
+        self.register_buffer("users", users.detach().clone())
+        self.num_user_feats, self.item_dim = 0, int(items.shape[1])
+        self.names = [it.USER_ID, it.CANDIDATE_ITEM, it.CANDIDATE_KNOWN]
+
+    def forward(self, *inputs: Tensor) -> Tensor:  # one varargs signature for every ranking graph
+        user_id, candidate_item, candidate_known = inputs
+        scores = (self.users[user_id][:, None, :] * candidate_item).sum(-1)
+        return scores.masked_fill(~candidate_known, float("-inf"))
 
 
 class Fp16Graph(nn.Module):
@@ -264,7 +290,7 @@ def _axes(names: dict[str, tuple[str, ...]]) -> dict[str, dict[int, str]]:
 
 
 def ranking_build(model: nn.Module) -> GraphBuild:
-    graph = RankingGraph(model)
+    graph = TwoTowerRankingGraph(model) if is_two_tower(model) else RankingGraph(model)
     cfg = model.cfg
     gen = torch.Generator().manual_seed(0)
     b, n, d = 2, 3, cfg.content.d
@@ -376,7 +402,7 @@ def graph_builds(
     """Every graph the model has: ranking always; fusion and encoders with a content tower."""
     config = config or ExportConfig()
     builds = {"ranking": ranking_build(model)}
-    tower = model.tower
+    tower = getattr(model, "tower", None)  # a two-tower model has none
     if config.ranking_only or tower is None or tower.table is not None:
         return builds  # no tower, or a fixed content table: no content graph to export
     builds["fusion"] = fusion_build(tower)
@@ -398,6 +424,16 @@ def graph_builds(
 
 def model_info(model: nn.Module) -> ModelInfo:
     cfg, schema = model.cfg, model.schema
+    if is_two_tower(model):  # no content, no history, no user features: user ids and item rows
+        return ModelInfo(
+            d=0,
+            item_dim=TwoTowerRankingGraph(model).item_dim,
+            history_len=0,
+            long_history_len=0,
+            num_items=schema.num_items,
+            num_users=schema.num_users,
+            user_feature_cards=[],
+        )
     modalities = {}
     if model.tower is not None and model.tower.table is None:
         for name in model.tower.projections.proj:
@@ -447,6 +483,13 @@ def export_model(
             model, model.schema.num_items, {"checkpoint_sha256": checkpoint["sha256"]}, user_feats
         )
         table.write(tmp / "item_table")
+        user_table = None
+        if is_two_tower(model):
+            user_table = "user_table.npy"
+            np.save(tmp / user_table, build_user_table(model))
+            placement = build_placement(model)
+            if placement is not None:
+                placement.write(tmp / "item_table")
         tokenizer = None
         if "text_encoder" in graphs:
             copy_tokenizer_files(text.tokenizer_dir, tmp / "tokenizer")
@@ -460,6 +503,7 @@ def export_model(
             item_table={"dir": "item_table", "version": table.version},
             tokenizer=tokenizer,
             programs=programs,
+            user_table=user_table,
         )
         manifest.write(tmp)
     return manifest
@@ -491,7 +535,7 @@ def text_setup(ds, model: nn.Module) -> TextSetup | None:
     from trainer.features.store import FEATURES, META
     from trainer.features.text import text_model_path
 
-    tower = model.tower
+    tower = getattr(model, "tower", None)
     if tower is None or tower.table is not None or "text" not in tower.projections.proj:
         return None
     fields = list(ds.manifest.text_fields)

@@ -1,0 +1,136 @@
+"""A two-tower graph model exported and served like every other model: the generic lookup's user_id and
+candidate_item feed a ranking graph that holds the user table, with the trainer's scores (ONNX fp32 and
+fp16, the torch program, the real tritonserver); the user table; new items placed through FREEDOM's kNN
+graph where the model has one, unknown where it has not."""
+
+import numpy as np
+import pytest
+import torch
+
+from export.manifest import Manifest
+from export.onnx_graphs import ExportConfig, export_model
+from export.parity import composed_scores, training_scores
+from model_repository import item_table as it
+from model_repository.item_placement import ItemPlacement
+from trainer.model.build import build_model
+from trainer.model.config import ContentConfig, GraphConfig, LossConfig, ModelConfig
+from trainer.model.ranking_model import ModelSchema
+
+NUM_USERS, NUM_ITEMS = 9, 40
+
+
+def _model(name: str):
+    gen = torch.Generator().manual_seed(0)
+    feats = {}
+    for modality, dim in (("text_feat", 6), ("image_feat", 5)):
+        x = torch.randn(NUM_ITEMS + 1, 1, dim, generator=gen)
+        x[0] = 0
+        feats[modality] = (x, x.abs().sum(-1) > 0)
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(1, NUM_USERS + 1), 6)
+    items = np.concatenate(
+        [rng.choice(np.arange(1, NUM_ITEMS - 3), 6, replace=False) for _ in range(NUM_USERS)]
+    )
+    schema = ModelSchema(
+        NUM_ITEMS,
+        NUM_USERS,
+        torch.zeros(NUM_ITEMS + 1, 0, dtype=torch.int64),
+        (),
+        (),
+        feats,
+        None,
+        (users, items),
+    )
+    cfg = ModelConfig(
+        content=ContentConfig(d=8, num_queries=2, fusion_heads=2),
+        loss=LossConfig(main="bpr", cic_alpha=0.001, cic_dim=8, cic_negatives=4),
+        graph=GraphConfig(model=name, dim=4, knn_k=3),
+    )
+    torch.manual_seed(1)
+    return build_model(cfg, schema).eval()
+
+
+@pytest.fixture(scope="module", params=["lightgcn", "freedom", "em3_freedom"])
+def exported(request, tmp_path_factory):
+    model = _model(request.param)
+    out = tmp_path_factory.mktemp(request.param) / "export"
+    export_model(model, out, {"path": "random-init", "sha256": "0" * 64}, config=ExportConfig(progress=False))
+    return model, out
+
+
+def _requests():
+    rng = np.random.default_rng(3)
+    cands = rng.integers(1, NUM_ITEMS + 1, (3, 11)).astype(np.int64)
+    cands[1, 4] = NUM_ITEMS + 7  # an id the table does not have
+    return np.zeros((3, 1), np.int64), cands, np.array([1, NUM_USERS, 4], np.int64)
+
+
+def test_served_scores_are_the_trainers_dot_products(exported):
+    model, out = exported
+    manifest = Manifest.read(out)
+    assert set(manifest.graphs) == {"ranking"}
+    assert [t.name for t in manifest.graph("ranking").inputs] == [
+        it.USER_ID,
+        it.CANDIDATE_ITEM,
+        it.CANDIDATE_KNOWN,
+    ]
+    hist, cands, users = _requests()
+    expected = model.full_scores(torch.from_numpy(users)).gather(
+        1, torch.from_numpy(cands).clamp_max(NUM_ITEMS)
+    )
+    expected = expected.numpy()
+    for precision, atol in (("fp32", 1e-6), ("fp16", 2e-2)):
+        served = composed_scores(out, hist, cands, users, precision=precision)
+        assert np.isneginf(served[1, 4]) and np.isfinite(np.delete(served.reshape(-1), 15)).all()
+        known = np.isfinite(served)
+        np.testing.assert_allclose(served[known], expected[known], atol=atol, rtol=0)
+    clean = cands.copy()
+    clean[1, 4] = 1
+    np.testing.assert_allclose(
+        composed_scores(out, hist, clean, users),
+        training_scores(model, hist, clean, users, np.zeros((3, 0), np.int64)),
+        atol=1e-6,
+    )
+    unknown_user = composed_scores(out, hist[:1], clean[:1], np.array([NUM_USERS + 5]))
+    assert not unknown_user.any()  # the unknown user's row is zeros
+
+
+def test_the_torch_program_scores_like_the_onnx_graph(exported):
+    model, out = exported
+    hist, cands, users = _requests()
+    manifest = Manifest.read(out)
+    program = torch.export.load(out / manifest.programs["ranking"].file).module()
+    table = it.ItemTable.read(out / "item_table")
+    feeds = it.rank_inputs(table, manifest.model.lookup(), hist, cands, users)
+    args = [torch.from_numpy(np.asarray(feeds[name])) for name in manifest.programs["ranking"].inputs]
+    np.testing.assert_allclose(program(*args).numpy(), composed_scores(out, hist, cands, users), atol=1e-6)
+
+
+def test_the_user_table_and_the_placement_of_new_items(exported):
+    model, out = exported
+    manifest = Manifest.read(out)
+    users, items = model.tables()
+    np.testing.assert_array_equal(np.load(out / manifest.user_table), users.numpy())
+    placement = ItemPlacement.read(out / "item_table")
+    if model.cfg.graph.model == "lightgcn":
+        assert placement is None  # no item-item graph: a new id stays unknown
+        return
+    # An item placed by its own features lands on its neighbours (itself among them): exactly the
+    # model's item-item term S R of that item.
+    ids = np.arange(1, NUM_ITEMS + 1)
+    features = {name: model.schema.modalities[name][0][ids, 0].numpy() for name in placement.weights}
+    with torch.no_grad():
+        term = model.item_graph_term(model.item_graph_inputs()).numpy()
+    np.testing.assert_allclose(placement.place(features), term, atol=1e-5)
+    assert placement.weights == {"image_feat": 0.1, "text_feat": 0.9}
+    one = placement.place({name: f[:1] * 3.0 for name, f in features.items()})  # the scale does not matter
+    np.testing.assert_allclose(one, term[:1], atol=1e-5)
+    # Without image features only the text graph places it, at the text weight.
+    lacking = placement.place({"image_feat": np.zeros((1, 5)), "text_feat": features["text_feat"][:1]})
+    text = placement.features["text_feat"]
+    text_only = ItemPlacement(
+        placement.k, {"text_feat": 1.0}, placement.ids, placement.rows, {"text_feat": text}
+    )
+    np.testing.assert_allclose(
+        lacking, 0.9 * text_only.place({"text_feat": features["text_feat"][:1]}), atol=1e-6
+    )
