@@ -50,12 +50,15 @@ def _model(name: str):
     return build_model(cfg, schema).eval()
 
 
-@pytest.fixture(scope="module", params=["lightgcn", "freedom", "em3_freedom"])
-def exported(request, tmp_path_factory):
-    model = _model(request.param)
-    out = tmp_path_factory.mktemp(request.param) / "export"
+def _export(name: str, out):
+    model = _model(name)
     export_model(model, out, {"path": "random-init", "sha256": "0" * 64}, config=ExportConfig(progress=False))
     return model, out
+
+
+@pytest.fixture(scope="module", params=["lightgcn", "freedom", "em3_freedom"])
+def exported(request, tmp_path_factory):
+    return _export(request.param, tmp_path_factory.mktemp(request.param) / "export")
 
 
 def _requests():
@@ -134,3 +137,31 @@ def test_the_user_table_and_the_placement_of_new_items(exported):
     np.testing.assert_allclose(
         lacking, 0.9 * text_only.place({"text_feat": features["text_feat"][:1]}), atol=1e-6
     )
+
+
+def test_the_rank_ensemble_serves_a_two_tower_model(tritonserver, tmp_path):
+    grpc = pytest.importorskip("tritonclient.grpc")
+    from export.repository import RenderConfig, render_repository
+    from export.triton_launcher import TritonConfig, TritonServer
+
+    model, out = _export("freedom", tmp_path / "export")  # the graphs of the three differ in weights only
+    repo = tmp_path / "repo"
+    render_repository(out, repo, RenderConfig(backend="python", max_batch_size=8))
+    hist, cands, users = _requests()
+    with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
+        client = grpc.InferenceServerClient(srv.grpc_url)
+        inputs = []
+        for name, array in (
+            ("history_ids", hist),
+            ("candidate_ids", cands),
+            ("user_id", users.reshape(-1, 1)),
+        ):
+            inputs.append(grpc.InferInput(name, list(array.shape), "INT64"))
+            inputs[-1].set_data_from_numpy(array)
+        result = client.infer("rank", inputs, client_timeout=30)
+    served, known = result.as_numpy("scores"), result.as_numpy("candidate_known")
+    assert known.sum() == cands.size - 1 and not known[1, 4]
+    expected = model.full_scores(torch.from_numpy(users)).gather(
+        1, torch.from_numpy(cands).clamp_max(NUM_ITEMS)
+    )
+    np.testing.assert_allclose(served[known], expected.numpy()[known], atol=1e-5)
