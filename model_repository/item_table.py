@@ -100,26 +100,42 @@ class ItemTable:
         known = (self.ids[pos] == ids) & (ids != PAD_ID)
         return np.where(known, pos, 0), known
 
-    def with_items(self, ids: np.ndarray, content: np.ndarray, version: int) -> ItemTable:
-        """A new version with `content` rows for `ids` (new ids appended, known ids overwritten).
+    def with_items(
+        self, ids: np.ndarray, content: np.ndarray | None, version: int, item_rows: np.ndarray | None = None
+    ) -> ItemTable:
+        """A new version with rows for `ids` (new ids appended, known ids overwritten): `content` vectors
+        (a table with content needs them) and, where given, `item_rows`.
 
-        New items get row 0's item token: the ranker never saw their id, so their content vector is
-        what it knows about them (EM3's cold start)."""
-        if self.content is None:
-            raise MMRankError("this table has no content vectors to update")
+        Without `item_rows` new items get row 0's item token: the ranker never saw their id, so their
+        content vector is what it knows about them (EM3's cold start). A two-tower model's table has
+        item rows only: its new items' rows come placed from their features
+        (model_repository/item_placement.py)."""
         ids = np.asarray(ids, dtype=np.int64)
-        content = np.asarray(content, dtype=np.float32).reshape(len(ids), self.d)
         if np.any(ids <= PAD_ID) or len(np.unique(ids)) != len(ids):
             raise MMRankError("new item ids must be positive and distinct")
+        for name, given, have in (
+            ("content vectors", content, self.content),
+            ("item rows", item_rows, self.item_rows),
+        ):
+            if given is not None and have is None:
+                raise MMRankError(f"this table has no {name} to update")
+        if self.content is not None and content is None:
+            raise MMRankError("this table's new items need content vectors")
+        if content is None and item_rows is None:
+            raise MMRankError("new items need content vectors or item rows")
         all_ids = np.union1d(self.ids, ids)
-        old_pos = np.searchsorted(all_ids, self.ids)
-        new_content = np.zeros((len(all_ids), self.d), np.float32)
-        new_content[old_pos] = self.content
-        new_content[np.searchsorted(all_ids, ids)] = content
+        old_pos, new_pos = np.searchsorted(all_ids, self.ids), np.searchsorted(all_ids, ids)
+        new_content = None
+        if self.content is not None:
+            new_content = np.zeros((len(all_ids), self.d), np.float32)
+            new_content[old_pos] = self.content
+            new_content[new_pos] = np.asarray(content, dtype=np.float32).reshape(len(ids), self.d)
         new_rows = None
         if self.item_rows is not None:
             new_rows = np.repeat(self.item_rows[:1], len(all_ids), axis=0)
             new_rows[old_pos] = self.item_rows
+            if item_rows is not None:
+                new_rows[new_pos] = np.asarray(item_rows, dtype=np.float32).reshape(len(ids), self.item_dim)
         return ItemTable(all_ids, new_content, new_rows, version, self.source, self.user_feats)
 
     # ---- files --------------------------------------------------------------------------------------

@@ -122,6 +122,22 @@ def test_with_items_appends_new_ids_with_the_fallback_item_row(tmp_path):
     np.testing.assert_array_equal(new.item_rows[rows[1]], table.item_rows[2])
     with pytest.raises(MMRankError, match="positive and distinct"):
         table.with_items(np.array([0]), np.ones((1, 3)), 2)
+    with pytest.raises(MMRankError, match="need content vectors"):
+        table.with_items(np.array([100]), None, 2, item_rows=np.ones((1, table.item_dim)))
+
+
+def test_with_items_takes_placed_item_rows_for_a_table_without_content():
+    table = _table()
+    two_tower = it.ItemTable(table.ids, None, table.item_rows)
+    new = two_tower.with_items(np.array([100, 2]), None, 2, item_rows=np.full((2, table.item_dim), 7.0))
+    rows, known = new.rows_of(np.array([100, 2, 3]))
+    assert known.all() and new.content is None
+    np.testing.assert_array_equal(new.item_rows[rows[:2]], 7.0)
+    np.testing.assert_array_equal(new.item_rows[rows[2]], table.item_rows[3])
+    with pytest.raises(MMRankError, match="no content vectors to update"):
+        two_tower.with_items(np.array([100]), np.ones((1, 3)), 2)
+    with pytest.raises(MMRankError, match="content vectors or item rows"):
+        two_tower.with_items(np.array([100]), None, 2)
 
 
 def test_write_read_round_trip_and_corrupt_files(tmp_path):
