@@ -30,6 +30,7 @@ from trainer.data.schema import MANIFEST, Dataset
 from trainer.features.store import ItemFeatures, load_item_features
 from trainer.model.build import build_model, is_graph_model
 from trainer.model.config import ModelConfig
+from trainer.model.freedom import graph_modalities
 from trainer.model.ranking_model import ModelSchema
 
 CONFIG = "config.json"
@@ -117,16 +118,10 @@ def graph_modalities_wanted(ds: Dataset, cfg: ModelConfig) -> list[str]:
     the dataset has (MMRec's `*_feat.npy` files, the feature cache's text and image)."""
     if cfg.graph.model == "lightgcn":
         return []
-    have = sorted(load_item_features(ds.root).modalities)
-    wanted = list(cfg.graph.modalities) or have
-    missing = [name for name in wanted if name not in have]
-    if missing or not wanted:
-        raise MMRankError(
-            f"{ds.root}: model.graph.model={cfg.graph.model!r} builds its item-item graph from item "
-            f"features; the dataset has {have or 'none'}"
-            + (f", not {missing}: use --set 'model.graph.modalities={json.dumps(have)}'" if missing else "")
-        )
-    return wanted
+    try:
+        return graph_modalities(cfg, load_item_features(ds.root).modalities)
+    except MMRankError as e:
+        raise MMRankError(f"{ds.root}: {e}") from e
 
 
 def _tensors(ds: Dataset, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -186,7 +186,7 @@ def test_l2_and_feature_bpr_terms_and_the_checks():
     assert set(dict(freedom.feature_tables.named_parameters())) == {"text_feat", "image_feat"}
     with pytest.raises(MMRankError, match="negatives has ids"):
         model(_batch([1], [3]), torch.tensor([NUM_ITEMS + 1]))
-    with pytest.raises(MMRankError, match=r"needs item features.*missing \['image_feat'\]"):
+    with pytest.raises(MMRankError, match=r"has \['text_feat'\], not \['image_feat'\]"):
         build_model(_cfg("freedom", modalities=("image_feat",)), _schema(("text_feat",)))
     with pytest.raises(MMRankError, match="expected none or one of"):
         build_model(_cfg("ngcf"), _schema())

@@ -23,6 +23,9 @@ per item (the masked mean of its tokens; MMRec data has one token).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -39,22 +42,22 @@ from trainer.model.graph import (
     prune_edges,
 )
 from trainer.model.lightgcn import LightGCN
-from trainer.model.projections import Modalities
 from trainer.model.ranking_model import ModelSchema
 from trainer.model.two_tower import Towers, padded
 
 PRUNING_STREAM = 1  # keeps the pruning draws apart from the row order's default_rng([seed, epoch])
 
 
-def graph_modalities(cfg: ModelConfig, modalities: Modalities) -> list[str]:
-    """The features the item-item graph reads: `graph.modalities`, or every one the data has."""
-    names = list(cfg.graph.modalities) or sorted(modalities)
-    missing = [n for n in names if n not in modalities]
+def graph_modalities(cfg: ModelConfig, have: Iterable[str]) -> list[str]:
+    """The features the item-item graph reads: `graph.modalities`, or every one the data has (`have`)."""
+    have = sorted(have)
+    names = list(cfg.graph.modalities) or have
+    missing = [n for n in names if n not in have]
     if missing or not names:
         raise MMRankError(
-            f"model.graph.model={cfg.graph.model!r} needs item features: asked for "
-            f"{names or 'all'}, the dataset has {sorted(modalities) or 'none'}"
-            + (f" (missing {missing})" if missing else "")
+            f"model.graph.model={cfg.graph.model!r} builds its item-item graph from item features; the "
+            f"dataset has {have or 'none'}"
+            + (f", not {missing}: use --set 'model.graph.modalities={json.dumps(have)}'" if missing else "")
         )
     return names
 
