@@ -36,11 +36,15 @@ COLUMNS = (
     ("test", "gauc", "test GAUC", 4),
     ("test", "cold_auc", "cold-start AUC", 4),
     ("test", "logloss", "test logloss", 4),
+    ("test", "recall@10", "test R@10", 4),
     ("test", "recall@20", "test R@20", 4),
+    ("test", "ndcg@10", "test N@10", 4),
     ("test", "ndcg@20", "test N@20", 4),
     ("train", "samples_per_s", "train samples/s", 0),
+    ("train", "wall_s", "s per run", 0),
 )
-CLAIMS = ("auc", "cold_auc", "recall@20", "ndcg@20")  # test metrics each row is compared on
+# test metrics each row is compared on
+CLAIMS = ("auc", "cold_auc", "recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
 def parse_list(text: str, kind: type, what: str) -> list:
