@@ -7,7 +7,8 @@ masked.
 
 The model is anything with the RankingModel interface: `forward(batch).logits [B]`,
 `score(user_id, user_feats, cand_ids, cand_c, hist_c, hist_mask) -> [B, N]` and `item_vectors(ids)`; a
-two-tower model (`full_scores(user_id) -> [B, num_items + 1]`) ranks every item of a user at once.
+model with `full_scores(user_id) -> [B, num_items + 1]` (a two-tower model, BPR-MF) ranks every item of a
+user at once.
 Evaluation runs under `torch.no_grad` in eval mode and restores the model's training mode afterwards.
 """
 
@@ -32,6 +33,7 @@ from trainer.data.samples import (
 from trainer.data.schema import SPLITS, Dataset
 from trainer.metrics import ctr_metrics, topk_metrics
 from trainer.model.config import InterestConfig
+from trainer.model.two_tower import TwoTowerModel
 
 DEFAULT_KS = (10, 20)
 
@@ -118,8 +120,18 @@ def has_content(model: nn.Module) -> bool:
 
 
 def is_two_tower(model: nn.Module) -> bool:
-    """A two-tower model (trainer.model.two_tower) scores every item of a user at once."""
-    return hasattr(model, "full_scores")
+    return isinstance(model, TwoTowerModel)
+
+
+def _all_item_scores(model: nn.Module, user_id: torch.Tensor) -> np.ndarray | None:
+    """Scores [B, num_items + 1] (padding column -inf) where the model ranks every item of a user in one
+    product (a two-tower model, BPR-MF: `full_scores`); None where it needs `score`, chunk by chunk."""
+    full = model.full_scores(user_id) if hasattr(model, "full_scores") else None
+    if full is None:
+        return None
+    scores = full.float().cpu().numpy()
+    scores[:, 0] = -np.inf
+    return scores
 
 
 def _history_content(
@@ -203,10 +215,8 @@ def evaluate_topk(
             long = {}
             if long_len > 0:
                 long["long_c"], long["long_mask"] = _history_content(history, rows, long_len, all_c, device)
-            if is_two_tower(model):
-                scores = model.full_scores(user_t).float().cpu().numpy()
-                scores[:, 0] = -np.inf  # padding
-            else:
+            scores = _all_item_scores(model, user_t)
+            if scores is None:
                 scores = np.full((len(rows), n_items + 1), -np.inf)
                 for ids in cand_ids.split(item_chunk):
                     c = None if all_c is None else all_c[ids].expand(len(rows), -1, -1)

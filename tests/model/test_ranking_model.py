@@ -210,6 +210,23 @@ def test_bpr_negatives_are_scored_in_the_same_pass_without_becoming_known():
         model(batch, torch.tensor([1, 2, NUM_ITEMS + 1]))
 
 
+def test_bpr_mf_scores_every_item_in_one_product_and_adds_mmrecs_l2():
+    model = _model({**MF, "loss.l2_weight": 0.5})
+    batch = _batch(b=3)
+    model.train()
+    out = model(batch, torch.tensor([4, 5, 6]))
+    user, rows = model.ranker.user_emb.weight[batch.user_id], model.ranker.item_emb.weight
+    known = torch.where(model.ranker.item_known[torch.tensor([4, 5, 6])], torch.tensor([4, 5, 6]), 0)
+    expected = (user.norm() + rows[batch.item_id].norm() + rows[known].norm()) / 3
+    torch.testing.assert_close(out.losses["l2"], 0.5 * expected)
+    model.eval()
+    cands = torch.arange(NUM_ITEMS + 1).expand(3, -1)
+    with torch.no_grad():
+        scored = model.score(batch.user_id, batch.user_feats, cands)
+        torch.testing.assert_close(model.full_scores(batch.user_id), scored)
+    assert _model(ID_ONLY).full_scores(batch.user_id) is None  # an MLP ranker scores candidate by candidate
+
+
 def test_bpr_negatives_take_no_id_dropout():
     model = _model({**MF, "ranker.item_id_dropout": 0.9})
     batch = _batch()

@@ -202,6 +202,15 @@ class RankingModel(nn.Module):
                 content.append(similarity)
         return self.ranker(user, cand_ids, content, targets)
 
+    def full_scores(self, user_id: Tensor) -> Tensor | None:
+        """Logits [B, num_items + 1] of every item for users user_id [B] in one product, where the score
+        is the dot product of the user's and the item's ID rows (ranker.mixer dot, BPR-MF): the same
+        numbers as `score`; None for every other ranker (it needs `score`, candidate by candidate)."""
+        if self.cfg.ranker.mixer != "dot":
+            return None
+        items = self.ranker.item_features(torch.arange(self.schema.num_items + 1, device=user_id.device))
+        return self.ranker.user_emb(user_id) @ items.T
+
     def _interest_and_similarity(
         self, attention: TargetAttention | None, cand_c: Tensor, hist: Tensor, mask: Tensor, topk: int
     ) -> tuple[Tensor, Tensor | None]:
