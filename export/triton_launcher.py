@@ -24,6 +24,9 @@ Stopping never leaks: the server runs in a session of its own with PR_SET_PDEATH
 when the launcher dies, even by SIGKILL; stop() (SIGINT/SIGTERM before or after ready) waits for it, then
 kills whatever is left of its session (backend stubs that were still loading) and removes the shared
 memory regions its Python backend created (their names carry a prefix of this launcher's own).
+A SIGKILLed launcher cannot clean up; its work folder and regions carry its pid and start time, and the
+next launcher removes those of launchers that no longer run (export/launcher_files.py).
+
 The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
 anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
@@ -43,7 +46,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
+from export.launcher_files import make_workdir, shm_prefix
 
 CONTROL_MODES = ("none", "poll", "explicit")
 
@@ -297,7 +300,6 @@ def skipped_tables(repository: Path) -> list[str]:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-SHM_PREFIX = "mmrank_triton_"
 
 
 def _die_with(parent: int):
@@ -350,7 +352,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.log_path: Path | None = None
-        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{id(self):x}_"
+        self.shm_prefix = shm_prefix(self)
         self.skipped = skipped_tables(self.repository)  # bad newest table versions, said at start
 
     @property
@@ -387,7 +389,7 @@ class TritonServer:
             dist = TritonDistribution.find()
             python = model_python(self.config)
             with signals_deferred():  # the process handle is recorded before a stop can ask for it
-                self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
+                self._workdir = make_workdir()
                 backends = assemble_backends(dist, self._workdir / "backends", python.version)
                 self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
                 with _open_log(self.log_path) as log:

@@ -136,7 +136,12 @@ def _server_of(proc, stubs: int) -> int:
 
 
 def _regions(launcher_pid: int) -> list[str]:
-    return [p.name for p in Path("/dev/shm").glob(f"mmrank_triton_{launcher_pid}_*")]
+    return [p.name for p in Path("/dev/shm").glob(f"mmrank_triton_{launcher_pid}-*")]
+
+
+def _workdir(ready_line: str) -> Path:
+    """The launcher's work folder in the temp directory: where the ready line says the log is."""
+    return Path(ready_line.split("; log ")[1].rsplit(" (", 1)[0]).parent
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -149,16 +154,33 @@ def test_a_stop_while_models_load_leaves_no_process_or_shared_memory(repo, sig):
     assert "Traceback" not in out and _wait_gone(server) == [] and _regions(proc.pid) == []
 
 
-def test_sigkill_of_mmrank_serve_takes_the_server_down(repo):
+def test_sigkill_of_mmrank_serve_takes_the_server_down_and_the_next_start_sweeps_its_files(repo):
+    killed = _serve(repo)
+    try:
+        ready = killed.stdout.readline()
+        assert "tritonserver ready" in ready
+        server, workdir = _children(killed.pid)[0], _workdir(ready)
+        assert len(_group(server)) > 1 and workdir.name.startswith(
+            "mmrank-triton-"
+        )  # the server and its stubs
+    finally:
+        killed.kill()
+        killed.wait()
+    assert _wait_gone(server) == [] and workdir.is_dir()  # a SIGKILLed launcher cannot remove it
     proc = _serve(repo)
     try:
-        assert "tritonserver ready" in proc.stdout.readline()
-        server = _children(proc.pid)[0]
-        assert len(_group(server)) > 1  # the server and its stubs
+        ready = proc.stdout.readline()
+        assert "tritonserver ready" in ready
+        assert not workdir.exists() and _regions(killed.pid) == []
+        own = _workdir(ready)
+        assert own.is_dir() and _regions(proc.pid) != []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
-        proc.kill()
-        proc.wait()
-    assert _wait_gone(server) == []
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not own.exists() and _regions(proc.pid) == []
 
 
 def test_a_bad_newest_table_version_serves_the_newest_valid_one(small_export, repo, tmp_path):
