@@ -165,7 +165,7 @@ class BackendSupervisor:
         self._thread = threading.Thread(target=self._run, name="backend-supervisor", daemon=True)
 
     def start(self) -> BackendSupervisor:
-        self._scan()  # before returning: a stub that dies from now on is one it knows
+        self._known = backend_processes(self.server_pid, self.shm_prefix)  # a stub dying from now on is known
         self._thread.start()
         return self
 
@@ -175,11 +175,6 @@ class BackendSupervisor:
 
     def join(self, timeout_s: float = 10.0) -> None:
         self._thread.join(timeout_s)
-
-    def _scan(self) -> list[BackendProcess]:
-        self._known = backend_processes(self.server_pid, self.shm_prefix)
-        self._next_scan = time.monotonic() + self.config.rescan_s
-        return self._known
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.interval_s):
@@ -192,17 +187,21 @@ class BackendSupervisor:
 
     def _check(self) -> None:
         dead = [p for p in self._known if not p.alive()]
-        if not dead:
-            if time.monotonic() >= self._next_scan:
-                self._scan()
+        if not dead and time.monotonic() < self._next_scan:
             return
-        states = self.control.states()  # raises before _known forgets the dead: they are seen again
-        live = {(p.model, p.version, p.instance) for p in self._scan() if p.alive()}
-        crashed = [
-            p
-            for p in dead
-            if states.get((p.model, p.version)) == READY and (p.model, p.version, p.instance) not in live
-        ]
+        found = backend_processes(self.server_pid, self.shm_prefix)
+        # A known stub the listing misses died since the check above (a zombie has no command line).
+        dead += [p for p in self._known if p not in found and p not in dead]
+        crashed, states = [], {}
+        if dead:
+            states = self.control.states()  # raises before _known forgets the dead: they are seen again
+            live = {(p.model, p.version, p.instance) for p in found if p.alive()}
+            crashed = [
+                p
+                for p in dead
+                if states.get((p.model, p.version)) == READY and (p.model, p.version, p.instance) not in live
+            ]
+        self._known, self._next_scan = found, time.monotonic() + self.config.rescan_s
         if crashed and self.recover:
             self._unload(crashed, states)
         elif crashed:
