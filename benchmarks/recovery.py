@@ -21,8 +21,8 @@ native library does), the reload, `--settle-s` of load again. Per kill, from the
   1 s before failing) rather than a model already unloaded (refused at once);
 - p50/p99 of the successful calls of the settle window before the kill and after the reload.
 
-Writes recovery.md, recovery.json and recovery.png (each call's latency against the time since its
-kill) into --out. The machine's load averages at start and end are recorded with the numbers.
+Writes recovery.md, recovery.json (the numbers above per kill) and recovery.png (each call's latency
+against the time since its kill, around the kill) into --out. The machine's load averages at start and end are recorded with the numbers.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ MODEL, ENSEMBLE = "item_lookup", "rank"
 CANDIDATES, HISTORY = 100, 50
 DEADLINE_S = 300.0
 NOT_HEALTHY = "is not healthy"
+PLOT_MARGIN_S = 2.0  # the plot shows the calls this long before each kill and after its reload
 
 
 def _wait(condition, what: str) -> None:
@@ -118,7 +119,7 @@ def one_kill(server: TritonServer, load: Callers, prober: ReadinessProber, settl
 
 def run(args) -> dict:
     loads = [os.getloadavg()]
-    provenance = record()
+    provenance = record(args.command)
     hist, cands = request(CANDIDATES, HISTORY, NUM_ITEMS)
 
     def rank_request() -> list:
@@ -226,7 +227,8 @@ def write(report: dict, out: Path) -> None:
         "",
     ]
     (out / "recovery.md").write_text("\n".join(lines))
-    (out / "recovery.json").write_text(json.dumps(report, indent=1) + "\n")
+    summary = [{key: value for key, value in k.items() if key != "timeline"} for k in kills]
+    (out / "recovery.json").write_text(json.dumps({**report, "kills": summary}, indent=1) + "\n")
     plot(kills, out / "recovery.png")
 
 
@@ -239,12 +241,15 @@ def plot(kills: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for k, r in enumerate(kills, 1):
         t, ms, ok = (np.array(v) for v in zip(*r["timeline"], strict=True))
+        shown = (t > -PLOT_MARGIN_S) & (t < r["down"][1] + PLOT_MARGIN_S)
+        t, ms, ok = t[shown], ms[shown], ok[shown]
         ax.scatter(t[ok], ms[ok], s=4, color=f"C{k % 10}", label=f"kill {k}: answered")
         ax.scatter(t[~ok], ms[~ok], s=10, marker="x", color=f"C{k % 10}", label=f"kill {k}: failed")
         down_from, down_to = r["down"]
         if down_from is not None:
             ax.axvspan(down_from, down_to, color=f"C{k % 10}", alpha=0.08)
     ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-PLOT_MARGIN_S, max(r["down"][1] for r in kills) + PLOT_MARGIN_S)
     ax.set_yscale("log")
     ax.set_xlabel("call start, seconds since the kill (shaded: rank not ready; x: failed call)")
     ax.set_ylabel("call latency (ms)")
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle-s", type=float, default=10.0, help="load before each kill and after each reload")
     p.add_argument("--out", default="benchmarks/results", help="folder for recovery.{md,json,png}")
     args = p.parse_args(argv)
+    args.command = ["python", "benchmarks/recovery.py", *(sys.argv[1:] if argv is None else argv)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write(run(args), out)
