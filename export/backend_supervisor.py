@@ -91,8 +91,11 @@ class RepositoryControl:
                 return response.read()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")
-            with_error = json.loads(detail).get("error", detail) if detail.startswith("{") else detail
-            raise MMRankError(f"POST {path}: {e.code} {with_error}") from e
+            try:
+                detail = json.loads(detail)["error"]  # Triton's {"error": "..."}
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise MMRankError(f"POST {path}: {e.code} {detail}") from e
         except (urllib.error.URLError, OSError) as e:
             raise MMRankError(f"POST {path}: {e}") from e
 
@@ -177,13 +180,19 @@ class BackendSupervisor:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        server = procfs.stat(self.server_pid)
+        said = ""
         while not self._stop.wait(self.config.interval_s):
+            if server is None or not procfs.running(self.server_pid, server.start):
+                return  # the server itself ended: whoever started it sees that
             try:
                 self._check()
                 self._load_pending()
-            except MMRankError as e:  # the server did not answer: try again on the next tick
-                if not self._stop.is_set():
+                said = ""
+            except MMRankError as e:  # the server did not answer: try again on the next tick, say it once
+                if not self._stop.is_set() and str(e) != said:
                     self.report(f"backend supervisor: {e}")
+                said = str(e)
 
     def _check(self) -> None:
         dead = [p for p in self._known if not p.alive()]
@@ -202,6 +211,8 @@ class BackendSupervisor:
                 if states.get((p.model, p.version)) == READY and (p.model, p.version, p.instance) not in live
             ]
         self._known, self._next_scan = found, time.monotonic() + self.config.rescan_s
+        if self._stop.is_set():  # stopping: the stubs end with the server
+            return
         if crashed and self.recover:
             self._unload(crashed, states)
         elif crashed:
