@@ -3,9 +3,10 @@ its model in place, readiness says the model is down meanwhile, and nothing is l
 
 Client threads call an ensemble over gRPC and a prober reads the server's readiness over HTTP while the
 test SIGKILLs the stub of one of the ensemble's Python models (what the OOM killer or a crash in a
-native library does): `item_lookup` for `rank`, `tokenizer` for `encode_items`. Times are only waited
-for (a deadline makes a broken recovery fail rather than hang); the times themselves are measured by
-benchmarks/recovery.py.
+native library does): `item_lookup` for `rank` and `tokenizer` for `encode_items` of the python-backend
+repository, and `tokenizer` of the repository whose graphs run on the native onnxruntime backend.
+Times are only waited for (a deadline makes a broken recovery fail rather than hang); the times
+themselves are measured by benchmarks/recovery.py.
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ CALLERS = 4
 DEADLINE_S = 240.0
 
 
-@pytest.fixture(scope="module")
-def repo(small_export, tritonserver, tmp_path_factory):
-    out = tmp_path_factory.mktemp("recovery") / "repo"
-    render_repository(small_export.out, out, RenderConfig(backend="python", max_batch_size=4))
+def _render(small_export, tmp_path_factory, backend: str):
+    out = tmp_path_factory.mktemp(f"recovery_{backend}") / "repo"
+    render_repository(small_export.out, out, RenderConfig(backend=backend, max_batch_size=4))
     return out
+
+
+@pytest.fixture(scope="module")
+def python_repo(small_export, tritonserver, tmp_path_factory):
+    return _render(small_export, tmp_path_factory, "python")
+
+
+@pytest.fixture(scope="module")
+def native_repo(small_export, native_backend, tmp_path_factory):
+    """The graphs on Triton's native onnxruntime backend (in the server's process): what is left to die
+    is the Python preprocessing of encode_items."""
+    return _render(small_export, tmp_path_factory, "onnxruntime")
 
 
 def _tensor(name: str, array: np.ndarray, dtype: str) -> grpc.InferInput:
@@ -73,16 +85,20 @@ def _down_once(answers: list[bool]) -> bool:
     return runs in ([True, False, True], [False, True])
 
 
-@pytest.mark.parametrize("model", list(CASES))
-def test_a_backend_process_killed_under_load_is_reloaded_and_readiness_says_so(repo, model):
-    ensemble, request, output = CASES[model]
+@pytest.mark.parametrize(
+    ("repo", "model"),
+    [("python_repo", "item_lookup"), ("python_repo", "tokenizer"), ("native_repo", "tokenizer")],
+)
+def test_a_backend_process_killed_under_load_is_reloaded_and_readiness_says_so(request, repo, model):
+    repo = request.getfixturevalue(repo)
+    ensemble, inputs, output = CASES[model]
     with TritonServer(TritonConfig(repo, control_mode="explicit")) as server:
         pgid, prefix, workdir = server.process.pid, server.shm_prefix, server._workdir
         with grpc.InferenceServerClient(server.grpc_url) as client:
-            want = client.infer(ensemble, request()).as_numpy(output)
+            want = client.infer(ensemble, inputs()).as_numpy(output)
         with (
             ReadinessProber(server.http_url, ensemble) as prober,
-            Callers(server.grpc_url, ensemble, request, output, CALLERS) as load,
+            Callers(server.grpc_url, ensemble, inputs, output, CALLERS) as load,
         ):
             _wait(lambda: load.good_after(0) >= 2 * CALLERS, "answers before the kill")
             stub = next(p for p in backend_processes(pgid, prefix) if p.model == model)
