@@ -1,14 +1,14 @@
 """The files a running launcher owns outside the repository, named so that a later launcher can remove
 them when their owner was killed.
 
-A launcher writes a work folder into the temp directory (the server's backend directory, 2.8 MiB, and
+A launcher writes a work folder into the temp directory (the server's backend directory, a few MiB, and
 its log) and the server's Python backend creates shared-memory regions in /dev/shm. stop() removes
 both; a launcher killed by SIGKILL (or the OOM killer) cannot: its server gets SIGTERM and exits
 (export/triton_launcher.py), but the folder and any region the server had not removed stay. So both
 names carry the owner, `<pid>-<start>` (start: the process's start time in clock ticks after boot,
 which a later process reusing the pid does not share), and every launcher, as it starts, removes the
 folders and regions of owners that no longer run. Only names of that form are touched, and only
-folders of the same user; the temp directory and /dev/shm are assumed not to be shared with another
+files of the same user; the temp directory and /dev/shm are assumed not to be shared with another
 pid namespace (a container's are its own), where the owner would look dead.
 """
 
