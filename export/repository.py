@@ -203,10 +203,9 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             cuda_graphs=rc.cuda_graphs,
         )
     else:
-        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
+        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), the
+        # candidate_known flag among them: the graph masks unknown candidates and the ensemble returns it.
         outputs = _outputs(ranking.inputs, reshape=False)
-        if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
-            outputs.append(flag)
     widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
     params["table_widths"] = {
         "d": widths.get(it.CANDIDATE_C, 0),

@@ -133,7 +133,7 @@ def _export(p):
     p.add_argument(
         "--data",
         default=None,
-        help="the run's dataset folder (None: the one RUN/evaluation.json or metrics.json records)",
+        help="the run's dataset folder (None: the one it trained on, which RUN/run.json records)",
     )
     p.add_argument("--no-fp16", action="store_true", help="skip the *.fp16.onnx variants")
     p.add_argument(

@@ -11,6 +11,7 @@ from trainer_data import mmrec_toy
 
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
+from trainer.run import data_identity
 from trainer.train import Dist, Trainer, open_run_dir
 
 QUIET = {"train.log_every": 10_000, "train.lora_epochs": 0}
@@ -48,7 +49,7 @@ class FixedNegatives:
 
 def _trainer(data: Path, out: Path, sets: dict, preset: str = "bpr") -> Trainer:
     cfg = resolve(preset, sets=sets)
-    open_run_dir(out, cfg, False, Dist())
+    open_run_dir(out, cfg, False, Dist(), data_identity(data))
     return Trainer(cfg, load_dataset(data), out, Dist(), False, False)
 
 
