@@ -16,8 +16,6 @@ from export.parity import training_scores
 from export.triton_launcher import free_port
 from mmrank.cli import main
 
-pytest.importorskip("tritonclient.grpc")
-
 
 def _want(model, history, candidates, user_id=0):
     hist = np.zeros((1, max(len(history), 1)), np.int64)

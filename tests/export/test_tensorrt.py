@@ -34,11 +34,9 @@ def test_a_small_maximum_caps_the_optimum(small_export):
     assert profile_shapes(manifest.graph("ranking"), manifest, cfg)["candidate_c"][1][:2] == (4, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_engines_build_from_the_export(small_export, tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT not installed")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU for TensorRT")
     out = build_engines(small_export.out, tmp_path / "engines", EngineConfig(max_batch=8, max_candidates=64))
     for name in Manifest.read(small_export.out).graphs:
         assert (out / f"{name}.plan").stat().st_size > 0

@@ -1,8 +1,8 @@
 """The real tritonserver (from nvidia-pytriton) on a rendered python-backend repository, over gRPC.
 
 Nothing is mocked: the server loads the rendered models, runs the ONNX graphs with onnxruntime inside
-the Python backend and answers tritonclient calls on loopback. Skipped only when this machine cannot
-run the binary or prepare its Python environment, with the reason.
+the Python backend and answers tritonclient calls on loopback. A server that cannot start here fails
+these tests with the reason (conftest.py `tritonserver`).
 """
 
 import io
@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, NUM_USERS, TEXT_FIELDS
 
 from export.manifest import Manifest
@@ -19,8 +20,6 @@ from export.parity import training_scores
 from export.repository import add_table_version
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
-
-grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")

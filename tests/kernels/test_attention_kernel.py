@@ -144,9 +144,7 @@ def test_kernel_multi_head_attention_with_separate_keys_and_values(heads):
         _close_grad(got.cpu(), ref, torch.float32)
 
 
-@pytest.mark.skipif(
-    not CUDA, reason="a GPU-sized shape (the CPU interpreter runs the ops at small ones below)"
-)
+@pytest.mark.gpu  # a GPU-sized shape: the CPU interpreter runs the ops at small ones below
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)
