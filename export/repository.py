@@ -50,7 +50,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from common.atomic import atomic_dir
 from common.errors import MMRankError
 from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
-from export.tensorrt import check_engines_hold
+from export.tensorrt import check_engine_file, check_engines_hold
 from model_repository import item_table as it
 from model_repository.limits import EncodeLimits, RequestLimits
 
@@ -422,7 +422,7 @@ def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfi
                 f"{plan}: no TensorRT engine (build engines on the target GPU with "
                 f"`python -m export.tensorrt --export {export_dir}`)"
             )
-        return plan, "model.plan"
+        return check_engine_file(plan), "model.plan"
     spec = manifest.graph(name)
     file, sha = variant(spec, rc.precision)
     if file is None:
