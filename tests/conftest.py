@@ -1,7 +1,9 @@
 """Suite-wide settings.
 
 - Markers: `gpu` tests skip where torch sees no CUDA device, `tensorrt` tests where TensorRT is not
-  installed, `slow` ones are left out of `make test-fast`.
+  installed, `slow` ones are left out of `make test-fast`: every test that starts the real server (it
+  uses the `tritonserver` fixture) is `slow`, and so are those marked where they are (training runs,
+  the real dataset, extra exports).
 - With CI=true (`.ci/run`), a test may skip only for a missing GPU or TensorRT: any other skip (a missing
   server, Python, dataset or tool) fails the run, naming the test and its reason, so a broken install can
   never turn a layer of the suite into skips with the run green.
@@ -42,12 +44,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "threads(n): run the test with n torch intra-op threads")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
     missing = {
         "gpu": None if torch.cuda.is_available() else NO_GPU,
         "tensorrt": None if importlib.util.find_spec("tensorrt") else NO_TENSORRT,
     }
     for item in items:
+        if "tritonserver" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
         for marker, reason in missing.items():
             if reason and item.get_closest_marker(marker):
                 item.add_marker(pytest.mark.skip(reason=reason))

@@ -77,6 +77,7 @@ def test_a_bpr_step_marks_only_its_positives_known_and_counts_one_step(toy, tmp_
         assert model.bank.written_step[[*positives, cold[0], other, cold[1]]].eq(0).all()
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_bpr_keeps_replicas_identical_and_negatives_unknown(toy, tmp_path):
     sets = {**CONTENT_BPR, "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 16}
     states = train_replicas(toy, tmp_path, "em3", sets)

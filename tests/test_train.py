@@ -19,6 +19,8 @@ from trainer.data.schema import load_dataset
 from trainer.run import CONTENT_TABLE, load_run, restore
 from trainer.train import Trainer, evaluate_run, train
 
+pytestmark = pytest.mark.slow  # training runs: `make test-fast` leaves them out
+
 QUIET = {"train.log_every": 10_000}
 # Two evaluations of the same weights on the same split: one flipped near-tied pair moves AUC by
 # 1 / (positives * negatives), about 1e-6 here; a wrong checkpoint moves it by far more than 1e-4.

@@ -37,6 +37,7 @@ def _requests(rng, rows=3, length=9, n=7):
     return hist, rng.integers(1, NUM_ITEMS + 10, (rows, n))
 
 
+@pytest.mark.slow  # torch.export of two models
 @pytest.mark.parametrize("overrides", [{}, {"interest.long_len": 12}], ids=["short_history", "long_history"])
 def test_torch_programs_score_like_the_onnx_graph(tmp_path, overrides):
     torch.set_num_threads(1)
