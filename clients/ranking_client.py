@@ -58,8 +58,7 @@ def as_ids(values: Sequence[int] | np.ndarray, name: str, allow_empty: bool) -> 
         return np.array([PAD_ID], dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         raise RankingError(f"{name} must hold integer item ids, got {arr.dtype}")
-    if (arr < 0).any():
-        raise RankingError(f"{name} holds a negative id ({int(arr[arr < 0][0])})")
+    # A negative id is one more id the item table does not hold: the server flags it (candidate_known).
     return arr.astype(np.int64)
 
 

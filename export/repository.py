@@ -50,7 +50,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from common.atomic import atomic_dir
 from common.errors import MMRankError
 from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
-from export.tensorrt import check_engines_hold
+from export.tensorrt import check_engine_file, check_engines_hold
 from model_repository import item_table as it
 from model_repository.limits import EncodeLimits, RequestLimits
 
@@ -203,10 +203,9 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             cuda_graphs=rc.cuda_graphs,
         )
     else:
-        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
+        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), the
+        # candidate_known flag among them: the graph masks unknown candidates and the ensemble returns it.
         outputs = _outputs(ranking.inputs, reshape=False)
-        if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
-            outputs.append(flag)
     widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
     params["table_widths"] = {
         "d": widths.get(it.CANDIDATE_C, 0),
@@ -423,7 +422,7 @@ def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfi
                 f"{plan}: no TensorRT engine (build engines on the target GPU with "
                 f"`python -m export.tensorrt --export {export_dir}`)"
             )
-        return plan, "model.plan"
+        return check_engine_file(plan), "model.plan"
     spec = manifest.graph(name)
     file, sha = variant(spec, rc.precision)
     if file is None:

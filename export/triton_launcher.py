@@ -40,6 +40,13 @@ The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rend
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
 anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
 reload every model.
+
+On a host without a CUDA driver the server (a GPU build) still logs two kinds of E-level lines, whatever
+its flags: "CudaDriverHelper has not been initialized" at start and "unable to create stream for
+<ensemble>" at each ensemble's load (its scheduler creates a CUDA stream unconditionally). Both are
+harmless there: nothing uses CUDA, the models run on the CPU and the ensembles pass tensors in CPU
+memory. `mmrank serve` says so once it is ready, and `log_tail` leaves them out of error messages. The
+pinned-memory pool and GPU metrics, which would log a warning and an NVML error, are switched off there.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,6 +77,14 @@ from export.native_backend import NAME as NATIVE_NAME
 from export.native_backend import NativeBackend, backends_home
 
 CONTROL_MODES = ("none", "poll", "explicit")
+LOG_ERROR = re.compile(r"E\d{4} ")  # an E-level line of the server's log: "E1207 02:19:05.306 ..."
+# The E-level log lines of a healthy start on a host without a CUDA driver (see the module docstring).
+NO_CUDA_ERRORS = ("CudaDriverHelper has not been initialized", "unable to create stream for ")
+NO_CUDA_NOTE = (
+    "no CUDA driver on this host: the server logs E-level lines 'CudaDriverHelper has not been initialized' "
+    "and 'unable to create stream for <ensemble>' all the same; they are harmless here (the models run on "
+    "the CPU and nothing uses CUDA)"
+)
 
 
 @dataclass
@@ -151,6 +167,24 @@ class TritonDistribution:
                 f"the tritonserver has no Python backend stub for Python {python_version} ({have})"
             )
         return path
+
+
+def cuda_driver() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads here, as it does on a GPU host."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def error_lines(log: str) -> list[str]:
+    """The E-level lines of a server log, less the ones a host without a CUDA driver always gets."""
+    return [
+        line
+        for line in log.splitlines()
+        if LOG_ERROR.match(line) and not any(known in line for known in NO_CUDA_ERRORS)
+    ]
 
 
 def free_port() -> int:
@@ -438,6 +472,8 @@ class TritonServer:
             args.append("--load-model=*")
         if c.control_mode == "poll":
             args.append(f"--repository-poll-secs={c.poll_secs}")
+        if not cuda_driver():  # neither can work; each would log a warning or an error at start
+            args += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
         return [*args, *c.extra_args]
 
     def start(self) -> TritonServer:
@@ -513,7 +549,11 @@ class TritonServer:
             return "(no log)"
         text = self.log_path.read_text(errors="replace").splitlines()
         useful = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("+", "|"))]
-        errors = [ln for ln in useful if ln.startswith("E") or "error" in ln.lower()]
+        errors = [
+            ln
+            for ln in useful
+            if (ln.startswith("E") or "error" in ln.lower()) and not any(k in ln for k in NO_CUDA_ERRORS)
+        ]
         return " | ".join((errors or useful)[-lines:])
 
     def stop(self) -> int | None:
@@ -586,6 +626,8 @@ def serve(config: TritonConfig) -> int:
                 "(Ctrl-C stops it)",
                 flush=True,
             )
+            if not cuda_driver():
+                print(f"tritonserver: {NO_CUDA_NOTE}", flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
             raise MMRankError(

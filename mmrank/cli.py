@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable
 
 from common.errors import MMRankError
 
 Handler = str  # "package.module:function", resolved at call time
+# Options taking comma-separated item ids. argparse takes a value starting with "-" for an option unless it
+# is one plain negative number, so `--candidates -1,2` would be an error: such a value is attached to its
+# option (`--candidates=-1,2`) before parsing. The server flags unknown ids, negative ones among them.
+ID_LISTS = ("--history", "--candidates")
+NEGATIVE_IDS = re.compile(r"-\d[\d,\s-]*")
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -133,7 +139,7 @@ def _export(p):
     p.add_argument(
         "--data",
         default=None,
-        help="the run's dataset folder (None: the one RUN/evaluation.json or metrics.json records)",
+        help="the run's dataset folder (None: the one it trained on, which RUN/run.json records)",
     )
     p.add_argument("--no-fp16", action="store_true", help="skip the *.fp16.onnx variants")
     p.add_argument(
@@ -320,8 +326,19 @@ def _resolve(handler: Handler) -> Callable[[argparse.Namespace], int | None]:
     return getattr(importlib.import_module(module), func)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with id lists that start with a negative id attached to their option."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in ID_LISTS and NEGATIVE_IDS.fullmatch(arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return build_parser().parse_args(joined)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     name = " ".join(x for x in (args.command, getattr(args, "source", None)) if x)
     try:
         return int(_resolve(args._handler)(args) or 0)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
+from trainer.data.requests import Requests, request_groups
 
 PARITY_ATOL = 1e-4  # fp32 graphs vs the PyTorch model (the export parity bound)
 
@@ -111,34 +112,6 @@ def export_model(run: Path, data: Path, out: Path, steps: _Steps) -> dict:
 
 def _graph_sizes(out: Path, manifest) -> dict:
     return {name: (out / g.file).stat().st_size for name, g in manifest.graphs.items()}
-
-
-@dataclass
-class Requests:
-    """Test requests as the client sends them: one history and the request's candidates each."""
-
-    users: list[int]
-    histories: list[np.ndarray]
-    candidates: list[np.ndarray]
-    labels: list[np.ndarray]
-
-
-def test_requests(data: Path, history_len: int, count: int, seed: int) -> Requests:
-    from trainer.data.samples import make_samples
-    from trainer.data.schema import load_dataset
-
-    samples = make_samples(load_dataset(data, validate=False), "test", history_len)
-    _, first = np.unique(samples.request_id, return_index=True)
-    picked = np.random.default_rng(seed).permutation(first)[:count]
-    hist, mask = samples.history.gather(picked, history_len)
-    out = Requests([], [], [], [])
-    for row, h, m in zip(picked, hist, mask, strict=True):
-        rows = np.flatnonzero(samples.request_id == samples.request_id[row])
-        out.users.append(int(samples.user_id[row]))
-        out.histories.append(h[m])
-        out.candidates.append(samples.item_id[rows].astype(np.int64))
-        out.labels.append(samples.label[rows].astype(np.float32))
-    return out
 
 
 def model_scores(run: Path, data: Path, req: Requests) -> list[np.ndarray]:
@@ -249,7 +222,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, fresh: bool = False
     sizes = steps.run("export", export_model, run, data, export, steps)
     steps.run("repo", render_repository, export, repo, RenderConfig(backend="python"), True)
     info = Manifest.read(export).model
-    req = test_requests(data, max(info.history_len, info.long_history_len), cfg.requests, cfg.seed)
+    req = request_groups(data, max(info.history_len, info.long_history_len), cfg.requests, cfg.seed)
     served, lat_ms, server = steps.run("serve", serve_and_rank, repo, req, cfg.timeout_s)
     reference = model_scores(run, data, req)
     serving = {**summarise(req, served, reference, lat_ms), **server}

@@ -6,7 +6,7 @@ A table is a folder (a version of the `item_lookup` model in the Triton reposito
     content.npy     float32 [R, d]  content vector c (the memory bank where present, else the tower)
     item_rows.npy   float32 [R, E]  the ranker's item token: item ID + item categorical embeddings
     user_feats.npy  int64 [U+1, F]  optional: each user's categorical features, row 0 (unknown) zeros
-    table.json      version, rows, d, item_dim, the checkpoint it came from; written last
+    table.json      format_version, version, rows, d, item_dim, the checkpoint it came from; written last
 
 Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the padding row:
 - a candidate reads c = 0 and row 0 of the item token (item id 0, never a training target, and the
@@ -35,6 +35,7 @@ import numpy as np
 from common.errors import MMRankError
 
 TABLE_JSON = "table.json"
+FORMAT_VERSION = 1  # of the table folder; a table of another format is refused (and skipped by serving)
 PAD_ID = 0
 # Lookup products: each is a ranking-graph input of the same name, except candidate_known (an output
 # of the `rank` ensemble).
@@ -134,6 +135,7 @@ class ItemTable:
         if self.user_feats is not None:
             np.save(folder / "user_feats.npy", self.user_feats)
         meta = {
+            "format_version": FORMAT_VERSION,
             "version": self.version,
             "rows": len(self.ids),
             "d": self.d,
@@ -182,6 +184,11 @@ def _read_meta(path: Path) -> dict:
         raise MMRankError(f"{path}: unreadable item table ({type(e).__name__}: {e})") from e
     if not isinstance(meta, dict):
         raise MMRankError(f"{path}: unreadable item table: a JSON {type(meta).__name__}, expected an object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MMRankError(
+            f"{path}: item table format_version {meta.get('format_version')!r}, this version reads "
+            f"{FORMAT_VERSION}; export the run again"
+        )
     for key in META_COUNTS:
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -55,6 +55,7 @@ def test_preset_files_are_documented():
         assert json.loads((PRESETS_DIR / f"{name}.json").read_text()) == raw
 
 
+@pytest.mark.slow  # `world`: the real encoders' features, then a step per preset
 @pytest.mark.parametrize("name", list_presets())
 def test_preset_builds_and_trains_one_step(world, name):
     ds, schema, table_dir = world
@@ -87,6 +88,7 @@ def test_preset_builds_and_trains_one_step(world, name):
         assert trained and all("lora_" in n for n in trained), trained
 
 
+@pytest.mark.slow
 def test_pe_table_is_built_for_the_run(world):
     ds, schema, table_dir = world
     table = np.load(table_dir / "content_table.npy")
@@ -95,6 +97,7 @@ def test_pe_table_is_built_for_the_run(world):
     assert table[1:].std(0).min() > 0  # every component varies across items
 
 
+@pytest.mark.slow
 def test_stop_gradient_cuts_the_ranking_loss_from_the_tower_but_not_sqdc(world):
     ds, schema, _ = world
     cfg = resolve("lemur_stop_gradient")

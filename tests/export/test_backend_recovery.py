@@ -25,6 +25,9 @@ from export.backend_supervisor import RepositoryControl, backend_processes
 from export.repository import RenderConfig, render_repository
 from export.triton_launcher import TritonConfig, TritonServer
 
+# The real server, reached through getfixturevalue: conftest cannot see that these tests start it.
+pytestmark = pytest.mark.slow
+
 CALLERS = 4
 DEADLINE_S = 240.0
 

@@ -158,6 +158,16 @@ CORRUPT = {
     "empty ids": ("ids.npy", b"", r"ids.npy: unreadable item table \(EOFError"),
     "huge shape": ("ids.npy", _npy_header((10**13,)), r"ids.npy: unreadable item table \("),
     "json list": ("table.json", "[]", "table.json: unreadable item table: a JSON list, expected an object"),
+    "other format": (
+        "table.json",
+        {"format_version": 0},
+        "item table format_version 0, this version reads 1",
+    ),
+    "no format": (
+        "table.json",
+        {"format_version": None},
+        "item table format_version None, this version reads 1",
+    ),
     "version x": ("table.json", {"version": "x"}, "version must be a non-negative integer, got 'x'"),
     "no d": ("table.json", {"d": None}, "d must be a non-negative integer, got None"),
     "rows": ("table.json", {"rows": 9}, "item table rows is 6, table.json says 9"),

@@ -16,8 +16,6 @@ from export.parity import training_scores
 from export.triton_launcher import free_port
 from mmrank.cli import main
 
-pytest.importorskip("tritonclient.grpc")
-
 
 def _want(model, history, candidates, user_id=0):
     hist = np.zeros((1, max(len(history), 1)), np.int64)
@@ -82,7 +80,6 @@ def test_async_client_matches_the_sync_client(url):
     ("history", "candidates", "message"),
     [
         ([1, 2], [], "candidate_ids is empty"),
-        ([1, -2], [3], "history_ids holds a negative id"),
         ([[1, 2]], [3], "history_ids must be a flat list"),
         ([1], [1.5], "candidate_ids must hold integer item ids"),
     ],
@@ -119,6 +116,17 @@ def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
     printed = [r["score"] for r in ranked]
     assert printed == sorted(printed, reverse=True)
     np.testing.assert_allclose(printed, [want[r["item_id"]] for r in ranked], atol=1e-5)
+
+
+def test_rank_command_takes_negative_ids_and_the_server_flags_them_unknown(small_export, url, capsys):
+    argv = ["rank", "--url", url, "--history", "-3,9", "--candidates", "-1,2", "--timeout", "30"]
+    assert main(argv) == 0
+    ranked = json.loads(capsys.readouterr().out)["ranked"]
+    assert [(r["item_id"], r["known"]) for r in ranked] == [(2, True), (-1, False)] and ranked[1][
+        "score"
+    ] is None
+    # The unknown history id is dropped, as the lookup drops every id the table does not hold.
+    np.testing.assert_allclose(ranked[0]["score"], _want(small_export.model, [9], [2])[0], atol=1e-5)
 
 
 def test_rank_command_against_a_down_server_fails_with_one_line(capsys):

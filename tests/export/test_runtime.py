@@ -203,3 +203,19 @@ def test_add_table_version_checks_against_the_newest_valid_version(tmp_path):
     with pytest.raises(MMRankError, match="content has NaN or infinite values in 1 rows"):
         add_table_version(tmp_path / "repo", bad)
     assert sorted(p.name for p in model.iterdir()) == ["1", "2", "3"]  # nothing published, no leftovers
+
+
+def test_the_launcher_tells_the_cpu_host_cuda_lines_from_real_errors():
+    from export.triton_launcher import error_lines
+
+    log = "\n".join(
+        [
+            'I1207 02:19:05.306 8205 server.cc:100] "loading: rank:1"',
+            'E1207 02:19:05.306 8205 server.cc:241] "CudaDriverHelper has not been initialized."',
+            'E1207 02:19:12.347 8205 ensemble_scheduler.cc:1468] "unable to create stream for rank: CUDA '
+            'driver version is insufficient for CUDA runtime version"',
+            "E1207 02:19:13.001 8205 model_lifecycle.cc:654] \"failed to load 'ranking' version 1\"",
+            "Everything is fine",
+        ]
+    )
+    assert error_lines(log) == [log.splitlines()[3]]

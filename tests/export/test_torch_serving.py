@@ -9,6 +9,7 @@ tests: a GPU host may have no tritonclient, so the repository and server tests i
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, make_model
 
 from common.errors import MMRankError
@@ -36,6 +37,7 @@ def _requests(rng, rows=3, length=9, n=7):
     return hist, rng.integers(1, NUM_ITEMS + 10, (rows, n))
 
 
+@pytest.mark.slow  # torch.export of two models
 @pytest.mark.parametrize("overrides", [{}, {"interest.long_len": 12}], ids=["short_history", "long_history"])
 def test_torch_programs_score_like_the_onnx_graph(tmp_path, overrides):
     torch.set_num_threads(1)
@@ -154,7 +156,6 @@ def test_torch_backend_serves_the_python_backends_scores(
     from export.repository import RenderConfig, add_table_version, render_repository
     from export.triton_launcher import TritonConfig, TritonServer
 
-    grpc = pytest.importorskip("tritonclient.grpc")
     repo = tmp_path / "torch_repo"
     render_repository(small_export.out, repo, RenderConfig(backend="torch", max_batch_size=8, buckets="1x8"))
     rng = np.random.default_rng(3)
@@ -186,7 +187,7 @@ def test_torch_backend_serves_the_python_backends_scores(
         np.testing.assert_allclose(scores, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu  # CUDA graphs
 def test_cuda_graph_buckets_replay_the_eager_scores(tmp_path):
     out, manifest, table, lookup = _export(tmp_path, **{"interest.long_len": 12})
     program = manifest.programs["ranking"]

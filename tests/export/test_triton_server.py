@@ -1,8 +1,8 @@
 """The real tritonserver (from nvidia-pytriton) on a rendered python-backend repository, over gRPC.
 
 Nothing is mocked: the server loads the rendered models, runs the ONNX graphs with onnxruntime inside
-the Python backend and answers tritonclient calls on loopback. Skipped only when this machine cannot
-run the binary or prepare its Python environment, with the reason.
+the Python backend and answers tritonclient calls on loopback. A server that cannot start here fails
+these tests with the reason (conftest.py `tritonserver`).
 """
 
 import io
@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, NUM_USERS, TEXT_FIELDS
 
 from export.manifest import Manifest
 from export.parity import training_scores
 from export.repository import add_table_version
+from export.triton_launcher import NO_CUDA_ERRORS, cuda_driver, error_lines
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
-
-grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,15 @@ def _check_new_version_is_served(small_export, server, client, table, new_id):
     ranking = OrtGraph(small_export.out / manifest.graph("ranking").file)
     want = ranking.run({t.name: feeds[t.name] for t in manifest.graph("ranking").inputs})["scores"]
     np.testing.assert_allclose(scores, want, atol=1e-5)
+
+
+def test_a_healthy_load_logs_no_error_but_the_explained_cuda_lines(server):
+    """Every model of the repository loaded: the log holds no E-level line, but on a host without a CUDA
+    driver the two kinds the launcher explains (export/triton_launcher.py), and there neither the
+    pinned-memory warning nor the NVML error of the GPU metrics (both switched off)."""
+    log = server.log_at_ready
+    assert error_lines(log) == []
+    if not cuda_driver():
+        errors = [line for line in log.splitlines() if line.startswith("E")]
+        assert errors and all(any(known in e for known in NO_CUDA_ERRORS) for e in errors)
+        assert "pinned memory pool will not be available" not in log and "NVML" not in log
