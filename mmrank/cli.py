@@ -177,6 +177,27 @@ def _repo(p):
         help="torch backend: BATCHxCANDIDATES shapes requests are padded to (one CUDA graph each on a GPU)",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch backend: run every bucket eagerly")
+    p.add_argument(
+        "--lookup",
+        choices=["merged", "separate"],
+        default="merged",
+        help="onnxruntime backend: the item lookup graph merged into the ranking graph (one model, ids in, "
+        "scores out) or its own model before it (tensorrt: always before the engine)",
+    )
+    p.add_argument(
+        "--id-map",
+        choices=["auto", "dense", "search"],
+        default="auto",
+        help="native backends: the lookup graph's id -> row map (dense: 4 bytes per id up to the largest; "
+        "search: a binary search, for sparse ids; auto: dense while the ids span at most 16x the rows)",
+    )
+    p.add_argument(
+        "--instance-kind",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where the graph models run: auto = a GPU where the server has one (NVIDIA's containers), else "
+        "the CPU; cpu for an onnxruntime backend without CUDA (this project's build) on a GPU host",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(
