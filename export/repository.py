@@ -575,7 +575,7 @@ def render_repository(
             shutil.copy2(_ranking_graph(export_dir, manifest, rc), first / RANKING_FILE)
         if lookup.platform == "onnxruntime_onnx":
             table = it.ItemTable.read(table_dir)
-            native_lookup(lookup).write(first, table, table.version)
+            native_lookup(lookup).write(first, table, 1)  # the version a response names: the folder
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
@@ -598,8 +598,8 @@ def check_table_fits(table: it.ItemTable, served: it.ItemTable) -> None:
             raise MMRankError(f"the new item table's {name} is {new}, the served table's is {old}")
 
 
-def lookup_config(model: Path) -> mc.ModelConfig | None:
-    """item_lookup's config (`model` is its folder); None without one."""
+def read_config(model: Path) -> mc.ModelConfig | None:
+    """The config of the model folder `model`; None without one."""
     path = Path(model) / "config.pbtxt"
     return text_format.Parse(path.read_text(), mc.ModelConfig()) if path.is_file() else None
 
@@ -668,7 +668,7 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     if not versions:
         raise MMRankError(f"{model}: not an item_lookup model folder")
     table.check_finite()  # the arrays may have changed since the table was built
-    config = lookup_config(model)
+    config = read_config(model)
     served, served_version, _ = it.newest_valid_table(model, versions[-1], *config_widths(config))
     check_table_fits(table, served)
     number = versions[-1] + 1

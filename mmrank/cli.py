@@ -215,6 +215,21 @@ def _repo(p):
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
 
+def _table_publish(p):
+    p.add_argument("--repo", required=True, help="Triton model repository (any backend) to publish into")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--export", help="an `mmrank export` of the served model: its item table")
+    g.add_argument(
+        "--items",
+        help=".npz with ids [M] and content [M, d] (e.g. encode_items vectors) added to the served table",
+    )
+    p.add_argument(
+        "--url",
+        help="Triton gRPC address: ask it to load the new version and wait until rank answers with it",
+    )
+    p.add_argument("--wait", type=float, default=120.0, help="--url: seconds to wait for the new version")
+
+
 def _analyze(p):
     p.add_argument(
         "--runs",
@@ -323,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(sub, "export", "export ONNX graphs and the item table", "export.onnx_graphs:cli", _export)
     _add(sub, "repo", "render a Triton model repository", "export.repository:cli", _repo)
+    table = sub.add_parser(
+        "table", help="item table versions of a live repository", formatter_class=_formatter
+    )
+    tsub = table.add_subparsers(dest="source", required=True, metavar="ACTION")
+    _add(
+        tsub,
+        "publish",
+        "publish the next item table version (validated, atomic) into a repository",
+        "export.table_publish:cli",
+        _table_publish,
+    )
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(
