@@ -39,17 +39,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# On a GPU machine (torch and triton as found there): kernel and torch-serving tests, the kernel benchmark,
-# and the GPU serving benchmark when the serving wheels of `make gpu-wheels` were carried there (they are
-# installed into build/gpu-site, beside the machine's own packages, never over them).
+# On a machine with a CUDA GPU (torch and triton as found there): kernel and torch-serving tests, the kernel
+# benchmark, and the GPU serving benchmark where tritonserver, tritonclient and locust import or the wheels
+# of `make gpu-wheels` were copied into build/gpu-wheels (they are installed into build/gpu-site, beside the
+# machine's own packages, never over them).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# Here (package index reachable): the wheels the GPU machine lacks for serving, for CPython 3.12, in two
-# folders that each fit one device call's 64 MiB: build/gpu-wheels/server (nvidia-pytriton, 53 MiB) and
+# Where a package index is reachable: the wheels a GPU host without one needs for serving, for CPython 3.12,
+# in two folders: build/gpu-wheels/server (nvidia-pytriton, 53 MiB) and
 # build/gpu-wheels/client (17 MiB: tritonclient, grpcio, python-rapidjson, and locust with the packages
-# the machine lacks for it, at this venv's versions; in client/fallback the protobuf that tritonclient's
-# generated code needs, installed there only where the machine's protobuf is older).
+# a bare CUDA image lacks for it, at this venv's versions; in client/fallback the protobuf that tritonclient's
+# generated code needs, installed there only where the host's protobuf is older).
 GPU_CLIENT = tritonclient grpcio python-rapidjson locust configargparse flask flask-cors flask-login \
 	werkzeug blinker itsdangerous gevent greenlet zope.event zope.interface geventhttpclient brotli \
 	python-engineio python-socketio bidict simple-websocket wsproto websocket-client pyzmq
@@ -61,8 +62,9 @@ gpu-wheels: $(STAMP)
 	$(GPU_PIP) -d build/gpu-wheels/client $$($(BIN)/python -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(GPU_CLIENT))
 	$(GPU_PIP) -d build/gpu-wheels/client/fallback "protobuf>=6.33.5,<7"
 
-# Here, before a device call: the serving part of gpu-check in a CPython 3.12 venv shaped like the GPU
-# machine's image, on a copy of the tree with the carried wheels (benchmarks/gpu_rehearsal.sh; CPU numbers).
+# A dry run, on a CPU machine, of gpu-check's serving part as it runs on a GPU host without a package index:
+# a CPython 3.12 venv shaped like a bare CUDA image and a copy of the tree with the wheels of gpu-wheels
+# (benchmarks/gpu_rehearsal.sh; CPU numbers).
 gpu-rehearsal: gpu-wheels
 	bash benchmarks/gpu_rehearsal.sh
 

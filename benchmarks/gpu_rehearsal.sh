@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Rehearse the serving device call of `make gpu-check` on this CPU machine before a GPU machine's few
-# minutes are spent on it (`make gpu-rehearsal`). The GPU machine runs the project from a copy of the
-# working tree under its own CPython 3.12 image, with NumPy 2 and no tritonclient, locust or flask; only
-# the wheels carried there (`make gpu-wheels`) add to it. This builds a venv shaped like that image
-# (older protobuf and werkzeug than the carried wheels need, so the fallback and the shadowing are
-# exercised), copies the tree as a device call would (tracked and untracked-not-ignored files plus
-# build/gpu-wheels), and runs the very command of the device call: the serving part, results packed into
-# one file. The ranking program runs on the CPU here: the numbers check the path, they are no GPU numbers.
+# A dry run, on a CPU machine, of the serving part of `make gpu-check` as it runs on a GPU host without a
+# package index (`make gpu-rehearsal`): such a host runs a copy of the working tree under its own CPython
+# 3.12 image, with NumPy 2 and no tritonclient, locust or flask; only the wheels of `make gpu-wheels`,
+# copied there, add to it. This builds a venv shaped like such an image (older protobuf and werkzeug than
+# the wheels need, so the fallback and the shadowing are exercised), copies the tree (tracked and
+# untracked-not-ignored files plus build/gpu-wheels), and runs the serving part with its results packed
+# into one file. The ranking program runs on the CPU here: the numbers check the path, they are no GPU
+# numbers.
 # Writes build/gpu-rehearsal/{gpu_check.log,gpu_check.tar.gz}; exit status: gpu_check.sh's.
 set -euo pipefail
 cd "$(dirname "$0")/.."

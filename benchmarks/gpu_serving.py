@@ -156,7 +156,7 @@ def one_length(args, length: int, ns: list[int], out: Path) -> list[dict]:
         built = time.perf_counter() - t0
         ranker = ranker_in_process(repo, params)
         t0 = time.perf_counter()
-        # Under NumPy 2 (the GPU machine's) the stubs run without the NumPy 1.26 environment, which needs
+        # Under NumPy 2 (a bare CUDA image's) the stubs run without the NumPy 1.26 environment, which needs
         # a package index to build: the torch backend's lookup moves every tensor through DLPack.
         dlpack_only = int(np.__version__.split(".")[0]) >= 2
         with TritonServer(TritonConfig(repo, control_mode="explicit", dlpack_only=dlpack_only)) as srv:

@@ -6,7 +6,7 @@ Triton compiles each kernel variant for sm_90 here (its wheel carries ptxas and 
 cuobjdump reads the cubin: registers per thread, stack (spilled registers), shared memory, and counts of
 the instructions that tell where a kernel spends its issue slots (HGMMA = Hopper matrix units, LDL/STL
 = local-memory spills, SHFL = warp shuffles, BAR = block barriers). This answers "did the cosine top-k
-spill?" at no device time; timings still need the GPU (benchmarks/attention_kernel.py).
+spill?" without a GPU; timings still need the GPU (benchmarks/attention_kernel.py).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     lines = [
-        "# Memory bank: throughput and quality (LEMUR §3, SPEC §2.2)",
+        "# Memory bank: throughput and quality (LEMUR §3)",
         "",
         f"Command: `{command}`",
         f"Machine: {machine()}",

@@ -18,11 +18,11 @@ from pathlib import Path
 # name the CPU without loading it.
 
 CODE_ROOT = Path(__file__).resolve().parent.parent
-# Neither results an earlier benchmark of the same session wrote into the checkout nor prose (README,
+# Neither results an earlier benchmark run wrote into the checkout nor prose (README,
 # results notes) change the code measured.
 NOT_CODE = (":!benchmarks/results", ":!*.md")
 UNKNOWN = "unknown"
-# A copied tree whose git metadata is missing or stale (the GPU machine's copy of a working tree) is told
+# A copied tree whose git metadata is missing or stale (e.g. a working tree copied to a GPU host) is told
 # its commit by whoever sent it; the record says it was declared, not read.
 COMMIT_ENV = "MMRANK_COMMIT"
 

@@ -1,4 +1,5 @@
-"""Parity of the exported graphs with the PyTorch modules they were exported from (SPEC §3).
+"""Parity of the exported graphs with the PyTorch modules they were exported from; the bounds are in
+docs/design.md, "Parity bounds".
 
 - `graph_parity`: each graph in onnxruntime (CPU) vs its PyTorch module on the same inputs, fp32 and
   fp16 variants, max abs error against `TOLERANCES` (the fp16 graph is compared with the fp32 module).

@@ -1,7 +1,8 @@
 """The `mmrank` console script: one entry point for data, training, export, serving and load tests.
 
-The argument contract is SPEC §8. Handlers are imported lazily so `--help` stays fast and a
-subcommand whose dependencies are heavy (torch, tritonclient) costs nothing to the others.
+What each command writes is described in docs/design.md. Handlers are imported lazily so `--help`
+stays fast and a subcommand whose dependencies are heavy (torch, tritonclient) costs nothing to the
+others.
 """
 
 from __future__ import annotations

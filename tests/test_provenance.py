@@ -63,7 +63,7 @@ def test_a_folder_inside_a_checkout_or_outside_any_is_unknown(checkout, tmp_path
 
 
 def test_a_declared_commit_wins_and_says_it_was_declared(checkout, tmp_path, monkeypatch):
-    # The GPU machine's copy of a working tree may carry no or stale git metadata.
+    # A working tree copied to another machine may carry no or stale git metadata.
     monkeypatch.setenv(COMMIT_ENV, "abc1234")
     (checkout / "code.py").write_text("x = 3\n")
     for root in (checkout, tmp_path):

@@ -1,5 +1,5 @@
-"""The training loop end to end on a small synthetic dataset: metrics and files per SPEC §8, exact resume
-after a stop or a crash, streaming, task-specific PE, AMP, `mmrank evaluate`, and CLI failures."""
+"""The training loop end to end on a small synthetic dataset: the run folder's metrics and files, exact
+resume after a stop or a crash, streaming, task-specific PE, AMP, `mmrank evaluate`, and CLI failures."""
 
 import json
 import subprocess

@@ -1,8 +1,9 @@
 """Model evaluation: CTR metrics on a split's impressions and full-ranking top-K on MMRec-format data.
 
-`evaluate_split` gives one split's block of metrics.json (SPEC §8): AUC, GAUC per user and per request,
-logloss, AUC on cold-start events (items absent from training), and, for data with a top-K protocol,
-Recall@K / NDCG@K over all items with the user's training items masked.
+`evaluate_split` gives one split's block of metrics.json (docs/design.md, "Run folder and metrics"):
+AUC, GAUC per user and per request, logloss, AUC on cold-start events (items absent from training),
+and, for data with a top-K protocol, Recall@K / NDCG@K over all items with the user's training items
+masked.
 
 The model is anything with the RankingModel interface: `forward(batch).logits [B]`,
 `score(user_id, user_feats, cand_ids, cand_c, hist_c, hist_mask) -> [B, N]` and `item_vectors(ids)`.

@@ -1,4 +1,5 @@
-"""Training losses: L = BCE + alpha * L_CIC + lambda * L_SQDC (SPEC §2.5). Pure functions of tensors.
+"""Training losses: L = BCE + alpha * L_CIC + lambda * L_SQDC (docs/design.md, "Losses"). Pure
+functions of tensors.
 
 - BPR (`model.loss.main = "bpr"`, the `bpr` preset): the pairwise loss of BPR-MF, replacing BCE, for
   top-K data where a positive should outrank items the user never interacted with.

@@ -160,7 +160,8 @@ def ndcg_at_k(scores, truth, k: int) -> float:
 
 
 def ctr_metrics(labels, probs, users, requests=None, cold=None) -> dict[str, float | int | None]:
-    """The per-split CTR block of metrics.json (SPEC §8), JSON-ready: undefined values are None.
+    """The per-split CTR block of metrics.json (docs/design.md, "Run folder and metrics"), JSON-ready:
+    undefined values are None.
 
     users / requests: the group ids of per-user GAUC (`gauc`) and per-request GAUC (`gauc_request`);
     cold: bool mask of events whose item never appears in training (`cold_auc` over those).

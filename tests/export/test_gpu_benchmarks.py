@@ -1,6 +1,5 @@
 """The GPU check's scripts on this CPU: the serving benchmark end to end at a tiny shape against the real
-tritonserver (the program on the CPU), and gpu_check.sh's part selection and packing, which a device call
-relies on (it brings back at most 8 files)."""
+tritonserver (the program on the CPU), and gpu_check.sh's part selection, packing and test logs."""
 
 from __future__ import annotations
 
@@ -91,3 +90,18 @@ def test_gpu_check_fails_when_a_part_fails_and_still_packs(tmp_path):
     assert done.returncode != 0
     assert "kernel tests 3, kernel benchmark 3, serving 0" in done.stdout
     assert (tmp_path / "gpu_check.tar.gz").exists()
+
+
+def test_gpu_check_test_logs_name_the_commit_and_every_test(tmp_path):
+    python = tmp_path / "python"
+    # A python that answers the machine line and, for pytest, prints the arguments it was given.
+    python.write_text(
+        f'#!/bin/sh\ncase "$*" in *"import sys, torch"*) exec {sys.executable} "$@";; '
+        '*"-m pytest"*) echo "pytest args: $*"; exit 0;; esac\nexit 0\n'
+    )
+    python.chmod(0o755)
+    done = gpu_check(tmp_path, str(python), "kernels", MMRANK_COMMIT="abc1234")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "results" / "kernel_gpu_tests.log").read_text().splitlines()
+    assert log[0].startswith("commit abc1234; ")
+    assert " -v " in log[1] and "tests/kernels" in log[1]

@@ -3,7 +3,7 @@ tritonserver serving `mmrank repo --backend torch` next to the python backend's 
 
 On this CPU machine the program runs on the CPU inside the Python backend (the default `device=auto`);
 the CUDA-graph test runs where torch sees a GPU (`make gpu-check`, which runs this file's in-process
-tests: the GPU machine has no tritonclient, so the repository and server tests import it late).
+tests: a GPU host may have no tritonclient, so the repository and server tests import it late).
 """
 
 import numpy as np
@@ -161,7 +161,7 @@ def test_torch_backend_serves_the_python_backends_scores(
     render_repository(small_export.out, repo, RenderConfig(backend="torch", max_batch_size=8, buckets="1x8"))
     rng = np.random.default_rng(3)
     reference = grpc.InferenceServerClient(triton_server.grpc_url)
-    # This interpreter's NumPy 2 in the stubs, as on the GPU machine: the lookup moves tensors by DLPack.
+    # This interpreter's NumPy 2 in the stubs, as on a bare CUDA image: the lookup moves tensors by DLPack.
     with TritonServer(TritonConfig(repo, control_mode="explicit", dlpack_only=dlpack_only)) as srv:
         client = grpc.InferenceServerClient(srv.grpc_url)
         for rows, n in ((1, 5), (1, 8), (2, 12)):

@@ -72,7 +72,7 @@ def test_rank_ensemble_scores_equal_the_pytorch_model(small_export, client):
     np.testing.assert_allclose(
         scores, training_scores(small_export.model, hist, cands, users, feats), atol=1e-5
     )
-    for b in range(2):  # one user per request, the SPEC's [L] and [N] with a batch of one
+    for b in range(2):  # one user per request: [L] and [N] with a batch of one
         one, _ = _rank(client, hist[b : b + 1], cands[b : b + 1], users[b : b + 1], feats[b : b + 1])
         np.testing.assert_allclose(one, scores[b : b + 1], atol=1e-5)
 

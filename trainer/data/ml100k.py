@@ -1,4 +1,4 @@
-"""MovieLens-100K + TMDB overviews + TMDB posters -> the canonical dataset form (SPEC §1, source b).
+"""MovieLens-100K + TMDB overviews + TMDB posters -> the canonical dataset form (docs/design.md, "Sources").
 
 Every rule below is also written into the manifest (label_rule and notes), so a dataset folder explains
 itself:

@@ -1,4 +1,4 @@
-"""MMRec-format folders -> the canonical dataset form (SPEC §1, source c), evaluated by top-K ranking.
+"""MMRec-format folders -> the canonical dataset form (docs/design.md, "Sources"), evaluated by top-K ranking.
 
 Input: `NAME.inter`, tab-separated, with a header naming at least `userID`, `itemID` and `x_label`
 (0 train, 1 valid, 2 test); `rating` and `timestamp` are optional and must be numbers when present. Every

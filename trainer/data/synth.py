@@ -1,4 +1,5 @@
-"""The planted-signal synthetic dataset: the embedded default and the scale source (SPEC §1, source a).
+"""The planted-signal synthetic dataset: the embedded default and the scale source (docs/design.md,
+"Sources").
 
 The world:
 - Items have four latent attributes: shape, colour, texture and theme. They are rendered into content:

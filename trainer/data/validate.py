@@ -148,8 +148,9 @@ def split_bounds(ds: Dataset) -> tuple[int, int]:
 
 
 def check_split_times(ts: np.ndarray, split: np.ndarray, bounds: tuple[int, int], path: Source) -> None:
-    """train < valid_start <= valid < test_start <= test (SPEC §1). A label that disagrees with its
-    event's time puts held-out positives into training histories, so the first such row is an error."""
+    """train < valid_start <= valid < test_start <= test (docs/design.md, "Splits"). A label that
+    disagrees with its event's time puts held-out positives into training histories, so the first such
+    row is an error."""
     valid_start, test_start = bounds
     expected = np.where(
         ts < valid_start, SPLITS["train"], np.where(ts < test_start, SPLITS["valid"], SPLITS["test"])

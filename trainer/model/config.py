@@ -1,4 +1,4 @@
-"""Typed model configuration. Defaults are the papers' (EM3 §4.1, LEMUR digest §1) scaled to our data.
+"""Typed model configuration. Defaults are the papers' (EM3 §4.1, LEMUR) scaled to our data.
 
 Each sub-config belongs to one part of the model; presets (trainer/presets/*.json) override fields by
 dotted path, e.g. {"model.content.fusion": "mean"}.

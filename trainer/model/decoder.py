@@ -5,8 +5,8 @@ user embeddings and the target content vector). Each layer does
 
     Q <- LN(Q + CrossAttn(Q, history));  Q <- LN(Q + FFN(Q))
 
-with K/V projections of the history and sqrt(d_head) scaling (the digest notes the paper's formula
-omits both, a real implementation has them). There is no self-attention over the history, so cost is
+with K/V projections of the history and sqrt(d_head) scaling (the paper's formula omits both; an
+implementation needs them). There is no self-attention over the history, so cost is
 linear in L; an empty history contributes nothing (attention output 0, never NaN).
 """
 

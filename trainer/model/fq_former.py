@@ -1,6 +1,6 @@
 """FQ-Former (EM3 eq. 6): c = Linear(flatten(TRM(concat([q_1..q_Q, v_1..v_M, t_1..t_K]))[:Q])).
 
-Follows the public EM3 code (`src/common/transformer.py`, see the LEMUR digest §2):
+Follows the public EM3 code (`src/common/transformer.py`):
 - Q learnable queries of shape (1, Q, d), Xavier-uniform, prepended to the modality tokens;
 - each layer is a BERT-style self-attention block: Q/K/V linears, scores / sqrt(head_dim + 1e-5),
   softmax with attention dropout 0, then dense -> dropout -> residual -> LayerNorm (eps 1e-5);

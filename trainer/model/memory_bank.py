@@ -1,4 +1,5 @@
-"""LEMUR memory bank: the latest content vector of every item, keyed by item id (SPEC §2.2).
+"""LEMUR memory bank: the latest content vector of every item, keyed by item id (docs/design.md,
+"Memory bank").
 
 Each training step writes the vectors just computed for the batch's target items (detached) and the
 history sequences read theirs from the bank, so no encoder runs on history items. A history item that

@@ -1,4 +1,4 @@
-"""The ranker: ID embeddings + content features -> logit (SPEC §2.4).
+"""The ranker: ID embeddings + content features -> logit (docs/design.md, "Ranker").
 
 Features are grouped into tokens: the user token (user id + user feature embeddings), the item token
 (item id + item categorical embeddings, looked up inside from the candidate ids exactly as the serving

@@ -4,7 +4,7 @@
 exporter wraps it as the ONNX 'ranking' graph and `forward` calls it with N = 1, so exported and
 training scores are the same computation. `item_vectors` gives the exported item table.
 
-Where content vectors come from (SPEC §2.2, LEMUR §1.6):
+Where content vectors come from (docs/design.md, "Memory bank"):
 - Targets in training: the content tower. With a memory bank and a trainable encoder (LEMUR), only a
   share p (`content.sample_p`) of the batch's distinct target items runs the encoder and a share
   q <= p (`content.sample_q`, of all items) back-propagates; the rest read the bank. Items the bank has

@@ -1,4 +1,4 @@
-"""Training (`mmrank train`) and evaluation of a finished run (`mmrank evaluate`), SPEC §2.6 and §8.
+"""Training (`mmrank train`) and evaluation of a finished run (`mmrank evaluate`); see docs/design.md.
 
 By concern: `distributed` (processes of a DDP job), `batches` (row order -> Batches), `loop` (one
 training stage, `Trainer`), `schedules` (task-specific PE / two-stage and the pe table around it; the

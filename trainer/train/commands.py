@@ -1,4 +1,4 @@
-"""`mmrank train` and `mmrank evaluate` (SPEC §8): resolve, validate, train the stages, report."""
+"""`mmrank train` and `mmrank evaluate`: resolve, validate, train the stages, report."""
 
 from __future__ import annotations
 

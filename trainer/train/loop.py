@@ -1,4 +1,4 @@
-"""One stage of training: the `Trainer` loop (SPEC §2.6).
+"""One stage of training: the `Trainer` loop (docs/design.md, "Training schedule").
 
 AdamW with separate learning rates for the content tower and the ranker, loss = the main loss (BCE,
 or BPR against sampled negatives, or none) + the model's weighted auxiliary losses (CIC, SQDC),
@@ -37,9 +37,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from common import provenance
 from common.atomic import write_json_atomic
 from common.errors import MMRankError
-from trainer import checkpoint, provenance
+from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig, TrainConfig, higher_is_better, stop_metric
 from trainer.data.batch import Batch
