@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= build/demo
 
-.PHONY: setup demo test lint format clean gpu-check gpu-wheels gpu-rehearsal
+.PHONY: setup native-backend demo test lint format clean gpu-check gpu-wheels gpu-rehearsal
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found (set PY=...)"; exit 1; }
@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m export.triton_launcher --prepare-env
 	@touch $(STAMP)
 
-setup: $(STAMP)
+# Triton's native onnxruntime backend for that tritonserver, from third_party/ (export/native_backend.py):
+# Debian build tools (apt-get, as root) + ONNX Runtime 1.19.2 from PyPI; cached, a no-op when nothing changed.
+native-backend: $(STAMP)
+	$(BIN)/python -m export.native_backend --build
 
-demo: $(STAMP)
+setup: $(STAMP) native-backend
+
+demo: setup
 	$(BIN)/mmrank demo --out $(DEMO)
 
-test: $(STAMP)
+test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 

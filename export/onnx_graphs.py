@@ -40,6 +40,7 @@ from common.atomic import atomic_dir, check_not_above
 from common.errors import MMRankError
 from export.item_table import build_item_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
+from export.native_backend import fit_native_runtime
 from export.torch_program import write_ranking_programs
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
@@ -221,10 +222,11 @@ def export_onnx(build: GraphBuild, path: Path, output_shape: tuple[int, ...], op
 
 def _declare_output_shape(path: str, build: GraphBuild, example: tuple[int, ...]) -> None:
     """State the output's fixed axes (the example's sizes) where the exporter left a generated name:
-    the manifest and the Triton configs then carry e.g. [batch, 2, 384] instead of [batch, ?, ?]."""
+    the manifest and the Triton configs then carry e.g. [batch, 2, 384] instead of [batch, ?, ?]. The
+    file is written at an IR version the native backend's ONNX Runtime reads (`fit_native_runtime`)."""
     import onnx
 
-    model = onnx.load(path)
+    model = fit_native_runtime(onnx.load(path))
     dynamic = build.axes.get(build.output, {})
     for axis, dim in enumerate(model.graph.output[0].type.tensor_type.shape.dim):
         if axis in dynamic:

@@ -6,6 +6,11 @@ version (`python_backend_stubs/X.Y`). The launcher assembles a backend directory
 interpreter's version, binds every endpoint to 127.0.0.1, waits for readiness and shuts the server
 down cleanly. `pytriton` itself is never imported: its client side needs packages we do not install.
 
+Where Triton's native onnxruntime backend is built (export/native_backend.py, `make setup`), the backend
+directory holds it too (`onnxruntime/`, hard links to the build), so `platform: "onnxruntime_onnx"` models
+serve beside the Python ones; a repository with such models and no build is refused before the server
+starts, naming the fix.
+
 The stub's embedded Python finds its environment through the `python` first on PATH. By default that
 is this project's venv (below); `python_env` (`mmrank serve --python-env VENV`) runs the models with
 another environment's Python and nothing added, with the stub built for that Python's version: a venv
@@ -57,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
+from export.native_backend import NAME as NATIVE_NAME
+from export.native_backend import NativeBackend, backends_home
 
 CONTROL_MODES = ("none", "poll", "explicit")
 
@@ -145,14 +152,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def assemble_backends(dist: TritonDistribution, out: Path, python_version: str) -> Path:
-    """`out/python/` with the backend library, its utils module and the stub for `python_version`."""
+def assemble_backends(
+    dist: TritonDistribution, out: Path, python_version: str, native: NativeBackend | None = None
+) -> Path:
+    """`out/python/` with the backend library, its utils module and the stub for `python_version`, and
+    `out/onnxruntime/` with the `native` backend's files where one is given."""
     python = out / "python"
     python.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         shutil.copy2(dist.python_backend / name, python / name)
     shutil.copy2(dist.stub(python_version), python / "triton_python_backend_stub")
+    if native is not None:
+        native.link_into(out / NATIVE_NAME)
     return out
+
+
+def native_models(repository: Path) -> list[str]:
+    """The models of `repository` that Triton runs with the native onnxruntime backend."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    found = []
+    for path in sorted(repository.glob("*/config.pbtxt")):
+        try:
+            config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        except (OSError, text_format.ParseError):
+            continue  # the server names a broken config itself, with the model
+        if config.platform == "onnxruntime_onnx" or config.backend == NATIVE_NAME:
+            found.append(path.parent.name)
+    return found
+
+
+def native_backend(repository: Path) -> NativeBackend | None:
+    """The built native backend, which every server gets; None where it is not built and no model of
+    `repository` needs it (python-backend repositories serve without it), else MMRankError."""
+    if NativeBackend.built():
+        return NativeBackend.find()
+    needs = native_models(repository)
+    if needs:
+        raise MMRankError(
+            f"{repository}: {', '.join(needs)} run on Triton's native onnxruntime backend, which is not built "
+            f"(nothing in {backends_home() / NATIVE_NAME}): run `make setup`"
+        )
+    return None
 
 
 STUB_NUMPY = "numpy>=1.26,<2"
@@ -449,9 +491,10 @@ class TritonServer:
         try:
             dist = TritonDistribution.find()
             python = model_python(self.config)
+            native = native_backend(self.repository)
             with signals_deferred():  # the process handle is recorded before a stop can ask for it
                 self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
-                backends = assemble_backends(dist, self._workdir / "backends", python.version)
+                backends = assemble_backends(dist, self._workdir / "backends", python.version, native)
                 self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
                 with _open_log(self.log_path) as log:
                     # A session of its own, so a stop can end the server's backend stubs with it.

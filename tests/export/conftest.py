@@ -136,6 +136,33 @@ def triton_server(tritonserver, small_export, tmp_path_factory):
         yield srv
 
 
+@pytest.fixture(scope="session")
+def native_backend(tritonserver):
+    """Triton's native onnxruntime backend as `make setup` builds it (export/native_backend.py). Tests
+    that need it fail, never skip, where it is not built: set-up always builds it."""
+    from common.errors import MMRankError
+    from export.native_backend import NativeBackend
+
+    try:
+        return NativeBackend.find()
+    except MMRankError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def native_server(native_backend, small_export, tmp_path_factory):
+    """The real tritonserver on the `onnxruntime` render of `small_export`: the graphs on the native
+    backend, item_lookup, tokenizer and image_preprocess in the Python backend."""
+    from export.repository import RenderConfig, render_repository
+    from export.triton_launcher import TritonConfig, TritonServer
+
+    repo = tmp_path_factory.mktemp("triton_native") / "repo"
+    render_repository(small_export.out, repo, RenderConfig(backend="onnxruntime", max_batch_size=8))
+    with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
+        srv.repo = repo
+        yield srv
+
+
 BARE_PACKAGES = ("numpy<2", "onnxruntime", "tokenizers", "Pillow")  # what the rendered README lists
 
 

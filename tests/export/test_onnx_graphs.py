@@ -8,6 +8,7 @@ import torch
 
 from common.errors import MMRankError
 from export.manifest import MANIFEST, Manifest
+from export.native_backend import MAX_IR_VERSION, MAX_OPSET
 from export.onnx_graphs import OPSET, export_run, find_dataset, table_ranker
 from mmrank.cli import main
 from model_repository.item_table import ItemTable
@@ -43,6 +44,7 @@ def test_every_file_passes_the_onnx_checker_at_the_manifest_opset(small_export):
             model = onnx.load(str(small_export.out / file))
             onnx.checker.check_model(model, full_check=True)
             assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == OPSET
+            assert model.ir_version <= MAX_IR_VERSION and OPSET <= MAX_OPSET  # Triton's native onnxruntime
     fp16 = onnx.load(str(small_export.out / m.graph("ranking").fp16_file))
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
     assert fp16.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 at the edges
