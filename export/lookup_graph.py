@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
+from export.native_backend import fit_native_runtime
 from model_repository import item_table as it
 from model_repository.limits import RequestLimits
 
@@ -282,12 +283,13 @@ def _flag_outputs() -> list:
 
 
 def _model(g: _Graph, inputs, outputs, opset: int, ir_version: int, name: str):
+    """The ModelProto, at the ranking graph's opset and IR version, readable by the native backend."""
     from onnx import helper
 
     graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="mmrank")
     model.ir_version = ir_version
-    return model
+    return fit_native_runtime(model)
 
 
 def _name_outputs(g: _Graph, out: dict[str, str], names: dict[str, str]) -> None:
