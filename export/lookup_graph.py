@@ -18,7 +18,7 @@ Outputs: the ranking graph's inputs (user_id and user_feats as checked_user_id [
 checked_user_feats, so the request's names stay free), candidate_known [B, N], user_known [B, 1] (True
 where a user_id in 1..num_users was sent) and item_table_version [B, 1] (the version built into the graph).
 
-Ids -> rows (`IdMap`), by the table's id span:
+Ids -> rows, by the table's id span (`id_map_kind`; `id_map_bytes` is its memory):
 - dense: an int32 array over ids 0..max holding each id's row (0: absent), one Gather per id; 4 bytes per
   id of the span, used while the span is at most DENSE_SPAN rows per table row (a dataset's own numbering,
   with gaps and appended items);

@@ -274,7 +274,12 @@ def _rank(p):
 
 
 def _loadtest(p):
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (loopback only)")
+    p.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="Triton gRPC address (loopback only): e.g. `mmrank serve --repo build/demo/repo`, the demo's "
+        "repository (native onnxruntime where `make setup` built that backend)",
+    )
     p.add_argument("--out", required=True, help="folder for locust's CSV and HTML, summary.json and the plot")
     p.add_argument(
         "--data",
@@ -299,6 +304,13 @@ def _demo(p):
     p.add_argument("--events", type=int, default=60_000, help="synthetic impressions")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and request sample")
     p.add_argument("--requests", type=int, default=200, help="test requests ranked through gRPC")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "python", "onnxruntime"],
+        default="auto",
+        help="the repository's backend; auto: onnxruntime (native, no Python step in rank) where `make setup` "
+        "built Triton's onnxruntime backend, else python",
+    )
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished steps")
 
 
