@@ -17,8 +17,9 @@ L-item history.
   ranking graph; native = the served `item_lookup/1/model.onnx` itself. Both in this venv's onnxruntime
   (its version is in the report; the server's native backend links ONNX Runtime 1.19.2);
 - served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
-  the native item_lookup called directly (what the `rank` ensemble adds), `floor` (a Python model with
-  item_lookup's interface doing no work: any Python step's round trip) and a bare gRPC round trip
+  the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
+  with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
+  bare gRPC round trip
   (`is_server_live`: what the client and gRPC cost with no model at all), and the native `rank` through
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
   difference);
@@ -56,13 +57,14 @@ from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
-MODELS = ("rank", "item_lookup", "ranking", "floor")
+MODELS = ("rank", "item_lookup", "ranking", "floor")  # the ones whose counters the report shows
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
 NUM_ITEMS = 1682
 BACKENDS = {"python": "python", "native": "onnxruntime"}  # report name -> `mmrank repo --backend`
 DIRECT = "native: item_lookup directly"
 FLOOR = "python: floor (a Python step doing no work)"
+NATIVE_FLOOR = "native: floor (a native step doing no work)"
 GRPC = "gRPC round trip, no model (is_server_live)"
 RAW = "native: served, bare gRPC stub (request built once)"
 # --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
@@ -105,6 +107,43 @@ def add_floor_model(repo: Path) -> None:
     (repo / "floor" / "1").mkdir(parents=True)
     (repo / "floor" / "config.pbtxt").write_text(config.replace('name: "item_lookup"', 'name: "floor"', 1))
     (repo / "floor" / "1" / "model.py").write_text(FLOOR_MODEL)
+
+
+def add_native_floor(repo: Path) -> None:
+    """`floor` in a native repository: the native item_lookup's config (without its optional inputs) over
+    a graph of its interface that does no work (constant scores and flags of the request's shape)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.native_backend import fit_native_runtime
+
+    config = read_config(repo / "item_lookup")
+    config.name = "floor"
+    config.ClearField("parameters")
+    del config.input[2:]  # history_ids and candidate_ids only
+    nodes = [
+        helper.make_node("Shape", [it.CANDIDATE_IDS], ["n"]),
+        helper.make_node("Shape", [it.CANDIDATE_IDS], ["b"], start=0, end=1),
+        helper.make_node("Concat", ["b", "one"], ["b1"], axis=0),
+    ]
+    outputs = []
+    for name, dtype, value, shape in (
+        ("scores", TensorProto.FLOAT, 0.0, "n"),
+        (it.CANDIDATE_KNOWN, TensorProto.BOOL, True, "n"),
+        (it.USER_KNOWN, TensorProto.BOOL, False, "b1"),
+        (it.TABLE_VERSION, TensorProto.INT64, 1, "b1"),
+    ):
+        fill = helper.make_tensor(f"{name}_fill", dtype, [1], [value])
+        nodes.append(helper.make_node("ConstantOfShape", [shape], [name], value=fill))
+        dims = ["batch", "candidates"] if shape == "n" else ["batch", 1]
+        outputs.append(helper.make_tensor_value_info(name, dtype, dims))
+    inputs = [helper.make_tensor_value_info(t.name, TensorProto.INT64, ["batch", "n"]) for t in config.input]
+    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "one")
+    graph = helper.make_graph(nodes, "floor", inputs, outputs, initializer=[one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (repo / "floor" / "1").mkdir(parents=True)
+    onnx.save(fit_native_runtime(model), repo / "floor" / "1" / "model.onnx")
+    write_config(repo / "floor", config)
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -275,6 +314,7 @@ def measure(args, tmp: Path) -> dict:
     for name, backend in BACKENDS.items():
         render_repository(export, repos[name], RenderConfig(backend=backend))
     add_floor_model(repos["python"])
+    add_native_floor(repos["native"])
     hist, cands = request(args.candidates, args.history, NUM_ITEMS)
     threads = RenderConfig.rank_graph_threads
     native_file = repos["native"] / "item_lookup" / "1" / "model.onnx"
@@ -292,6 +332,7 @@ def measure(args, tmp: Path) -> dict:
             "native: served": lambda: clients["native"].infer("rank", inputs),
             DIRECT: lambda: clients["native"].infer("item_lookup", inputs),
             FLOOR: lambda: clients["python"].infer("floor", inputs),
+            NATIVE_FLOOR: lambda: clients["native"].infer("floor", inputs),
             RAW: bare_stub(servers["native"].grpc_url, hist, cands),
             GRPC: lambda: clients["native"].is_server_live(),
         }
