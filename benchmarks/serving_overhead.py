@@ -24,7 +24,8 @@ L-item history.
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
   difference);
 - where the time went: Triton's per-model counters (clients/triton_metrics.py) over the 1-caller calls;
-- 8 concurrent callers (a client each): p50, p99, failures;
+- 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
+  work shares one GIL) and as 8 processes;
 - the client's own work in process: building the request tensors, reading the response;
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
   one per core; parallel execution mode with 2 inter-op threads), 2 item_lookup instances, and the lookup
@@ -36,12 +37,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -279,6 +281,36 @@ def callers(url: str, inputs_of: Callable, calls: int, n: int) -> tuple[list[flo
     return ms, len(failures)
 
 
+def _process_caller(url: str, hist: np.ndarray, cands: np.ndarray, calls: int, barrier) -> tuple:
+    """One caller process: warm up, wait for the others, then `calls` timed calls: (ms, failures)."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    inputs = _inputs(grpc, hist, cands)
+    timed(lambda: client.infer("rank", inputs), 0, warmup=20)
+    barrier.wait()
+    failures = 0
+
+    def call():
+        nonlocal failures
+        try:
+            client.infer("rank", inputs, client_timeout=10)
+        except Exception:  # every failure counts, whatever its kind
+            failures += 1
+
+    return timed(call, calls, warmup=0), failures
+
+
+def caller_processes(url: str, hist, cands, calls: int, n: int) -> tuple[list[float], int]:
+    """`n` callers in processes of their own (no client shares a GIL): (ms, failures)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
+        barrier = manager.Barrier(n)
+        args = [(url, hist, cands, calls, barrier)] * n
+        parts = list(pool.map(_process_caller, *zip(*args, strict=True)))
+    return [t for ms, _ in parts for t in ms], sum(f for _, f in parts)
+
+
 def bare_stub(url: str, hist: np.ndarray, cands: np.ndarray) -> Callable:
     """`rank` through the generated gRPC stub with a request serialized once: what tritonclient's own
     per-call work (request building, result wrapping) adds, by difference."""
@@ -342,12 +374,16 @@ def measure(args, tmp: Path) -> dict:
             name: callers(s.grpc_url, lambda g: _inputs(g, hist, cands), args.calls, 8)
             for name, s in servers.items()
         }
+        processes = {
+            name: caller_processes(s.grpc_url, hist, cands, args.calls, 8) for name, s in servers.items()
+        }
     finally:
         for server in servers.values():
             server.stop()
     results = {
         "one": {name: percentiles(v) for name, v in ms.items()},
         "eight": {name: (*percentiles(v), fails) for name, (v, fails) in eight.items()},
+        "eight_processes": {name: (*percentiles(v), fails) for name, (v, fails) in processes.items()},
         "triton": times,
         "client": client_side(hist, cands, result),
     }
@@ -456,7 +492,11 @@ def write_report(r: dict, path: Path) -> None:
         "",
         "| 8 callers (a client each) | p50 (ms) | p99 (ms) | failures |",
         "|---|---:|---:|---:|",
-        *[f"| {name}: served | {p50:.3f} | {p99:.3f} | {f} |" for name, (p50, p99, f) in r["eight"].items()],
+        *[
+            f"| {name}: served, {where} | {p50:.3f} | {p99:.3f} | {f} |"
+            for key, where in (("eight", "8 threads of this process"), ("eight_processes", "8 processes"))
+            for name, (p50, p99, f) in r[key].items()
+        ],
         "",
         f"**Overhead (served p50, 1 caller, minus in-process p50): python {over['python']:.3f} ms, native "
         f"{over['native']:.3f} ms** (native / python = {over['native'] / over['python']:.2f}).",
@@ -514,9 +554,14 @@ def plot(r: dict, path: Path) -> None:
     left.set_ylabel("ms")
     left.set_title("1 caller (N=100, L=50)")
     left.legend(fontsize=8)
-    eight = {"p50": [r["eight"][b][0] for b in names], "p99": [r["eight"][b][1] for b in names]}
+    eight = {
+        "p50, 8 threads": [r["eight"][b][0] for b in names],
+        "p99, 8 threads": [r["eight"][b][1] for b in names],
+        "p50, 8 processes": [r["eight_processes"][b][0] for b in names],
+        "p99, 8 processes": [r["eight_processes"][b][1] for b in names],
+    }
     for i, (label, values) in enumerate(eight.items()):
-        right.bar(x + (i - 0.5) * 0.4, values, 0.4, label=label)
+        right.bar(x + (i - 1.5) * 0.2, values, 0.2, label=label)
     right.set_xticks(x, names)
     right.set_title("8 callers")
     right.legend(fontsize=8)
