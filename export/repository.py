@@ -658,11 +658,12 @@ def _sweep_abandoned(model: Path) -> None:
 
 
 def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
-    """Publish `table` as the next version of item_lookup: checked (finite values; the widths of the
-    newest valid version, the one the server serves: `newest_valid_table`), written in a hidden folder
-    (`_write_version`), then renamed into place in one step, so a server in poll or explicit mode only
-    ever sees complete, valid versions (and serves it after a (re)load of item_lookup, without a
-    restart). A failed write leaves nothing behind."""
+    """Publish `table` as the next version of item_lookup, for any backend: checked (finite values; the
+    widths of the newest valid version, the one the server serves: `newest_valid_table`), written in a
+    hidden folder (`_write_version`: a native version's graph is built there, loaded and probed), then
+    renamed into place in one step, so a server in poll or explicit mode only ever sees complete, valid
+    versions (and serves it after a (re)load of item_lookup, without a restart). A failed write leaves
+    nothing behind. `mmrank table publish` (export/table_publish.py) is its command line."""
     model = Path(repo) / "item_lookup"
     versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
