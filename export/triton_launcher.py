@@ -29,12 +29,20 @@ Stopping never leaks: the server runs in a session of its own with PR_SET_PDEATH
 when the launcher dies, even by SIGKILL; stop() (SIGINT/SIGTERM before or after ready) waits for it, then
 kills whatever is left of its session (backend stubs that were still loading) and removes the shared
 memory regions its Python backend created (their names carry a prefix of this launcher's own).
+A SIGKILLed launcher cannot clean up; its work folder and regions carry its pid and start time, and the
+next launcher removes those of launchers that no longer run (export/launcher_files.py).
+
+While the server runs, a supervisor thread watches its backend stubs: when one dies, the model is
+reloaded in place (explicit control mode) or the server is stopped, saying why (poll and none modes, which
+cannot load a model on request); export/backend_supervisor.py has the details and the readiness bounds.
+
 A bad newest item table version (one that does not read, has the wrong widths or, native, does not load
 and answer a probe request) never blocks a (re)start: the python / torch lookup serves the newest valid
 older table itself; for the native lookup graph, whose versions Triton loads, the launcher checks the
 versions first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
 naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
 a version, and refuse to start with a line saying so).
+
 The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
 anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
@@ -54,14 +62,16 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
+from export.backend_supervisor import BackendProcess, BackendSupervisor, SupervisorConfig
+from export.launcher_files import make_workdir, shm_prefix
 from export.native_backend import NAME as NATIVE_NAME
 from export.native_backend import NativeBackend, backends_home
 
@@ -76,7 +86,10 @@ class TritonConfig:
     grpc_port: int = 0
     http_port: int = 0
     metrics_port: int = 0
-    control_mode: str = "none"  # none | poll | explicit (explicit loads every model at start)
+    # explicit: every model loads at start, load/unload on request, and a model whose backend process dies
+    # is reloaded in place; poll: the server reloads changed models itself, none: never; in both a dead
+    # backend process stops the server (export/backend_supervisor.py says why)
+    control_mode: str = "explicit"
     poll_secs: int = 2  # repository poll interval in poll mode
     start_timeout_s: float = 180.0  # readiness wait: python-backend models import onnxruntime on load
     exit_timeout_s: int = 10  # server's own grace period for in-flight requests on shutdown
@@ -87,6 +100,8 @@ class TritonConfig:
     # only models that move tensors through DLPack (the torch backend's item_lookup) read and write
     # correctly then. For GPU machines with NumPy 2 and no package index to build the stub environment.
     dlpack_only: bool = False
+    supervise: bool = True  # watch the backend processes (export/backend_supervisor.py)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
 
 @dataclass(frozen=True)
@@ -391,7 +406,6 @@ def dependents(repository: Path, name: str) -> set[str]:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-SHM_PREFIX = "mmrank_triton_"
 
 
 def _die_with(parent: int):
@@ -428,7 +442,7 @@ def _open_log(path: Path):
 class TritonServer:
     """A running tritonserver process; use as a context manager or call start() / stop()."""
 
-    def __init__(self, config: TritonConfig):
+    def __init__(self, config: TritonConfig, report: Callable[[str], None] | None = None):
         if config.control_mode not in CONTROL_MODES:
             raise MMRankError(
                 f"unknown model control mode {config.control_mode!r}; expected one of {CONTROL_MODES}"
@@ -437,6 +451,7 @@ class TritonServer:
         if not repo.is_dir():
             raise MMRankError(f"{repo}: model repository not found (render one with `mmrank repo`)")
         self.config = config
+        self.report = report or _to_stderr  # the supervisor's event lines
         self.repository = repo.resolve()
         self.grpc_port = config.grpc_port or free_port()
         self.http_port = config.http_port or free_port()
@@ -444,7 +459,9 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.log_path: Path | None = None
-        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{id(self):x}_"
+        self.shm_prefix = shm_prefix(self)
+        self.supervisor: BackendSupervisor | None = None
+        self.failure: str | None = None  # why the launcher stopped the server itself
         self.tables = check_table_versions(self.repository)
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
@@ -493,7 +510,7 @@ class TritonServer:
             python = model_python(self.config)
             native = native_backend(self.repository)
             with signals_deferred():  # the process handle is recorded before a stop can ask for it
-                self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
+                self._workdir = make_workdir()
                 backends = assemble_backends(dist, self._workdir / "backends", python.version, native)
                 self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
                 with _open_log(self.log_path) as log:
@@ -509,6 +526,8 @@ class TritonServer:
             self._wait_ready()
             if self.tables.pinned:
                 self._load_pinned()
+            if self.config.supervise:
+                self.supervisor = self._supervise()
         except BaseException:
             self.stop()
             raise
@@ -553,6 +572,30 @@ class TritonServer:
             f"tritonserver not ready after {self.config.start_timeout_s:.0f} s: {self.log_tail()}"
         )
 
+    def _supervise(self) -> BackendSupervisor:
+        return BackendSupervisor(
+            self.process.pid,
+            self.http_url,
+            self.shm_prefix,
+            recover=self.config.control_mode == "explicit",
+            unrecoverable=self._backend_died,
+            report=self.report,
+            config=self.config.supervisor,
+        ).start()
+
+    def _backend_died(self, dead: list[BackendProcess]) -> None:
+        """In poll or none mode: no model can be loaded on request, so stop the server, saying why."""
+        names = ", ".join(f"{p.instance} (pid {p.pid})" for p in dead)
+        self.failure = (
+            f"the backend process of {names} died; in model control mode {self.config.control_mode!r} the "
+            "server cannot reload a model in place (explicit mode does), so the launcher stopped it"
+        )
+        self.report(f"backend: {self.failure}")
+        process = self.process
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+
     def log_tail(self, lines: int = 8) -> str:
         """The last log lines that say something (errors first), joined on one line for error messages."""
         if self.log_path is None or not self.log_path.is_file():
@@ -567,6 +610,8 @@ class TritonServer:
         left of its session and remove its shared-memory regions. Signals wait until it is done."""
         with signals_deferred():
             code = None
+            if self.supervisor is not None:  # first, so that the stubs' exits read as no deaths
+                self.supervisor.stop()
             if self.process is not None:
                 if self.process.poll() is None:
                     self.process.send_signal(signal.SIGTERM)
@@ -579,6 +624,9 @@ class TritonServer:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 code = self.process.returncode
                 self.process = None
+            if self.supervisor is not None:
+                self.supervisor.join()
+                self.supervisor = None
             for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
                 region.unlink(missing_ok=True)
             if self._workdir is not None:
@@ -612,7 +660,7 @@ def serve(config: TritonConfig) -> int:
     ):
         if port and not _port_free(port):
             raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
-    server = TritonServer(config)
+    server = TritonServer(config, report=lambda line: print(line, flush=True))
     for line in server.skipped:
         print(f"item_lookup: {line}", flush=True)
     # SIGTERM stops like Ctrl-C, at any moment; SIGINT is set too, since a shell starting a background
@@ -630,7 +678,8 @@ def serve(config: TritonConfig) -> int:
             while server.process.poll() is None:
                 time.sleep(0.5)
             raise MMRankError(
-                f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
+                server.failure
+                or f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
             )
         except KeyboardInterrupt:
             pass
@@ -640,6 +689,10 @@ def serve(config: TritonConfig) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _interrupt(signum, frame) -> None:

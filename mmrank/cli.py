@@ -251,9 +251,12 @@ def _serve(p):
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (127.0.0.1)")
     p.add_argument(
         "--control-mode",
-        choices=["none", "poll", "explicit"],
-        default="poll",
-        help="model control; poll picks up a new item-table version without a restart",
+        choices=["explicit", "poll", "none"],
+        default="explicit",
+        help="model control. explicit: load_model(name) loads a new item-table version, and a model whose "
+        "backend process dies is reloaded in place; poll: the server loads new versions itself but cannot "
+        "reload a model in place, so a dead backend process stops it (exit 1, for a process manager to "
+        "restart); none: as poll, without loading new versions",
     )
     p.add_argument(
         "--log", help="server log file; without one the log goes to a temporary folder removed on exit"

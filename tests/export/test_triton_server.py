@@ -198,6 +198,7 @@ def test_new_item_table_version_loads_without_restart(small_export, server, clie
         shutil.rmtree(version)
         client.load_model("item_lookup")
     assert client.is_model_ready("item_lookup", "1") and not client.is_model_ready("item_lookup", "2")
+    assert server.supervisor.recoveries == []  # the stubs the server stopped itself were no deaths
 
 
 def _check_new_version_is_served(small_export, server, client, table, new_id):
