@@ -36,6 +36,13 @@ While the server runs, a supervisor thread watches its backend stubs: when one d
 reloaded in place (explicit control mode) or the server is stopped, saying why (poll and none modes, which
 cannot load a model on request); export/backend_supervisor.py has the details and the readiness bounds.
 
+A bad newest item table version (one that does not read, has the wrong widths or, native, does not load
+and answer a probe request) never blocks a (re)start: the python / torch lookup serves the newest valid
+older table itself; for the native lookup graph, whose versions Triton loads, the launcher checks the
+versions first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
+naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
+a version, and refuse to start with a line saying so).
+
 The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
 anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
@@ -365,25 +372,71 @@ def server_env(dist: TritonDistribution, python: ModelPython) -> dict[str, str]:
     return env
 
 
-def skipped_tables(repository: Path) -> list[str]:
-    """What item_lookup's newest version will skip at load (model_repository/models/item_lookup.py
-    serves the newest valid table in its place): one line per unreadable or wrong-width table."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
+@dataclass(frozen=True)
+class TableVersions:
+    """item_lookup's version folders, checked at start."""
 
+    newest: int | None = None
+    served: int | None = None  # the newest version that serves
+    skipped: tuple[str, ...] = ()  # one line for each newer version passed over, and why
+    native: bool = False  # the lookup graph, whose versions Triton loads itself
+
+    @property
+    def pinned(self) -> bool:
+        """Whether item_lookup must load with a version policy naming `served`: a native lookup whose
+        newest version does not serve (Triton would try that one and fail)."""
+        return self.native and self.served != self.newest
+
+
+def check_table_versions(repository: Path) -> TableVersions:
+    """Which item_lookup version serves and which newer ones are passed over. The python / torch
+    lookup passes over an unreadable or wrong-width table itself (model_repository/models/item_lookup.py
+    serves the newest valid one in its place); a native version must also load in onnxruntime and
+    answer a probe request like the numpy lookup (export/lookup_graph.py `NativeLookup.check`), and
+    the launcher passes over it (TritonServer). MMRankError where no native version serves."""
+    from export.repository import config_widths, is_native, native_lookup, read_config
     from model_repository import item_table as it
 
     model = repository / "item_lookup"
-    versions = it.table_versions(model) if (model / "config.pbtxt").is_file() else []
+    config = read_config(model)
+    versions = it.table_versions(model) if config is not None else []
     if not versions:
-        return []
-    config = text_format.Parse((model / "config.pbtxt").read_text(), mc.ModelConfig())
-    widths = json.loads(config.parameters["table_widths"].string_value)
-    try:
-        _, served, skipped = it.newest_valid_table(model, versions[-1], widths["d"], widths["item_dim"])
-    except MMRankError as e:
-        return [str(e)]
-    return [f"{line}; serving item table version {served}" for line in skipped]
+        return TableVersions()
+    if not is_native(config):
+        try:
+            _, served, skipped = it.newest_valid_table(model, versions[-1], *config_widths(config))
+        except MMRankError as e:
+            return TableVersions(versions[-1], skipped=(str(e),))
+        lines = tuple(f"{line}; serving item table version {served}" for line in skipped)
+        return TableVersions(versions[-1], served, lines)
+    build, skipped = native_lookup(config), []
+    for version in reversed(versions):
+        try:
+            build.check(model / str(version), version, config_widths(config))
+        except MMRankError as e:
+            skipped.append(f"item table version {version} skipped: {e}")
+            continue
+        lines = tuple(f"{line}; serving item table version {version}" for line in skipped)
+        return TableVersions(versions[-1], version, lines, native=True)
+    raise MMRankError(f"{model}: no item table version serves ({'; '.join(skipped)})")
+
+
+def dependents(repository: Path, name: str) -> set[str]:
+    """The ensembles of the repository that run `name`, directly or through another ensemble."""
+    from export.repository import read_config
+
+    configs = {p.parent.name: read_config(p.parent) for p in repository.glob("*/config.pbtxt")}
+    found: set[str] = set()
+    while True:
+        more = {
+            model
+            for model, config in configs.items()
+            if model not in found
+            and any(step.model_name in found | {name} for step in config.ensemble_scheduling.step)
+        }
+        if not more:
+            return found
+        found |= more
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -443,7 +496,14 @@ class TritonServer:
         self.shm_prefix = shm_prefix(self)
         self.supervisor: BackendSupervisor | None = None
         self.failure: str | None = None  # why the launcher stopped the server itself
-        self.skipped = skipped_tables(self.repository)  # bad newest table versions, said at start
+        self.tables = check_table_versions(self.repository)
+        self.skipped = self.tables.skipped  # bad newest table versions, said at start
+        if self.tables.pinned and config.control_mode != "explicit":
+            raise MMRankError(
+                f"item_lookup: {self.skipped[0]}: the native lookup cannot pass over a version in "
+                f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
+                f"--control-mode explicit, which loads version {self.tables.served}"
+            )
 
     @property
     def grpc_url(self) -> str:
@@ -468,7 +528,11 @@ class TritonServer:
             f"--model-control-mode={c.control_mode}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        if c.control_mode == "explicit":
+        if c.control_mode == "explicit" and self.tables.pinned:  # item_lookup and rank come after
+            later = {"item_lookup", *dependents(self.repository, "item_lookup")}
+            models = sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
+            args += [f"--load-model={name}" for name in models if name not in later]
+        elif c.control_mode == "explicit":
             args.append("--load-model=*")
         if c.control_mode == "poll":
             args.append(f"--repository-poll-secs={c.poll_secs}")
@@ -496,12 +560,37 @@ class TritonServer:
                         preexec_fn=_die_with(os.getpid()),
                     )
             self._wait_ready()
+            if self.tables.pinned:
+                self._load_pinned()
             if self.config.supervise:
                 self.supervisor = self._supervise()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _load_pinned(self) -> None:
+        """item_lookup with a version policy naming the version that serves (the repository's config
+        otherwise), then the ensembles that run it, which keep that version loaded."""
+        from google.protobuf import json_format
+
+        from export.repository import read_config
+
+        config = read_config(self.repository / "item_lookup")
+        config.version_policy.Clear()
+        config.version_policy.specific.versions.append(self.tables.served)
+        self._load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
+        for name in sorted(dependents(self.repository, "item_lookup")):
+            self._load(name, {})
+
+    def _load(self, name: str, body: dict) -> None:
+        url = f"http://{self.http_url}/v2/repository/models/{name}/load"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.start_timeout_s):
+                return
+        except urllib.error.HTTPError as e:
+            raise MMRankError(f"tritonserver cannot load {name}: {e.read().decode(errors='replace')}") from e
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s

@@ -35,18 +35,24 @@ def test_sync_client_scores_equal_the_model(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
         assert client.ready()
         history, candidates = [3, 9, 4, 17], [1, 2, 5, 8, 13]
-        scores, known = client.rank(history, candidates)
+        ranking = client.rank(history, candidates)
+        scores, known = ranking.scores, ranking.known
         assert scores.shape == (5,) and scores.dtype == np.float32 and known.all()
         np.testing.assert_allclose(scores, _want(small_export.model, history, candidates), atol=1e-5)
-        with_user = client.rank(history, candidates, user_id=NUM_USERS).scores
+        assert ranking.item_table_version == 1 and not ranking.user_known  # no user_id: the unknown user
+        with_user = client.rank(history, candidates, user_id=NUM_USERS)
+        assert with_user.user_known
         np.testing.assert_allclose(
-            with_user, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
+            with_user.scores, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
         )
+        stranger = client.rank(history, candidates, user_id=NUM_USERS + 1)
+        assert not stranger.user_known  # scored as the unknown user
+        np.testing.assert_allclose(stranger.scores, scores, atol=1e-6)
 
 
 def test_unknown_candidates_are_flagged_and_ranked_last_or_raise(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-        scores, known = client.rank([3, 9], [2, 99_999, 5])
+        scores, known, _, _ = client.rank([3, 9], [2, 99_999, 5])
     assert known.tolist() == [True, False, True] and scores[1] == -np.inf
     np.testing.assert_allclose(scores[[0, 2]], _want(small_export.model, [3, 9], [2, 5]), atol=1e-5)
     strict = ClientConfig(url=url, timeout_s=30, unknown_ids="raise")
@@ -116,6 +122,19 @@ def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
     printed = [r["score"] for r in ranked]
     assert printed == sorted(printed, reverse=True)
     np.testing.assert_allclose(printed, [want[r["item_id"]] for r in ranked], atol=1e-5)
+    assert out["item_table_version"] == 1 and out["user_known"] is False
+
+
+def test_rank_command_notes_an_unknown_user(url, capsys):
+    args = ["rank", "--url", url, "--history", "3,9", "--candidates", "1,2", "--timeout", "30"]
+    assert main([*args, "--user", str(NUM_USERS + 5)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["user_known"] is False
+    note = f"note: user {NUM_USERS + 5} is not a user the model knows: ranked as the unknown user"
+    assert note in captured.err
+    assert main([*args, "--user", "1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["user_known"] is True and captured.err == ""
 
 
 def test_rank_command_takes_negative_ids_and_the_server_flags_them_unknown(small_export, url, capsys):

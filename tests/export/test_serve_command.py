@@ -52,7 +52,7 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         if not cuda_driver():  # the launcher says why the log's CUDA errors are harmless
             assert proc.stdout.readline().strip() == f"tritonserver: {NO_CUDA_NOTE}"
         with RankingClient(ClientConfig(url=f"127.0.0.1:{grpc_port}", timeout_s=30)) as client:
-            scores, known = client.rank([1, 2, 3], [4, 5])
+            scores, known, _, _ = client.rank([1, 2, 3], [4, 5])
         assert scores.shape == (2,) and np.isfinite(scores).all() and known.all()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -182,9 +182,9 @@ def test_a_bad_newest_table_version_serves_the_newest_valid_one(small_export, re
         assert "tritonserver ready" in ready
         url = ready.split("grpc ")[1].split(",")[0]
         with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-            scores, known = client.rank([1, 2, 3], [4, 5])
+            scores, known, version, _ = client.rank([1, 2, 3], [4, 5])
         want = composed_scores(small_export.out, np.array([[1, 2, 3]]), np.array([[4, 5]]))[0]
-        assert known.all()
+        assert known.all() and version == 1  # the response says which table answered
         np.testing.assert_allclose(scores, want, atol=1e-5)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -39,14 +39,27 @@ def _input(name, array, dtype):
     return t
 
 
-def _rank(client, hist, cands, user_id=None, user_feats=None):
+def _infer(client, hist, cands, user_id=None, user_feats=None):
     inputs = [_input("history_ids", hist, "INT64"), _input("candidate_ids", cands, "INT64")]
     if user_id is not None:
         inputs.append(_input("user_id", user_id.reshape(-1, 1), "INT64"))
     if user_feats is not None:
         inputs.append(_input("user_feats", user_feats, "INT64"))
-    result = client.infer("rank", inputs, client_timeout=30)
+    return client.infer("rank", inputs, client_timeout=30)
+
+
+def _rank(client, hist, cands, user_id=None, user_feats=None):
+    result = _infer(client, hist, cands, user_id, user_feats)
     return result.as_numpy("scores"), result.as_numpy("candidate_known")
+
+
+def test_every_response_says_whether_the_user_is_known_and_which_table_answered(client):
+    hist, cands = np.array([[1, 2]] * 4), np.array([[3, 4]] * 4)
+    result = _infer(client, hist, cands, np.array([1, NUM_USERS, NUM_USERS + 1, -2]))
+    assert result.as_numpy("user_known").tolist() == [[True], [True], [False], [False]]
+    assert result.as_numpy("item_table_version").tolist() == [[1]] * 4
+    anonymous = _infer(client, hist[:1], cands[:1])  # no user_id: scored as the unknown user
+    assert anonymous.as_numpy("user_known").tolist() == [[False]]
 
 
 def test_rank_ensemble_scores_equal_the_pytorch_model(small_export, client):
@@ -195,6 +208,7 @@ def _check_new_version_is_served(small_export, server, client, table, new_id):
     hist, cands = np.array([[1, 2, 3]], np.int64), np.array([[new_id, 4]], np.int64)
     scores, known = _rank(client, hist, cands)
     assert known.tolist() == [[True, True]] and server.process.pid == pid
+    assert _infer(client, hist, cands).as_numpy("item_table_version").tolist() == [[2]]
     manifest = Manifest.read(small_export.out)
     feeds = it.rank_inputs(table, manifest.model.lookup(), hist, cands)
     ranking = OrtGraph(small_export.out / manifest.graph("ranking").file)
