@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEMO    ?= build/demo
 
-.PHONY: setup native-backend demo test lint format clean gpu-check gpu-wheels gpu-rehearsal
+.PHONY: setup native-backend demo test test-fast lint format clean gpu-check gpu-wheels gpu-rehearsal
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "python3.11 not found (set PY=...)"; exit 1; }
@@ -35,6 +35,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
+
+# The suite without the `slow` tests (real tritonserver, training runs, load tests): a few minutes.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,16 +1,22 @@
-"""Bad `rank` requests against the real tritonserver: each one's answer, time, and the server's memory.
+"""Bad `rank` requests against the real tritonserver, python and native backends: each one's answer,
+time, and the server's memory under a stream of oversize ones.
 
-    python benchmarks/bad_requests.py [--out benchmarks/results/bad_requests.md]
+    python benchmarks/bad_requests.py [--rounds 50] [--out benchmarks/results/bad_requests.md]
 
-The repository is the one of benchmarks/serving_overhead.py (em3, L=50, `mmrank repo` defaults: at most
-2,000 candidates and 1,000 history ids per user, 4 MiB of inputs). Memory is the resident set of the
-server's whole process group (tritonserver and its backend stubs), read from /proc, before and after a
-stream of `--rounds` refused requests of each kind in STREAMS: under such a stream it must stay flat.
+The repositories are the ones of benchmarks/serving_overhead.py (em3, L=50, `mmrank repo` defaults: at
+most 2,000 candidates and 1,000 history ids per user, 4 MiB of inputs), rendered with --backend python
+and --backend onnxruntime, each served on its own. The python backend refuses a request past a limit
+(INVALID_ARGUMENT naming it, model_repository/limits.py); the native lookup graph cannot refuse: it
+answers within the limits (export/lookup_graph.py: no candidates -> empty scores, candidates past the
+limit -inf and unknown, only the most recent max_history history ids read). Memory is the resident set of
+the server's whole process group (tritonserver and its backend stubs), read from /proc, before and after
+each of `--rounds` oversize requests of each kind in STREAMS: it must stay flat.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -19,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.export_latency import machine  # noqa: E402
-from benchmarks.serving_overhead import build  # noqa: E402
-from common.provenance import code_commit  # noqa: E402
-from export.repository import RenderConfig  # noqa: E402
+from benchmarks.serving_overhead import BACKENDS, export_em3  # noqa: E402
+from common.provenance import record  # noqa: E402
+from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 
 OK_HIST, OK_CANDS = np.arange(1, 51, dtype=np.int64)[None], np.arange(1, 101, dtype=np.int64)[None]
@@ -35,6 +40,7 @@ CASES = {
     "history_ids as FP32": {"history_ids": np.ones((1, 50), np.float32)},
     "user_feats 5 wide (model has 2)": {"user_feats": np.zeros((1, 5), np.int64)},
     "history_ids [50] without the batch axis": {"history_ids": np.ones(50, np.int64)},
+    "user_id 10**12 (unknown user)": {"user_id": np.array([[10**12]], np.int64)},
 }
 STREAMS = ("300,000 candidates", "13,000,000 history ids (104 MB)")
 DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
@@ -52,6 +58,16 @@ def group_rss_mib(pgid: int) -> float:
     return total * 4096 / 2**20
 
 
+def _summary(result) -> str:
+    """An answer in a few words: how many scores, how many known, how many finite."""
+    scores, known = result.as_numpy("scores"), result.as_numpy("candidate_known")
+    user, version = result.as_numpy("user_known"), result.as_numpy("item_table_version")
+    return (
+        f"OK: {scores.shape[-1]} scores, {int(known.sum())} known, {int(np.isfinite(scores).sum())} finite; "
+        f"user_known {bool(user.all())}, item_table_version {int(version.reshape(-1)[0])}"
+    )
+
+
 def call(client, grpc, tensors: dict[str, np.ndarray]) -> tuple[str, float]:
     inputs = []
     for name, arr in tensors.items():
@@ -60,8 +76,7 @@ def call(client, grpc, tensors: dict[str, np.ndarray]) -> tuple[str, float]:
         inputs.append(t)
     start = time.perf_counter()
     try:
-        client.infer("rank", inputs, client_timeout=60)
-        answer = "OK"
+        answer = _summary(client.infer("rank", inputs, client_timeout=120))
     except grpc.InferenceServerException as e:
         answer = f"{e.status()}: {e.message()}"
     return answer, (time.perf_counter() - start) * 1e3
@@ -79,54 +94,81 @@ def _stream_row(name: str, trace: list[float]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_backend(repo: Path, rounds: int) -> dict:
+    """Every CASES answer, the STREAMS memory traces and a good request afterwards, on one server."""
     import tritonclient.grpc as grpc
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    with TritonServer(TritonConfig(repo, control_mode="explicit")) as server:
+        client = grpc.InferenceServerClient(server.grpc_url)
+        base = {"history_ids": OK_HIST, "candidate_ids": OK_CANDS}
+        call(client, grpc, base)
+        rows = [(name, *call(client, grpc, {**base, **change})) for name, change in CASES.items()]
+        streams = []
+        for name in STREAMS:
+            trace = [group_rss_mib(server.process.pid)]
+            for _ in range(rounds):
+                call(client, grpc, {**base, **CASES[name]})
+                trace.append(group_rss_mib(server.process.pid))
+            streams.append((name, trace))
+        ok, _ = call(client, grpc, base)
+    return {"rows": rows, "streams": streams, "after": ok}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="benchmarks/results/bad_requests.md")
-    p.add_argument("--rounds", type=int, default=20, help="rounds of every bad request for the memory check")
+    p.add_argument(
+        "--rounds", type=int, default=50, help="oversize requests of each kind for the memory check"
+    )
     args = p.parse_args(argv)
-    rows, streams = [], []
+    provenance = record(
+        ["python", "benchmarks/bad_requests.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    results = {}
     with tempfile.TemporaryDirectory(prefix="mmrank-bad-") as tmp:
-        build(Path(tmp), 50, RenderConfig(backend="python"))
-        with TritonServer(TritonConfig(Path(tmp) / "repo", control_mode="explicit")) as server:
-            client = grpc.InferenceServerClient(server.grpc_url)
-            base = {"history_ids": OK_HIST, "candidate_ids": OK_CANDS}
-            call(client, grpc, base)
-            for name, change in CASES.items():
-                rows.append((name, *call(client, grpc, {**base, **change})))
-            for name in STREAMS:
-                trace = [group_rss_mib(server.process.pid)]
-                for _ in range(args.rounds):
-                    call(client, grpc, {**base, **CASES[name]})
-                    trace.append(group_rss_mib(server.process.pid))
-                streams.append((name, trace))
-            ok, _ = call(client, grpc, base)
+        export = export_em3(Path(tmp), 50)
+        for name, backend in BACKENDS.items():
+            repo = Path(tmp) / name
+            render_repository(export, repo, RenderConfig(backend=backend))
+            results[name] = run_backend(repo, args.rounds)
     lines = [
-        "# Bad `rank` requests: answers and server memory",
+        "# Bad `rank` requests, python and native backends: answers and server memory",
         "",
-        f"Command: `python benchmarks/bad_requests.py --rounds {args.rounds}`  ",
-        f"Commit: {code_commit()}  ",
-        f"Machine: {machine()}",
+        f"Command: `{provenance['command']}`  ",
+        f"Commit: {provenance['commit']}  ",
+        f"Machine: {provenance['machine']}  ",
+        f"Date: {provenance['date']}; 1-minute load average before / after: "
+        f"{provenance['load_average_1min']:.2f} / {os.getloadavg()[0]:.2f}",
         "",
-        "| request | answer | ms |",
-        "|---|---|---:|",
-        *[f"| {name} | {answer} | {ms:.1f} |" for name, answer, ms in rows],
+        "`mmrank repo` defaults (at most 2,000 candidates and 1,000 history ids per user). python: the "
+        "lookup refuses a request past a limit. native: the lookup graph answers within the limits.",
+        "",
+        "| request | backend | answer | ms |",
+        "|---|---|---|---:|",
+    ]
+    for case in CASES:
+        for name, r in results.items():
+            answer, ms = next((a, m) for c, a, m in r["rows"] if c == case)
+            lines.append(f"| {case} | {name} | {answer} | {ms:.1f} |")
+    lines += [
         "",
         f"Resident memory of the server's process group (tritonserver + backend stubs) around a stream of "
-        f"{args.rounds} refused requests of one kind, in this order:",
+        f"{args.rounds} requests of one kind, in this order:",
         "",
-        "| stream | MiB before | after 1/4 of the stream | after all | max | last half: first -> last (least-squares slope / request) |",
-        "|---|---:|---:|---:|---:|---|",
-        *[_stream_row(name, trace) for name, trace in streams],
-        "",
-        "Every reading, one per request:",
-        "",
-        *[f"- {name}: {' '.join(f'{m:.0f}' for m in trace)}" for name, trace in streams],
-        "",
-        f"A good request afterwards: {ok}.",
-        "",
+        "| stream | backend | MiB before | after 1/4 of the stream | after all | max | last half: first -> last "
+        "(least-squares slope / request) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
+    for name, r in results.items():
+        lines += [
+            _stream_row(s, trace).replace(f"| {s} |", f"| {s} | {name} |", 1) for s, trace in r["streams"]
+        ]
+    lines += ["", "Every reading, one per request:", ""]
+    for name, r in results.items():
+        lines += [f"- {name}, {s}: {' '.join(f'{m:.0f}' for m in trace)}" for s, trace in r["streams"]]
+    lines += ["", *[f"A good request afterwards, {name}: {r['after']}." for name, r in results.items()], ""]
     Path(args.out).write_text("\n".join(lines))
     print(Path(args.out).read_text())
     return 0

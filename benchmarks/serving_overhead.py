@@ -1,51 +1,83 @@
-"""What the `rank` ensemble adds over the same computation in process, and where the served time goes.
+"""What serving `rank` adds over the same computation in process, python and native backends side by
+side, and where the served time goes.
 
-    python benchmarks/serving_overhead.py [--out benchmarks/results/serving_overhead.md] [--calls 400]
+    python benchmarks/serving_overhead.py [--calls 400] [--explore]
+        [--out benchmarks/results/serving_overhead_native.md]   # + .json and .png beside it
 
 Model: the `em3` preset's ranking graph with its history length set to L (random weights on the
 ML-100K-sized schema of benchmarks/export_latency.py: latency depends on shapes, not on weights),
-exported and rendered as a python-backend repository (`mmrank repo` defaults), served by the real
-tritonserver on loopback. One user ranks N candidates against an L-item history.
+exported once and rendered twice with `mmrank repo` defaults: `--backend python` (`rank` = item_lookup in
+Triton's Python backend: the numpy lookup, then the ranking graph in onnxruntime) and `--backend
+onnxruntime` (`rank` = the lookup graph merged into the ranking graph, one native `onnxruntime_onnx`
+model, no Python step). Both servers (the real tritonserver, loopback) run at once, so every path's calls
+alternate in rounds and see the same load on a shared CPU. One user ranks N candidates against an
+L-item history.
 
-- in process: `item_table.rank_inputs` + the ranking graph in onnxruntime (the same computation as the
-  served one, same onnxruntime thread count), and the graph alone;
-- served: `rank` over gRPC with the sync tritonclient, one caller; `calls` calls of each path after
-  warm-up, in alternating rounds so that all paths see the same load on a shared CPU: p50, p99.
-  Overhead = served p50 - in-process p50. Beside it, the same call of item_lookup directly (what the
-  ensemble adds) and of `floor`, a Python-backend model rendered into the benchmark's repository with
-  item_lookup's inputs, outputs and batching that does no work: the round trip that any Python step
-  costs here, gRPC included. Where the time went: Triton's own statistics per model over
-  the same calls (queue, compute input / infer / output), the rest is gRPC and the client.
-- 8 concurrent callers (one client each), `calls` calls each: p50, p99, failures.
+- in process, the same computation on the same thread count as served: python = `rank_inputs` + the
+  ranking graph; native = the served `item_lookup/1/model.onnx` itself. Both in this venv's onnxruntime
+  (its version is in the report; the server's native backend links ONNX Runtime 1.19.2);
+- served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
+  the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
+  with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
+  bare gRPC round trip
+  (`is_server_live`: what the client and gRPC cost with no model at all), and the native `rank` through
+  the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
+  difference);
+- where the time went: Triton's per-model counters (clients/triton_metrics.py) over the 1-caller calls;
+- 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
+  work shares one GIL) and as 8 processes;
+- the client's own work in process: building the request tensors, reading the response;
+- `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
+  one per core; parallel execution mode with 2 inter-op threads), 2 item_lookup instances, and the lookup
+  as its own model before a ranking model with dynamic batching, each on its own server after the main
+  run, against the same in-process computation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.export_latency import build_model, machine, timed  # noqa: E402
-from common.provenance import code_commit  # noqa: E402
+from benchmarks.export_latency import build_model, timed  # noqa: E402
+from clients import triton_metrics  # noqa: E402
+from common.provenance import record  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
-from export.repository import RenderConfig, render_repository  # noqa: E402
+from export.repository import RenderConfig, read_config, render_repository, write_config  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
-MODELS = ("rank", "item_lookup", "ranking", "floor")
+MODELS = ("rank", "item_lookup", "ranking", "floor")  # the ones whose counters the report shows
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
-DIRECT = "served: item_lookup directly"
-FLOOR = "served: floor (a Python step doing no work)"
+NUM_ITEMS = 1682
+BACKENDS = {"python": "python", "native": "onnxruntime"}  # report name -> `mmrank repo --backend`
+DIRECT = "native: item_lookup directly"
+FLOOR = "python: floor (a Python step doing no work)"
+NATIVE_FLOOR = "native: floor (a native step doing no work)"
+GRPC = "gRPC round trip, no model (is_server_live)"
+RAW = "native: served, bare gRPC stub (request built once)"
+# --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
+VARIANTS = {
+    "merged, intra_op 1 (default)": ({}, {}),
+    "merged, intra_op 2": ({"rank_graph_threads": 2}, {}),
+    "merged, intra_op 0 (onnxruntime: one per core)": ({}, {"intra_op_thread_count": "0"}),
+    "merged, parallel execution, inter_op 2": ({}, {"execution_mode": "1", "inter_op_thread_count": "2"}),
+    "merged, 2 instances": ({"lookup_instances": 2}, {}),
+    "separate lookup -> ranking (dynamic batching)": ({"lookup": "separate"}, {}),
+}
 
 
 FLOOR_MODEL = """
@@ -60,14 +92,16 @@ class TritonPythonModel:
             shape = pb_utils.get_input_tensor_by_name(request, "candidate_ids").as_numpy().shape
             scores = pb_utils.Tensor("scores", np.zeros(shape, np.float32))
             known = pb_utils.Tensor("candidate_known", np.ones(shape, bool))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[scores, known]))
+            user = pb_utils.Tensor("user_known", np.zeros((shape[0], 1), bool))
+            version = pb_utils.Tensor("item_table_version", np.ones((shape[0], 1), np.int64))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[scores, known, user, version]))
         return responses
 """
 
 
 def add_floor_model(repo: Path) -> None:
     """`floor`: item_lookup's config (inputs, outputs, batching, instances) without its parameters, and a
-    model that answers zeros at once."""
+    model that answers at once."""
     config = (repo / "item_lookup" / "config.pbtxt").read_text()
     config = re.sub(
         r'parameters \{\n  key: "[^"]*"\n  value \{\n    string_value: .*\n  \}\n\}\n', "", config
@@ -75,6 +109,43 @@ def add_floor_model(repo: Path) -> None:
     (repo / "floor" / "1").mkdir(parents=True)
     (repo / "floor" / "config.pbtxt").write_text(config.replace('name: "item_lookup"', 'name: "floor"', 1))
     (repo / "floor" / "1" / "model.py").write_text(FLOOR_MODEL)
+
+
+def add_native_floor(repo: Path) -> None:
+    """`floor` in a native repository: the native item_lookup's config (without its optional inputs) over
+    a graph of its interface that does no work (constant scores and flags of the request's shape)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.native_backend import fit_native_runtime
+
+    config = read_config(repo / "item_lookup")
+    config.name = "floor"
+    config.ClearField("parameters")
+    del config.input[2:]  # history_ids and candidate_ids only
+    nodes = [
+        helper.make_node("Shape", [it.CANDIDATE_IDS], ["n"]),
+        helper.make_node("Shape", [it.CANDIDATE_IDS], ["b"], start=0, end=1),
+        helper.make_node("Concat", ["b", "one"], ["b1"], axis=0),
+    ]
+    outputs = []
+    for name, dtype, value, shape in (
+        ("scores", TensorProto.FLOAT, 0.0, "n"),
+        (it.CANDIDATE_KNOWN, TensorProto.BOOL, True, "n"),
+        (it.USER_KNOWN, TensorProto.BOOL, False, "b1"),
+        (it.TABLE_VERSION, TensorProto.INT64, 1, "b1"),
+    ):
+        fill = helper.make_tensor(f"{name}_fill", dtype, [1], [value])
+        nodes.append(helper.make_node("ConstantOfShape", [shape], [name], value=fill))
+        dims = ["batch", "candidates"] if shape == "n" else ["batch", 1]
+        outputs.append(helper.make_tensor_value_info(name, dtype, dims))
+    inputs = [helper.make_tensor_value_info(t.name, TensorProto.INT64, ["batch", "n"]) for t in config.input]
+    one = onnx.numpy_helper.from_array(np.array([1], np.int64), "one")
+    graph = helper.make_graph(nodes, "floor", inputs, outputs, initializer=[one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (repo / "floor" / "1").mkdir(parents=True)
+    onnx.save(fit_native_runtime(model), repo / "floor" / "1" / "model.onnx")
+    write_config(repo / "floor", config)
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -90,6 +161,8 @@ def request(n: int, length: int, num_items: int, seed: int = 0) -> tuple[np.ndar
 
 
 def in_process(export: Path, hist: np.ndarray, cands: np.ndarray, threads: int) -> dict[str, Callable]:
+    """The python backend's computation in process: the numpy lookup + the ranking graph, and the graph
+    alone."""
     from export.manifest import Manifest
 
     manifest = Manifest.read(export)
@@ -107,9 +180,16 @@ def in_process(export: Path, hist: np.ndarray, cands: np.ndarray, threads: int) 
     return {"lookup + graph": whole, "graph only": lambda: graph.run(graph_feeds)}
 
 
+def native_in_process(model: Path, hist: np.ndarray, cands: np.ndarray, threads: int) -> Callable:
+    """The native backend's computation in process: the served lookup + ranking graph file itself."""
+    graph = OrtGraph(model, threads=threads)
+    feeds = {it.HISTORY_IDS: hist, it.CANDIDATE_IDS: cands}
+    return lambda: graph.run(feeds)
+
+
 def _inputs(grpc, hist, cands):
     out = []
-    for name, arr in (("history_ids", hist), ("candidate_ids", cands)):
+    for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands)):
         t = grpc.InferInput(name, list(arr.shape), "INT64")
         t.set_data_from_numpy(arr)
         out.append(t)
@@ -129,35 +209,60 @@ def model_stats(client) -> dict[str, dict[str, float]]:
     return out
 
 
-def one_caller(url: str, hist, cands, local: dict[str, Callable], calls: int) -> tuple[dict, dict]:
-    """Served calls and in-process calls in alternating rounds, so both see the same load on a shared
-    CPU: ({path: ms list}, Triton's statistics over the served calls)."""
-    import tritonclient.grpc as grpc
+def export_em3(out: Path, history_len: int) -> Path:
+    export = out / "export"
+    model = build_model("em3", history_len=history_len)
+    config = ExportConfig(fp16=False, torch_program=False, ranking_only=True, progress=False)
+    export_model(model, export, {"path": "random-init", "sha256": "0" * 64}, None, config)
+    return export
 
-    client = grpc.InferenceServerClient(url)
-    inputs = _inputs(grpc, hist, cands)
-    paths = {
-        **{f"in process: {k}": fn for k, fn in local.items()},
-        "served": lambda: client.infer("rank", inputs),
-        DIRECT: lambda: client.infer("item_lookup", inputs),
-        FLOOR: lambda: client.infer("floor", inputs),
-    }
+
+def build(out: Path, history_len: int, rc: RenderConfig) -> Path:
+    """The em3 export in out/export, rendered with `rc` into out/repo; the export folder."""
+    export = export_em3(out, history_len)
+    render_repository(export, out / "repo", rc)
+    return export
+
+
+def render_variant(export: Path, repo: Path, changes: dict, params: dict[str, str]) -> Path:
+    render_repository(export, repo, RenderConfig(backend="onnxruntime", **changes))
+    config = read_config(repo / "item_lookup")
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    write_config(repo / "item_lookup", config)
+    return repo
+
+
+def _metrics(server: TritonServer) -> str:
+    return f"127.0.0.1:{server.metrics_port}"
+
+
+def serve(repo: Path) -> TritonServer:
+    return TritonServer(TritonConfig(repo, control_mode="explicit")).start()
+
+
+def one_caller(paths: dict[str, Callable], calls: int, servers: dict[str, TritonServer]) -> tuple:
+    """Every path's calls in alternating rounds: ({path: ms}, {server: Triton's counters per model})."""
     for fn in paths.values():
         timed(fn, 0, warmup=20)
-    before = model_stats(client)
+    before = {name: triton_metrics.settled_scrape(_metrics(s)) for name, s in servers.items()}
     ms: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(ROUNDS):
         for name, fn in paths.items():
             ms[name] += timed(fn, calls // ROUNDS, warmup=2)
-    after = model_stats(client)
-    return ms, {m: {k: after[m][k] - before[m][k] for k in after[m]} for m in after if m in before}
+    times = {}
+    for name, server in servers.items():
+        after = triton_metrics.settled_scrape(_metrics(server))
+        times[name] = {m: asdict(t) for m, t in triton_metrics.per_request(before[name], after).items()}
+    return ms, times
 
 
-def served(url: str, hist, cands, calls: int, callers: int) -> tuple[list[float], int]:
+def callers(url: str, inputs_of: Callable, calls: int, n: int) -> tuple[list[float], int]:
+    """`n` concurrent callers, a client each, `calls` calls of `rank` each: (ms, failures)."""
     import tritonclient.grpc as grpc
 
-    clients = [grpc.InferenceServerClient(url) for _ in range(callers)]
-    inputs = _inputs(grpc, hist, cands)
+    clients = [grpc.InferenceServerClient(url) for _ in range(n)]
+    inputs = inputs_of(grpc)
     for c in clients:
         timed(lambda c=c: c.infer("rank", inputs), 0, warmup=20)
     failures = []
@@ -171,113 +276,299 @@ def served(url: str, hist, cands, calls: int, callers: int) -> tuple[list[float]
 
         return timed(call, calls, warmup=0)
 
-    with ThreadPoolExecutor(callers) as pool:
+    with ThreadPoolExecutor(n) as pool:
         ms = [t for part in pool.map(one, clients) for t in part]
     return ms, len(failures)
 
 
-def breakdown(delta: dict) -> list[tuple[str, float]]:
-    """Average ms per request of each model's parts (an ensemble's total is its success time)."""
-    rows = []
-    for model in MODELS:
-        d = delta.get(model)
-        if not d or not d["count"]:
-            continue
-        if model == "rank":
-            rows.append(("rank ensemble, server side total", d["success_ns"] / d["count"] / 1e6))
-            continue
-        for part in STAT_PARTS:
-            rows.append((f"{model}: {part}", d[part] / d["count"] / 1e6))
-    return rows
+def _process_caller(url: str, hist: np.ndarray, cands: np.ndarray, calls: int, barrier) -> tuple:
+    """One caller process: warm up, wait for the others, then `calls` timed calls: (ms, failures)."""
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url)
+    inputs = _inputs(grpc, hist, cands)
+    timed(lambda: client.infer("rank", inputs), 0, warmup=20)
+    barrier.wait()
+    failures = 0
+
+    def call():
+        nonlocal failures
+        try:
+            client.infer("rank", inputs, client_timeout=10)
+        except Exception:  # every failure counts, whatever its kind
+            failures += 1
+
+    return timed(call, calls, warmup=0), failures
 
 
-def build(out: Path, history_len: int, rc: RenderConfig) -> Path:
-    model = build_model("em3", history_len=history_len)
-    export = out / "export"
-    export_model(model, export, {"path": "random-init", "sha256": "0" * 64}, None, ExportConfig(fp16=False))
-    render_repository(export, out / "repo", rc)
-    return export
+def caller_processes(url: str, hist, cands, calls: int, n: int) -> tuple[list[float], int]:
+    """`n` callers in processes of their own (no client shares a GIL): (ms, failures)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
+        barrier = manager.Barrier(n)
+        args = [(url, hist, cands, calls, barrier)] * n
+        parts = list(pool.map(_process_caller, *zip(*args, strict=True)))
+    return [t for ms, _ in parts for t in ms], sum(f for _, f in parts)
+
+
+def bare_stub(url: str, hist: np.ndarray, cands: np.ndarray) -> Callable:
+    """`rank` through the generated gRPC stub with a request serialized once: what tritonclient's own
+    per-call work (request building, result wrapping) adds, by difference."""
+    import grpc as grpcio
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="rank")
+    for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands)):
+        request.inputs.add(name=name, datatype="INT64", shape=list(arr.shape))
+        request.raw_input_contents.append(arr.tobytes())
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpcio.insecure_channel(url))
+    return lambda: stub.ModelInfer(request)
+
+
+def client_side(hist, cands, result) -> dict[str, float]:
+    """p50 ms of the client's own work: building the two request tensors, reading the four outputs."""
+    import tritonclient.grpc as grpc
+
+    names = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)
+    return {
+        "client: build request tensors": float(np.median(timed(lambda: _inputs(grpc, hist, cands), 2000))),
+        "client: read response outputs": float(
+            np.median(timed(lambda: [result.as_numpy(n) for n in names], 2000))
+        ),
+    }
+
+
+def measure(args, tmp: Path) -> dict:
+    import tritonclient.grpc as grpc
+
+    export = export_em3(tmp, args.history)
+    repos = {name: tmp / name for name in BACKENDS}
+    for name, backend in BACKENDS.items():
+        render_repository(export, repos[name], RenderConfig(backend=backend))
+    add_floor_model(repos["python"])
+    add_native_floor(repos["native"])
+    hist, cands = request(args.candidates, args.history, NUM_ITEMS)
+    threads = RenderConfig.rank_graph_threads
+    native_file = repos["native"] / "item_lookup" / "1" / "model.onnx"
+    local = {
+        "python: in process": in_process(export, hist, cands, threads)["lookup + graph"],
+        "native: in process": native_in_process(native_file, hist, cands, threads),
+    }
+    servers = {name: serve(repo) for name, repo in repos.items()}
+    try:
+        clients = {name: grpc.InferenceServerClient(s.grpc_url) for name, s in servers.items()}
+        inputs = _inputs(grpc, hist, cands)
+        paths = {
+            **local,
+            "python: served": lambda: clients["python"].infer("rank", inputs),
+            "native: served": lambda: clients["native"].infer("rank", inputs),
+            DIRECT: lambda: clients["native"].infer("item_lookup", inputs),
+            FLOOR: lambda: clients["python"].infer("floor", inputs),
+            NATIVE_FLOOR: lambda: clients["native"].infer("floor", inputs),
+            RAW: bare_stub(servers["native"].grpc_url, hist, cands),
+            GRPC: lambda: clients["native"].is_server_live(),
+        }
+        ms, times = one_caller(paths, args.calls, servers)
+        result = clients["native"].infer("rank", inputs)
+        eight = {
+            name: callers(s.grpc_url, lambda g: _inputs(g, hist, cands), args.calls, 8)
+            for name, s in servers.items()
+        }
+        processes = {
+            name: caller_processes(s.grpc_url, hist, cands, args.calls, 8) for name, s in servers.items()
+        }
+    finally:
+        for server in servers.values():
+            server.stop()
+    results = {
+        "one": {name: percentiles(v) for name, v in ms.items()},
+        "eight": {name: (*percentiles(v), fails) for name, (v, fails) in eight.items()},
+        "eight_processes": {name: (*percentiles(v), fails) for name, (v, fails) in processes.items()},
+        "triton": times,
+        "client": client_side(hist, cands, result),
+    }
+    if args.explore:
+        results["explore"] = explore(export, tmp, hist, cands, local["native: in process"], args.calls)
+    return results
+
+
+def explore(export: Path, tmp: Path, hist, cands, local: Callable, calls: int) -> dict:
+    """Each VARIANTS entry on its own server: 1 caller against the in-process native computation, and 8
+    callers."""
+    import tritonclient.grpc as grpc
+
+    out = {}
+    for label, (changes, params) in VARIANTS.items():
+        repo = render_variant(export, tmp / f"variant{len(out)}", changes, params)
+        server = serve(repo)
+        try:
+            client = grpc.InferenceServerClient(server.grpc_url)
+            inputs = _inputs(grpc, hist, cands)
+            paths = {"in process": local, "served": lambda c=client, x=inputs: c.infer("rank", x)}
+            ms, times = one_caller(paths, calls, {"native": server})
+            eight, fails = callers(server.grpc_url, lambda g: _inputs(g, hist, cands), calls, 8)
+        finally:
+            server.stop()
+        out[label] = {
+            "one": {name: percentiles(v) for name, v in ms.items()},
+            "eight": (*percentiles(eight), fails),
+            "triton": times["native"],
+        }
+        print(f"explore: {label}: {out[label]['one']}", file=sys.stderr)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/serving_overhead.md")
-    p.add_argument("--calls", type=int, default=400, help="measured calls per caller")
-    p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--history", type=int, default=50)
-    p.add_argument("--lookup-instances", type=int, default=RenderConfig.lookup_instances)
-    p.add_argument("--graph-threads", type=int, default=RenderConfig.rank_graph_threads)
-    args = p.parse_args(argv)
-    rc = RenderConfig(
-        backend="python", lookup_instances=args.lookup_instances, rank_graph_threads=args.graph_threads
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    load_before = os.getloadavg()[0]
+    p.add_argument(
+        "--out", default="benchmarks/results/serving_overhead_native.md", help=".md; .json, .png beside"
+    )
+    p.add_argument("--calls", type=int, default=400, help="measured calls per path and per caller")
+    p.add_argument("--candidates", type=int, default=100, help="N")
+    p.add_argument("--history", type=int, default=50, help="L")
+    p.add_argument(
+        "--explore", action="store_true", help="also measure the native threading/batching variants"
+    )
+    args = p.parse_args(argv)
+    provenance = record(
+        ["python", "benchmarks/serving_overhead.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     with tempfile.TemporaryDirectory(prefix="mmrank-overhead-") as tmp:
-        export = build(Path(tmp), args.history, rc)
-        add_floor_model(Path(tmp) / "repo")
-        hist, cands = request(args.candidates, args.history, 1682)
-        local = in_process(export, hist, cands, args.graph_threads)
-        with TritonServer(TritonConfig(Path(tmp) / "repo", control_mode="explicit")) as server:
-            one, stats = one_caller(server.grpc_url, hist, cands, local, args.calls)
-            eight, fail8 = served(server.grpc_url, hist, cands, args.calls, 8)
-    results = {
-        "one": {k: percentiles(v) for k, v in one.items()},
-        "eight": (*percentiles(eight), fail8),
-        "breakdown": breakdown(stats),
-        "load": (load_before, os.getloadavg()[0]),
-    }
-    write(results, args, Path(args.out))
-    print(Path(args.out).read_text())
+        results = measure(args, Path(tmp))
+    results["provenance"] = {**provenance, "load_average_1min_after": os.getloadavg()[0]}
+    results["settings"] = {"candidates": args.candidates, "history": args.history, "calls": args.calls}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    write_report(results, out)
+    plot(results, out.with_suffix(".png"))
+    print(out.read_text())
     return 0
 
 
-def write(r: dict, args, path: Path) -> None:
+# ---- report ----------------------------------------------------------------------------------------
+def overheads(r: dict) -> dict[str, float]:
     one = {name: p50 for name, (p50, _) in r["one"].items()}
-    local_p50, served_p50 = one["in process: lookup + graph"], one["served"]
-    floor_p50, direct_p50 = one[FLOOR], one[DIRECT]
+    return {b: one[f"{b}: served"] - one[f"{b}: in process"] for b in BACKENDS}
+
+
+def _triton_rows(times: dict) -> list[str]:
+    rows = []
+    for model, t in times.items():
+        if model in MODELS:
+            rows.append(
+                f"| {model} | {t['requests']} | {t['batch']:.2f} | {t['queue_us'] / 1e3:.3f} "
+                f"| {t['compute_us'] / 1e3:.3f} | {t['infer_us'] / 1e3:.3f} | {t['request_us'] / 1e3:.3f} |"
+            )
+    return rows
+
+
+def write_report(r: dict, path: Path) -> None:
+    import onnxruntime
+
+    prov, s = r["provenance"], r["settings"]
+    over = overheads(r)
     lines = [
-        "# Serving overhead: the `rank` ensemble vs the same computation in process",
+        "# Serving overhead, python and native backends: `rank` vs the same computation in process",
         "",
-        f"Command: `python benchmarks/serving_overhead.py --calls {args.calls} --candidates {args.candidates} "
-        f"--history {args.history} --lookup-instances {args.lookup_instances} "
-        f"--graph-threads {args.graph_threads}`  ",
-        f"Commit: {code_commit()}  ",
-        f"Machine: {machine()}  ",
-        f"1-minute load average before / after: {r['load'][0]:.2f} / {r['load'][1]:.2f} "
-        "(the CPU is shared with other jobs)",
+        f"Command: `{prov['command']}`  ",
+        f"Commit: {prov['commit']}  ",
+        f"Machine: {prov['machine']}; onnxruntime {onnxruntime.__version__} in process (the native backend "
+        "links ONNX Runtime 1.19.2)  ",
+        f"Date: {prov['date']}; 1-minute load average before / after: {prov['load_average_1min']:.2f} / "
+        f"{prov['load_average_1min_after']:.2f} (a shared CPU inflates every number, p99 most)",
         "",
-        f"em3 ranking graph (history length {args.history}), N={args.candidates} candidates, one user per "
-        f"request; python-backend repository, {args.lookup_instances} item_lookup instance(s), ranking graph "
-        f"on {args.graph_threads} onnxruntime thread(s) (0 = its default) in the server and in process.",
+        f"em3 ranking graph (L={s['history']}), N={s['candidates']} candidates, one user per request; "
+        "`mmrank repo` defaults. python: rank = item_lookup (Python backend: numpy lookup + ranking graph, "
+        "1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, one "
+        "onnxruntime_onnx model (intra_op_thread_count 1), no Python step. Both servers up at once, "
+        f"{s['calls']} calls of every path in {ROUNDS} alternating rounds.",
         "",
-        "| path | p50 (ms) | p99 (ms) | failures |",
+        "| path | p50 (ms) | p99 (ms) |",
+        "|---|---:|---:|",
+        *[f"| {name} | {p50:.3f} | {p99:.3f} |" for name, (p50, p99) in r["one"].items()],
+        "",
+        "| 8 callers (a client each) | p50 (ms) | p99 (ms) | failures |",
         "|---|---:|---:|---:|",
+        *[
+            f"| {name}: served, {where} | {p50:.3f} | {p99:.3f} | {f} |"
+            for key, where in (("eight", "8 threads of this process"), ("eight_processes", "8 processes"))
+            for name, (p50, p99, f) in r[key].items()
+        ],
+        "",
+        f"**Overhead (served p50, 1 caller, minus in-process p50): python {over['python']:.3f} ms, native "
+        f"{over['native']:.3f} ms** (native / python = {over['native'] / over['python']:.2f}).",
+        "",
+        "Where the time went (1 caller; Triton's counters per model, mean per request; an ensemble's "
+        "request time is its whole server-side time):",
+        "",
+        "| server: model | requests | batch | queue (ms) | compute (ms) | of it infer (ms) | request (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, (p50, p99) in r["one"].items():
-        lines.append(
-            f"| {name}{', 1 caller' if name.startswith('served') else ''} | {p50:.3f} | {p99:.3f} | |"
-        )
-    lines.append(f"| served, 8 callers | {r['eight'][0]:.3f} | {r['eight'][1]:.3f} | {r['eight'][2]} |")
-    lines += [
-        "",
-        f"Overhead (served p50, 1 caller, minus in-process lookup + graph p50): "
-        f"**{served_p50 - local_p50:.3f} ms** (1 caller: {args.calls} calls of each path in {ROUNDS} "
-        "alternating rounds; a failed served call raises)",
-        "",
-        f"Of it, the Python step's own round trip (`floor` p50, gRPC included, no work): {floor_p50:.3f} ms; "
-        f"served minus floor: {served_p50 - floor_p50:.3f} ms for a computation that takes {local_p50:.3f} ms "
-        f"in process (so {served_p50 - floor_p50 - local_p50:+.3f} ms beyond the floor), and the ensemble "
-        f"over calling item_lookup directly: {served_p50 - direct_p50:+.3f} ms.",
-        "",
-        "Where the served time went (1 caller; Triton's statistics, mean ms per request):",
-        "",
-        "| part | ms |",
-        "|---|---:|",
-    ]
-    lines += [f"| {name} | {ms:.3f} |" for name, ms in r["breakdown"]]
+    for name, times in r["triton"].items():
+        lines += [row.replace("| ", f"| {name}: ", 1) for row in _triton_rows(times)]
+    lines += ["", "The client's own work, in process (p50 ms):", "", "| part | ms |", "|---|---:|"]
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in r["client"].items()]
+    if "explore" in r:
+        local = r["explore"]
+        lines += [
+            "",
+            "Native variants, each on its own server after the main run (1 caller: served vs the same "
+            "in-process computation in alternating rounds; 8 callers):",
+            "",
+            "| variant | in process p50 | served p50 | served p99 | overhead | 8 callers p50 | 8 callers p99 "
+            "| failures | item_lookup compute (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, v in local.items():
+            (lp50, _), (sp50, sp99) = v["one"]["in process"], v["one"]["served"]
+            p50, p99, fails = v["eight"]
+            compute = v["triton"].get("item_lookup", {}).get("compute_us", float("nan")) / 1e3
+            lines.append(
+                f"| {label} | {lp50:.3f} | {sp50:.3f} | {sp99:.3f} | {sp50 - lp50:.3f} | {p50:.3f} | {p99:.3f} "
+                f"| {fails} | {compute:.3f} |"
+            )
     lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(BACKENDS)
+    x = np.arange(len(names))
+    bars = {
+        "in process p50": [r["one"][f"{b}: in process"][0] for b in names],
+        "served p50, 1 caller": [r["one"][f"{b}: served"][0] for b in names],
+        "served p99, 1 caller": [r["one"][f"{b}: served"][1] for b in names],
+    }
+    for i, (label, values) in enumerate(bars.items()):
+        left.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+    left.set_xticks(x, names)
+    left.set_ylabel("ms")
+    left.set_title("1 caller (N=100, L=50)")
+    left.legend(fontsize=8)
+    eight = {
+        "p50, 8 threads": [r["eight"][b][0] for b in names],
+        "p99, 8 threads": [r["eight"][b][1] for b in names],
+        "p50, 8 processes": [r["eight_processes"][b][0] for b in names],
+        "p99, 8 processes": [r["eight_processes"][b][1] for b in names],
+    }
+    for i, (label, values) in enumerate(eight.items()):
+        right.bar(x + (i - 1.5) * 0.2, values, 0.2, label=label)
+    right.set_xticks(x, names)
+    right.set_title("8 callers")
+    right.legend(fontsize=8)
+    fig.suptitle(f"rank served vs in process (load average {r['provenance']['load_average_1min']:.1f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

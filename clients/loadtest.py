@@ -1,7 +1,7 @@
 """`mmrank loadtest`: a headless locust run against the `rank` ensemble, stepping the number of callers.
 
 Steps: check the address is loopback and the ensemble ready -> draw requests from the dataset
-(clients/request_sample.py) -> run benchmarks/locustfile.py in a locust subprocess (gevent patches the
+(clients/request_sample.py) -> run clients/locustfile.py in a locust subprocess (gevent patches the
 process it runs in, so it gets its own) with a step ramp of user counts, each held `duration_s` ->
 summarise every call per step. The subprocess is killed if it outlives the ramp by `grace_s`, so the
 run is bounded in time whatever happens. OUT receives:
@@ -41,7 +41,7 @@ import numpy as np
 from clients.request_sample import RequestSample, SampleConfig, draw_requests
 from common.errors import MMRankError
 
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "benchmarks" / "locustfile.py"
+LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 PERCENTILES = (50, 95, 99)
 MIN_STEP_S = 2.0  # locust's shape ticks once a second; a shorter step may never run at its user count
 

@@ -1,8 +1,11 @@
 """gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids, user_id=None) -> Ranking`.
 
-A Ranking is (scores, known): `known` is False for candidates the item table does not hold, which the
-server scores -inf (ranked last); with `ClientConfig(unknown_ids="raise")` such a request raises a
-RankingError naming them instead. Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
+A Ranking is (scores, known, item_table_version, user_known): `known` is False for candidates the item
+table does not hold, which the server scores -inf (ranked last); with `ClientConfig(unknown_ids="raise")`
+such a request raises a RankingError naming them instead. `item_table_version` is the table version that
+answered (after a publish, the new one once the server has loaded it); `user_known` is False where the
+user_id is not one the model knows, and where none was sent: either way the scores are the unknown
+user's. Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
 restarting or overloaded) is retried with exponential backoff; every other failure raises a
 RankingError that says what was wrong (bad ids, server down, model missing, timeout).
 """
@@ -21,6 +24,7 @@ from common.errors import MMRankError
 
 HISTORY, CANDIDATES, USER, SCORES = "history_ids", "candidate_ids", "user_id", "scores"
 KNOWN = "candidate_known"  # False where the item table has no row for a candidate (scored -inf)
+USER_KNOWN, TABLE_VERSION = "user_known", "item_table_version"  # per request
 UNKNOWN_IDS = ("flag", "raise")
 PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
 
@@ -32,6 +36,8 @@ class RankingError(MMRankError):
 class Ranking(NamedTuple):
     scores: np.ndarray  # [N] float32 logits in candidate order; -inf for unknown candidates
     known: np.ndarray  # [N] bool: False where the item table has no row for the candidate
+    item_table_version: int  # the item table version that answered
+    user_known: bool  # False for a user_id the model does not know, and without one
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,7 @@ def as_ids(values: Sequence[int] | np.ndarray, name: str, allow_empty: bool) -> 
         return np.array([PAD_ID], dtype=np.int64)
     if not np.issubdtype(arr.dtype, np.integer):
         raise RankingError(f"{name} must hold integer item ids, got {arr.dtype}")
-    if (arr < 0).any():
-        raise RankingError(f"{name} holds a negative id ({int(arr[arr < 0][0])})")
+    # A negative id is one more id the item table does not hold: the server flags it (candidate_known).
     return arr.astype(np.int64)
 
 
@@ -130,14 +135,19 @@ class _Base:
             raise RankingError(f"got {scores.size} scores for {n} candidates")
         return scores.astype(np.float32)
 
-    def _known(self, result, n: int) -> np.ndarray:
-        known = result.as_numpy(KNOWN)
-        if known is None:
-            raise RankingError(f"response has no {KNOWN!r} output (is {self.cfg.model!r} the rank ensemble?)")
-        return known.reshape(-1).astype(bool)[:n]
+    def _output(self, result, name: str) -> np.ndarray:
+        value = result.as_numpy(name)
+        if value is None:
+            raise RankingError(f"response has no {name!r} output (is {self.cfg.model!r} the rank ensemble?)")
+        return value.reshape(-1)
 
     def _ranking(self, result, candidates, n: int) -> Ranking:
-        ranking = Ranking(self._scores(result, n), self._known(result, n))
+        ranking = Ranking(
+            self._scores(result, n),
+            self._output(result, KNOWN).astype(bool)[:n],
+            int(self._output(result, TABLE_VERSION)[0]),
+            bool(self._output(result, USER_KNOWN)[0]),
+        )
         if self.cfg.unknown_ids == "raise" and not ranking.known.all():
             unknown = np.asarray(candidates)[~ranking.known]
             raise RankingError(
@@ -146,7 +156,9 @@ class _Base:
         return ranking
 
     def _outputs(self) -> list:
-        return [self._module.InferRequestedOutput(name) for name in (SCORES, KNOWN)]
+        return [
+            self._module.InferRequestedOutput(name) for name in (SCORES, KNOWN, USER_KNOWN, TABLE_VERSION)
+        ]
 
 
 class RankingClient(_Base):
@@ -179,7 +191,8 @@ class RankingClient(_Base):
             return False
 
     def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
-        """(scores [N] logits, known [N]) of the candidates, in their order."""
+        """Scores [N] (logits) and known flags of the candidates in their order, the table version that
+        answered and whether the user is known."""
         tensors = self._checked(history_ids, candidate_ids, user_id)
         if self._batched is None:
             self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))

@@ -1,6 +1,6 @@
 """Ranking requests drawn from a dataset's test split, sized for load tests: N candidates, L history ids.
 
-A request is one test request group of the dataset (`mmrank.demo.test_requests`): the user, the last L
+A request is one test request group of the dataset (`trainer.data.requests`): the user, the last L
 positive items strictly before it (real history) and the items the request showed. Only requests whose
 user has at least L earlier positives are kept, so every request carries exactly L history ids. The
 candidate set is the request's own items first, then items drawn uniformly (seeded, without
@@ -61,7 +61,7 @@ def _fill(own: np.ndarray, n: int, num_items: int, rng: np.random.Generator) -> 
 
 
 def draw_requests(data: str | Path, cfg: SampleConfig = SampleConfig()) -> RequestSample:
-    from mmrank.demo import test_requests
+    from trainer.data.requests import request_groups
     from trainer.data.schema import MANIFEST, Manifest
 
     data = Path(data)
@@ -69,7 +69,7 @@ def draw_requests(data: str | Path, cfg: SampleConfig = SampleConfig()) -> Reque
         raise MMRankError(f"{data}: not a dataset folder (no {MANIFEST}; make one with `mmrank data ...`)")
     num_items = Manifest.read(data).counts["items"]
     # Every test request group, in a seeded random order; the first `requests` with a full history win.
-    groups = test_requests(data, cfg.history, count=sys.maxsize, seed=cfg.seed)
+    groups = request_groups(data, cfg.history, count=sys.maxsize, seed=cfg.seed)
     full = [i for i, h in enumerate(groups.histories) if len(h) == cfg.history][: cfg.requests]
     if not full:
         raise MMRankError(f"{data}: no test request has a history of {cfg.history} items (lower --history)")

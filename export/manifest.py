@@ -5,7 +5,7 @@ and the serving code never restate them. Shapes list an int for a fixed axis and
 one ("batch", "candidates", "history", "tokens", ...); the first axis of every graph tensor is "batch".
 
     {
-      "format_version": 1, "opset": 17, "created_at": "...",
+      "format_version": 3, "opset": 17, "created_at": "...",
       "checkpoint": {"path": ".../best.pt", "sha256": "..."},
       "model": {"d": 64, "item_dim": 64, "history_len": 20, "long_history_len": 0, "num_items": ...,
                 "num_users": ..., "user_feature_cards": [3], "modalities": {"text": {"tokens": 2, "dim": 384}}},
@@ -16,7 +16,7 @@ one ("batch", "candidates", "history", "tokens", ...); the first axis of every g
       "item_table": {"dir": "item_table", "version": 1},
       "tokenizer": {"dir": "tokenizer", "max_length": 128, "fields": ["title", "overview"],
                     "join_fields": false},
-      "user_table": "user_table.npy"   (two-tower models only: the propagated user vectors)
+      "user_table": "user_table.npy"   (two-tower models: the propagated user vectors; else null)
     }
 """
 
@@ -31,7 +31,10 @@ from common.errors import MMRankError
 from model_repository.item_table import LookupConfig
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the ranking graph takes candidate_known (it scores unknown candidates -inf) and `programs` is always
+# there. 3: `user_table` is always there (null but for two-tower models). A manifest of another version is
+# refused: export the run again.
+FORMAT_VERSION = 3
 # ONNX TensorProto element types <-> numpy dtype names <-> Triton data types.
 ONNX_DTYPES = {1: "float32", 7: "int64", 9: "bool", 10: "float16", 6: "int32", 8: "string"}
 TRITON_DTYPES = {
@@ -152,7 +155,8 @@ class Manifest:
             raw = json.loads(path.read_text())
             if raw.get("format_version") != FORMAT_VERSION:
                 raise MMRankError(
-                    f"{path}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}"
+                    f"{path}: export format_version {raw.get('format_version')!r}, this version reads "
+                    f"{FORMAT_VERSION}; export the run again"
                 )
             manifest = cls(
                 opset=raw["opset"],
@@ -162,8 +166,8 @@ class Manifest:
                 graphs={name: _graph(g) for name, g in raw["graphs"].items()},
                 item_table=raw["item_table"],
                 tokenizer=TokenizerInfo(**raw["tokenizer"]) if raw.get("tokenizer") else None,
-                programs={name: ProgramSpec(**p) for name, p in raw.get("programs", {}).items()},
-                user_table=raw.get("user_table"),
+                programs={name: ProgramSpec(**p) for name, p in raw["programs"].items()},
+                user_table=raw["user_table"],
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MMRankError(f"{path}: not valid JSON ({e})") from e

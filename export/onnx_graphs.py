@@ -511,23 +511,16 @@ def export_model(
 
 # ---- from a run folder -----------------------------------------------------------------------------
 def find_dataset(run_dir: Path, data: str | None) -> Path:
-    """--data, else the dataset the run was trained on (RUN/metrics.json's train block) or, for a run
-    without one, last evaluated on (RUN/evaluation.json). Training's comes first: the frozen feature
-    buffers and user table are filled from the dataset, and an evaluation on other data of the same
-    sizes would otherwise export silently wrong content."""
+    """--data, else the dataset the run was trained on (RUN/run.json). Not one it was evaluated on: the
+    frozen feature buffers and user table are filled from the dataset, and other data of the same sizes
+    would export silently wrong content."""
+    from trainer.run import recorded_data
+
     if not run_dir.is_dir():
         raise MMRankError(f"{run_dir}: run folder not found (write one with `mmrank train`)")
     if data:
         return Path(data)
-    for name, block in (("metrics.json", "train"), ("evaluation.json", None)):
-        try:
-            recorded = json.loads((run_dir / name).read_text())
-            recorded = (recorded.get(block) if block else recorded).get("data")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
-        if recorded:
-            return Path(recorded)
-    raise MMRankError(f"{run_dir}: the run does not record its dataset; pass --data DIR")
+    return Path(recorded_data(run_dir)["path"])
 
 
 def text_setup(ds, model: nn.Module) -> TextSetup | None:

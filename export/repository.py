@@ -5,12 +5,16 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
 `text_format`; `check_ensembles` verifies each ensemble's maps before anything is written. Models:
 
     rank            ensemble: history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1],
-                    user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL
-      item_lookup   Python: checks the request's limits, ids -> the ranking graph's inputs from the item
-                    table (model_repository/item_table.py documents the fallback for unknown ids);
-                    versioned, latest version served. With the python backend it also runs the ranking
-                    graph (a copy in each version folder) and `rank` has this one step
-      ranking       the ranking graph (the second step of `rank` with the native backends)
+                    user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL,
+                    user_known [1] BOOL, item_table_version [1] INT64 (the table that answered)
+      item_lookup   the item table, versioned (a version folder per table, latest version served):
+                    ids -> rows, the fallbacks of model_repository/item_table.py for unknown ids and
+                    users. python / torch: a Python model that checks the request's limits and runs the
+                    ranking graph (or program) too, `rank`'s one step. onnxruntime: the lookup graph
+                    merged into the ranking graph (export/lookup_graph.py), one native model, ids in,
+                    scores out (`--lookup separate`: its own model before `ranking`). tensorrt: the
+                    lookup graph before the ranking engine
+      ranking       the ranking graph (the second step of `rank` where the lookup is separate)
     encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
                     BYTES, encoded image file, b"" = none) -> content [d] FP32
       tokenizer     Python: checks the request's limits, texts -> input_ids, attention_mask, text_mask
@@ -23,8 +27,11 @@ the lookup step ranks with the exported torch program (export/torch_program.py) 
 item table resident there, CUDA graphs per (batch, candidates) bucket (model_repository/torch_ranker.py;
 the CPU where there is no GPU), so the stub's Python needs torch too; `onnxruntime` and `tensorrt` use
 Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (TensorRT engines come
-from export/tensorrt.py), the lookup, tokenizer and image preprocessing stay Python. Every model
-batches (the first dimension of every tensor is the batch); graph models have dynamic batching.
+from export/tensorrt.py) and the native lookup graph: `rank` has no Python step; the tokenizer and
+image preprocessing stay Python. Graph models run on the instance kind `--instance-kind` names.
+Every model batches (the first dimension of every tensor is the batch) except the native item_lookup,
+which takes whole tensors from the batching `rank` (the onnxruntime backend refuses optional inputs on
+a batching model); graph models have dynamic batching.
 Every Python-backend version folder gets its `model.py` and a copy of the serving runtime package
 (model_repository/, numpy + onnxruntime + tokenizers + Pillow, no project; torch only in torch_ranker.py,
 the `torch` backend's ranking step), so the rendered folder alone deploys; its README.md says what a
@@ -49,13 +56,19 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from common.atomic import atomic_dir
 from common.errors import MMRankError
+from export import lookup_graph as lg
+from export.lookup_graph import ID_MAPS
 from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
-from export.tensorrt import check_engines_hold
+from export.tensorrt import check_engine_file, check_engines_hold
 from model_repository import item_table as it
 from model_repository.limits import EncodeLimits, RequestLimits
 
 BACKENDS = ("python", "torch", "onnxruntime", "tensorrt")
 PYTHON_GRAPHS = ("python", "torch")  # backends that run the ONNX graphs in the Python backend
+LOOKUPS = ("merged", "separate")  # native backends: the lookup graph in the ranking graph, or before it
+# Instance kinds of the graph models: auto = a GPU where the server has one (NVIDIA's containers, whose
+# onnxruntime backend has CUDA), else the CPU; cpu for an onnxruntime backend without CUDA on a GPU host.
+INSTANCE_KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 PRECISIONS = ("fp32", "fp16")
 RUNTIME = Path(__file__).resolve().parents[1] / "model_repository"  # the serving runtime package
 # The one module of the leaf package the runtime imports, copied beside it.
@@ -63,7 +76,7 @@ LEAF, LEAF_MODULES = RUNTIME.parent / "common", ("__init__.py", "errors.py")
 PYTHON_CODE = RUNTIME / "models"
 RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", ".ruff_cache", "README.md")
 REPOSITORY_README = RUNTIME / "README.md"
-RANKING_FILE = "ranking.onnx"  # python backend: the ranking graph inside each item_lookup version
+RANKING_FILE = lg.RANKING_FILE  # the ranking graph inside each item_lookup version (python, native)
 RANKING_PROGRAM = "ranking.pt2"  # torch backend: the ranking program inside each item_lookup version
 ABANDONED_AFTER_S = 3600  # a hidden table version older than this is a killed publisher's
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
@@ -81,6 +94,12 @@ class RenderConfig:
     # onnxruntime intra-op threads of the ranking graph inside item_lookup (python backend): one thread
     # is as fast at p50 for one user's N candidates and keeps p99 low on a shared CPU (serving_overhead.md)
     rank_graph_threads: int = 1
+    # native backends: the lookup merged into the ranking graph (onnxruntime: one model, ids in, scores
+    # out) or its own model in front of it (tensorrt always: an engine cannot hold the lookup), and the
+    # id -> row map of the lookup graph (export/lookup_graph.py: auto picks by the table's id span)
+    lookup: str = "merged"
+    id_map: str = "auto"
+    instance_kind: str = "auto"  # of the graph models (INSTANCE_KINDS); TensorRT engines run on GPUs
     engines_dir: Path | None = None  # TensorRT plans; None = <export>/tensorrt
     limits: RequestLimits = field(default_factory=RequestLimits)  # bounds of one `rank` request
     encode_limits: EncodeLimits = field(default_factory=EncodeLimits)  # of one `encode_items` request
@@ -99,6 +118,14 @@ class RenderConfig:
                 raise MMRankError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.queue_delay_us < 0:
             raise MMRankError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
+        for name, allowed in (("lookup", LOOKUPS), ("id_map", ID_MAPS), ("instance_kind", INSTANCE_KINDS)):
+            if getattr(self, name) not in allowed:
+                raise MMRankError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+
+    @property
+    def merged(self) -> bool:
+        """Whether the native lookup is merged into the ranking graph (never before an engine)."""
+        return self.backend == "onnxruntime" and self.lookup == "merged"
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -139,7 +166,7 @@ def _base(name: str, rc: RenderConfig, kind: str) -> mc.ModelConfig:
 
 
 def graph_config(name: str, spec: GraphSpec, rc: RenderConfig) -> mc.ModelConfig:
-    kind = "KIND_GPU" if rc.backend == "tensorrt" else "KIND_AUTO"
+    kind = "KIND_GPU" if rc.backend == "tensorrt" else INSTANCE_KINDS[rc.instance_kind]
     config = _base(name, rc, kind)
     if rc.backend in PYTHON_GRAPHS:
         config.backend = "python"
@@ -161,29 +188,66 @@ def python_config(name: str, rc: RenderConfig, inputs, outputs, **params) -> mc.
     return config
 
 
-def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
-    m = manifest.model
+def request_inputs(manifest: Manifest) -> list[mc.ModelInput]:
+    """The `rank` request: history_ids, candidate_ids (+ optional user_id, user_feats), batched."""
+    cards = manifest.model.user_feature_cards
     inputs = [
-        _tensor(mc.ModelInput, "history_ids", "TYPE_INT64", [-1]),
-        _tensor(mc.ModelInput, "candidate_ids", "TYPE_INT64", [-1]),
+        _tensor(mc.ModelInput, it.HISTORY_IDS, "TYPE_INT64", [-1]),
+        _tensor(mc.ModelInput, it.CANDIDATE_IDS, "TYPE_INT64", [-1]),
         _tensor(mc.ModelInput, it.USER_ID, "TYPE_INT64", [1], optional=True),
     ]
-    if m.user_feature_cards:
-        inputs.append(
-            _tensor(mc.ModelInput, it.USER_FEATS, "TYPE_INT64", [len(m.user_feature_cards)], optional=True)
-        )
+    if cards:
+        inputs.append(_tensor(mc.ModelInput, it.USER_FEATS, "TYPE_INT64", [len(cards)], optional=True))
+    return inputs
+
+
+def flag_outputs() -> list[mc.ModelOutput]:
+    """What `rank` says besides the scores, batched: candidate_known [N], user_known and
+    item_table_version (the table version that answered) per row."""
+    return [
+        _tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1]),
+        _tensor(mc.ModelOutput, it.USER_KNOWN, "TYPE_BOOL", [1], reshape=False),
+        _tensor(mc.ModelOutput, it.TABLE_VERSION, "TYPE_INT64", [1], reshape=False),
+    ]
+
+
+def _whole(tensors: list) -> list:
+    """Batched tensors as a model without batching declares them: the batch axis in the dims."""
+    out = []
+    for t in tensors:
+        whole = type(t)()
+        whole.CopyFrom(t)
+        whole.dims[:] = [-1, *t.dims]
+        whole.ClearField("reshape")
+        out.append(whole)
+    return out
+
+
+def _lookup_params(manifest: Manifest, rc: RenderConfig) -> dict:
     ranking = manifest.graph("ranking")
-    flag = _tensor(mc.ModelOutput, it.CANDIDATE_KNOWN, "TYPE_BOOL", [-1])
-    params = {}
-    if rc.backend in PYTHON_GRAPHS:
-        # The lookup runs the ranking graph itself (RANKING_FILE or RANKING_PROGRAM in each version folder):
-        # one Python step instead of two, which is what benchmarks/results/serving_overhead.md measured
-        # the time going to.
-        outputs = [*_outputs(ranking.outputs), flag]
+    widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
+    return {
+        "lookup": asdict(manifest.model.lookup()),
+        "limits": asdict(rc.limits),
+        "table_widths": {"d": widths.get(it.CANDIDATE_C, 0), "item_dim": widths.get(it.CANDIDATE_ITEM, 0)},
+    }
+
+
+def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
+    """The versioned model that holds the item table: a Python model with the python and torch backends
+    (it runs the ranking graph or program too), an ONNX graph with the native ones."""
+    if rc.backend not in PYTHON_GRAPHS:
+        return native_lookup_config(manifest, rc)
+    ranking = manifest.graph("ranking")
+    # The lookup runs the ranking graph itself (RANKING_FILE or RANKING_PROGRAM in each version folder):
+    # one Python step instead of two, which is what benchmarks/results/serving_overhead.md measured the
+    # time going to.
+    outputs = [*_outputs(ranking.outputs), *flag_outputs()]
+    params = _lookup_params(manifest, rc)
     if rc.backend == "python":
         params["graph"] = RANKING_FILE
         params["graph_threads"] = rc.rank_graph_threads
-    elif rc.backend == "torch":
+    else:
         program = manifest.programs.get("ranking")
         if program is None:
             raise MMRankError(
@@ -202,25 +266,42 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             buckets=rc.buckets,
             cuda_graphs=rc.cuda_graphs,
         )
-    else:
-        # The lookup produces exactly the ranking graph's inputs (same names, dtypes, dims), plus the flag.
-        outputs = _outputs(ranking.inputs, reshape=False)
-        if it.CANDIDATE_KNOWN not in {t.name for t in ranking.inputs}:  # older exports score it unmasked
-            outputs.append(flag)
-    widths = {t.name: t.shape[-1] for t in ranking.inputs if t.name in (it.CANDIDATE_C, it.CANDIDATE_ITEM)}
-    params["table_widths"] = {
-        "d": widths.get(it.CANDIDATE_C, 0),
-        "item_dim": widths.get(it.CANDIDATE_ITEM, 0),
-    }
-    config = python_config(
-        "item_lookup", rc, inputs, outputs, lookup=asdict(m.lookup()), limits=asdict(rc.limits), **params
-    )
+    config = python_config("item_lookup", rc, request_inputs(manifest), outputs, **params)
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
     config.instance_group[0].count = rc.lookup_instances
     if rc.backend == "torch":  # a GPU instance where the server has GPUs, else a CPU one
         config.instance_group[0].kind = mc.ModelInstanceGroup.Kind.Value("KIND_AUTO")
     # Requests queued while the instance is busy arrive in one execute() call (no added wait).
     config.dynamic_batching.max_queue_delay_microseconds = 0
+    return config
+
+
+def native_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
+    """item_lookup as an `onnxruntime_onnx` model (export/lookup_graph.py): each version folder holds
+    its graph (the table as initializers), the table and the ranking graph it was built with. Without
+    batching (max_batch_size 0), because the onnxruntime backend refuses optional inputs on a batching
+    model; `rank` batches and hands it whole tensors. Merged: ids in, scores and flags out; separate:
+    the ranking graph's inputs out (user_id and user_feats as checked_*), for the ranking step."""
+    ranking = manifest.graph("ranking")
+    if rc.merged:
+        outputs = [*_outputs(ranking.outputs), *flag_outputs()]
+    else:
+        products = [t for t in ranking.inputs if t.name != it.CANDIDATE_KNOWN]
+        outputs = _outputs(products, reshape=False) + flag_outputs()
+        for t in outputs:
+            t.name = lg.CHECKED.get(t.name, t.name)
+    config = mc.ModelConfig(name="item_lookup", platform="onnxruntime_onnx", max_batch_size=0)
+    config.input.extend(_whole(request_inputs(manifest)))
+    config.output.extend(_whole(outputs))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(INSTANCE_KINDS[rc.instance_kind]))
+    config.instance_group[0].count = rc.lookup_instances
+    config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
+    _params(
+        config,
+        intra_op_thread_count=str(rc.rank_graph_threads),
+        lookup_graph={"merged": rc.merged, "id_map": rc.id_map},
+        **_lookup_params(manifest, rc),
+    )
     return config
 
 
@@ -273,16 +354,14 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
     return config
 
 
-def rank_config(lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig) -> mc.ModelConfig:
-    outputs = [o for o in ranking.output] + [o for o in lookup.output if o.name == it.CANDIDATE_KNOWN]
-    config = _ensemble("rank", rc, list(lookup.input), outputs)
-    if "graph" in lookup.parameters or "program" in lookup.parameters:  # the lookup scores: one step
+def rank_config(manifest: Manifest, lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig):
+    outputs = [*_outputs(manifest.graph("ranking").outputs), *flag_outputs()]
+    config = _ensemble("rank", rc, request_inputs(manifest), outputs)
+    if "scores" in {t.name for t in lookup.output}:  # the lookup scores: one step
         _step(config, lookup)
         return config
-    # The lookup's user tensors (ids checked against the tables) must not reuse the request's names.
-    checked = {name: f"checked_{name}" for name in (it.USER_ID, it.USER_FEATS)}
-    _step(config, lookup, writes=checked)
-    _step(config, ranking, reads=checked)
+    _step(config, lookup)  # its user tensors are checked_*: the request's names stay free
+    _step(config, ranking, reads=lg.CHECKED)
     return config
 
 
@@ -313,7 +392,7 @@ def build_configs(manifest: Manifest, rc: RenderConfig) -> dict[str, mc.ModelCon
         name: graph_config(name, manifest.graphs[name], rc) for name in GRAPH_NAMES if name in manifest.graphs
     }
     models["item_lookup"] = item_lookup_config(manifest, rc)
-    models["rank"] = rank_config(models["item_lookup"], models["ranking"], rc)
+    models["rank"] = rank_config(manifest, models["item_lookup"], models["ranking"], rc)
     if encodable(manifest):
         if "text_encoder" in models:
             models["tokenizer"] = tokenizer_config(manifest, rc)
@@ -333,19 +412,22 @@ def _compatible(a, b) -> bool:
 
 
 def check_ensembles(models: dict[str, mc.ModelConfig]) -> None:
-    """Every ensemble step maps real tensors of its model, with matching dtypes and dims; every
-    required input is fed, every ensemble output produced. Raises MMRankError naming the tensor."""
+    """Every ensemble step maps real tensors of its model, with matching dtypes and whole shapes (a model
+    without batching declares the batch axis in its dims, as Triton lets it sit in a batching ensemble);
+    every required input is fed, every ensemble output produced. Raises MMRankError naming the tensor."""
     for ens in (m for m in models.values() if m.platform == "ensemble"):
-        tensors = {t.name: t for t in ens.input}
+        batched = ens.max_batch_size > 0
+        tensors = {t.name: (t, batched) for t in ens.input}
         for step in ens.ensemble_scheduling.step:
             where = f"ensemble {ens.name!r}, step {step.model_name!r}"
             model = models.get(step.model_name)
             if model is None:
                 raise MMRankError(f"{where}: no such model in the repository")
-            if model.max_batch_size < ens.max_batch_size:
+            if 0 < model.max_batch_size < ens.max_batch_size:
                 raise MMRankError(
                     f"{where}: max_batch_size {model.max_batch_size} < the ensemble's {ens.max_batch_size}"
                 )
+            own = model.max_batch_size > 0
             inputs, outputs = {t.name: t for t in model.input}, {t.name: t for t in model.output}
             for key, value in step.input_map.items():
                 if key not in inputs:
@@ -354,7 +436,7 @@ def check_ensembles(models: dict[str, mc.ModelConfig]) -> None:
                     raise MMRankError(
                         f"{where}: input {key!r} reads {value!r}, which no earlier step produces"
                     )
-                _same(where, key, inputs[key], tensors[value])
+                _same(where, key, (inputs[key], own), tensors[value])
             for name, t in inputs.items():
                 if name not in step.input_map and not t.optional:
                     raise MMRankError(f"{where}: required input {name!r} is not mapped")
@@ -365,20 +447,24 @@ def check_ensembles(models: dict[str, mc.ModelConfig]) -> None:
                     raise MMRankError(
                         f"{where}: output {key!r} writes {value!r}, a tensor that already exists"
                     )
-                tensors[value] = outputs[key]
+                tensors[value] = (outputs[key], own)
         for out in ens.output:
             if out.name not in tensors or out.name in {t.name for t in ens.input}:
                 raise MMRankError(f"ensemble {ens.name!r}: output {out.name!r} is produced by no step")
-            _same(f"ensemble {ens.name!r}", out.name, out, tensors[out.name])
+            _same(f"ensemble {ens.name!r}", out.name, (out, batched), tensors[out.name])
 
 
-def _same(where: str, name: str, want, have) -> None:
+def _same(where: str, name: str, want: tuple, have: tuple) -> None:
+    """`want` and `have` are (tensor, batched): dtypes equal, whole shapes compatible."""
+    (want, want_batched), (have, have_batched) = want, have
     if want.data_type != have.data_type:
         raise MMRankError(
             f"{where}: tensor {name!r} is {mc.DataType.Name(have.data_type)}, expected {mc.DataType.Name(want.data_type)}"
         )
-    if not _compatible(list(want.dims), list(have.dims)):
-        raise MMRankError(f"{where}: tensor {name!r} has dims {list(have.dims)}, expected {list(want.dims)}")
+    want_dims = [-1] * want_batched + list(want.dims)
+    have_dims = [-1] * have_batched + list(have.dims)
+    if not _compatible(want_dims, have_dims):
+        raise MMRankError(f"{where}: tensor {name!r} has dims {have_dims}, expected {want_dims}")
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -423,12 +509,24 @@ def _graph_file(export_dir: Path, manifest: Manifest, name: str, rc: RenderConfi
                 f"{plan}: no TensorRT engine (build engines on the target GPU with "
                 f"`python -m export.tensorrt --export {export_dir}`)"
             )
-        return plan, "model.plan"
+        return check_engine_file(plan), "model.plan"
     spec = manifest.graph(name)
     file, sha = variant(spec, rc.precision)
     if file is None:
         raise MMRankError(f"the export has no {rc.precision} variant of the {name} graph")
     return check_sha256(export_dir / file, sha), "model.onnx"
+
+
+def _ranking_graph(export_dir: Path, manifest: Manifest, rc: RenderConfig) -> Path:
+    """The ONNX ranking graph of the render's precision (fp32 for TensorRT, whose engines come from it)."""
+    precision = "fp32" if rc.backend == "tensorrt" else rc.precision
+    file, sha = variant(manifest.graph("ranking"), precision)
+    return check_sha256(export_dir / file, sha)
+
+
+def native_lookup(config: mc.ModelConfig) -> lg.NativeLookup:
+    """How a native item_lookup config builds its versions' graphs."""
+    return lg.NativeLookup.from_params({k: v.string_value for k, v in config.parameters.items()})
 
 
 def render_repository(
@@ -465,16 +563,19 @@ def render_repository(
                 shutil.copy2(src, version / dst)
                 if rc.backend in PYTHON_GRAPHS:
                     write_python_model(version, "graph_model.py")
-            if name in PYTHON_MODELS:
+            if name in PYTHON_MODELS and config.backend == "python":
                 write_python_model(version, PYTHON_MODELS[name])
-        shutil.copytree(
-            export_dir / str(manifest.item_table["dir"]), tmp / "item_lookup" / "1" / "item_table"
-        )
-        if "graph" in models["item_lookup"].parameters:
-            shutil.copy2(sources["ranking"][0], tmp / "item_lookup" / "1" / RANKING_FILE)
-        if "program" in models["item_lookup"].parameters:
+        lookup, first = models["item_lookup"], tmp / "item_lookup" / "1"
+        table_dir = export_dir / str(manifest.item_table["dir"])
+        shutil.copytree(table_dir, first / lg.TABLE_DIR)
+        if "program" in lookup.parameters:
             file, sha = variant(manifest.programs["ranking"], rc.precision)
-            shutil.copy2(check_sha256(export_dir / file, sha), tmp / "item_lookup" / "1" / RANKING_PROGRAM)
+            shutil.copy2(check_sha256(export_dir / file, sha), first / RANKING_PROGRAM)
+        else:  # the ranking graph the lookup scores with or (separate native lookup) feeds
+            shutil.copy2(_ranking_graph(export_dir, manifest, rc), first / RANKING_FILE)
+        if lookup.platform == "onnxruntime_onnx":
+            table = it.ItemTable.read(table_dir)
+            native_lookup(lookup).write(first, table, 1)  # the version a response names: the folder
         if "tokenizer" in models:
             shutil.copytree(export_dir / manifest.tokenizer.dir, tmp / "tokenizer" / "1" / "tokenizer")
         shutil.copy2(export_dir / "manifest.json", tmp / "export_manifest.json")
@@ -497,14 +598,23 @@ def check_table_fits(table: it.ItemTable, served: it.ItemTable) -> None:
             raise MMRankError(f"the new item table's {name} is {new}, the served table's is {old}")
 
 
-def _config_widths(model: Path) -> tuple[int | None, int | None]:
+def read_config(model: Path) -> mc.ModelConfig | None:
+    """The config of the model folder `model`; None without one."""
+    path = Path(model) / "config.pbtxt"
+    return text_format.Parse(path.read_text(), mc.ModelConfig()) if path.is_file() else None
+
+
+def config_widths(config: mc.ModelConfig | None) -> tuple[int | None, int | None]:
     """(d, item_dim) the ranking graph reads, from item_lookup's config; (None, None) without one."""
-    config = model / "config.pbtxt"
-    if not config.is_file():
+    if config is None:
         return None, None
-    params = text_format.Parse(config.read_text(), mc.ModelConfig()).parameters
-    widths = json.loads(params["table_widths"].string_value)
+    widths = json.loads(config.parameters["table_widths"].string_value)
     return widths["d"], widths["item_dim"]
+
+
+def is_native(config: mc.ModelConfig | None) -> bool:
+    """Whether item_lookup is the native lookup graph (each version folder a built graph)."""
+    return config is not None and config.platform == "onnxruntime_onnx"
 
 
 def _fsync(path: Path) -> None:
@@ -515,17 +625,23 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_version(tmp: Path, served: Path, table: it.ItemTable) -> None:
-    """The new version's folder: model.py and the runtime, the ranking graph or program of the served
-    version (python / torch backend: the lookup ranks too), the table; read back, then synced to disk
-    files first, folders bottom-up, so no crash after the rename leaves a published version with
-    empty files."""
-    write_python_model(tmp, PYTHON_MODELS["item_lookup"])
+def _write_version(tmp: Path, served: Path, table: it.ItemTable, config: mc.ModelConfig | None) -> None:
+    """The new version's folder: the ranking graph or program of the served version, the table, and
+    model.py with the runtime (python / torch backend: the lookup ranks too) or the lookup graph built
+    from them (native), read back (the native graph loaded and probed: `NativeLookup.check`), then
+    synced to disk files first, folders bottom-up, so no crash after the rename leaves a published
+    version with empty files."""
     for name in (RANKING_FILE, RANKING_PROGRAM):
         if (served / name).is_file():
             shutil.copy2(served / name, tmp / name)
-    table.write(tmp / "item_table")
-    it.ItemTable.read(tmp / "item_table")  # what the server will read, read back before it can see it
+    table.write(tmp / lg.TABLE_DIR)
+    it.ItemTable.read(tmp / lg.TABLE_DIR)  # what the server will read, read back before it can see it
+    if is_native(config):
+        build = native_lookup(config)
+        build.write(tmp, table, table.version)
+        build.check(tmp, table.version, config_widths(config))
+    else:
+        write_python_model(tmp, PYTHON_MODELS["item_lookup"])
     for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         _fsync(path)
     _fsync(tmp)
@@ -542,17 +658,19 @@ def _sweep_abandoned(model: Path) -> None:
 
 
 def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
-    """Publish `table` as the next version of item_lookup: checked (finite values; the widths of the
-    newest valid version, the one the server serves: `newest_valid_table`), written in a hidden folder
-    (`_write_version`), then renamed into place in one step, so a server in poll or explicit mode only
-    ever sees complete, valid versions (and serves it after a (re)load of item_lookup, without a
-    restart). A failed write leaves nothing behind."""
+    """Publish `table` as the next version of item_lookup, for any backend: checked (finite values; the
+    widths of the newest valid version, the one the server serves: `newest_valid_table`), written in a
+    hidden folder (`_write_version`: a native version's graph is built there, loaded and probed), then
+    renamed into place in one step, so a server in poll or explicit mode only ever sees complete, valid
+    versions (and serves it after a (re)load of item_lookup, without a restart). A failed write leaves
+    nothing behind. `mmrank table publish` (export/table_publish.py) is its command line."""
     model = Path(repo) / "item_lookup"
     versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
         raise MMRankError(f"{model}: not an item_lookup model folder")
     table.check_finite()  # the arrays may have changed since the table was built
-    served, served_version, _ = it.newest_valid_table(model, versions[-1], *_config_widths(model))
+    config = read_config(model)
+    served, served_version, _ = it.newest_valid_table(model, versions[-1], *config_widths(config))
     check_table_fits(table, served)
     number = versions[-1] + 1
     _sweep_abandoned(model)
@@ -561,7 +679,7 @@ def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
     tmp.chmod(0o755)
     final = model / str(number)
     try:
-        _write_version(tmp, model / str(served_version), replace(table, version=number))
+        _write_version(tmp, model / str(served_version), replace(table, version=number), config)
         tmp.rename(final)  # the server sees the version folder only once it is complete
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -585,6 +703,9 @@ def cli(args) -> int:
         buckets=args.buckets,
         engines_dir=Path(args.engines) if args.engines else None,
         cuda_graphs=not args.no_cuda_graphs,
+        lookup=args.lookup,
+        id_map=args.id_map,
+        instance_kind=args.instance_kind,
     )
     models = render_repository(args.export, args.out, rc, force=args.force)
     print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")

@@ -31,6 +31,10 @@ from model_repository.limits import RequestLimits
 
 ENGINES = "tensorrt"
 ENGINE_RECORD = "engines.json"
+# A serialized TensorRT engine starts with the tag "ftrt" (the little-endian uint32 0x74727466 that
+# trtexec checks), its serialization and TensorRT versions following within the first 28 bytes.
+PLAN_TAG = b"ftrt"
+PLAN_HEADER_BYTES = 28
 Shape = tuple[int, ...]
 
 
@@ -108,6 +112,20 @@ def check_engines_hold(engines: Path, manifest: Manifest, max_batch: int, max_ca
                 f"the repository admits {want} {what}, the TensorRT engines in {engines} hold at most "
                 f"{have}: rebuild them with `python -m export.tensorrt {flag} {want}` or lower the limit"
             )
+
+
+def check_engine_file(path: Path) -> Path:
+    """`path`, after checking that it starts like a serialized TensorRT engine: any other file named
+    `.plan` would render into a repository that fails only when the server loads it."""
+    with open(path, "rb") as f:
+        head = f.read(PLAN_HEADER_BYTES)
+    if len(head) < PLAN_HEADER_BYTES or head[: len(PLAN_TAG)] != PLAN_TAG:
+        found = f"{len(head)} bytes" if len(head) < PLAN_HEADER_BYTES else f"it starts with {head[:4]!r}"
+        raise MMRankError(
+            f"{path}: not a TensorRT engine (an engine starts with {PLAN_TAG!r} in a {PLAN_HEADER_BYTES}-byte "
+            f"header; {found}); build engines on the target GPU with `python -m export.tensorrt`"
+        )
+    return Path(path)
 
 
 def _tensorrt():

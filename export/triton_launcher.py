@@ -29,10 +29,31 @@ Stopping never leaks: the server runs in a session of its own with PR_SET_PDEATH
 when the launcher dies, even by SIGKILL; stop() (SIGINT/SIGTERM before or after ready) waits for it, then
 kills whatever is left of its session (backend stubs that were still loading) and removes the shared
 memory regions its Python backend created (their names carry a prefix of this launcher's own).
+A SIGKILLed launcher cannot clean up; its work folder and regions carry its pid and start time, and the
+next launcher removes those of launchers that no longer run (export/launcher_files.py).
+
+While the server runs, a supervisor thread watches its backend stubs: when one dies, the model is
+reloaded in place (explicit control mode) or the server is stopped, saying why (poll and none modes, which
+cannot load a model on request); export/backend_supervisor.py has the details and the readiness bounds.
+
+A bad newest item table version (one that does not read, has the wrong widths or, native, does not load
+and answer a probe request) never blocks a (re)start: the python / torch lookup serves the newest valid
+older table itself; for the native lookup graph, whose versions Triton loads, the launcher checks the
+versions first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
+naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
+a version, and refuse to start with a line saying so).
+
 The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
 anyway): `__pycache__` folders in the version folders would read as changed models and make poll mode
 reload every model.
+
+On a host without a CUDA driver the server (a GPU build) still logs two kinds of E-level lines, whatever
+its flags: "CudaDriverHelper has not been initialized" at start and "unable to create stream for
+<ensemble>" at each ensemble's load (its scheduler creates a CUDA stream unconditionally). Both are
+harmless there: nothing uses CUDA, the models run on the CPU and the ensembles pass tensors in CPU
+memory. `mmrank serve` says so once it is ready, and `log_tail` leaves them out of error messages. The
+pinned-memory pool and GPU metrics, which would log a warning and an NVML error, are switched off there.
 """
 
 from __future__ import annotations
@@ -42,24 +63,35 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
+from export.backend_supervisor import BackendProcess, BackendSupervisor, SupervisorConfig
+from export.launcher_files import make_workdir, shm_prefix
 from export.native_backend import NAME as NATIVE_NAME
 from export.native_backend import NativeBackend, backends_home
 
 CONTROL_MODES = ("none", "poll", "explicit")
+LOG_ERROR = re.compile(r"E\d{4} ")  # an E-level line of the server's log: "E1207 02:19:05.306 ..."
+# The E-level log lines of a healthy start on a host without a CUDA driver (see the module docstring).
+NO_CUDA_ERRORS = ("CudaDriverHelper has not been initialized", "unable to create stream for ")
+NO_CUDA_NOTE = (
+    "no CUDA driver on this host: the server logs E-level lines 'CudaDriverHelper has not been initialized' "
+    "and 'unable to create stream for <ensemble>' all the same; they are harmless here (the models run on "
+    "the CPU and nothing uses CUDA)"
+)
 
 
 @dataclass
@@ -70,7 +102,10 @@ class TritonConfig:
     grpc_port: int = 0
     http_port: int = 0
     metrics_port: int = 0
-    control_mode: str = "none"  # none | poll | explicit (explicit loads every model at start)
+    # explicit: every model loads at start, load/unload on request, and a model whose backend process dies
+    # is reloaded in place; poll: the server reloads changed models itself, none: never; in both a dead
+    # backend process stops the server (export/backend_supervisor.py says why)
+    control_mode: str = "explicit"
     poll_secs: int = 2  # repository poll interval in poll mode
     start_timeout_s: float = 180.0  # readiness wait: python-backend models import onnxruntime on load
     exit_timeout_s: int = 10  # server's own grace period for in-flight requests on shutdown
@@ -81,6 +116,8 @@ class TritonConfig:
     # only models that move tensors through DLPack (the torch backend's item_lookup) read and write
     # correctly then. For GPU machines with NumPy 2 and no package index to build the stub environment.
     dlpack_only: bool = False
+    supervise: bool = True  # watch the backend processes (export/backend_supervisor.py)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
 
 @dataclass(frozen=True)
@@ -137,6 +174,24 @@ class TritonDistribution:
                 f"the tritonserver has no Python backend stub for Python {python_version} ({have})"
             )
         return path
+
+
+def cuda_driver() -> bool:
+    """Whether the NVIDIA driver's CUDA library loads here, as it does on a GPU host."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def error_lines(log: str) -> list[str]:
+    """The E-level lines of a server log, less the ones a host without a CUDA driver always gets."""
+    return [
+        line
+        for line in log.splitlines()
+        if LOG_ERROR.match(line) and not any(known in line for known in NO_CUDA_ERRORS)
+    ]
 
 
 def free_port() -> int:
@@ -317,29 +372,74 @@ def server_env(dist: TritonDistribution, python: ModelPython) -> dict[str, str]:
     return env
 
 
-def skipped_tables(repository: Path) -> list[str]:
-    """What item_lookup's newest version will skip at load (model_repository/models/item_lookup.py
-    serves the newest valid table in its place): one line per unreadable or wrong-width table."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
+@dataclass(frozen=True)
+class TableVersions:
+    """item_lookup's version folders, checked at start."""
 
+    newest: int | None = None
+    served: int | None = None  # the newest version that serves
+    skipped: tuple[str, ...] = ()  # one line for each newer version passed over, and why
+    native: bool = False  # the lookup graph, whose versions Triton loads itself
+
+    @property
+    def pinned(self) -> bool:
+        """Whether item_lookup must load with a version policy naming `served`: a native lookup whose
+        newest version does not serve (Triton would try that one and fail)."""
+        return self.native and self.served != self.newest
+
+
+def check_table_versions(repository: Path) -> TableVersions:
+    """Which item_lookup version serves and which newer ones are passed over. The python / torch
+    lookup passes over an unreadable or wrong-width table itself (model_repository/models/item_lookup.py
+    serves the newest valid one in its place); a native version must also load in onnxruntime and
+    answer a probe request like the numpy lookup (export/lookup_graph.py `NativeLookup.check`), and
+    the launcher passes over it (TritonServer). MMRankError where no native version serves."""
+    from export.repository import config_widths, is_native, native_lookup, read_config
     from model_repository import item_table as it
 
     model = repository / "item_lookup"
-    versions = it.table_versions(model) if (model / "config.pbtxt").is_file() else []
+    config = read_config(model)
+    versions = it.table_versions(model) if config is not None else []
     if not versions:
-        return []
-    config = text_format.Parse((model / "config.pbtxt").read_text(), mc.ModelConfig())
-    widths = json.loads(config.parameters["table_widths"].string_value)
-    try:
-        _, served, skipped = it.newest_valid_table(model, versions[-1], widths["d"], widths["item_dim"])
-    except MMRankError as e:
-        return [str(e)]
-    return [f"{line}; serving item table version {served}" for line in skipped]
+        return TableVersions()
+    if not is_native(config):
+        try:
+            _, served, skipped = it.newest_valid_table(model, versions[-1], *config_widths(config))
+        except MMRankError as e:
+            return TableVersions(versions[-1], skipped=(str(e),))
+        lines = tuple(f"{line}; serving item table version {served}" for line in skipped)
+        return TableVersions(versions[-1], served, lines)
+    build, skipped = native_lookup(config), []
+    for version in reversed(versions):
+        try:
+            build.check(model / str(version), version, config_widths(config))
+        except MMRankError as e:
+            skipped.append(f"item table version {version} skipped: {e}")
+            continue
+        lines = tuple(f"{line}; serving item table version {version}" for line in skipped)
+        return TableVersions(versions[-1], version, lines, native=True)
+    raise MMRankError(f"{model}: no item table version serves ({'; '.join(skipped)})")
+
+
+def dependents(repository: Path, name: str) -> set[str]:
+    """The ensembles of the repository that run `name`, directly or through another ensemble."""
+    from export.repository import read_config
+
+    configs = {p.parent.name: read_config(p.parent) for p in repository.glob("*/config.pbtxt")}
+    found: set[str] = set()
+    while True:
+        more = {
+            model
+            for model, config in configs.items()
+            if model not in found
+            and any(step.model_name in found | {name} for step in config.ensemble_scheduling.step)
+        }
+        if not more:
+            return found
+        found |= more
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-SHM_PREFIX = "mmrank_triton_"
 
 
 def _die_with(parent: int):
@@ -376,7 +476,7 @@ def _open_log(path: Path):
 class TritonServer:
     """A running tritonserver process; use as a context manager or call start() / stop()."""
 
-    def __init__(self, config: TritonConfig):
+    def __init__(self, config: TritonConfig, report: Callable[[str], None] | None = None):
         if config.control_mode not in CONTROL_MODES:
             raise MMRankError(
                 f"unknown model control mode {config.control_mode!r}; expected one of {CONTROL_MODES}"
@@ -385,6 +485,7 @@ class TritonServer:
         if not repo.is_dir():
             raise MMRankError(f"{repo}: model repository not found (render one with `mmrank repo`)")
         self.config = config
+        self.report = report or _to_stderr  # the supervisor's event lines
         self.repository = repo.resolve()
         self.grpc_port = config.grpc_port or free_port()
         self.http_port = config.http_port or free_port()
@@ -392,8 +493,17 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self.log_path: Path | None = None
-        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}_{id(self):x}_"
-        self.skipped = skipped_tables(self.repository)  # bad newest table versions, said at start
+        self.shm_prefix = shm_prefix(self)
+        self.supervisor: BackendSupervisor | None = None
+        self.failure: str | None = None  # why the launcher stopped the server itself
+        self.tables = check_table_versions(self.repository)
+        self.skipped = self.tables.skipped  # bad newest table versions, said at start
+        if self.tables.pinned and config.control_mode != "explicit":
+            raise MMRankError(
+                f"item_lookup: {self.skipped[0]}: the native lookup cannot pass over a version in "
+                f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
+                f"--control-mode explicit, which loads version {self.tables.served}"
+            )
 
     @property
     def grpc_url(self) -> str:
@@ -418,10 +528,16 @@ class TritonServer:
             f"--model-control-mode={c.control_mode}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        if c.control_mode == "explicit":
+        if c.control_mode == "explicit" and self.tables.pinned:  # item_lookup and rank come after
+            later = {"item_lookup", *dependents(self.repository, "item_lookup")}
+            models = sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
+            args += [f"--load-model={name}" for name in models if name not in later]
+        elif c.control_mode == "explicit":
             args.append("--load-model=*")
         if c.control_mode == "poll":
             args.append(f"--repository-poll-secs={c.poll_secs}")
+        if not cuda_driver():  # neither can work; each would log a warning or an error at start
+            args += ["--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false"]
         return [*args, *c.extra_args]
 
     def start(self) -> TritonServer:
@@ -430,7 +546,7 @@ class TritonServer:
             python = model_python(self.config)
             native = native_backend(self.repository)
             with signals_deferred():  # the process handle is recorded before a stop can ask for it
-                self._workdir = Path(tempfile.mkdtemp(prefix="mmrank-triton-"))
+                self._workdir = make_workdir()
                 backends = assemble_backends(dist, self._workdir / "backends", python.version, native)
                 self.log_path = Path(self.config.log_file or self._workdir / "tritonserver.log")
                 with _open_log(self.log_path) as log:
@@ -444,10 +560,37 @@ class TritonServer:
                         preexec_fn=_die_with(os.getpid()),
                     )
             self._wait_ready()
+            if self.tables.pinned:
+                self._load_pinned()
+            if self.config.supervise:
+                self.supervisor = self._supervise()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _load_pinned(self) -> None:
+        """item_lookup with a version policy naming the version that serves (the repository's config
+        otherwise), then the ensembles that run it, which keep that version loaded."""
+        from google.protobuf import json_format
+
+        from export.repository import read_config
+
+        config = read_config(self.repository / "item_lookup")
+        config.version_policy.Clear()
+        config.version_policy.specific.versions.append(self.tables.served)
+        self._load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
+        for name in sorted(dependents(self.repository, "item_lookup")):
+            self._load(name, {})
+
+    def _load(self, name: str, body: dict) -> None:
+        url = f"http://{self.http_url}/v2/repository/models/{name}/load"
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.start_timeout_s):
+                return
+        except urllib.error.HTTPError as e:
+            raise MMRankError(f"tritonserver cannot load {name}: {e.read().decode(errors='replace')}") from e
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -465,13 +608,41 @@ class TritonServer:
             f"tritonserver not ready after {self.config.start_timeout_s:.0f} s: {self.log_tail()}"
         )
 
+    def _supervise(self) -> BackendSupervisor:
+        return BackendSupervisor(
+            self.process.pid,
+            self.http_url,
+            self.shm_prefix,
+            recover=self.config.control_mode == "explicit",
+            unrecoverable=self._backend_died,
+            report=self.report,
+            config=self.config.supervisor,
+        ).start()
+
+    def _backend_died(self, dead: list[BackendProcess]) -> None:
+        """In poll or none mode: no model can be loaded on request, so stop the server, saying why."""
+        names = ", ".join(f"{p.instance} (pid {p.pid})" for p in dead)
+        self.failure = (
+            f"the backend process of {names} died; in model control mode {self.config.control_mode!r} the "
+            "server cannot reload a model in place (explicit mode does), so the launcher stopped it"
+        )
+        self.report(f"backend: {self.failure}")
+        process = self.process
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+
     def log_tail(self, lines: int = 8) -> str:
         """The last log lines that say something (errors first), joined on one line for error messages."""
         if self.log_path is None or not self.log_path.is_file():
             return "(no log)"
         text = self.log_path.read_text(errors="replace").splitlines()
         useful = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("+", "|"))]
-        errors = [ln for ln in useful if ln.startswith("E") or "error" in ln.lower()]
+        errors = [
+            ln
+            for ln in useful
+            if (ln.startswith("E") or "error" in ln.lower()) and not any(k in ln for k in NO_CUDA_ERRORS)
+        ]
         return " | ".join((errors or useful)[-lines:])
 
     def stop(self) -> int | None:
@@ -479,6 +650,8 @@ class TritonServer:
         left of its session and remove its shared-memory regions. Signals wait until it is done."""
         with signals_deferred():
             code = None
+            if self.supervisor is not None:  # first, so that the stubs' exits read as no deaths
+                self.supervisor.stop()
             if self.process is not None:
                 if self.process.poll() is None:
                     self.process.send_signal(signal.SIGTERM)
@@ -491,6 +664,9 @@ class TritonServer:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 code = self.process.returncode
                 self.process = None
+            if self.supervisor is not None:
+                self.supervisor.join()
+                self.supervisor = None
             for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
                 region.unlink(missing_ok=True)
             if self._workdir is not None:
@@ -524,7 +700,7 @@ def serve(config: TritonConfig) -> int:
     ):
         if port and not _port_free(port):
             raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
-    server = TritonServer(config)
+    server = TritonServer(config, report=lambda line: print(line, flush=True))
     for line in server.skipped:
         print(f"item_lookup: {line}", flush=True)
     # SIGTERM stops like Ctrl-C, at any moment; SIGINT is set too, since a shell starting a background
@@ -539,10 +715,13 @@ def serve(config: TritonConfig) -> int:
                 "(Ctrl-C stops it)",
                 flush=True,
             )
+            if not cuda_driver():
+                print(f"tritonserver: {NO_CUDA_NOTE}", flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
             raise MMRankError(
-                f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
+                server.failure
+                or f"tritonserver exited with code {server.process.returncode}: {server.log_tail()}"
             )
         except KeyboardInterrupt:
             pass
@@ -552,6 +731,10 @@ def serve(config: TritonConfig) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _interrupt(signum, frame) -> None:

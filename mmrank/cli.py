@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable
 
 from common.errors import MMRankError
 
 Handler = str  # "package.module:function", resolved at call time
+# Options taking comma-separated item ids. argparse takes a value starting with "-" for an option unless it
+# is one plain negative number, so `--candidates -1,2` would be an error: such a value is attached to its
+# option (`--candidates=-1,2`) before parsing. The server flags unknown ids, negative ones among them.
+ID_LISTS = ("--history", "--candidates")
+NEGATIVE_IDS = re.compile(r"-\d[\d,\s-]*")
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -133,7 +139,7 @@ def _export(p):
     p.add_argument(
         "--data",
         default=None,
-        help="the run's dataset folder (None: the one RUN/evaluation.json or metrics.json records)",
+        help="the run's dataset folder (None: the one it trained on, which RUN/run.json records)",
     )
     p.add_argument("--no-fp16", action="store_true", help="skip the *.fp16.onnx variants")
     p.add_argument(
@@ -178,6 +184,27 @@ def _repo(p):
         help="torch backend: BATCHxCANDIDATES shapes requests are padded to (one CUDA graph each on a GPU)",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch backend: run every bucket eagerly")
+    p.add_argument(
+        "--lookup",
+        choices=["merged", "separate"],
+        default="merged",
+        help="onnxruntime backend: the item lookup graph merged into the ranking graph (one model, ids in, "
+        "scores out) or its own model before it (tensorrt: always before the engine)",
+    )
+    p.add_argument(
+        "--id-map",
+        choices=["auto", "dense", "search"],
+        default="auto",
+        help="native backends: the lookup graph's id -> row map (dense: 4 bytes per id up to the largest; "
+        "search: a binary search, for sparse ids; auto: dense while the ids span at most 16x the rows)",
+    )
+    p.add_argument(
+        "--instance-kind",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where the graph models run: auto = a GPU where the server has one (NVIDIA's containers), else "
+        "the CPU; cpu for an onnxruntime backend without CUDA (this project's build) on a GPU host",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(
@@ -193,6 +220,21 @@ def _repo(p):
     )
     p.add_argument("--max-image-bytes", type=int, default=8 << 20, help="bytes of one encoded image file")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+
+def _table_publish(p):
+    p.add_argument("--repo", required=True, help="Triton model repository (any backend) to publish into")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--export", help="an `mmrank export` of the served model: its item table")
+    g.add_argument(
+        "--items",
+        help=".npz with ids [M] and content [M, d] (e.g. encode_items vectors) added to the served table",
+    )
+    p.add_argument(
+        "--url",
+        help="Triton gRPC address: ask it to load the new version and wait until rank answers with it",
+    )
+    p.add_argument("--wait", type=float, default=120.0, help="--url: seconds to wait for the new version")
 
 
 def _analyze(p):
@@ -215,9 +257,12 @@ def _serve(p):
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (127.0.0.1)")
     p.add_argument(
         "--control-mode",
-        choices=["none", "poll", "explicit"],
-        default="poll",
-        help="model control; poll picks up a new item-table version without a restart",
+        choices=["explicit", "poll", "none"],
+        default="explicit",
+        help="model control. explicit: load_model(name) loads a new item-table version, and a model whose "
+        "backend process dies is reloaded in place; poll: the server loads new versions itself but cannot "
+        "reload a model in place, so a dead backend process stops it (exit 1, for a process manager to "
+        "restart); none: as poll, without loading new versions",
     )
     p.add_argument(
         "--log", help="server log file; without one the log goes to a temporary folder removed on exit"
@@ -238,7 +283,12 @@ def _rank(p):
 
 
 def _loadtest(p):
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (loopback only)")
+    p.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="Triton gRPC address (loopback only): e.g. `mmrank serve --repo build/demo/repo`, the demo's "
+        "repository (native onnxruntime where `make setup` built that backend)",
+    )
     p.add_argument("--out", required=True, help="folder for locust's CSV and HTML, summary.json and the plot")
     p.add_argument(
         "--data",
@@ -263,6 +313,13 @@ def _demo(p):
     p.add_argument("--events", type=int, default=60_000, help="synthetic impressions")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training and request sample")
     p.add_argument("--requests", type=int, default=200, help="test requests ranked through gRPC")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "python", "onnxruntime"],
+        default="auto",
+        help="the repository's backend; auto: onnxruntime (native, no Python step in rank) where `make setup` "
+        "built Triton's onnxruntime backend, else python",
+    )
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing finished steps")
 
 
@@ -303,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(sub, "export", "export ONNX graphs and the item table", "export.onnx_graphs:cli", _export)
     _add(sub, "repo", "render a Triton model repository", "export.repository:cli", _repo)
+    table = sub.add_parser(
+        "table", help="item table versions of a live repository", formatter_class=_formatter
+    )
+    tsub = table.add_subparsers(dest="source", required=True, metavar="ACTION")
+    _add(
+        tsub,
+        "publish",
+        "publish the next item table version (validated, atomic) into a repository",
+        "export.table_publish:cli",
+        _table_publish,
+    )
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(
@@ -317,8 +385,19 @@ def _resolve(handler: Handler) -> Callable[[argparse.Namespace], int | None]:
     return getattr(importlib.import_module(module), func)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line, with id lists that start with a negative id attached to their option."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in ID_LISTS and NEGATIVE_IDS.fullmatch(arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return build_parser().parse_args(joined)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     name = " ".join(x for x in (args.command, getattr(args, "source", None)) if x)
     try:
         return int(_resolve(args._handler)(args) or 0)

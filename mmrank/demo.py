@@ -2,8 +2,9 @@
 
 Steps, each into its own folder under OUT: data (planted-signal synth) -> features (frozen MiniLM +
 EfficientNet-Lite0 cache) -> run (the `em3` preset) -> export (ONNX graphs + item table) -> repo
-(python-backend Triton repository) -> a real tritonserver on loopback, ranking test requests through
-the gRPC client -> OUT/report.md and OUT/report.json.
+(Triton repository: the native onnxruntime backend's where `make setup` built it, so `rank` has no
+Python step; else the python backend's) -> a real tritonserver on loopback, ranking test requests
+through the gRPC client -> OUT/report.md and OUT/report.json.
 
 A finished step is reused when the demo runs again (data and export folders are written atomically,
 the run resumes or is kept), so a second `make demo` only serves and ranks; `--fresh` starts over.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
+from trainer.data.requests import Requests, request_groups
 
 PARITY_ATOL = 1e-4  # fp32 graphs vs the PyTorch model (the export parity bound)
 
@@ -37,6 +39,14 @@ class DemoConfig:
     preset: str = "em3"  # what to train
     requests: int = 200  # test requests ranked through gRPC
     timeout_s: float = 30.0  # per gRPC call
+    backend: str = "auto"  # `mmrank repo --backend`; auto: onnxruntime where the native backend is built
+
+    def repo_backend(self) -> str:
+        from export.native_backend import NativeBackend
+
+        if self.backend != "auto":
+            return self.backend
+        return "onnxruntime" if NativeBackend.built() else "python"
 
 
 def _log(step: str, message: str) -> None:
@@ -113,34 +123,6 @@ def _graph_sizes(out: Path, manifest) -> dict:
     return {name: (out / g.file).stat().st_size for name, g in manifest.graphs.items()}
 
 
-@dataclass
-class Requests:
-    """Test requests as the client sends them: one history and the request's candidates each."""
-
-    users: list[int]
-    histories: list[np.ndarray]
-    candidates: list[np.ndarray]
-    labels: list[np.ndarray]
-
-
-def test_requests(data: Path, history_len: int, count: int, seed: int) -> Requests:
-    from trainer.data.samples import make_samples
-    from trainer.data.schema import load_dataset
-
-    samples = make_samples(load_dataset(data, validate=False), "test", history_len)
-    _, first = np.unique(samples.request_id, return_index=True)
-    picked = np.random.default_rng(seed).permutation(first)[:count]
-    hist, mask = samples.history.gather(picked, history_len)
-    out = Requests([], [], [], [])
-    for row, h, m in zip(picked, hist, mask, strict=True):
-        rows = np.flatnonzero(samples.request_id == samples.request_id[row])
-        out.users.append(int(samples.user_id[row]))
-        out.histories.append(h[m])
-        out.candidates.append(samples.item_id[rows].astype(np.int64))
-        out.labels.append(samples.label[rows].astype(np.float32))
-    return out
-
-
 def model_scores(run: Path, data: Path, req: Requests) -> list[np.ndarray]:
     """The trained PyTorch model's own scores for each request (the reference for the served ones)."""
     from export.parity import training_scores
@@ -213,7 +195,7 @@ def report_markdown(report: dict) -> str:
         f"Model: preset `{report['config']['preset']}`, test AUC {m['auc']:.4f}, GAUC {m['gauc']:.4f}, "
         f"cold-start AUC {m['cold_auc']:.4f} (trainer's evaluation).",
         "",
-        f"Served through Triton (python backend, onnxruntime, {report['machine']}): "
+        f"Served through Triton ({report['serving']['backend']} backend, {report['machine']}): "
         f"{s['requests']} test requests, {s['candidates']} candidates over gRPC.",
         "",
         "| served AUC | served request GAUC | max abs diff vs PyTorch | p50 ms | p95 ms | p99 ms |",
@@ -247,12 +229,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, fresh: bool = False
     features = steps.run("features", make_features, data)
     metrics = steps.run("train", train_model, data, run, cfg, steps)
     sizes = steps.run("export", export_model, run, data, export, steps)
-    steps.run("repo", render_repository, export, repo, RenderConfig(backend="python"), True)
+    backend = cfg.repo_backend()
+    steps.run("repo", render_repository, export, repo, RenderConfig(backend=backend), True)
     info = Manifest.read(export).model
-    req = test_requests(data, max(info.history_len, info.long_history_len), cfg.requests, cfg.seed)
+    req = request_groups(data, max(info.history_len, info.long_history_len), cfg.requests, cfg.seed)
     served, lat_ms, server = steps.run("serve", serve_and_rank, repo, req, cfg.timeout_s)
     reference = model_scores(run, data, req)
-    serving = {**summarise(req, served, reference, lat_ms), **server}
+    serving = {**summarise(req, served, reference, lat_ms), **server, "backend": backend}
     report = {
         "config": asdict(cfg),
         "machine": machine(),
@@ -276,7 +259,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, fresh: bool = False
 
 def cli(args) -> int:
     cfg = DemoConfig(
-        users=args.users, items=args.items, events=args.events, seed=args.seed, requests=args.requests
+        users=args.users,
+        items=args.items,
+        events=args.events,
+        seed=args.seed,
+        requests=args.requests,
+        backend=args.backend,
     )
     report = run_demo(args.out, cfg, fresh=args.fresh)
     print(report_markdown(report))

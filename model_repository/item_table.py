@@ -6,7 +6,7 @@ A table is a folder (a version of the `item_lookup` model in the Triton reposito
     content.npy     float32 [R, d]  content vector c (the memory bank where present, else the tower)
     item_rows.npy   float32 [R, E]  the ranker's item token: item ID + item categorical embeddings
     user_feats.npy  int64 [U+1, F]  optional: each user's categorical features, row 0 (unknown) zeros
-    table.json      version, rows, d, item_dim, the checkpoint it came from; written last
+    table.json      format_version, version, rows, d, item_dim, the checkpoint it came from; written last
 
 Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the padding row:
 - a candidate reads c = 0 and row 0 of the item token (item id 0, never a training target, and the
@@ -15,8 +15,9 @@ Unknown ids (absent from the table, negative) and id 0 fall back to row 0, the p
 - a history item is dropped: the known items are kept in order, right-aligned, most recent last,
   exactly like the training histories (which never hold unknown items); unused slots are masked.
   A history longer than the model's L keeps its most recent L known items (the request's last ids).
-Users: an id outside 1..num_users becomes 0 (unknown user), a user feature outside its cardinality
-becomes 0 (unknown value). Features a request does not send come from user_feats.npy by user id (the
+Users: an id outside 1..num_users becomes 0 (unknown user) and is flagged in `user_known` (False; so is
+a request without a user_id, which scores as that same unknown user), a user feature outside its
+cardinality becomes 0 (unknown value). Features a request does not send come from user_feats.npy by user id (the
 dataset's user table at export time), so a caller needs only the user id; without either they are 0.
 
 Part of the serving runtime (numpy only); `export/item_table.py` builds a table from a trained model.
@@ -35,10 +36,13 @@ import numpy as np
 from common.errors import MMRankError
 
 TABLE_JSON = "table.json"
+FORMAT_VERSION = 1  # of the table folder; a table of another format is refused (and skipped by serving)
 PAD_ID = 0
-# Lookup products: each is a ranking-graph input of the same name, except candidate_known (an output
-# of the `rank` ensemble).
-USER_ID, USER_FEATS = "user_id", "user_feats"
+HISTORY_IDS, CANDIDATE_IDS = "history_ids", "candidate_ids"  # the request's item ids
+# Lookup products: each is a ranking-graph input of the same name, except candidate_known and user_known
+# (outputs of the `rank` ensemble).
+USER_ID, USER_FEATS, USER_KNOWN = "user_id", "user_feats", "user_known"
+TABLE_VERSION = "item_table_version"  # a `rank` output: the table version that answered
 CANDIDATE_C, CANDIDATE_ITEM, CANDIDATE_KNOWN = "candidate_c", "candidate_item", "candidate_known"
 HISTORY_C, HISTORY_MASK = "history_c", "history_mask"
 LONG_HISTORY_C, LONG_HISTORY_MASK = "long_history_c", "long_history_mask"
@@ -150,6 +154,7 @@ class ItemTable:
         if self.user_feats is not None:
             np.save(folder / "user_feats.npy", self.user_feats)
         meta = {
+            "format_version": FORMAT_VERSION,
             "version": self.version,
             "rows": len(self.ids),
             "d": self.d,
@@ -198,6 +203,11 @@ def _read_meta(path: Path) -> dict:
         raise MMRankError(f"{path}: unreadable item table ({type(e).__name__}: {e})") from e
     if not isinstance(meta, dict):
         raise MMRankError(f"{path}: unreadable item table: a JSON {type(meta).__name__}, expected an object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MMRankError(
+            f"{path}: item table format_version {meta.get('format_version')!r}, this version reads "
+            f"{FORMAT_VERSION}; export the run again"
+        )
     for key in META_COUNTS:
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -267,7 +277,7 @@ def lookup_rows(
     user_feats: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Request tensors (history_ids [B, L'], candidate_ids [B, N], user_id [B], user_feats [B, U]) ->
-    (ready, rows): `ready` holds the products that need no table column (user_id, user_feats,
+    (ready, rows): `ready` holds the products that need no table column (user_id, user_known, user_feats,
     candidate_known, the history masks), `rows` the table row indices of each product read from a column
     (COLUMN_OF), so the gather can run where the table lives (numpy here, the GPU for the torch backend)."""
     history_ids = np.asarray(history_ids, dtype=np.int64)
@@ -277,10 +287,14 @@ def lookup_rows(
             f"history_ids {history_ids.shape} and candidate_ids {candidate_ids.shape} must be [B, L] and [B, N]"
         )
     b = candidate_ids.shape[0]
-    users = _users(user_id, b, cfg.num_users)
+    users, known_user = _users(user_id, b, cfg.num_users)
     if user_feats is None and table.user_feats is not None:
         user_feats = table.user_feats[np.minimum(users, len(table.user_feats) - 1)]
-    ready = {USER_ID: users, USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards)}
+    ready = {
+        USER_ID: users,
+        USER_KNOWN: known_user,
+        USER_FEATS: _user_feats(user_feats, b, cfg.user_feature_cards),
+    }
     cand_rows, ready[CANDIDATE_KNOWN] = table.rows_of(candidate_ids)
     rows = {}
     if table.content is not None:
@@ -316,11 +330,13 @@ def rank_inputs(
     return {**ready, **gather({"content": table.content, "item_rows": table.item_rows}, rows)}
 
 
-def _users(user_id: np.ndarray | None, b: int, num_users: int) -> np.ndarray:
+def _users(user_id: np.ndarray | None, b: int, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user ids [B], 0 outside 0..num_users; user_known [B]: True for a sent id in 1..num_users)."""
     if user_id is None:
-        return np.zeros(b, np.int64)
+        return np.zeros(b, np.int64), np.zeros(b, bool)
     ids = np.asarray(user_id, dtype=np.int64).reshape(b)
-    return np.where((ids >= 0) & (ids <= num_users), ids, 0)
+    known = (ids >= 1) & (ids <= num_users)
+    return np.where(known, ids, 0), known
 
 
 def _user_feats(feats: np.ndarray | None, b: int, cards: list[int]) -> np.ndarray:

@@ -119,7 +119,7 @@ class CapturedBucket:
 
 
 class TorchRanker:
-    """Request ids -> (float32 scores [B, N] on the CPU, known flags [B, N])."""
+    """Request ids -> (float32 scores [B, N] on the CPU, candidate_known [B, N], user_known [B])."""
 
     def __init__(
         self,
@@ -188,6 +188,7 @@ class TorchRanker:
             np.zeros((bucket.batch, 0), np.int64),
             np.zeros((bucket.batch, bucket.candidates), np.int64),
         )
+        ready.pop(it.USER_KNOWN)  # a flag of the answer, not a program input
         return {**ready, **rows}
 
     def _upload(self, products: dict[str, np.ndarray]) -> dict[str, Tensor]:
@@ -201,8 +202,9 @@ class TorchRanker:
         candidate_ids: np.ndarray,
         user_id: np.ndarray | None = None,
         user_feats: np.ndarray | None = None,
-    ) -> tuple[Tensor, np.ndarray]:
+    ) -> tuple[Tensor, np.ndarray, np.ndarray]:
         ready, rows = it.lookup_rows(self.table, self.lookup, history_ids, candidate_ids, user_id, user_feats)
+        user_known = ready.pop(it.USER_KNOWN)
         known = ready[it.CANDIDATE_KNOWN]
         b, n = known.shape
         products = {**ready, **rows}
@@ -214,4 +216,4 @@ class TorchRanker:
                 out = self.captured[bucket](products)
             else:
                 out = self._forward(self._upload(products))
-        return out[:b, :n].float().cpu(), known
+        return out[:b, :n].float().cpu(), known, user_known

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from trainer import checkpoint
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
+from trainer.run import data_identity
 from trainer.train import Dist, Trainer, open_run_dir
 
 WORLD = 2
@@ -46,7 +47,7 @@ def _worker(rank: int, port: int, data: str, out: str, preset: str, sets: dict, 
     dist = Dist.init()
     try:
         run = Path(out) / "run"
-        open_run_dir(run, cfg, False, dist)
+        open_run_dir(run, cfg, False, dist, data_identity(data))
         trainer = Trainer(cfg, load_dataset(data), run, dist, False, False)
         trainer.run()
         torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))

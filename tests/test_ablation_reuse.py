@@ -9,7 +9,7 @@ from common.errors import MMRankError
 from trainer.ablation import check_reusable, run_ablation, run_path
 from trainer.config import resolve
 from trainer.data.schema import MANIFEST, Manifest
-from trainer.run import CONFIG, DATA, METRICS, data_identity
+from trainer.run import CONFIG, METRICS, data_identity, write_record
 
 SETS = {"train.log_every": 100}
 
@@ -35,14 +35,15 @@ def data(tmp_path):
     return root
 
 
-def finished_run(out, seed: int, max_steps: int, data=None) -> None:
-    """A run folder as `mmrank ablation ... --max-steps max_steps` leaves it for id_only; `data`: the
-    dataset folder its metrics.json names (as runs from before data.json record it)."""
+def finished_run(out, seed: int, max_steps: int, data) -> None:
+    """A run folder as `mmrank ablation ... --max-steps max_steps` leaves it for id_only, trained on the
+    dataset folder `data`."""
     run_dir = run_path(out, "id_only", seed)
     run_dir.mkdir(parents=True)
     cfg = resolve("id_only", sets=SETS, seed=seed, max_steps=max_steps)
     (run_dir / CONFIG).write_text(cfg.to_json())
-    train = {"steps": max_steps, "best_step": 2, **({"data": str(data.resolve())} if data else {})}
+    write_record(run_dir, data_identity(data))
+    train = {"steps": max_steps, "best_step": 2, "data": str(data.resolve())}
     metrics = {"valid": {}, "test": {"auc": [0.6, 0.61][seed]}, "train": train}
     (run_dir / METRICS).write_text(json.dumps(metrics))
 
@@ -50,7 +51,7 @@ def finished_run(out, seed: int, max_steps: int, data=None) -> None:
 def test_a_finished_run_with_the_same_config_is_tabulated(data, tmp_path):
     out = tmp_path / "ablation"
     for seed in (0, 1):
-        finished_run(out, seed, max_steps=3)
+        finished_run(out, seed, max_steps=3, data=data)
     run_ablation(data, ["id_only"], [0, 1], out, SETS, max_steps=3)
     results = json.loads((out / "ablation.json").read_text())["results"]["id_only"]
     assert [r["test"]["auc"] for r in results] == [0.6, 0.61]
@@ -59,7 +60,7 @@ def test_a_finished_run_with_the_same_config_is_tabulated(data, tmp_path):
 def test_a_finished_run_with_another_config_is_refused_naming_the_keys(data, tmp_path):
     out = tmp_path / "ablation"
     for seed in (0, 1):
-        finished_run(out, seed, max_steps=3)
+        finished_run(out, seed, max_steps=3, data=data)
     with pytest.raises(MMRankError) as info:
         run_ablation(data, ["id_only"], [0, 1], out, {**SETS, "train.batch_size": 64}, max_steps=5)
     message = str(info.value)
@@ -75,12 +76,14 @@ def test_a_finished_run_on_another_dataset_is_refused(data, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / MANIFEST).write_bytes((data / MANIFEST).read_bytes())
     with pytest.raises(
-        MMRankError, match=f"a finished run trained on {data.resolve()}, not on {tmp_path / 'other'}"
+        MMRankError,
+        match=f"a finished run trained on {data.resolve()} .manifest sha256 [0-9a-f]{{12}}., not on "
+        f"{tmp_path / 'other'}",
     ):
         run_ablation(tmp_path / "other", ["id_only"], [0], out, SETS, max_steps=3)
-    # data.json names the manifest too: the same folder rebuilt with other data is another dataset.
+    # run.json names the manifest too: the same folder rebuilt with other data is another dataset.
     identity = data_identity(data)
-    (run_path(out, "id_only", 0) / DATA).write_text(json.dumps({**identity, "manifest_sha256": "0" * 64}))
+    write_record(run_path(out, "id_only", 0), {**identity, "manifest_sha256": "0" * 64})
     with pytest.raises(
         MMRankError, match=r"\(manifest sha256 000000000000\), not on .*its metrics.json would"
     ):
@@ -94,6 +97,7 @@ def test_an_unfinished_run_with_another_config_is_refused_before_anything_trains
     (unfinished / CONFIG).write_text(
         resolve("id_only", sets={**SETS, "train.batch_size": 64}, seed=1).to_json()
     )
+    write_record(unfinished, data_identity(data))
     with pytest.raises(MMRankError) as info:
         run_ablation(data, ["id_only"], [0, 1], out, SETS)
     assert (

@@ -11,6 +11,7 @@ from trainer_data import mmrec_toy
 
 from trainer.config import resolve
 from trainer.data.schema import load_dataset
+from trainer.run import data_identity
 from trainer.train import Dist, Trainer, open_run_dir
 
 QUIET = {"train.log_every": 10_000, "train.lora_epochs": 0}
@@ -48,7 +49,7 @@ class FixedNegatives:
 
 def _trainer(data: Path, out: Path, sets: dict, preset: str = "bpr") -> Trainer:
     cfg = resolve(preset, sets=sets)
-    open_run_dir(out, cfg, False, Dist())
+    open_run_dir(out, cfg, False, Dist(), data_identity(data))
     return Trainer(cfg, load_dataset(data), out, Dist(), False, False)
 
 
@@ -76,6 +77,7 @@ def test_a_bpr_step_marks_only_its_positives_known_and_counts_one_step(toy, tmp_
         assert model.bank.written_step[[*positives, cold[0], other, cold[1]]].eq(0).all()
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_bpr_keeps_replicas_identical_and_negatives_unknown(toy, tmp_path):
     sets = {**CONTENT_BPR, "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 16}
     states = train_replicas(toy, tmp_path, "em3", sets)

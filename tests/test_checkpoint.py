@@ -92,6 +92,26 @@ def test_damaged_and_foreign_files_are_one_line_errors(tmp_path):
         checkpoint.load(path, ("model", "resume_point"))
 
 
+def test_a_checkpoint_of_another_format_is_refused_naming_both_versions(tmp_path):
+    model, opt = _model_and_optimizer()
+    path = tmp_path / "last.pt"
+    _save(path, model, opt)
+    ckpt = checkpoint.load(path)
+    checkpoint.save_atomic({**ckpt, "format": 1}, path)
+    with pytest.raises(MMRankError) as err:
+        checkpoint.load(path)
+    assert str(err.value) == (
+        f"{path}: checkpoint format 1, this version reads format {checkpoint.FORMAT_VERSION}; train the run again"
+    )
+    # A train state with other fields than this format's (a field missing, an unknown one) is refused too.
+    state = {k: v for k, v in ckpt["state"].items() if k != "log_lines"} | {"stale": 1}
+    checkpoint.save_atomic({**ckpt, "state": state}, path)
+    with pytest.raises(
+        MMRankError, match=r"last.pt: train state fields .* missing \['log_lines'\], unknown \['stale'\]"
+    ):
+        checkpoint.load(path, ("state",), mmap=True)
+
+
 def test_checkpoint_of_another_model_is_rejected(tmp_path):
     model, opt = _model_and_optimizer()
     checkpoint.save_best(tmp_path / "best.pt", model, TrainState())

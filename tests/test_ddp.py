@@ -11,6 +11,8 @@ import torch
 from ddp_replicas import WORLD, free_port, train_replicas
 from trainer_data import synth_with_features
 
+pytestmark = pytest.mark.slow  # two-process training runs
+
 SETS = {
     "model.interest.memory_bank": True,
     "train.epochs": 1,

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from export.native_backend import NativeBackend
 from mmrank.demo import PARITY_ATOL, DemoConfig, run_demo
 
 
@@ -16,6 +17,7 @@ def test_demo_trains_serves_and_reuses_finished_steps(tritonserver, tmp_path):
     report = run_demo(tmp_path / "demo", cfg)
     s = report["serving"]
     assert s["requests"] == 40 and s["max_abs_diff_vs_pytorch"] <= PARITY_ATOL
+    assert s["backend"] == ("onnxruntime" if NativeBackend.built() else "python")  # native where built
     assert report["metrics"]["test"]["auc"] > 0.55 and report["reused"] == []
     assert (
         json.loads((tmp_path / "demo" / "report.json").read_text())["serving"]["candidates"]

@@ -60,6 +60,7 @@ GRAPH_PRESETS = [n for n in list_presets() if is_graph_model(resolve(n).model)]
 RANKING_PRESETS = [n for n in list_presets() if n not in GRAPH_PRESETS]
 
 
+@pytest.mark.slow  # `world`: the real encoders' features
 @pytest.mark.parametrize("name", GRAPH_PRESETS)
 def test_graph_preset_builds_and_trains_one_bpr_step(world, name):
     ds, _, _ = world
@@ -77,6 +78,7 @@ def test_graph_preset_builds_and_trains_one_bpr_step(world, name):
         assert _grad_norm(model.content_module().parameters()) > 0 and "cic" in out.losses
 
 
+@pytest.mark.slow  # `world`: the real encoders' features, then a step per preset
 @pytest.mark.parametrize("name", RANKING_PRESETS)
 def test_preset_builds_and_trains_one_step(world, name):
     ds, schema, table_dir = world
@@ -109,6 +111,7 @@ def test_preset_builds_and_trains_one_step(world, name):
         assert trained and all("lora_" in n for n in trained), trained
 
 
+@pytest.mark.slow
 def test_pe_table_is_built_for_the_run(world):
     ds, schema, table_dir = world
     table = np.load(table_dir / "content_table.npy")
@@ -117,6 +120,7 @@ def test_pe_table_is_built_for_the_run(world):
     assert table[1:].std(0).min() > 0  # every component varies across items
 
 
+@pytest.mark.slow
 def test_stop_gradient_cuts_the_ranking_loss_from_the_tower_but_not_sqdc(world):
     ds, schema, _ = world
     cfg = resolve("lemur_stop_gradient")

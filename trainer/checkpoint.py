@@ -5,9 +5,12 @@ last.pt holds the model (memory bank buffers included), optimizer, loss scaler, 
 states, so a killed run resumes exactly where its last checkpoint was written. Files are written to a
 temporary sibling and renamed into place: a kill during a write leaves the previous file intact. An
 improvement writes last.pt, then best.pt: a kill between the two leaves a last.pt that records the new
-best step and holds its model, from which a resume rewrites best.pt (`Trainer._check_best`). Runs from
-before that order wrote best.pt alone, so their best.pt may be later than last.pt; a resume accepts it.
+best step and holds its model, from which a resume rewrites best.pt (`Trainer._repair_best`).
 Everything is stored as tensors and plain Python values, so files load with `weights_only=True`.
+
+Both files carry `format` (FORMAT_VERSION); a file of another format is refused, naming both versions.
+Version 2: the train state holds `log_lines`, the model the ranker's `item_known` buffer and no memory
+bank default vector.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from common.errors import MMRankError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAST = "last.pt"
 BEST = "best.pt"
 
@@ -49,8 +52,14 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, raw: dict) -> TrainState:
+        """The state a checkpoint of this format holds: exactly these fields (MMRankError otherwise)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        missing, unknown = sorted(names - set(raw)), sorted(set(raw) - names)
+        if missing or unknown:
+            raise MMRankError(
+                f"train state fields differ from this format's: missing {missing}, unknown {unknown}"
+            )
+        return cls(**raw)
 
 
 def rng_state() -> dict:
@@ -111,11 +120,21 @@ def load(path: str | Path, expect: tuple[str, ...] = ("model",), mmap: bool = Fa
         raise MMRankError(
             f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT_VERSION:
-        raise MMRankError(f"{path}: not a mmrank checkpoint (format {FORMAT_VERSION})")
+    if not isinstance(obj, dict) or "format" not in obj:
+        raise MMRankError(f"{path}: not a mmrank checkpoint (no format field)")
+    if obj["format"] != FORMAT_VERSION:
+        raise MMRankError(
+            f"{path}: checkpoint format {obj['format']!r}, this version reads format {FORMAT_VERSION}; "
+            "train the run again"
+        )
     missing = [k for k in expect if k not in obj]
     if missing:
         raise MMRankError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if "state" in obj:
+        try:
+            TrainState.from_dict(obj["state"])
+        except MMRankError as e:
+            raise MMRankError(f"{path}: {e}") from e
     return obj
 
 

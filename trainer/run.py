@@ -2,8 +2,10 @@
 `trainer.model.build`) from a dataset and a RunConfig, and load a finished run back (`load_run`) for
 evaluation and export.
 
-RUN/ holds config.json (the full resolved config), data.json (which dataset it trains on), metrics.json,
-train_log.jsonl, last.pt, best.pt and, for runs on a fixed content table, content_table.npy. config.json describes what was asked; the model
+RUN/ holds config.json (the full resolved config), run.json (the folder's format version and the dataset
+it trains on), metrics.json, train_log.jsonl, last.pt, best.pt and, for runs on a fixed content table,
+content_table.npy. A folder whose run.json is missing or of another format is refused by every reader
+(`read_config`, `recorded_data`). config.json describes what was asked; the model
 in best.pt may differ from `cfg.model` in two documented ways, both resolved by `final_model_config`:
 - a fixed content source without a table (the `pe` preset) or `train.task_pe` reads RUN/content_table.npy
   (pe: PCA of the frozen features; task_pe: the stage-1 tower's vectors, stage 1 living in RUN/stage1/);
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.atomic import write_json_atomic
 from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.config import RunConfig, from_dict, load_json
@@ -34,7 +37,8 @@ from trainer.model.freedom import graph_modalities
 from trainer.model.ranking_model import ModelSchema
 
 CONFIG = "config.json"
-DATA = "data.json"
+RUN = "run.json"
+FORMAT_VERSION = 1  # of a run folder, recorded in its run.json
 METRICS = "metrics.json"
 TRAIN_LOG = "train_log.jsonl"
 CONTENT_TABLE = "content_table.npy"
@@ -167,9 +171,11 @@ def _content_inputs(ds: Dataset, cfg: ModelConfig, items, build_table: bool):
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
+    """The config of a run folder of this format (`read_record` checks it first)."""
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise MMRankError(f"{run_dir}: not a run folder (no {CONFIG})")
+    read_record(run_dir)
     raw = load_json(path)  # its errors name the file
     try:
         return from_dict(raw)
@@ -184,28 +190,42 @@ def data_identity(root: str | Path) -> dict[str, str]:
     return {"path": str(root), "manifest_sha256": hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()}
 
 
+def write_record(run_dir: str | Path, data: dict[str, str]) -> None:
+    """RUN/run.json: this format's version and the dataset's `data_identity`."""
+    write_json_atomic(Path(run_dir) / RUN, {"format_version": FORMAT_VERSION, "data": data})
+
+
+def read_record(run_dir: str | Path) -> dict:
+    """RUN/run.json, refused when missing or of another format: every reader of a run folder sees one."""
+    path = Path(run_dir) / RUN
+    if not path.is_file():
+        raise MMRankError(
+            f"{run_dir}: no {RUN}, so not a run folder of format {FORMAT_VERSION} (written by an earlier "
+            "version, or no run folder at all); train the run again"
+        )
+    record = load_json(path)  # its errors name the file
+    if record.get("format_version") != FORMAT_VERSION:
+        raise MMRankError(
+            f"{path}: run folder format_version {record.get('format_version')!r}, this version reads "
+            f"{FORMAT_VERSION}; train the run again"
+        )
+    return record
+
+
 def recorded_data(run_dir: str | Path) -> dict[str, str]:
-    """The identity of the dataset a run folder trained on, as far as it recorded one: RUN/data.json, else
-    (runs from before it) the folder named in a finished run's metrics.json; {} when neither is there."""
-    run_dir = Path(run_dir)
-    if (run_dir / DATA).is_file():
-        return load_json(run_dir / DATA)
-    if (run_dir / METRICS).is_file():
-        path = load_json(run_dir / METRICS).get("train", {}).get("data")
-        return {"path": path} if path else {}
-    return {}
+    """The identity (`data_identity`) of the dataset a run folder trains on."""
+    return read_record(run_dir)["data"]
 
 
 def describe_data(identity: dict[str, str]) -> str:
-    digest = identity.get("manifest_sha256")
-    return identity.get("path", "?") + (f" (manifest sha256 {digest[:12]})" if digest else "")
+    return f"{identity['path']} (manifest sha256 {identity['manifest_sha256'][:12]})"
 
 
 def data_mismatch(run_dir: str | Path, identity: dict[str, str]) -> str | None:
-    """None when the dataset `identity` is the one `run_dir` recorded (as far as it did), else a phrase
-    naming both: "trained on RECORDED, not on IDENTITY"."""
+    """None when the dataset `identity` is the one `run_dir` recorded, else a phrase naming both:
+    "trained on RECORDED, not on IDENTITY"."""
     recorded = recorded_data(run_dir)
-    if all(recorded.get(k, v) == v for k, v in identity.items()):
+    if recorded == identity:
         return None
     return f"trained on {describe_data(recorded)}, not on {describe_data(identity)}"
 
@@ -216,7 +236,8 @@ def restore(
     """A fresh model holding the weights of the checkpoint `path` (best.pt or last.pt) of `run_dir`;
     `schema` saves rebuilding it when the caller has one for the same data and content source."""
     ckpt = checkpoint.load(path)
-    lora = bool(ckpt.get("lora_phase", ckpt.get("state", {}).get("lora_phase", False)))
+    # best.pt records the phase of its model; last.pt's train state does.
+    lora = bool(ckpt["lora_phase"] if "lora_phase" in ckpt else ckpt["state"]["lora_phase"])
     model_cfg = final_model_config(cfg, run_dir, lora)
     model = build_model(model_cfg, schema if schema is not None else build_schema(ds, model_cfg))
     if lora:

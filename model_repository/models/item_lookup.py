@@ -1,27 +1,37 @@
-"""Triton Python-backend model: request ids -> the ranking graph's inputs, from the item table.
+"""Triton Python-backend model: request ids -> scores, from the item table and the ranking graph.
 
 Rendered as `item_lookup/<version>/model.py` next to `item_table/` and the runtime package; each version
 folder is one table, so a new table is served by adding a version (export/repository.py
 `add_table_version`). A version whose table does not read or has the wrong widths serves the newest
-valid older table instead (and logs which it skipped), so a bad table never blocks a (re)start. Each request is first checked against the limits of the config's `limits`
-parameter (model_repository/limits.py), then looked up (`item_table.rank_inputs`, which documents the
-fallback for unknown ids). With a `graph` parameter (the python backend) the ranking graph in the
-version folder runs here too and the outputs are scores and candidate_known; with a `program`
-parameter (the torch backend) the torch program in the version folder does, on the instance's GPU
-(model_repository/torch_ranker.py; tensors cross the stub through DLPack, never NumPy's buffer
-protocol); otherwise the outputs are the ranking graph's inputs plus candidate_known. Dtypes are the
-config's.
+valid older table instead (and logs which it skipped), so a bad table never blocks a (re)start; the
+`item_table_version` output says which table answered. Each request is first checked against the limits
+of the config's `limits` parameter (model_repository/limits.py), then looked up
+(`item_table.rank_inputs`, which documents the fallback for unknown ids and users). With a `graph`
+parameter (the python backend) the ranking graph in the version folder scores the products; with a
+`program` parameter (the torch backend) the torch program in the version folder does, on the instance's
+GPU (model_repository/torch_ranker.py; tensors cross the stub through DLPack, never NumPy's buffer
+protocol). Outputs: scores, candidate_known, user_known and item_table_version (per row, [B, 1]); dtypes
+are the config's. The native backends serve the same lookup as an ONNX graph (export/lookup_graph.py).
 """
 
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the runtime package copied next to this file
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from model_repository.item_table import CANDIDATE_KNOWN, LookupConfig, newest_valid_table, rank_inputs  # noqa: E402
+from model_repository.item_table import (  # noqa: E402
+    CANDIDATE_KNOWN,
+    TABLE_VERSION,
+    USER_KNOWN,
+    LookupConfig,
+    newest_valid_table,
+    rank_inputs,
+)
 from model_repository.limits import RequestLimits  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 from model_repository.responses import output_dtypes, respond_grouped  # noqa: E402
@@ -53,17 +63,18 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config["parameters"].items()}
         folder = Path(args["model_repository"]) / args["model_version"]
         widths = json.loads(params["table_widths"])
-        self.table, served, skipped = newest_valid_table(
+        self.table, self.served, skipped = newest_valid_table(
             args["model_repository"], int(args["model_version"]), widths["d"], widths["item_dim"]
         )
         for line in skipped:  # the server log says which table serves in this version's place
             pb_utils.Logger.log_warn(
-                f"item_lookup version {args['model_version']}: {line}; serving version {served}"
+                f"item_lookup version {args['model_version']}: {line}; serving version {self.served}"
             )
         self.lookup = LookupConfig(**json.loads(params["lookup"]))
         self.limits = RequestLimits(**json.loads(params.get("limits", "{}")))
         self.outputs = output_dtypes(pb_utils, config)
-        # python backend: the ranking graph runs here, in the same step (one Python hop per request).
+        # The ranking graph (python backend) or program (torch backend) runs here, in the same step (one
+        # Python hop per request).
         self.graph = self.ranker = None
         self._array, self._tensor = _numpy_array, pb_utils.Tensor
         if "graph" in params:
@@ -71,8 +82,6 @@ class TritonPythonModel:
         if "program" in params:
             self.ranker = self._torch_ranker(folder, params, int(args.get("model_instance_device_id", "0")))
             self._array, self._tensor = _dlpack_array, _dlpack_tensor
-        # A per-row scalar (user_id) travels as [batch, 1].
-        self.per_row = {o["name"] for o in config["output"] if [int(d) for d in o["dims"]] == [1]}
 
     def _torch_ranker(self, folder, params, device_id):
         from model_repository.torch_ranker import TorchRanker
@@ -92,17 +101,16 @@ class TritonPythonModel:
 
     def _lookup(self, inputs):
         if self.ranker is not None:
-            scores, known = self.ranker.score(*(inputs[name] for name in INPUTS))
-            return {"scores": scores.numpy(), CANDIDATE_KNOWN: known}
-        products = rank_inputs(self.table, self.lookup, *(inputs[name] for name in INPUTS))
-        if self.graph is not None:
-            return {**self.graph.run(products), CANDIDATE_KNOWN: products[CANDIDATE_KNOWN]}
-        return {
-            name: products[name][:, None]
-            if name in self.per_row and products[name].ndim == 1
-            else products[name]
-            for name in self.outputs
-        }
+            scores, known, user_known = self.ranker.score(*(inputs[name] for name in INPUTS))
+            out = {"scores": scores.numpy(), CANDIDATE_KNOWN: known}
+        else:
+            products = rank_inputs(self.table, self.lookup, *(inputs[name] for name in INPUTS))
+            out = {**self.graph.run(products), CANDIDATE_KNOWN: products[CANDIDATE_KNOWN]}
+            user_known = products[USER_KNOWN]
+        # Per row, [B, 1]: a batching model's [batch] tensor travels as [batch, 1].
+        out[USER_KNOWN] = user_known[:, None]
+        out[TABLE_VERSION] = np.full((len(user_known), 1), self.served, np.int64)
+        return out
 
     def execute(self, requests):
         # Requests of equal shapes (e.g. several users' N candidates and L-item histories) are looked up

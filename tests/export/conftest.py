@@ -133,6 +133,7 @@ def triton_server(tritonserver, small_export, tmp_path_factory):
     render_repository(small_export.out, repo, RenderConfig(backend="python", max_batch_size=8))
     with TritonServer(TritonConfig(repo, control_mode="explicit")) as srv:
         srv.repo = repo
+        srv.log_at_ready = srv.log_path.read_text(errors="replace")  # before any test sends a bad request
         yield srv
 
 

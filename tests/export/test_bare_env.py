@@ -7,12 +7,10 @@ import io
 import time
 
 import numpy as np
-import pytest
+import tritonclient.grpc as grpc
 
 from export.repository import RenderConfig, render_repository
 from export.triton_launcher import TritonConfig, TritonServer
-
-grpc = pytest.importorskip("tritonclient.grpc")
 
 
 def _input(name, array, dtype):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpc
 from PIL import Image
 
 from common.errors import MMRankError, RequestError
@@ -126,7 +127,6 @@ def test_a_long_text_is_read_by_its_prefix_with_the_same_tokens(tiny_text_dir, j
 
 def test_the_served_encode_items_refuses_oversize_fields_and_extreme_images(triton_server):
     """The real tritonserver of conftest.py (default EncodeLimits): refused before any graph runs."""
-    grpc = pytest.importorskip("tritonclient.grpc")
     client = grpc.InferenceServerClient(triton_server.grpc_url)
 
     def encode(text: str, image: bytes):

@@ -82,9 +82,11 @@ def test_rank_inputs_long_history_and_user_fallbacks():
     np.testing.assert_array_equal(out[it.HISTORY_C][0], table.content[[3, 4]])
     assert out[it.LONG_HISTORY_MASK].tolist() == [[False, True, True, True, True]] * 2
     assert out[it.USER_ID].tolist() == [2, 0]  # 9 > num_users -> unknown user
+    assert out[it.USER_KNOWN].tolist() == [True, False]
     assert out[it.USER_FEATS].tolist() == [[2, 1], [0, 0]]  # out of cardinality -> unknown value
     defaults = it.rank_inputs(table, _lookup(), np.zeros((1, 0), np.int64), np.array([[1]]))
     assert defaults[it.USER_ID].tolist() == [0] and defaults[it.USER_FEATS].tolist() == [[0, 0]]
+    assert defaults[it.USER_KNOWN].tolist() == [False]  # no user_id: scored as the unknown user
     assert not defaults[it.HISTORY_MASK].any()
 
 
@@ -174,6 +176,16 @@ CORRUPT = {
     "empty ids": ("ids.npy", b"", r"ids.npy: unreadable item table \(EOFError"),
     "huge shape": ("ids.npy", _npy_header((10**13,)), r"ids.npy: unreadable item table \("),
     "json list": ("table.json", "[]", "table.json: unreadable item table: a JSON list, expected an object"),
+    "other format": (
+        "table.json",
+        {"format_version": 0},
+        "item table format_version 0, this version reads 1",
+    ),
+    "no format": (
+        "table.json",
+        {"format_version": None},
+        "item table format_version None, this version reads 1",
+    ),
     "version x": ("table.json", {"version": "x"}, "version must be a non-negative integer, got 'x'"),
     "no d": ("table.json", {"d": None}, "d must be a non-negative integer, got None"),
     "rows": ("table.json", {"rows": 9}, "item table rows is 6, table.json says 9"),

@@ -18,7 +18,10 @@ from export.parity import dataset_scores, graph_parity
 from model_repository.text_inputs import ItemTokenizer
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml100k_tmdb_posters"
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real data not at {REAL}")
+pytestmark = [
+    pytest.mark.skipif(not REAL.is_dir(), reason=f"real data not at {REAL}"),
+    pytest.mark.slow,  # the real dataset through the encoders and graphs
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,6 @@ def test_encoder_graphs_on_real_overviews_and_posters(ml100k, small_export):
         assert r.ok, r.line()
 
 
-@pytest.mark.slow
 def test_pretrained_minilm_graph_on_real_overviews(ml100k, tmp_path):
     """The real all-MiniLM-L6-v2 (the frozen text encoder of every preset) exported and compared."""
     from export.onnx_graphs import text_build, write_graph

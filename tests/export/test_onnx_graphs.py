@@ -74,12 +74,14 @@ def test_table_ranker_leaves_the_trained_model_untouched(small_export):
 def _run_folder(tmp_path, checkpoint_bytes: bytes | None):
     from trainer.config import RunConfig
     from trainer.data.synth import SynthConfig, generate
+    from trainer.run import data_identity, write_record
 
     data = tmp_path / "data"
     generate(data, SynthConfig(users=20, items=15, events=300, seed=0))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(RunConfig().to_json())
+    write_record(run, data_identity(data))
     if checkpoint_bytes is not None:
         (run / "best.pt").write_bytes(checkpoint_bytes)
     return run, data
@@ -117,20 +119,25 @@ def test_force_never_replaces_the_run_or_its_data(tmp_path):
 
 def test_export_takes_the_training_dataset_before_an_evaluated_one(tmp_path):
     # The frozen feature buffers are filled from the dataset: the training one is the model's.
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"train": {"data": "trained"}}))
+    run, data = _run_folder(tmp_path, b"x")
     (run / "evaluation.json").write_text(json.dumps({"data": "evaluated"}))
-    assert find_dataset(run, None) == Path("trained")
-    (run / "metrics.json").unlink()
-    assert find_dataset(run, None) == Path("evaluated")
+    assert find_dataset(run, None) == data.resolve()
     assert find_dataset(run, "given") == Path("given")
 
 
-def test_run_without_recorded_dataset_asks_for_data(tmp_path):
-    run, _ = _run_folder(tmp_path, b"x")
-    with pytest.raises(MMRankError, match="pass --data"):
-        export_run(run, tmp_path / "export")
+@pytest.mark.parametrize("record", [None, {"format_version": 0, "data": {}}])
+def test_a_run_folder_of_another_format_is_refused_naming_it(tmp_path, record):
+    run, data = _run_folder(tmp_path, b"x")
+    (run / "run.json").unlink()
+    if record is not None:
+        (run / "run.json").write_text(json.dumps(record))
+    message = (
+        "no run.json" if record is None else "run.json: run folder format_version 0, this version reads 1"
+    )
+    for data_arg in (None, str(data)):
+        with pytest.raises(MMRankError, match=message) as e:
+            export_run(run, tmp_path / "export", data=data_arg)
+        assert "train the run again" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_cli_prints_one_line(tmp_path, capsys):
@@ -152,6 +159,13 @@ def test_corrupt_manifest_is_reported(tmp_path, small_export):
     (copy / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(MMRankError, match="do not match the format"):
         Manifest.read(copy)
+    raw = json.loads((small_export.out / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps({**raw, "format_version": 1}))
+    with pytest.raises(MMRankError) as e:
+        Manifest.read(copy)
+    assert str(e.value) == (
+        f"{copy / MANIFEST}: export format_version 1, this version reads 3; export the run again"
+    )
     (copy / MANIFEST).write_text((small_export.out / MANIFEST).read_text())
     (copy / "ranking.onnx").unlink()
     with pytest.raises(MMRankError, match="ranking.onnx: listed in the manifest but missing"):

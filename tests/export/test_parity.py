@@ -82,6 +82,7 @@ def test_served_history_longer_than_trained_keeps_the_most_recent_items(small_ex
     ],
     ids=["id_only", "long_history_rankmixer", "no_item_id_2flow"],
 )
+@pytest.mark.slow  # three more exports
 def test_model_variants_export_and_score_like_training(overrides, tmp_path):
     model = make_model(
         make_schema(precomputed=True), **{"content.modalities": ("v_feat", "t_feat"), **overrides}

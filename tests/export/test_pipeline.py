@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the trainer tests' shared dataset
 from trainer_data import synth_with_features  # noqa: E402
@@ -21,7 +22,6 @@ from export.parity import check_export, dataset_scores  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 from mmrank.cli import main  # noqa: E402
 
-grpc = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.slow
 
 

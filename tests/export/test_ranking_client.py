@@ -16,8 +16,6 @@ from export.parity import training_scores
 from export.triton_launcher import free_port
 from mmrank.cli import main
 
-pytest.importorskip("tritonclient.grpc")
-
 
 def _want(model, history, candidates, user_id=0):
     hist = np.zeros((1, max(len(history), 1)), np.int64)
@@ -37,18 +35,24 @@ def test_sync_client_scores_equal_the_model(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
         assert client.ready()
         history, candidates = [3, 9, 4, 17], [1, 2, 5, 8, 13]
-        scores, known = client.rank(history, candidates)
+        ranking = client.rank(history, candidates)
+        scores, known = ranking.scores, ranking.known
         assert scores.shape == (5,) and scores.dtype == np.float32 and known.all()
         np.testing.assert_allclose(scores, _want(small_export.model, history, candidates), atol=1e-5)
-        with_user = client.rank(history, candidates, user_id=NUM_USERS).scores
+        assert ranking.item_table_version == 1 and not ranking.user_known  # no user_id: the unknown user
+        with_user = client.rank(history, candidates, user_id=NUM_USERS)
+        assert with_user.user_known
         np.testing.assert_allclose(
-            with_user, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
+            with_user.scores, _want(small_export.model, history, candidates, NUM_USERS), atol=1e-5
         )
+        stranger = client.rank(history, candidates, user_id=NUM_USERS + 1)
+        assert not stranger.user_known  # scored as the unknown user
+        np.testing.assert_allclose(stranger.scores, scores, atol=1e-6)
 
 
 def test_unknown_candidates_are_flagged_and_ranked_last_or_raise(small_export, url):
     with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-        scores, known = client.rank([3, 9], [2, 99_999, 5])
+        scores, known, _, _ = client.rank([3, 9], [2, 99_999, 5])
     assert known.tolist() == [True, False, True] and scores[1] == -np.inf
     np.testing.assert_allclose(scores[[0, 2]], _want(small_export.model, [3, 9], [2, 5]), atol=1e-5)
     strict = ClientConfig(url=url, timeout_s=30, unknown_ids="raise")
@@ -82,7 +86,6 @@ def test_async_client_matches_the_sync_client(url):
     ("history", "candidates", "message"),
     [
         ([1, 2], [], "candidate_ids is empty"),
-        ([1, -2], [3], "history_ids holds a negative id"),
         ([[1, 2]], [3], "history_ids must be a flat list"),
         ([1], [1.5], "candidate_ids must hold integer item ids"),
     ],
@@ -119,6 +122,30 @@ def test_rank_command_prints_candidates_best_first(small_export, url, capsys):
     printed = [r["score"] for r in ranked]
     assert printed == sorted(printed, reverse=True)
     np.testing.assert_allclose(printed, [want[r["item_id"]] for r in ranked], atol=1e-5)
+    assert out["item_table_version"] == 1 and out["user_known"] is False
+
+
+def test_rank_command_notes_an_unknown_user(url, capsys):
+    args = ["rank", "--url", url, "--history", "3,9", "--candidates", "1,2", "--timeout", "30"]
+    assert main([*args, "--user", str(NUM_USERS + 5)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["user_known"] is False
+    note = f"note: user {NUM_USERS + 5} is not a user the model knows: ranked as the unknown user"
+    assert note in captured.err
+    assert main([*args, "--user", "1"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["user_known"] is True and captured.err == ""
+
+
+def test_rank_command_takes_negative_ids_and_the_server_flags_them_unknown(small_export, url, capsys):
+    argv = ["rank", "--url", url, "--history", "-3,9", "--candidates", "-1,2", "--timeout", "30"]
+    assert main(argv) == 0
+    ranked = json.loads(capsys.readouterr().out)["ranked"]
+    assert [(r["item_id"], r["known"]) for r in ranked] == [(2, True), (-1, False)] and ranked[1][
+        "score"
+    ] is None
+    # The unknown history id is dropped, as the lookup drops every id the table does not hold.
+    np.testing.assert_allclose(ranked[0]["score"], _want(small_export.model, [9], [2])[0], atol=1e-5)
 
 
 def test_rank_command_against_a_down_server_fails_with_one_line(capsys):

@@ -72,8 +72,13 @@ def test_rank_ensemble_contract(python_repo):
     assert list(inputs["history_ids"].dims) == [-1] and inputs["history_ids"].data_type == mc.TYPE_INT64
     assert list(inputs["candidate_ids"].dims) == [-1]
     assert inputs["user_id"].optional and inputs["user_feats"].optional
-    scores = {t.name: t for t in rank.output}["scores"]
-    assert scores.data_type == mc.TYPE_FP32 and list(scores.dims) == [-1]
+    outputs = {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in rank.output}
+    assert outputs == {
+        "scores": ("TYPE_FP32", [-1]),
+        "candidate_known": ("TYPE_BOOL", [-1]),
+        "user_known": ("TYPE_BOOL", [1]),
+        "item_table_version": ("TYPE_INT64", [1]),
+    }
     # python backend: the lookup runs the ranking graph itself, one step (serving_overhead.md)
     assert [s.model_name for s in rank.ensemble_scheduling.step] == ["item_lookup"]
     assert (python_repo / "item_lookup" / "1" / "ranking.onnx").is_file()
@@ -93,36 +98,69 @@ def test_tensor_specs_come_from_the_manifest(small_export, python_repo):
 
 
 @pytest.mark.parametrize(
-    "backend, platform", [("onnxruntime", "onnxruntime_onnx"), ("tensorrt", "tensorrt_plan")]
+    "backend, lookup, platform, steps",
+    [
+        ("onnxruntime", "merged", "onnxruntime_onnx", ["item_lookup"]),
+        ("onnxruntime", "separate", "onnxruntime_onnx", ["item_lookup", "ranking"]),
+        ("tensorrt", "merged", "tensorrt_plan", ["item_lookup", "ranking"]),  # an engine holds no lookup
+    ],
 )
-def test_native_backend_configs(small_export, backend, platform):
+def test_native_backend_configs(small_export, python_repo, backend, lookup, platform, steps):
     manifest = Manifest.read(small_export.out)
-    configs = build_configs(manifest, RenderConfig(backend=backend))
+    configs = build_configs(manifest, RenderConfig(backend=backend, lookup=lookup))
     for name, config in configs.items():
         parsed = text_format.Parse(text_format.MessageToString(config), mc.ModelConfig())
         assert parsed == config
         if name in ("ranking", "fusion", "text_encoder", "image_encoder"):
             assert config.platform == platform and not config.backend
-        elif name in ("item_lookup", "tokenizer", "image_preprocess"):
+        elif name in ("tokenizer", "image_preprocess"):
             assert config.backend == "python"  # pure-Python steps stay Python
+    lookup_model = configs["item_lookup"]
+    # the native lookup graph, whole tensors from the batching `rank` (optional inputs need that)
+    assert lookup_model.platform == "onnxruntime_onnx" and lookup_model.max_batch_size == 0
+    assert {t.name for t in lookup_model.input if t.optional} == {"user_id", "user_feats"}
     if backend == "tensorrt":
         assert configs["ranking"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    assert [s.model_name for s in configs["rank"].ensemble_scheduling.step] == ["item_lookup", "ranking"]
+    assert [s.model_name for s in configs["rank"].ensemble_scheduling.step] == steps
+    python = _parse(python_repo)["rank"]
+    for a, b in ((configs["rank"].input, python.input), (configs["rank"].output, python.output)):
+        assert list(a) == list(b)  # the same contract as the python backend's rank
     check_ensembles(configs)
 
 
 def test_onnxruntime_render_and_fp16_variant(small_export, tmp_path):
+    from export.repository import native_lookup
+
     render_repository(
         small_export.out, tmp_path / "ort", RenderConfig(backend="onnxruntime", precision="fp16")
     )
     assert not (tmp_path / "ort" / "ranking" / "1" / "model.py").exists()
     model = (tmp_path / "ort" / "ranking" / "1" / "model.onnx").read_bytes()
     assert model == (small_export.out / "ranking.fp16.onnx").read_bytes()
-    check_ensembles(_parse(tmp_path / "ort"))
+    configs = _parse(tmp_path / "ort")
+    check_ensembles(configs)
+    version = tmp_path / "ort" / "item_lookup" / "1"
+    assert (version / "ranking.onnx").read_bytes() == model  # what the next table version is built with
+    assert not (version / "model.py").exists()
+    native_lookup(configs["item_lookup"]).check(version, 1, (16, 12))  # loads, answers a probe
+
+
+def test_instance_kind_applies_to_every_native_model(small_export):
+    configs = build_configs(
+        Manifest.read(small_export.out), RenderConfig(backend="onnxruntime", instance_kind="cpu")
+    )
+    for name in ("ranking", "fusion", "text_encoder", "image_encoder", "item_lookup"):
+        assert configs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU, name
+    auto = build_configs(Manifest.read(small_export.out), RenderConfig(backend="onnxruntime"))
+    assert auto["item_lookup"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO
+    with pytest.raises(MMRankError, match="instance_kind 'tpu'"):
+        RenderConfig(instance_kind="tpu")
 
 
 def _mutated(small_export):
-    return build_configs(Manifest.read(small_export.out), RenderConfig(backend="onnxruntime"))
+    return build_configs(
+        Manifest.read(small_export.out), RenderConfig(backend="onnxruntime", lookup="separate")
+    )
 
 
 def test_ensemble_check_catches_broken_maps(small_export):
@@ -144,6 +182,11 @@ def test_ensemble_check_catches_broken_maps(small_export):
     configs = _mutated(small_export)
     next(t for t in configs["fusion"].input if t.name == "text_feats").dims[-1] = 383
     with pytest.raises(MMRankError, match="dims"):
+        check_ensembles(configs)
+    configs = _mutated(small_export)  # a model without batching states the batch axis itself
+    history = next(t for t in configs["item_lookup"].output if t.name == "history_c")
+    del history.dims[0]
+    with pytest.raises(MMRankError, match=r"'history_c' has dims \[-1, 16\], expected \[-1, -1, 16\]"):
         check_ensembles(configs)
 
 

@@ -175,7 +175,7 @@ def test_a_broken_newest_table_is_skipped_by_the_lookup_and_the_launcher(tmp_pat
     from tritonclient.grpc import model_config_pb2 as mc
 
     from export.repository import write_config
-    from export.triton_launcher import skipped_tables
+    from export.triton_launcher import check_table_versions
 
     model = tmp_path / "repo" / "item_lookup"
     _table(version=1).write(model / "1" / "item_table")
@@ -186,8 +186,9 @@ def test_a_broken_newest_table_is_skipped_by_the_lookup_and_the_launcher(tmp_pat
     config = mc.ModelConfig(name="item_lookup")
     config.parameters["table_widths"].string_value = json.dumps({"d": 3, "item_dim": 2})
     write_config(model, config)
-    lines = skipped_tables(tmp_path / "repo")  # what `mmrank serve` says at start, not a traceback
-    assert len(lines) == 1 and lines[0].endswith("serving item table version 1")
+    found = check_table_versions(tmp_path / "repo")  # what `mmrank serve` says at start, no traceback
+    assert (found.newest, found.served, found.pinned) == (2, 1, False)  # the python lookup passes over it
+    assert len(found.skipped) == 1 and found.skipped[0].endswith("serving item table version 1")
 
 
 def test_add_table_version_checks_against_the_newest_valid_version(tmp_path):
@@ -203,3 +204,19 @@ def test_add_table_version_checks_against_the_newest_valid_version(tmp_path):
     with pytest.raises(MMRankError, match="content has NaN or infinite values in 1 rows"):
         add_table_version(tmp_path / "repo", bad)
     assert sorted(p.name for p in model.iterdir()) == ["1", "2", "3"]  # nothing published, no leftovers
+
+
+def test_the_launcher_tells_the_cpu_host_cuda_lines_from_real_errors():
+    from export.triton_launcher import error_lines
+
+    log = "\n".join(
+        [
+            'I1207 02:19:05.306 8205 server.cc:100] "loading: rank:1"',
+            'E1207 02:19:05.306 8205 server.cc:241] "CudaDriverHelper has not been initialized."',
+            'E1207 02:19:12.347 8205 ensemble_scheduler.cc:1468] "unable to create stream for rank: CUDA '
+            'driver version is insufficient for CUDA runtime version"',
+            "E1207 02:19:13.001 8205 model_lifecycle.cc:654] \"failed to load 'ranking' version 1\"",
+            "Everything is fine",
+        ]
+    )
+    assert error_lines(log) == [log.splitlines()[3]]

@@ -1,6 +1,6 @@
 """`mmrank serve` as a user runs it: a foreground process that serves until SIGTERM, on loopback."""
 
-import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_processes import children, group, regions, wait_gone
 
 from clients.ranking_client import ClientConfig, RankingClient
+from export.backend_supervisor import backend_processes
 from export.parity import composed_scores
 from export.repository import RenderConfig, render_repository
-from export.triton_launcher import free_port
+from export.triton_launcher import NO_CUDA_NOTE, cuda_driver, free_port
 from mmrank.cli import main
 from model_repository.item_table import ItemTable
 
@@ -47,8 +49,10 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
     try:
         line = proc.stdout.readline()
         assert "tritonserver ready" in line and f"127.0.0.1:{grpc_port}" in line
+        if not cuda_driver():  # the launcher says why the log's CUDA errors are harmless
+            assert proc.stdout.readline().strip() == f"tritonserver: {NO_CUDA_NOTE}"
         with RankingClient(ClientConfig(url=f"127.0.0.1:{grpc_port}", timeout_s=30)) as client:
-            scores, known = client.rank([1, 2, 3], [4, 5])
+            scores, known, _, _ = client.rank([1, 2, 3], [4, 5])
         assert scores.shape == (2,) and np.isfinite(scores).all() and known.all()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
@@ -101,42 +105,24 @@ def _serve(repo, *extra):
     )
 
 
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes of the process group `pgid` (the server and its backend stubs)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(stat.parent.name))
-    return members
-
-
-def _wait_gone(pgid: int, timeout_s: float = 60) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while _group(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _group(pgid)
-
-
 def _server_of(proc, stubs: int) -> int:
     """The tritonserver pid under `mmrank serve`, once it has started `stubs` backend stubs."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        for pid in _children(proc.pid):
-            if len(_group(pid)) > stubs:
+        for pid in children(proc.pid):
+            if len(group(pid)) > stubs:
                 return pid
         time.sleep(0.05)
     raise AssertionError("tritonserver did not start its backend stubs")
 
 
 def _regions(launcher_pid: int) -> list[str]:
-    return [p.name for p in Path("/dev/shm").glob(f"mmrank_triton_{launcher_pid}_*")]
+    return regions(f"mmrank_triton_{launcher_pid}-")
+
+
+def _workdir(ready_line: str) -> Path:
+    """The launcher's work folder in the temp directory: where the ready line says the log is."""
+    return Path(ready_line.split("; log ")[1].rsplit(" (", 1)[0]).parent
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -146,19 +132,35 @@ def test_a_stop_while_models_load_leaves_no_process_or_shared_memory(repo, sig):
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
-    assert "Traceback" not in out and _wait_gone(server) == [] and _regions(proc.pid) == []
+    assert "Traceback" not in out and wait_gone(server) == [] and _regions(proc.pid) == []
 
 
-def test_sigkill_of_mmrank_serve_takes_the_server_down(repo):
+def test_sigkill_of_mmrank_serve_takes_the_server_down_and_the_next_start_sweeps_its_files(repo):
+    killed = _serve(repo)
+    try:
+        ready = killed.stdout.readline()
+        assert "tritonserver ready" in ready
+        server, workdir = children(killed.pid)[0], _workdir(ready)
+        assert len(group(server)) > 1  # the server and its stubs
+        assert workdir.name.startswith("mmrank-triton-")
+    finally:
+        killed.kill()
+        killed.wait()
+    assert wait_gone(server) == [] and workdir.is_dir()  # a SIGKILLed launcher cannot remove it
     proc = _serve(repo)
     try:
-        assert "tritonserver ready" in proc.stdout.readline()
-        server = _children(proc.pid)[0]
-        assert len(_group(server)) > 1  # the server and its stubs
+        ready = proc.stdout.readline()
+        assert "tritonserver ready" in ready
+        assert not workdir.exists() and _regions(killed.pid) == []
+        own = _workdir(ready)
+        assert own.is_dir() and _regions(proc.pid) != []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
-        proc.kill()
-        proc.wait()
-    assert _wait_gone(server) == []
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not own.exists() and _regions(proc.pid) == []
 
 
 def test_a_bad_newest_table_version_serves_the_newest_valid_one(small_export, repo, tmp_path):
@@ -180,10 +182,29 @@ def test_a_bad_newest_table_version_serves_the_newest_valid_one(small_export, re
         assert "tritonserver ready" in ready
         url = ready.split("grpc ")[1].split(",")[0]
         with RankingClient(ClientConfig(url=url, timeout_s=30)) as client:
-            scores, known = client.rank([1, 2, 3], [4, 5])
+            scores, known, version, _ = client.rank([1, 2, 3], [4, 5])
         want = composed_scores(small_export.out, np.array([[1, 2, 3]]), np.array([[4, 5]]))[0]
-        assert known.all()
+        assert known.all() and version == 1  # the response says which table answered
         np.testing.assert_allclose(scores, want, atol=1e-5)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_in_poll_mode_a_dead_backend_process_stops_the_server_saying_why(repo):
+    proc = _serve(repo, "--control-mode", "poll")
+    try:
+        ready = proc.stdout.readline()
+        assert "tritonserver ready" in ready
+        server, workdir = children(proc.pid)[0], _workdir(ready)
+        lookup = next(p for p in backend_processes(server, "mmrank_triton_") if p.model == "item_lookup")
+        os.kill(lookup.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out
+    said = f"the backend process of item_lookup_0_0 (pid {lookup.pid}) died; in model control mode 'poll'"
+    assert f"mmrank serve: error: {said}" in out
+    assert wait_gone(server) == [] and not workdir.exists() and _regions(proc.pid) == []

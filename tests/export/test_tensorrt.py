@@ -5,7 +5,14 @@ import pytest
 
 from common.errors import MMRankError
 from export.manifest import Manifest
-from export.tensorrt import EngineConfig, build_engines, check_engines_hold, profile_shapes
+from export.tensorrt import (
+    PLAN_TAG,
+    EngineConfig,
+    build_engines,
+    check_engine_file,
+    check_engines_hold,
+    profile_shapes,
+)
 from mmrank.cli import main
 from model_repository.limits import RequestLimits
 
@@ -34,14 +41,12 @@ def test_a_small_maximum_caps_the_optimum(small_export):
     assert profile_shapes(manifest.graph("ranking"), manifest, cfg)["candidate_c"][1][:2] == (4, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_engines_build_from_the_export(small_export, tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT not installed")
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU for TensorRT")
     out = build_engines(small_export.out, tmp_path / "engines", EngineConfig(max_batch=8, max_candidates=64))
     for name in Manifest.read(small_export.out).graphs:
-        assert (out / f"{name}.plan").stat().st_size > 0
+        check_engine_file(out / f"{name}.plan")  # real engines carry the header the render checks
 
 
 def test_default_profiles_hold_the_default_request_limits():
@@ -52,12 +57,17 @@ def test_default_profiles_hold_the_default_request_limits():
     assert cfg.max_batch == rc.max_batch_size
 
 
+# What a serialized engine's header looks like (tag, serialization version, TensorRT 10.0.1.6 at bytes 24-27)
+# and then some bytes: rendering reads only the header, so TensorRT is not needed to test it.
+FAKE_ENGINE = PLAN_TAG + bytes(4) + bytes(16) + bytes([10, 0, 1, 6]) + b"engine body"
+
+
 def _fake_engines(small_export, folder, cfg: EngineConfig):
-    """Plan files (not real engines: TensorRT is not needed to render) and the engines.json record."""
+    """Files with an engine's header (not real engines) and the engines.json record."""
     folder.mkdir()
     graphs = Manifest.read(small_export.out).graphs
     for name in graphs:
-        (folder / f"{name}.plan").write_bytes(b"plan")
+        (folder / f"{name}.plan").write_bytes(FAKE_ENGINE)
     sources = {name: {"onnx_sha256": g.sha256} for name, g in graphs.items()}
     (folder / "engines.json").write_text(
         json.dumps({"tensorrt": "test", "config": asdict(cfg), "engines": sources})
@@ -110,3 +120,26 @@ def test_tensorrt_repository_refuses_limits_beyond_the_engine_profiles(small_exp
     args = ["repo", "--export", str(small_export.out), "--out", str(tmp_path / "r3"), "--backend", "tensorrt"]
     assert main([*args, "--engines", str(fits.engines_dir)]) == 0
     assert (tmp_path / "r3" / "ranking" / "1" / "model.plan").is_file()
+
+
+@pytest.mark.parametrize(
+    "content, found",
+    [
+        (b"plan", "4 bytes"),
+        (b"", "0 bytes"),
+        (b"\x08\x07\x12\x07pytorch" + bytes(40), r"it starts with b'\\x08\\x07\\x12\\x07'"),  # an ONNX file
+        (FAKE_ENGINE[:27], "27 bytes"),
+    ],
+)
+def test_a_plan_that_is_no_tensorrt_engine_is_refused_by_the_render(small_export, tmp_path, content, found):
+    from export.repository import RenderConfig, render_repository
+
+    engines = _fake_engines(small_export, tmp_path / "engines", EngineConfig())
+    (engines / "ranking.plan").write_bytes(content)
+    rc = RenderConfig(backend="tensorrt", engines_dir=engines)
+    with pytest.raises(MMRankError, match=f"ranking.plan: not a TensorRT engine .* {found}") as e:
+        render_repository(small_export.out, tmp_path / "repo", rc)
+    assert "\n" not in str(e.value) and not (tmp_path / "repo").exists()
+    (engines / "ranking.plan").write_bytes(FAKE_ENGINE)
+    assert check_engine_file(engines / "ranking.plan") == engines / "ranking.plan"
+    render_repository(small_export.out, tmp_path / "repo", rc)

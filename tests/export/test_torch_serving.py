@@ -9,6 +9,7 @@ tests: a GPU host may have no tritonclient, so the repository and server tests i
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, make_model
 
 from common.errors import MMRankError
@@ -36,6 +37,7 @@ def _requests(rng, rows=3, length=9, n=7):
     return hist, rng.integers(1, NUM_ITEMS + 10, (rows, n))
 
 
+@pytest.mark.slow  # torch.export of two models
 @pytest.mark.parametrize("overrides", [{}, {"interest.long_len": 12}], ids=["short_history", "long_history"])
 def test_torch_programs_score_like_the_onnx_graph(tmp_path, overrides):
     torch.set_num_threads(1)
@@ -52,7 +54,8 @@ def test_torch_programs_score_like_the_onnx_graph(tmp_path, overrides):
             for rows, n in ((1, 1), (3, 7), (5, 70)):  # 5 x 70 fits no bucket: eager
                 hist, cands = _requests(rng, rows=rows, n=n)
                 want = graph.run(it.rank_inputs(table, lookup, hist, cands))["scores"]
-                scores, known = ranker.score(hist, cands)
+                scores, known, user_known = ranker.score(hist, cands)
+                assert not user_known.any()  # no user_id sent: the unknown user
                 assert scores.dtype == torch.float32 and scores.shape == (rows, n)
                 assert known.tolist() == np.isfinite(want).tolist()  # unknown: -inf in both
                 np.testing.assert_allclose(scores.numpy()[known], want[known], atol=atol, rtol=atol)
@@ -142,7 +145,8 @@ def _rank(client, hist, cands):
         t.set_data_from_numpy(array.astype(np.int64))
         inputs.append(t)
     result = client.infer("rank", inputs, client_timeout=60)
-    return result.as_numpy("scores"), result.as_numpy("candidate_known")
+    names = ("scores", "candidate_known", "user_known", "item_table_version")
+    return tuple(result.as_numpy(name) for name in names)
 
 
 @pytest.mark.parametrize("dlpack_only", [False, True], ids=["numpy1_stub", "numpy2_stub"])
@@ -154,7 +158,6 @@ def test_torch_backend_serves_the_python_backends_scores(
     from export.repository import RenderConfig, add_table_version, render_repository
     from export.triton_launcher import TritonConfig, TritonServer
 
-    grpc = pytest.importorskip("tritonclient.grpc")
     repo = tmp_path / "torch_repo"
     render_repository(small_export.out, repo, RenderConfig(backend="torch", max_batch_size=8, buckets="1x8"))
     rng = np.random.default_rng(3)
@@ -164,9 +167,10 @@ def test_torch_backend_serves_the_python_backends_scores(
         client = grpc.InferenceServerClient(srv.grpc_url)
         for rows, n in ((1, 5), (1, 8), (2, 12)):
             hist, cands = _requests(rng, rows=rows, n=n)
-            scores, known = _rank(client, hist, cands)
-            want, want_known = _rank(reference, hist, cands)
+            scores, known, user_known, version = _rank(client, hist, cands)
+            want, want_known, want_user, want_version = _rank(reference, hist, cands)
             assert known.tolist() == want_known.tolist() and (scores[~known] == -np.inf).all()
+            assert user_known.tolist() == want_user.tolist() and version.tolist() == want_version.tolist()
             np.testing.assert_allclose(scores[known], want[known], atol=1e-5, rtol=1e-5)
         with pytest.raises(grpc.InferenceServerException, match="candidate_ids is empty"):
             _rank(client, np.ones((1, 3)), np.ones((1, 0)))
@@ -179,14 +183,15 @@ def test_torch_backend_serves_the_python_backends_scores(
         client.load_model("item_lookup")
         assert client.is_model_ready("item_lookup", "2") and not client.is_model_ready("item_lookup", "1")
         hist, cands = np.array([[1, 2, 3]]), np.array([[new_id, 4]])
-        scores, known = _rank(client, hist, cands)
+        scores, known, _, version = _rank(client, hist, cands)
+        assert version.tolist() == [[2]]  # the new table answers
         graph = OrtGraph(small_export.out / manifest.graph("ranking").file)
         want = graph.run(it.rank_inputs(swapped, manifest.model.lookup(), hist, cands))["scores"]
         assert known.tolist() == [[True, True]]
         np.testing.assert_allclose(scores, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu  # CUDA graphs
 def test_cuda_graph_buckets_replay_the_eager_scores(tmp_path):
     out, manifest, table, lookup = _export(tmp_path, **{"interest.long_len": 12})
     program = manifest.programs["ranking"]
@@ -207,8 +212,8 @@ def test_cuda_graph_buckets_replay_the_eager_scores(tmp_path):
         assert len(graphs.captured) == 2 and not eager.captured
         for rows, n in ((1, 3), (1, 8), (3, 11), (4, 16), (6, 5)):  # the last fits no bucket
             hist, cands = _requests(rng, rows=rows, n=n)
-            got, known = graphs.score(hist, cands)
-            want, _ = eager.score(hist, cands)
+            got, known, _ = graphs.score(hist, cands)
+            want, _, _ = eager.score(hist, cands)
             torch.testing.assert_close(got, want)  # the same kernels, replayed
             cpu = TorchRanker(out / program.file, program.inputs, table, lookup, torch.device("cpu"))
             np.testing.assert_allclose(

@@ -1,8 +1,8 @@
 """The real tritonserver (from nvidia-pytriton) on a rendered python-backend repository, over gRPC.
 
 Nothing is mocked: the server loads the rendered models, runs the ONNX graphs with onnxruntime inside
-the Python backend and answers tritonclient calls on loopback. Skipped only when this machine cannot
-run the binary or prepare its Python environment, with the reason.
+the Python backend and answers tritonclient calls on loopback. A server that cannot start here fails
+these tests with the reason (conftest.py `tritonserver`).
 """
 
 import io
@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, NUM_USERS, TEXT_FIELDS
 
 from export.manifest import Manifest
 from export.parity import training_scores
 from export.repository import add_table_version
+from export.triton_launcher import NO_CUDA_ERRORS, cuda_driver, error_lines
 from model_repository import item_table as it
 from model_repository.ort_graph import OrtGraph
-
-grpc = pytest.importorskip("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,27 @@ def _input(name, array, dtype):
     return t
 
 
-def _rank(client, hist, cands, user_id=None, user_feats=None):
+def _infer(client, hist, cands, user_id=None, user_feats=None):
     inputs = [_input("history_ids", hist, "INT64"), _input("candidate_ids", cands, "INT64")]
     if user_id is not None:
         inputs.append(_input("user_id", user_id.reshape(-1, 1), "INT64"))
     if user_feats is not None:
         inputs.append(_input("user_feats", user_feats, "INT64"))
-    result = client.infer("rank", inputs, client_timeout=30)
+    return client.infer("rank", inputs, client_timeout=30)
+
+
+def _rank(client, hist, cands, user_id=None, user_feats=None):
+    result = _infer(client, hist, cands, user_id, user_feats)
     return result.as_numpy("scores"), result.as_numpy("candidate_known")
+
+
+def test_every_response_says_whether_the_user_is_known_and_which_table_answered(client):
+    hist, cands = np.array([[1, 2]] * 4), np.array([[3, 4]] * 4)
+    result = _infer(client, hist, cands, np.array([1, NUM_USERS, NUM_USERS + 1, -2]))
+    assert result.as_numpy("user_known").tolist() == [[True], [True], [False], [False]]
+    assert result.as_numpy("item_table_version").tolist() == [[1]] * 4
+    anonymous = _infer(client, hist[:1], cands[:1])  # no user_id: scored as the unknown user
+    assert anonymous.as_numpy("user_known").tolist() == [[False]]
 
 
 def test_rank_ensemble_scores_equal_the_pytorch_model(small_export, client):
@@ -185,6 +198,7 @@ def test_new_item_table_version_loads_without_restart(small_export, server, clie
         shutil.rmtree(version)
         client.load_model("item_lookup")
     assert client.is_model_ready("item_lookup", "1") and not client.is_model_ready("item_lookup", "2")
+    assert server.supervisor.recoveries == []  # the stubs the server stopped itself were no deaths
 
 
 def _check_new_version_is_served(small_export, server, client, table, new_id):
@@ -194,8 +208,21 @@ def _check_new_version_is_served(small_export, server, client, table, new_id):
     hist, cands = np.array([[1, 2, 3]], np.int64), np.array([[new_id, 4]], np.int64)
     scores, known = _rank(client, hist, cands)
     assert known.tolist() == [[True, True]] and server.process.pid == pid
+    assert _infer(client, hist, cands).as_numpy("item_table_version").tolist() == [[2]]
     manifest = Manifest.read(small_export.out)
     feeds = it.rank_inputs(table, manifest.model.lookup(), hist, cands)
     ranking = OrtGraph(small_export.out / manifest.graph("ranking").file)
     want = ranking.run({t.name: feeds[t.name] for t in manifest.graph("ranking").inputs})["scores"]
     np.testing.assert_allclose(scores, want, atol=1e-5)
+
+
+def test_a_healthy_load_logs_no_error_but_the_explained_cuda_lines(server):
+    """Every model of the repository loaded: the log holds no E-level line, but on a host without a CUDA
+    driver the two kinds the launcher explains (export/triton_launcher.py), and there neither the
+    pinned-memory warning nor the NVML error of the GPU metrics (both switched off)."""
+    log = server.log_at_ready
+    assert error_lines(log) == []
+    if not cuda_driver():
+        errors = [line for line in log.splitlines() if line.startswith("E")]
+        assert errors and all(any(known in e for known in NO_CUDA_ERRORS) for e in errors)
+        assert "pinned memory pool will not be available" not in log and "NVML" not in log

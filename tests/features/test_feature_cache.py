@@ -17,7 +17,7 @@ from common.errors import DataError
 from mmrank.cli import main as mmrank_main
 from trainer.data.schema import ITEMS, MANIFEST, Manifest
 from trainer.features.cache import FeatureConfig, build_features
-from trainer.features.store import load_item_features
+from trainer.features.store import CACHE_VERSION, load_item_features
 
 pytestmark = pytest.mark.threads(1)  # the CPU is shared with other test runs (conftest.py)
 
@@ -194,18 +194,23 @@ def test_another_runtime_recomputes_every_row(copy, config):
     assert {m["settings"]["runtime"] for m in meta["modalities"].values()} == {"torch"}
 
 
-def test_a_cache_from_before_the_runtime_setting_is_reused(copy, config):
-    # Such caches kept the runtime beside the settings; the same runtime must not recompute anything.
+def test_a_cache_of_another_version_is_refused_for_training_and_rebuilt(copy, config):
     path = copy / "features" / "meta.json"
     meta = json.loads(path.read_text())
-    for m in meta["modalities"].values():
-        m["runtime"] = m["settings"].pop("runtime")
-    path.write_text(json.dumps(meta))
-    report = build_features(copy, config)
+    path.write_text(json.dumps({**meta, "version": CACHE_VERSION - 1}))
+    with pytest.raises(
+        DataError,
+        match=f"meta.json: feature cache version {CACHE_VERSION - 1}, this version reads {CACHE_VERSION}; "
+        "run `mmrank features",
+    ):
+        load_item_features(copy)
+    report = build_features(copy, config)  # nothing of it is reused
     assert {m: (r.computed, r.reused) for m, r in report.modalities.items()} == {
-        "text": (0, 7),
-        "image": (0, 7),
+        "text": (7, 0),
+        "image": (7, 0),
     }
+    assert json.loads(path.read_text())["version"] == CACHE_VERSION
+    load_item_features(copy)
 
 
 @pytest.mark.parametrize(

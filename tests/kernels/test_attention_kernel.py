@@ -33,8 +33,15 @@ KERNELS = nullcontext if CUDA else kernels_on_cpu
 # fp32 products stay fp32 ("ieee"); half types round q, k, v and the probabilities (about 2^-11 / 2^-8).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-# (B, N, L, D, topk): tile edges, L = 1, N = 1, k > L, d not a power of two, more than one tile each way
-SHAPES = [(2, 19, 37, 24, 5), (1, 1, 1, 16, 3), (3, 1, 20, 32, 4), (2, 33, 1, 16, 2), (1, 40, 50, 64, 10)]
+# (B, N, L, D, topk): tile edges, L = 1, N = 1, k > L, d not a power of two, more than one tile each way;
+# the last, the widest under the interpreter, is left to the full suite (`make test-fast` skips it).
+SHAPES = [
+    (2, 19, 37, 24, 5),
+    (1, 1, 1, 16, 3),
+    (3, 1, 20, 32, 4),
+    (2, 33, 1, 16, 2),
+    pytest.param((1, 40, 50, 64, 10), marks=pytest.mark.slow, id="shape4"),
+]
 
 
 def _inputs(shape, dtype, seed=0):
@@ -144,9 +151,7 @@ def test_kernel_multi_head_attention_with_separate_keys_and_values(heads):
         _close_grad(got.cpu(), ref, torch.float32)
 
 
-@pytest.mark.skipif(
-    not CUDA, reason="a GPU-sized shape (the CPU interpreter runs the ops at small ones below)"
-)
+@pytest.mark.gpu  # a GPU-sized shape: the CPU interpreter runs the ops at small ones below
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_ops_on_cuda_match_their_cpu_reference(dtype):
     q, hist, c, mask = _inputs((4, 300, 130, 64, 10), dtype, seed=4)

@@ -97,15 +97,15 @@ def test_items_never_trained_on_share_the_new_item_row_and_keep_their_categorica
     torch.testing.assert_close(feats[2, 4:8], ranker.cat_embs[0].weight[3])  # item 9's own category
 
 
-def test_known_items_travel_in_the_state_dict_and_old_checkpoints_load_all_known():
+def test_known_items_travel_in_the_state_dict_and_are_required_there():
     ranker = _ranker()
     ranker.mark_known(torch.tensor([2, 7]))
     fresh = _ranker()
     fresh.load_state_dict(ranker.state_dict())
     assert fresh.item_known.nonzero().flatten().tolist() == [2, 7]
-    old = {k: v for k, v in ranker.state_dict().items() if k != "item_known"}
-    fresh.load_state_dict(old)
-    assert bool(fresh.item_known.all())
+    without = {k: v for k, v in ranker.state_dict().items() if k != "item_known"}
+    with pytest.raises(RuntimeError, match='Missing key.*"item_known"'):
+        fresh.load_state_dict(without)
 
 
 def test_id_dropout_sends_a_share_of_training_ids_to_the_new_item_row():

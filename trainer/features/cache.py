@@ -40,10 +40,9 @@ from trainer.data.validate import check_ids
 from trainer.features import image as image_mod
 from trainer.features import text as text_mod
 from trainer.features.runtime import RUNTIMES, default_onnx_dir, make_runner, resolve_runtime
-from trainer.features.store import FEATURES, META, encoder_weights_sha256
+from trainer.features.store import CACHE_VERSION, FEATURES, META, encoder_weights_sha256
 
 HASHES = "hashes.parquet"
-CACHE_VERSION = 1
 IMAGE_PREPROCESS = "rgb, shorter side 224 bicubic, centre crop 224, imagenet mean/std"
 # [CLS], [SEP] and one token of text; the tokenizer ignores a max_length of 0 or 1 and truncates nothing.
 MIN_TEXT_TOKENS = 3
@@ -169,12 +168,7 @@ class _PreviousCache:
             self.meta, self.hashes = {}, None
 
     def modality(self, name: str) -> dict:
-        entry = dict(self.meta.get("modalities", {}).get(name, {}))
-        if "runtime" in entry and isinstance(entry.get("settings"), dict):
-            # Caches written before the runtime became a setting kept it beside the settings: the same
-            # runtime must still reuse their rows.
-            entry["settings"] = {**entry["settings"], "runtime": entry["runtime"]}
-        return entry
+        return self.meta.get("modalities", {}).get(name, {})
 
     def reusable(self, m: _Modality) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """keep [n] bool (rows computed from the same content and settings) and the previous

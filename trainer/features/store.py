@@ -22,6 +22,9 @@ from trainer.features.runtime import sha256_files
 
 FEATURES = "features"  # the cache folder name, shared with trainer.features.cache
 META = "meta.json"
+# 2: each modality's settings hold the encoder runtime. `mmrank features` recomputes a cache of another
+# version; training refuses it.
+CACHE_VERSION = 2
 CACHE_MODALITIES = ("text", "image")
 
 
@@ -71,6 +74,11 @@ def _cached(root: Path, manifest: Manifest, n: int) -> dict[str, tuple[np.ndarra
         meta = json.loads((out / META).read_text())
     except (OSError, ValueError) as e:
         raise DataError(out, f"no readable feature cache ({type(e).__name__}); {rerun}") from e
+    if meta.get("version") != CACHE_VERSION:
+        raise DataError(
+            out / META,
+            f"feature cache version {meta.get('version')!r}, this version reads {CACHE_VERSION}; {rerun}",
+        )
     if meta.get("num_items") != n:
         raise DataError(out, f"stale feature cache: {meta.get('num_items')} items, dataset has {n}; {rerun}")
     text_fields = meta.get("modalities", {}).get("text", {}).get("settings", {}).get("fields")

@@ -149,10 +149,6 @@ class MemoryBank(nn.Module):
         self.register_buffer("present", torch.zeros(num_items + 1, dtype=torch.bool))
         self.probe = StalenessProbe(num_items, d)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "default", None)  # the learned default of older checkpoints, now unused
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @torch.no_grad()
     def write(self, ids: Tensor, vecs: Tensor, step: int) -> None:
         """Store detached vectors for ids [M] (duplicates averaged, id 0 ignored)."""

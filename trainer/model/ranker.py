@@ -152,11 +152,6 @@ class Ranker(nn.Module):
         elif cfg.mixer == "mlp":
             self.head = mlp(sum(token_dims), cfg.hidden, cfg.dropout)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints from before cold-item handling have no item_known: every item was its own row.
-        state_dict.setdefault(prefix + "item_known", torch.ones_like(self.item_known))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     @torch.no_grad()
     def mark_known(self, item_ids: Tensor) -> None:
         """Record training targets (all ranks' under DDP, so every replica maps ids alike)."""

@@ -94,8 +94,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.state = TrainState()
         self.optimizer = self._make_optimizer()
-        # step of a best.pt later than the resumed last.pt, until this run rewrites it (`_check_best`)
-        self._best_ahead: int | None = None
         self.resumed = resume and (out / checkpoint.LAST).is_file()
         if self.resumed:
             self._resume()
@@ -155,41 +153,25 @@ class Trainer:
             raise MMRankError(f"{path}: optimizer state does not match the model ({e})") from e
         self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][self.dist.rank])
-        if "log_lines" not in ckpt["state"]:  # a last.pt from before log_lines: its log is kept whole
-            log = self.out / TRAIN_LOG
-            self.state.log_lines = len(log.read_text().splitlines()) if log.is_file() else 0
-        self._check_best()
+        self._repair_best()
 
-    def _check_best(self) -> None:
+    def _repair_best(self) -> None:
         """best.pt is written right after the last.pt that records it: a kill between the two leaves a
-        best.pt behind a last.pt whose own model is the best one, and best.pt is rewritten from it.
-
-        Runs from before that order wrote best.pt at an improving validation without last.pt, so a kill
-        before the next checkpoint left a best.pt (step B) later than last.pt. It is kept: the resumed
-        run replays from last.pt's step, validates step B again and rewrites best.pt there."""
+        best.pt behind a last.pt whose own model is the best one, and best.pt is rewritten from it. Any
+        other best.pt than the one last.pt records is refused."""
         s, path = self.state, self.out / checkpoint.BEST
         if s.best_step < 0:  # not validated yet: a best.pt there only reports a max-steps stop
             return
         step = checkpoint.load(path, ("step",), mmap=True)["step"] if path.is_file() else None
         if step == s.best_step:
             return
-        if s.best_step == s.global_step:
-            self.dist.barrier()  # every rank has read best.pt's step before rank 0 replaces it
-            self._save_best(s)
-        elif step is not None and step > s.global_step:
-            self._best_ahead = step
-            if self.dist.main:
-                print(
-                    f"warning: {path} holds step {step}, later than {checkpoint.LAST}'s step "
-                    f"{s.global_step} (a run from before last.pt was written at every improvement); the "
-                    f"resumed run trains from step {s.global_step} and validates step {step} again",
-                    file=sys.stderr,
-                )
-        else:
+        if s.best_step != s.global_step:
             raise MMRankError(
                 f"{path}: holds step {step}, but {checkpoint.LAST} records the best model at step "
                 f"{s.best_step}, which no file holds; train again in another --out"
             )
+        self.dist.barrier()  # every rank has read best.pt's step before rank 0 replaces it
+        self.save_best(s)
 
     def _truncate_log(self) -> None:
         """Drop the lines a crashed attempt logged after its last checkpoint: the resumed run logs those
@@ -271,7 +253,7 @@ class Trainer:
         self.scaler.update()
         return values, out.stats
 
-    def _train_rows(self, samples: SampleSet, rows: np.ndarray, bar: tqdm) -> bool:
+    def train_rows(self, samples: SampleSet, rows: np.ndarray, bar: tqdm) -> bool:
         """Train on this rank's `rows` from the state's position; False when a stop condition hit before
         their end (an early stop, or max_steps short of the last batch: one on it ends the epoch)."""
         s = self.state
@@ -300,10 +282,11 @@ class Trainer:
                 self._checkpoint()
             if s.stopped_early:
                 return False
-            if self._at_max_steps():
+            if self.at_max_steps():
                 return s.batch_in_epoch >= n_batches
 
-    def _at_max_steps(self) -> bool:
+    def at_max_steps(self) -> bool:
+        """train.max_steps is set and reached."""
         return 0 < self.t.max_steps <= self.state.global_step
 
     # -- logging
@@ -326,10 +309,11 @@ class Trainer:
         }
         self._log_sums, self._log_t0, self._log_rows = {}, now, 0
         bar.set_postfix(loss=f"{line['loss']:.4f}", samples_per_s=f"{line['samples_per_s']:.0f}")
-        self._log(line, bar)
+        self.log(line, bar)
 
-    def _log(self, line: dict, bar: tqdm | None = None, summary: str | None = None) -> None:
-        """One line of RUN/train_log.jsonl; on stderr too (as `summary` where given) unless a bar shows."""
+    def log(self, line: dict, bar: tqdm | None = None, summary: str | None = None) -> None:
+        """One structured line of RUN/train_log.jsonl (rank 0), echoed to stderr (as `summary` where
+        given) without a progress bar."""
         if not self.dist.main:
             return
         text = json.dumps(line, sort_keys=True, default=float)
@@ -415,10 +399,10 @@ class Trainer:
             **progress,
             **metrics,
         }
-        self._log(line, summary=self._valid_summary(line, value))
-        if improved:  # last.pt first (see `_check_best`)
-            self._save_last()
-            self._save_best(s)
+        self.log(line, summary=self._valid_summary(line, value))
+        if improved:  # last.pt first (see `_repair_best`)
+            self.save_last()
+            self.save_best(s)
 
     def _valid_summary(self, line: dict, value: float) -> str:
         """The stderr form of a validation line: where, how long, the loss and the stopping metric."""
@@ -438,16 +422,16 @@ class Trainer:
         s = self.state
         metrics, value = self._valid_metrics()
         self._reported = (s.global_step, metrics)
-        self._save_best(dataclasses.replace(s, best_metric=value))
+        self.save_best(dataclasses.replace(s, best_metric=value))
 
-    def _save_best(self, state: TrainState) -> None:
+    def save_best(self, state: TrainState) -> None:
         """best.pt (rank 0); every rank waits for it, so none loads or restores a best.pt not yet written."""
         if self.dist.main:
             checkpoint.save_best(self.out / checkpoint.BEST, self.model, state)
         self.dist.barrier()
-        self._best_ahead = None
 
-    def _save_last(self) -> None:
+    def save_last(self) -> None:
+        """last.pt from the current state (every rank's RNG gathered); every rank waits for it."""
         self._saved_step = self.state.global_step
         rng = self.dist.gather(checkpoint.rng_state())
         if self.dist.main:
@@ -459,9 +443,13 @@ class Trainer:
     def _checkpoint(self) -> None:
         """last.pt, unless it already holds the current state."""
         if self._saved_step != self.state.global_step:
-            self._save_last()
+            self.save_last()
 
-    def _bar(self, total: int) -> tqdm:
+    def progress_bar(self, epoch_rows: list[int]) -> tqdm:
+        """The step bar of a pass over epochs (or stream windows) of `epoch_rows` rows each, capped at
+        train.max_steps; shown by rank 0 only."""
+        total = sum(self._steps_per_epoch(n) for n in epoch_rows)
+        total = min(total, self.t.max_steps) if self.t.max_steps else total
         disable = (None if self.progress is None else not self.progress) if self.dist.main else True
         return tqdm(
             total=total,
@@ -479,17 +467,14 @@ class Trainer:
     def fit(self) -> None:
         """Epochs (phase 1, then the LoRA phase) until done, stopped early or at max_steps."""
         s, t = self.state, self.t
-        epochs = t.epochs + t.lora_epochs
-        total = self._steps_per_epoch(len(self.samples("train"))) * epochs
-        total = min(total, t.max_steps) if t.max_steps else total
-        with self._bar(total) as bar:
+        with self.progress_bar([len(self.samples("train"))] * (t.epochs + t.lora_epochs)) as bar:
             while trains_further(s, t):
                 if not s.lora_phase and (s.epoch >= t.epochs or s.stopped_early):
                     self._start_lora_phase()
                 samples = self.samples("train")
                 self.model.new_epoch(s.epoch, self.cfg.seed)
                 rows = self.dist.shard(samples.order(s.epoch, self.cfg.seed, t.shuffle))
-                if self._train_rows(samples, rows, bar):
+                if self.train_rows(samples, rows, bar):
                     s.epoch += 1
                     s.batch_in_epoch = 0
                     if not t.eval_every_steps:
@@ -539,11 +524,6 @@ class Trainer:
             best.to(self.device)
             lengths = (best_cfg.interest.short_len, best_cfg.interest.long_len)
             best_step, valid = self._reported or (best_step, s.best_valid)
-            if self._best_ahead is not None:  # best.pt is not the model s.best_valid describes
-                best_step = self._best_ahead
-                valid = self.evaluate(
-                    best, self.samples("valid", lengths), "valid", self.train_items, lengths
-                )
             test = self.evaluate(best, self.samples("test", lengths), "test", self.train_items, lengths)
             stopped = ("early_stop" if s.stopped_early else "epochs") if self._complete() else "max_steps"
         params = list(self.model.parameters())

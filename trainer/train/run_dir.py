@@ -1,4 +1,4 @@
-"""The run folder of `mmrank train`: checked against --resume, config.json and data.json written, nothing
+"""The run folder of `mmrank train`: checked against --resume, config.json and run.json written, nothing
 of value overwritten."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from common.errors import MMRankError
 from trainer import checkpoint
 from trainer.checkpoint import TrainState
 from trainer.config import RunConfig
-from trainer.run import CONFIG, CONTENT_TABLE, DATA, METRICS, STAGE1, data_mismatch, read_config
+from trainer.run import CONFIG, CONTENT_TABLE, METRICS, STAGE1, data_mismatch, read_config, write_record
 from trainer.train.distributed import Dist
 from trainer.train.loop import trains_further
 
@@ -30,7 +30,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resume(out: Path, cfg: RunConfig, data: dict[str, str] | None) -> None:
+def check_resume(out: Path, cfg: RunConfig, data: dict[str, str]) -> None:
     """A resume continues the same run: its config (but when to stop), its dataset, and steps left to
     train; a finished run's metrics.json is not rewritten by resuming it."""
     if not (out / CONFIG).is_file():
@@ -42,7 +42,7 @@ def check_resume(out: Path, cfg: RunConfig, data: dict[str, str] | None) -> None
             f"{out}: the config differs from the run's {CONFIG} in {', '.join(diff[:4])}; "
             f"resume with --config {out / CONFIG}"
         )
-    other = data and data_mismatch(out, data)
+    other = data_mismatch(out, data)
     if other:
         raise MMRankError(f"{out}: the run {other}; resume with the --data it trained on")
     last = out / checkpoint.LAST
@@ -63,11 +63,9 @@ def check_resume(out: Path, cfg: RunConfig, data: dict[str, str] | None) -> None
             )
 
 
-def open_run_dir(
-    out: Path, cfg: RunConfig, resume: bool, dist: Dist, data: dict[str, str] | None = None
-) -> None:
-    """Check the run folder against --resume, write config.json and data.json (rank 0; `data` is the
-    dataset's `data_identity`, None where a caller records none); nothing of value is overwritten.
+def open_run_dir(out: Path, cfg: RunConfig, resume: bool, dist: Dist, data: dict[str, str]) -> None:
+    """Check the run folder against --resume, write config.json and run.json (rank 0; `data` is the
+    dataset's `data_identity`); nothing of value is overwritten.
 
     A folder holding a checkpoint or metrics needs --resume (`check_resume`); one holding only config.json
     (a run that failed before its first checkpoint) starts over; any other non-empty folder is refused.
@@ -96,6 +94,5 @@ def open_run_dir(
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / CONFIG, cfg.to_dict())
-        if data:
-            write_json_atomic(out / DATA, data)
+        write_record(out, data)
     dist.barrier()

@@ -1,7 +1,8 @@
 """Streaming (online learning, `train.streaming`): one pass in time order over the train split cut into
 `train.stream_windows` windows, then the valid and the test window; each window is evaluated before
 the model trains on it (prequential evaluation, items of earlier windows counting as seen), and the
-final model is the run's model. Runs on a `Trainer`'s step, checkpoint and evaluation machinery.
+final model is the run's model. Runs on a `Trainer`'s public steps: `train_rows`, `evaluate`, `log`,
+`save_last` / `save_best`, `progress_bar` and `at_max_steps`.
 
 The final model (best.pt) has trained on valid and test, so the run's held-out numbers are only the
 prequential ones in metrics.json; `mmrank evaluate` refuses a streaming run rather than report
@@ -35,22 +36,20 @@ def stream(trainer: Trainer) -> None:
     """One time-ordered pass; window w is evaluated (items of windows < w count as seen) before training on it."""
     s = trainer.state
     windows = stream_windows(trainer)
-    total = sum(trainer._steps_per_epoch(b - a) for _, _, a, b in windows)
-    total = min(total, trainer.t.max_steps) if trainer.t.max_steps else total
-    with trainer._bar(total) as bar:
-        while s.epoch < len(windows) and not trainer._at_max_steps():
+    with trainer.progress_bar([b - a for _, _, a, b in windows]) as bar:
+        while s.epoch < len(windows) and not trainer.at_max_steps():
             stream_eval(trainer, windows, s.epoch)
             _, split, lo, hi = windows[s.epoch]
-            if not trainer._train_rows(trainer.samples(split), trainer.dist.shard(np.arange(lo, hi)), bar):
+            if not trainer.train_rows(trainer.samples(split), trainer.dist.shard(np.arange(lo, hi)), bar):
                 break
             s.epoch += 1
             s.batch_in_epoch = 0
-            trainer._save_last()
+            trainer.save_last()
     for w, (_, split, _, _) in enumerate(windows):
         if split != "train":
             stream_eval(trainer, windows, w)
-    trainer._save_last()  # the evaluations above belong to the state
-    trainer._save_best(s)
+    trainer.save_last()  # the evaluations above belong to the state
+    trainer.save_best(s)
 
 
 def stream_eval(trainer: Trainer, windows: list[tuple[str, str, int, int]], w: int) -> None:
@@ -67,4 +66,4 @@ def stream_eval(trainer: Trainer, windows: list[tuple[str, str, int, int]], w: i
         trainer.lengths(False),
     )
     s.windows.append({"window": name, "split": split, "step": s.global_step, **metrics})
-    trainer._log({"event": "stream_eval", **s.windows[-1]})
+    trainer.log({"event": "stream_eval", **s.windows[-1]})

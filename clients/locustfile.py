@@ -1,6 +1,6 @@
 """Locust load test of the `rank` ensemble over tritonclient gRPC; `mmrank loadtest` runs it headless.
 
-    locust -f benchmarks/locustfile.py --headless --host 127.0.0.1:8001 \
+    locust -f clients/locustfile.py --headless --host 127.0.0.1:8001 \
         --requests-file OUT/requests.npz --user-steps 1,2,4,8 --step-seconds 20 --calls-file OUT/calls.csv
 
 Each simulated user calls `rank` back to back (a closed loop, no think time), taking requests in turn

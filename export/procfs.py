@@ -1,0 +1,63 @@
+"""What Linux's /proc says about a process: its state, start time, command line and children.
+
+The launcher reads other processes (the tritonserver's backend stubs, a killed launcher's leftovers)
+that are not its children, so it cannot wait for them: /proc is where their life shows. A pid alone
+does not name a process for long (the kernel reuses pids), so a process is (pid, start time): the
+start time, in clock ticks after boot, is fixed for the life of the process and differs for any
+later one that gets the same pid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+DEAD_STATES = ("Z", "X")  # zombie (exited, not yet waited for), dead
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    state: str  # R, S, D, Z, ... (proc(5))
+    start: int  # clock ticks after boot
+
+
+def stat(pid: int) -> ProcStat | None:
+    """The process's state and start time; None when there is no such process."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
+    fields = text.rsplit(")", 1)[1].split()
+    return ProcStat(state=fields[0], start=int(fields[19]))
+
+
+def running(pid: int, start: int) -> bool:
+    """Whether the process that started at `start` with this pid still runs (a zombie does not)."""
+    now = stat(pid)
+    return now is not None and now.start == start and now.state not in DEAD_STATES
+
+
+def cmdline(pid: int) -> list[str]:
+    """The process's arguments; [] for a zombie, a kernel thread or a process that is gone."""
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def children(pid: int) -> list[int]:
+    """Child pids of every thread of the process (a multi-threaded server forks from any thread)."""
+    found: list[int] = []
+    try:
+        tasks = list((PROC / str(pid) / "task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the thread ended while we read
+            continue
+    return found

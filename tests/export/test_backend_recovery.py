@@ -1,0 +1,133 @@
+"""A backend process killed under load, against the real tritonserver: the launcher's supervisor reloads
+its model in place, readiness says the model is down meanwhile, and nothing is left after stop.
+
+Client threads call an ensemble over gRPC and a prober reads the server's readiness over HTTP while the
+test SIGKILLs the stub of one of the ensemble's Python models (what the OOM killer or a crash in a
+native library does): `item_lookup` for `rank` and `tokenizer` for `encode_items` of the python-backend
+repository, and `tokenizer` of the repository whose graphs run on the native onnxruntime backend.
+Times are only waited for (a deadline makes a broken recovery fail rather than hang); the times
+themselves are measured by benchmarks/recovery.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpc
+from server_processes import regions, wait_gone
+
+from clients.availability import Callers, ReadinessProber
+from export.backend_supervisor import RepositoryControl, backend_processes
+from export.repository import RenderConfig, render_repository
+from export.triton_launcher import TritonConfig, TritonServer
+
+# The real server, reached through getfixturevalue: conftest cannot see that these tests start it.
+pytestmark = pytest.mark.slow
+
+CALLERS = 4
+DEADLINE_S = 240.0
+
+
+def _render(small_export, tmp_path_factory, backend: str):
+    out = tmp_path_factory.mktemp(f"recovery_{backend}") / "repo"
+    render_repository(small_export.out, out, RenderConfig(backend=backend, max_batch_size=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_repo(small_export, tritonserver, tmp_path_factory):
+    return _render(small_export, tmp_path_factory, "python")
+
+
+@pytest.fixture(scope="module")
+def native_repo(small_export, native_backend, tmp_path_factory):
+    """The graphs on Triton's native onnxruntime backend (in the server's process): what is left to die
+    is the Python preprocessing of encode_items."""
+    return _render(small_export, tmp_path_factory, "onnxruntime")
+
+
+def _tensor(name: str, array: np.ndarray, dtype: str) -> grpc.InferInput:
+    t = grpc.InferInput(name, list(array.shape), dtype)
+    t.set_data_from_numpy(array)
+    return t
+
+
+def _rank_request() -> list[grpc.InferInput]:
+    return [
+        _tensor("history_ids", np.array([[1, 2, 3, 9]], np.int64), "INT64"),
+        _tensor("candidate_ids", np.array([[4, 5, 6, 7]], np.int64), "INT64"),
+    ]
+
+
+def _encode_request() -> list[grpc.InferInput]:
+    texts = np.array([["Toy Story", "A cowboy doll feels threatened."]], dtype=object)
+    return [_tensor("text", texts, "BYTES"), _tensor("image", np.array([[b""]], dtype=object), "BYTES")]
+
+
+# The killed model -> the ensemble the callers call, its request, the output compared.
+CASES = {
+    "item_lookup": ("rank", _rank_request, "scores"),
+    "tokenizer": ("encode_items", _encode_request, "content"),
+}
+
+
+def _wait(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {DEADLINE_S:.0f} s"
+        time.sleep(0.05)
+
+
+def _down_once(answers: list[bool]) -> bool:
+    """Ready, then not ready, then ready for good: one down period, no flicker."""
+    runs = [answers[0]] + [b for a, b in zip(answers, answers[1:], strict=False) if a != b]
+    return runs in ([True, False, True], [False, True])
+
+
+@pytest.mark.parametrize(
+    ("repo", "model"),
+    [("python_repo", "item_lookup"), ("python_repo", "tokenizer"), ("native_repo", "tokenizer")],
+)
+def test_a_backend_process_killed_under_load_is_reloaded_and_readiness_says_so(request, repo, model):
+    repo = request.getfixturevalue(repo)
+    ensemble, inputs, output = CASES[model]
+    with TritonServer(TritonConfig(repo, control_mode="explicit")) as server:
+        pgid, prefix, workdir = server.process.pid, server.shm_prefix, server._workdir
+        with grpc.InferenceServerClient(server.grpc_url) as client:
+            want = client.infer(ensemble, inputs()).as_numpy(output)
+        with (
+            ReadinessProber(server.http_url, ensemble) as prober,
+            Callers(server.grpc_url, ensemble, inputs, output, CALLERS) as load,
+        ):
+            _wait(lambda: load.good_after(0) >= 2 * CALLERS, "answers before the kill")
+            stub = next(p for p in backend_processes(pgid, prefix) if p.model == model)
+            killed = time.monotonic()
+            os.kill(stub.pid, signal.SIGKILL)
+            recoveries = server.supervisor.recoveries
+            _wait(lambda: recoveries and recoveries[0].ready is not None, f"{model} reloaded")
+            recovery = recoveries[0]
+            _wait(lambda: load.good_after(recovery.ready) >= 2 * CALLERS, "answers after the reload")
+            probes_until = time.monotonic()
+        versions = RepositoryControl(server.http_url, 30).states()
+        assert server.supervisor.recoveries == [recovery]  # one death, one reload, nothing else
+    assert recovery.model == model and recovery.died == [f"{model}_0_0"] and recovery.attempts == 1
+    assert killed < recovery.detected <= recovery.unloaded < recovery.ready
+    assert versions[(model, "1")] == versions[(ensemble, "1")] == "READY"  # the version served before
+
+    after_kill = [p for p in prober.probes if killed < p.start < probes_until]
+    for answers in ([p.model_ready for p in after_kill], [p.server_ready for p in after_kill]):
+        assert _down_once(answers), answers
+    assert all(p.model_ready and p.server_ready for p in after_kill if p.start > recovery.ready)
+
+    failed = [c for c in load.calls if c.output is None]
+    assert failed, "the kill failed no call: it did not hit the model under load"
+    assert all(killed <= c.end and c.start <= recovery.ready for c in failed), "a call failed outside the gap"
+    assert all(ensemble in c.error or model in c.error for c in failed), {c.error for c in failed}
+    for call in (c for c in load.calls if c.output is not None):
+        np.testing.assert_allclose(call.output, want, rtol=0, atol=1e-6)
+
+    assert wait_gone(pgid) == [] and regions(prefix) == [] and not workdir.exists()

@@ -1,0 +1,97 @@
+"""`mmrank table publish` into python and native repositories, and what a (re)start does with a bad
+newest native version (export/triton_launcher.py `check_table_versions`), without a server: the tests
+against the real server are in test_native_serving.py."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import NUM_ITEMS
+
+from common.errors import MMRankError
+from export.repository import RenderConfig, native_lookup, read_config, render_repository
+from export.triton_launcher import TritonConfig, TritonServer, check_table_versions, dependents
+from mmrank.cli import main
+from model_repository import item_table as it
+
+
+@pytest.fixture(scope="module", params=["python", "onnxruntime"])
+def repo(request, small_export, tmp_path_factory):
+    out = tmp_path_factory.mktemp("publish") / request.param
+    render_repository(small_export.out, out, RenderConfig(backend=request.param))
+    return out
+
+
+def _items(tmp_path, ids, d=16, seed=0):
+    path = tmp_path / "items.npz"
+    content = np.random.default_rng(seed).standard_normal((len(ids), d)).astype(np.float32)
+    np.savez(path, ids=np.asarray(ids, np.int64), content=content)
+    return path, content
+
+
+def test_publish_an_item_set_and_an_export(repo, small_export, tmp_path, capsys):
+    model = repo / "item_lookup"
+    new_id = NUM_ITEMS + 7
+    items, content = _items(tmp_path, [new_id, 3])
+    assert main(["table", "publish", "--repo", str(repo), "--items", str(items)]) == 0
+    assert "published item_lookup version 2" in capsys.readouterr().out
+    table = it.ItemTable.read(model / "2" / "item_table")
+    rows, known = table.rows_of(np.array([new_id, 3]))
+    assert known.all() and np.array_equal(table.content[rows], content)
+    config = read_config(model)
+    if config.platform == "onnxruntime_onnx":  # the version's graph answers as the numpy lookup does
+        native_lookup(config).check(model / "2", 2, (16, 12))
+    assert main(["table", "publish", "--repo", str(repo), "--export", str(small_export.out)]) == 0
+    assert it.ItemTable.read(model / "3" / "item_table").version == 3
+    assert sorted(p.name for p in model.iterdir() if p.name != "config.pbtxt") == ["1", "2", "3"]
+    for version in ("3", "2"):
+        shutil.rmtree(model / version)  # the module's repository for the next test
+
+
+def test_publish_refuses_what_does_not_fit_with_one_line(repo, small_export, tmp_path, capsys):
+    model = repo / "item_lookup"
+    other = tmp_path / "other"
+    shutil.copytree(small_export.out, other)
+    meta = json.loads((other / "item_table" / "table.json").read_text())
+    meta["source"]["checkpoint_sha256"] = "f" * 64
+    (other / "item_table" / "table.json").write_text(json.dumps(meta))
+    wide, _ = _items(tmp_path, [NUM_ITEMS + 1], d=17)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    cases = {
+        ("--export", str(other)): "the export is of checkpoint ffffffffffff",
+        ("--items", str(wide)): "must be [M] and [M, 16]",
+        ("--items", str(tmp_path / "junk.npz")): "not an item set",
+    }
+    for args, message in cases.items():
+        assert main(["table", "publish", "--repo", str(repo), *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("mmrank table publish: error:") and message in err
+    assert sorted(p.name for p in model.iterdir()) == ["1", "config.pbtxt"]  # nothing, no leftovers
+
+
+def test_a_bad_newest_native_version_is_passed_over_at_start(small_export, tmp_path):
+    repo = tmp_path / "repo"
+    render_repository(small_export.out, repo, RenderConfig(backend="onnxruntime"))
+    model = repo / "item_lookup"
+    assert check_table_versions(repo).served == 1 and not check_table_versions(repo).pinned
+    shutil.copytree(model / "1", model / "2")  # a hand-copied folder: its graph answers version 1
+    (model / "3").mkdir()  # an unfinished copy
+    found = check_table_versions(repo)
+    assert (found.newest, found.served, found.native, found.pinned) == (3, 1, True, True)
+    assert "item table version 3 skipped:" in found.skipped[0]
+    assert "answers item_table_version [1], expected 2" in found.skipped[1]
+    assert all(line.endswith("serving item table version 1") for line in found.skipped)
+    for mode in ("poll", "none"):  # Triton would load version 3 and fail: refused up front
+        with pytest.raises(MMRankError, match=f"cannot pass over a version in {mode} mode"):
+            TritonServer(TritonConfig(repo, control_mode=mode))
+    server = TritonServer(TritonConfig(repo, control_mode="explicit"))
+    loads = [a for a in server.command(tmp_path) if a.startswith("--load-model")]
+    assert "--load-model=ranking" in loads and "--load-model=*" not in loads
+    assert not {"--load-model=item_lookup", "--load-model=rank"} & set(loads)  # loaded after, pinned
+    assert dependents(repo, "item_lookup") == {"rank"}
+    for version in ("2", "3"):
+        shutil.rmtree(model / version)
+    (model / "1" / "model.onnx").write_bytes(b"cut")
+    with pytest.raises(MMRankError, match="no item table version serves"):
+        check_table_versions(repo)
