@@ -20,7 +20,7 @@ interactions.
 
 Files (`placement/` in the item table folder), numpy only like the rest of the serving runtime:
 
-    placement.json   k, the modality weights
+    placement.json   format_version, k, the modality weights (another format version is refused)
     ids.npy          int64 [T]       the items that can be neighbours (ascending)
     rows.npy         float32 [T, E]  their R rows
     <modality>.npy   float32 [T, D]  their L2-normalised features (all zero: no such feature)
@@ -39,6 +39,7 @@ from common.errors import MMRankError
 
 PLACEMENT = "placement"
 PLACEMENT_JSON = "placement.json"
+FORMAT_VERSION = 1
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -116,7 +117,8 @@ class ItemPlacement:
         for name, feats in self.features.items():
             np.save(folder / f"{name}.npy", np.asarray(feats, dtype=np.float32))
         tmp = folder / f".{PLACEMENT_JSON}.tmp"
-        tmp.write_text(json.dumps({"k": self.k, "weights": self.weights}, indent=2, sort_keys=True))
+        meta = {"format_version": FORMAT_VERSION, "k": self.k, "weights": self.weights}
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp, folder / PLACEMENT_JSON)
         return folder
 
@@ -128,6 +130,11 @@ class ItemPlacement:
             return None
         try:
             meta = json.loads((folder / PLACEMENT_JSON).read_text())
+            if meta["format_version"] != FORMAT_VERSION:
+                raise MMRankError(
+                    f"{folder / PLACEMENT_JSON}: item placement format_version {meta['format_version']!r}, "
+                    f"this version reads {FORMAT_VERSION}; export the run again"
+                )
             weights = {str(k): float(v) for k, v in meta["weights"].items()}
             arrays = {
                 name: np.load(folder / f"{name}.npy", allow_pickle=False)
