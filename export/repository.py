@@ -61,6 +61,7 @@ from export.lookup_graph import ID_MAPS
 from export.manifest import GRAPH_NAMES, GraphSpec, Manifest, TensorSpec, check_sha256, variant
 from export.tensorrt import check_engine_file, check_engines_hold
 from model_repository import item_table as it
+from model_repository.item_placement import PLACEMENT
 from model_repository.limits import EncodeLimits, RequestLimits
 
 BACKENDS = ("python", "torch", "onnxruntime", "tensorrt")
@@ -626,7 +627,8 @@ def _fsync(path: Path) -> None:
 
 
 def _write_version(tmp: Path, served: Path, table: it.ItemTable, config: mc.ModelConfig | None) -> None:
-    """The new version's folder: the ranking graph or program of the served version, the table, and
+    """The new version's folder: the ranking graph or program of the served version, the table (with the
+    served version's item placement, model_repository/item_placement.py, where it has one), and
     model.py with the runtime (python / torch backend: the lookup ranks too) or the lookup graph built
     from them (native), read back (the native graph loaded and probed: `NativeLookup.check`), then
     synced to disk files first, folders bottom-up, so no crash after the rename leaves a published
@@ -636,6 +638,9 @@ def _write_version(tmp: Path, served: Path, table: it.ItemTable, config: mc.Mode
             shutil.copy2(served / name, tmp / name)
     table.write(tmp / lg.TABLE_DIR)
     it.ItemTable.read(tmp / lg.TABLE_DIR)  # what the server will read, read back before it can see it
+    placement = served / lg.TABLE_DIR / PLACEMENT  # the model's item graph, for the next new items
+    if placement.is_dir():
+        shutil.copytree(placement, tmp / lg.TABLE_DIR / PLACEMENT)
     if is_native(config):
         build = native_lookup(config)
         build.write(tmp, table, table.version)

@@ -5,7 +5,11 @@ The new table is the export's (`mmrank export` of the served model: its checkpoi
 served table came from, since the ranking graph in the repository reads that model's item tokens) or
 the served table with an item set added: FILE is a .npz with `ids` [M] int64 and `content` [M, d]
 float32, e.g. vectors from the `encode_items` endpoint; new items get the unknown item token, known ids
-their content replaced (ItemTable.with_items). export/repository.py `add_table_version` checks it
+their content replaced (ItemTable.with_items). A two-tower model with an item-item graph (FREEDOM, EM3 on
+FREEDOM) has no content column: FILE holds the items' raw features by modality instead (`text_feat`
+[M, D_t], `image_feat` [M, D_v], ...: the names of the model's features) and each item's row is placed
+through the kNN graph (model_repository/item_placement.py); a model with neither (LightGCN, BPR-MF, the
+ID-only ranker) cannot take new items: their ids stay unknown and rank last. export/repository.py `add_table_version` checks it
 (finite values, the served widths; a native version's graph is built, loaded in onnxruntime and must
 answer a probe request like the numpy lookup and the ranking graph), writes it into a hidden folder,
 syncs it and renames it into place, so a server sees whole, valid versions only. A server in poll mode
@@ -21,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
+from export.lookup_graph import TABLE_DIR
 from export.repository import add_table_version, config_widths, read_config
 from model_repository import item_table as it
+from model_repository.item_placement import ItemPlacement
 
 WAIT_S = 120.0  # --url: how long to wait for the server to answer with the new version
 
@@ -50,18 +56,38 @@ def table_from_export(export: Path, served: it.ItemTable) -> it.ItemTable:
     return table
 
 
-def table_with_items(items: Path, served: it.ItemTable) -> it.ItemTable:
-    """The served table with the item set in `items` (.npz: ids [M], content [M, d]) added."""
+def table_with_items(items: Path, served: it.ItemTable, table_dir: Path) -> it.ItemTable:
+    """The served table (read from `table_dir`) with the item set in `items` added: .npz with ids [M] and
+    content [M, d], or the items' features by modality for a table placed through an item graph."""
     try:
         with np.load(items, allow_pickle=False) as data:
-            ids, content = data["ids"], data["content"]
-    except (OSError, ValueError, KeyError) as e:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
         raise MMRankError(f"{items}: not an item set (a .npz with `ids` and `content`: {e})") from e
-    if ids.ndim != 1 or content.shape != (len(ids), served.d):
+    ids = arrays.get("ids")
+    if ids is None or ids.ndim != 1:
+        raise MMRankError(f"{items}: not an item set: `ids` must be a [M] array")
+    version = served.version + 1
+    if served.content is not None:
+        content = arrays.get("content")
+        if content is None or content.shape != (len(ids), served.d):
+            shape = None if content is None else content.shape
+            raise MMRankError(f"{items}: ids {ids.shape} and content {shape} must be [M] and [M, {served.d}]")
+        return served.with_items(ids, content, version)
+    placement = ItemPlacement.read(table_dir)
+    if placement is None:
         raise MMRankError(
-            f"{items}: ids {ids.shape} and content {content.shape} must be [M] and [M, {served.d}]"
+            f"{items}: the served model scores items by what it learned of their ids (no content vectors, "
+            "no item graph): it cannot place new items, whose ids stay unknown and rank last"
         )
-    return served.with_items(ids, content, served.version + 1)
+    missing = sorted(set(placement.weights) - set(arrays))
+    if missing:
+        raise MMRankError(
+            f"{items}: the served model places new items by their {', '.join(sorted(placement.weights))} "
+            f"features; the item set lacks {', '.join(missing)}"
+        )
+    rows = placement.place({name: arrays[name] for name in placement.weights})
+    return served.with_items(ids, None, version, item_rows=rows)
 
 
 def wait_served(url: str, version: int, probe_id: int, wait_s: float = WAIT_S) -> None:
@@ -90,8 +116,9 @@ def wait_served(url: str, version: int, probe_id: int, wait_s: float = WAIT_S) -
 
 def publish(repo: Path, export: Path | None = None, items: Path | None = None) -> Path:
     """Publish the next table version from an export or an item set; the new version's folder."""
-    served, _ = served_table(repo)
-    table = table_from_export(export, served) if export else table_with_items(items, served)
+    served, version = served_table(repo)
+    table_dir = Path(repo) / "item_lookup" / str(version) / TABLE_DIR
+    table = table_from_export(export, served) if export else table_with_items(items, served, table_dir)
     return add_table_version(repo, table)
 
 

@@ -228,7 +228,9 @@ def _table_publish(p):
     g.add_argument("--export", help="an `mmrank export` of the served model: its item table")
     g.add_argument(
         "--items",
-        help=".npz with ids [M] and content [M, d] (e.g. encode_items vectors) added to the served table",
+        help=".npz with ids [M] and content [M, d] (e.g. encode_items vectors) added to the served table; "
+        "for a two-tower model with an item graph (freedom, em3_mmrec) the items' features by modality "
+        "instead (e.g. text_feat [M, 384], image_feat [M, 4096]), placed through its kNN graph",
     )
     p.add_argument(
         "--url",

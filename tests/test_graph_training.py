@@ -16,6 +16,8 @@ from trainer.data.schema import load_dataset
 from trainer.run import build_schema, load_run
 from trainer.train import evaluate_run, train
 
+pytestmark = pytest.mark.slow  # training runs
+
 GRAPH_PRESETS = ("lightgcn", "freedom", "em3_mmrec")
 SMALL = {"train.batch_size": 64, "train.log_every": 10_000, "model.graph.knn_k": 4}
 

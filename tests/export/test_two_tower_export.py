@@ -139,6 +139,7 @@ def test_the_user_table_and_the_placement_of_new_items(exported):
     )
 
 
+@pytest.mark.slow  # a real tritonserver
 def test_the_rank_ensemble_serves_a_two_tower_model(tritonserver, tmp_path):
     grpc = pytest.importorskip("tritonclient.grpc")
     from export.repository import RenderConfig, render_repository
@@ -165,3 +166,41 @@ def test_the_rank_ensemble_serves_a_two_tower_model(tritonserver, tmp_path):
         1, torch.from_numpy(cands).clamp_max(NUM_ITEMS)
     )
     np.testing.assert_allclose(served[known], expected.numpy()[known], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_publish_places_new_items_through_the_item_graph(exported, backend, tmp_path, capsys):
+    from export.repository import RenderConfig, native_lookup, read_config, render_repository
+    from mmrank.cli import main
+
+    model, out = exported
+    repo = tmp_path / "repo"
+    render_repository(out, repo, RenderConfig(backend=backend))
+    new_ids = np.array([NUM_ITEMS + 5, NUM_ITEMS + 9])
+    gen = np.random.default_rng(2)
+    features = {
+        name: gen.standard_normal((2, dim)).astype(np.float32)
+        for name, dim in (("text_feat", 6), ("image_feat", 5))
+    }
+    items = tmp_path / "items.npz"
+    np.savez(items, ids=new_ids, **features)
+    code = main(["table", "publish", "--repo", str(repo), "--items", str(items)])
+    placement = ItemPlacement.read(out / "item_table")
+    if placement is None:  # LightGCN: no content, no item graph
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and err.count("\n") == 0 and "cannot place new items" in err
+        return
+    assert code == 0
+    version = repo / "item_lookup" / "2"
+    table = it.ItemTable.read(version / "item_table")
+    rows, known = table.rows_of(new_ids)
+    assert known.all()
+    np.testing.assert_allclose(table.item_rows[rows], placement.place(features), atol=1e-6)
+    assert ItemPlacement.read(version / "item_table").k == placement.k  # carried for the next items
+    config = read_config(repo / "item_lookup")
+    if config.platform == "onnxruntime_onnx":  # the version's native lookup answers as the numpy one
+        native_lookup(config).check(version, 2, (0, table.item_dim))
+    del features["image_feat"]
+    np.savez(items, ids=new_ids + 100, **features)
+    assert main(["table", "publish", "--repo", str(repo), "--items", str(items)]) == 1
+    assert "the item set lacks image_feat" in capsys.readouterr().err
