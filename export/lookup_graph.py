@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
-from export.native_backend import fit_native_runtime
+from export.native_runtime import fit_native_runtime
 from model_repository import item_table as it
 from model_repository.limits import RequestLimits
 

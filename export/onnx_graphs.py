@@ -40,7 +40,7 @@ from common.atomic import atomic_dir, check_not_above
 from common.errors import MMRankError
 from export.item_table import build_item_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
-from export.native_backend import fit_native_runtime
+from export.native_runtime import fit_native_runtime
 from export.torch_program import write_ranking_programs
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
