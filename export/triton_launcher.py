@@ -378,8 +378,15 @@ class TableVersions:
 
     newest: int | None = None
     served: int | None = None  # the newest version that serves
-    skipped: tuple[str, ...] = ()  # one line for each newer version passed over, and why
+    passed_over: tuple[str, ...] = ()  # each newer version passed over, and why
     native: bool = False  # the lookup graph, whose versions Triton loads itself
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """One line for each version passed over, naming the one that serves instead."""
+        if self.served is None:
+            return self.passed_over
+        return tuple(f"{line}; serving item table version {self.served}" for line in self.passed_over)
 
     @property
     def pinned(self) -> bool:
@@ -391,10 +398,14 @@ class TableVersions:
 def check_table_versions(repository: Path) -> TableVersions:
     """Which item_lookup version serves and which newer ones are passed over. The python / torch
     lookup passes over an unreadable or wrong-width table itself (model_repository/models/item_lookup.py
-    serves the newest valid one in its place); a native version must also load in onnxruntime and
-    answer a probe request like the numpy lookup (export/lookup_graph.py `NativeLookup.check`), and
-    the launcher passes over it (TritonServer). MMRankError where no native version serves."""
-    from export.repository import config_widths, is_native, native_lookup, read_config
+    serves the newest valid one in its place); of the native lookup graph, Triton loads the versions
+    itself, so the launcher passes over a version whose graph is not whole (export/lookup_graph.py
+    `check_files`: it parses, the server's ONNX Runtime reads it, it holds its version, its external
+    data is all there), without loading it: a version's graph holds the table, and a full check
+    (`NativeLookup.check`, run when `mmrank table publish` writes a version) would hold it in this
+    process beside the server. MMRankError where no native version serves."""
+    from export.lookup_graph import check_files
+    from export.repository import config_widths, is_native, read_config
     from model_repository import item_table as it
 
     model = repository / "item_lookup"
@@ -406,18 +417,16 @@ def check_table_versions(repository: Path) -> TableVersions:
         try:
             _, served, skipped = it.newest_valid_table(model, versions[-1], *config_widths(config))
         except MMRankError as e:
-            return TableVersions(versions[-1], skipped=(str(e),))
-        lines = tuple(f"{line}; serving item table version {served}" for line in skipped)
-        return TableVersions(versions[-1], served, lines)
-    build, skipped = native_lookup(config), []
+            return TableVersions(versions[-1], passed_over=(str(e),))
+        return TableVersions(versions[-1], served, tuple(skipped))
+    skipped = []
     for version in reversed(versions):
         try:
-            build.check(model / str(version), version, config_widths(config))
+            check_files(model / str(version), version)
         except MMRankError as e:
             skipped.append(f"item table version {version} skipped: {e}")
             continue
-        lines = tuple(f"{line}; serving item table version {version}" for line in skipped)
-        return TableVersions(versions[-1], version, lines, native=True)
+        return TableVersions(versions[-1], version, tuple(skipped), native=True)
     raise MMRankError(f"{model}: no item table version serves ({'; '.join(skipped)})")
 
 
@@ -500,7 +509,7 @@ class TritonServer:
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
             raise MMRankError(
-                f"item_lookup: {self.skipped[0]}: the native lookup cannot pass over a version in "
+                f"item_lookup: {self.tables.passed_over[0]}: the native lookup cannot pass over a version in "
                 f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
                 f"--control-mode explicit, which loads version {self.tables.served}"
             )

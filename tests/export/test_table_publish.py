@@ -80,11 +80,12 @@ def test_a_bad_newest_native_version_is_passed_over_at_start(small_export, tmp_p
     found = check_table_versions(repo)
     assert (found.newest, found.served, found.native, found.pinned) == (3, 1, True, True)
     assert "item table version 3 skipped:" in found.skipped[0]
-    assert "answers item_table_version [1], expected 2" in found.skipped[1]
+    assert "holds item_table_version 1, expected 2" in found.skipped[1]
     assert all(line.endswith("serving item table version 1") for line in found.skipped)
     for mode in ("poll", "none"):  # Triton would load version 3 and fail: refused up front
-        with pytest.raises(MMRankError, match=f"cannot pass over a version in {mode} mode"):
+        with pytest.raises(MMRankError, match=f"cannot pass over a version in {mode} mode") as refused:
             TritonServer(TritonConfig(repo, control_mode=mode))
+        assert "serving" not in str(refused.value)  # it serves nothing: the server does not start
     server = TritonServer(TritonConfig(repo, control_mode="explicit"))
     loads = [a for a in server.command(tmp_path) if a.startswith("--load-model")]
     assert "--load-model=ranking" in loads and "--load-model=*" not in loads
