@@ -253,7 +253,9 @@ def test_a_version_folder_is_checked_by_a_probe_request(ranking_export, tmp_path
     data = (folder / "model.onnx.data").read_bytes()
     (folder / "model.onnx.data").write_bytes(data[: len(data) // 2])
     for check in (build.check, lg.check_files):
-        with pytest.raises(MMRankError, match=r"model.onnx.data: cut \(.* ends at byte \d+, the file has fewer\)"):
+        with pytest.raises(
+            MMRankError, match=r"model.onnx.data: cut \(.* ends at byte \d+, the file has fewer\)"
+        ):
             check(folder, 3)
     (folder / lg.MODEL_FILE).write_bytes(b"cut")
     with pytest.raises(MMRankError, match="model.onnx: not an ONNX graph"):
