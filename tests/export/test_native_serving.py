@@ -146,6 +146,7 @@ def test_a_table_published_under_load_swaps_in_without_a_failed_call(own_server,
     assert errors == [] and len(seen) > published > 0
     assert (1, False) in seen and seen[-1] == (2, True)  # the new item is known from version 2 on
     assert set(seen) == {(1, False), (2, True)}
+    assert own_server.supervisor.recoveries == []  # a version switch is no death
 
 
 def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_server, tmp_path):
