@@ -82,7 +82,7 @@ class UnseenDeaths:
 
     @property
     def instance(self) -> str:
-        return f"{self.missing} of {self.instances} instances"
+        return f"{self.missing} of {self.instances} {self.model} instances"
 
     def describe(self) -> str:
         return f"{self.instance} (never listed)"

@@ -380,8 +380,9 @@ def build(config: BuildConfig | None = None) -> NativeBackend:
         key = build_key(config.sources, tools)
         with contextlib.suppress(MMRankError, OSError, ValueError):
             cached = NativeBackend.find(home)
-            if cached.info().get("key") == key and not config.force:
-                progress.say(f"up to date: {cached.dir} (built {cached.info()['date']})")
+            info = cached.info()
+            if info.get("key") == key and not config.force:
+                progress.say(f"up to date: {cached.dir} (built {info['date']})")
                 return cached
         load = os.getloadavg()[0]
         progress.say(f"building ({tools.compiler}; {tools.cmake}; log {progress.log})")

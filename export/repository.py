@@ -357,11 +357,9 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
 def rank_config(manifest: Manifest, lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig):
     outputs = [*_outputs(manifest.graph("ranking").outputs), *flag_outputs()]
     config = _ensemble("rank", rc, request_inputs(manifest), outputs)
-    if "scores" in {t.name for t in lookup.output}:  # the lookup scores: one step
-        _step(config, lookup)
-        return config
-    _step(config, lookup)  # its user tensors are checked_*: the request's names stay free
-    _step(config, ranking, reads=lg.CHECKED)
+    _step(config, lookup)
+    if "scores" not in {t.name for t in lookup.output}:  # a separate lookup: a ranking step after it
+        _step(config, ranking, reads=lg.CHECKED)  # the lookup's user tensors are checked_*
     return config
 
 

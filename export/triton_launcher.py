@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -78,7 +77,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
-from export.backend_supervisor import BackendProcess, BackendSupervisor, SupervisorConfig
+from export.backend_supervisor import (
+    BackendProcess,
+    BackendSupervisor,
+    RepositoryControl,
+    SupervisorConfig,
+    UnseenDeaths,
+)
 from export.launcher_files import make_workdir, shm_prefix
 from export.native_backend import NAME as NATIVE_NAME
 from export.native_backend import NativeBackend, backends_home
@@ -235,15 +240,16 @@ def native_models(repository: Path) -> list[str]:
 def native_backend(repository: Path) -> NativeBackend | None:
     """The built native backend, which every server gets; None where it is not built and no model of
     `repository` needs it (python-backend repositories serve without it), else MMRankError."""
-    if NativeBackend.built():
+    try:
         return NativeBackend.find()
-    needs = native_models(repository)
-    if needs:
-        raise MMRankError(
-            f"{repository}: {', '.join(needs)} run on Triton's native onnxruntime backend, which is not built "
-            f"(nothing in {backends_home() / NATIVE_NAME}): run `make setup`"
-        )
-    return None
+    except MMRankError:
+        needs = native_models(repository)
+        if needs:
+            raise MMRankError(
+                f"{repository}: {', '.join(needs)} run on Triton's native onnxruntime backend, which is not "
+                f"built (nothing in {backends_home() / NATIVE_NAME}): run `make setup`"
+            ) from None
+        return None
 
 
 STUB_NUMPY = "numpy>=1.26,<2"
@@ -588,18 +594,10 @@ class TritonServer:
         config = read_config(self.repository / "item_lookup")
         config.version_policy.Clear()
         config.version_policy.specific.versions.append(self.tables.served)
-        self._load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
+        control = RepositoryControl(self.http_url, self.config.start_timeout_s)
+        control.load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
         for name in sorted(dependents(self.repository, "item_lookup")):
-            self._load(name, {})
-
-    def _load(self, name: str, body: dict) -> None:
-        url = f"http://{self.http_url}/v2/repository/models/{name}/load"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.start_timeout_s):
-                return
-        except urllib.error.HTTPError as e:
-            raise MMRankError(f"tritonserver cannot load {name}: {e.read().decode(errors='replace')}") from e
+            control.load(name)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -628,9 +626,9 @@ class TritonServer:
             config=self.config.supervisor,
         ).start()
 
-    def _backend_died(self, dead: list[BackendProcess]) -> None:
+    def _backend_died(self, dead: list[BackendProcess | UnseenDeaths]) -> None:
         """In poll or none mode: no model can be loaded on request, so stop the server, saying why."""
-        names = ", ".join(f"{p.instance} (pid {p.pid})" for p in dead)
+        names = ", ".join(p.describe() for p in dead)
         self.failure = (
             f"the backend process of {names} died; in model control mode {self.config.control_mode!r} the "
             "server cannot reload a model in place (explicit mode does), so the launcher stopped it"
@@ -642,16 +640,13 @@ class TritonServer:
                 process.send_signal(signal.SIGTERM)
 
     def log_tail(self, lines: int = 8) -> str:
-        """The last log lines that say something (errors first), joined on one line for error messages."""
+        """The last E-level lines of the log (`error_lines`), else the last lines that say something,
+        joined on one line for error messages."""
         if self.log_path is None or not self.log_path.is_file():
             return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        useful = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("+", "|"))]
-        errors = [
-            ln
-            for ln in useful
-            if (ln.startswith("E") or "error" in ln.lower()) and not any(k in ln for k in NO_CUDA_ERRORS)
-        ]
+        text = self.log_path.read_text(errors="replace")
+        useful = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("+", "|"))]
+        errors = [ln.strip() for ln in error_lines(text)]
         return " | ".join((errors or useful)[-lines:])
 
     def stop(self) -> int | None:

@@ -159,6 +159,6 @@ def test_a_stub_that_dies_before_it_is_listed_is_found_by_the_count(python_repo)
             states = RepositoryControl(server.http_url, 30).states()
             answer = client.infer("encode_items", _encode_request()).as_numpy("content")
     died = {r.model: r.died for r in recoveries}
-    assert died == {"tokenizer": ["1 of 1 instances"], "image_preprocess": ["image_preprocess_0_0"]}
+    assert died == {"tokenizer": ["1 of 1 tokenizer instances"], "image_preprocess": ["image_preprocess_0_0"]}
     assert states[("tokenizer", "1")] == states[("image_preprocess", "1")] == "READY"
     assert answer.shape[0] == 1 and np.isfinite(answer).all()
