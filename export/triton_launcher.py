@@ -36,10 +36,10 @@ While the server runs, a supervisor thread watches its backend stubs: when one d
 reloaded in place (explicit control mode) or the server is stopped, saying why (poll and none modes, which
 cannot load a model on request); export/backend_supervisor.py has the details and the readiness bounds.
 
-A bad newest item table version (one that does not read, has the wrong widths or, native, does not load
-and answer a probe request) never blocks a (re)start: the python / torch lookup serves the newest valid
-older table itself; for the native lookup graph, whose versions Triton loads, the launcher checks the
-versions first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
+A bad newest item table version (one that does not read, has the wrong widths or, native, a graph file
+that is not whole or holds another version) never blocks a (re)start: the python / torch lookup serves
+the newest valid older table itself; for the native lookup graph, whose versions Triton loads, the
+launcher checks the versions' files first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
 naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
 a version, and refuse to start with a line saying so).
 
