@@ -135,3 +135,16 @@ def test_a_bad_newest_native_version_is_passed_over_at_start(small_export, tmp_p
     (model / "1" / "model.onnx").write_bytes(b"cut")
     with pytest.raises(MMRankError, match="no item table version serves"):
         check_table_versions(repo)
+
+
+def test_one_publish_reads_the_served_table_once_and_the_new_one_back_once(repo, tmp_path, monkeypatch):
+    items, _ = _items(tmp_path, [NUM_ITEMS + 1])
+    read, folders = it.ItemTable.read.__func__, []
+
+    def counted(cls, folder):
+        folders.append(folder.parent.name)
+        return read(cls, folder)
+
+    monkeypatch.setattr(it.ItemTable, "read", classmethod(counted))  # the real read, counted
+    assert main(["table", "publish", "--repo", str(repo), "--items", str(items)]) == 0
+    assert folders[0] == "1" and folders[1].startswith(".2.tmp-") and len(folders) == 2
