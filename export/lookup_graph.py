@@ -456,7 +456,7 @@ class NativeLookup:
         from model_repository.ort_graph import OrtGraph
 
         folder = Path(folder)
-        table = table or it.ItemTable.read(folder / TABLE_DIR)
+        table = it.ItemTable.read(folder / TABLE_DIR) if table is None else table
         if widths is not None:
             it.check_widths(table, *widths)
         check_files(folder, version)
