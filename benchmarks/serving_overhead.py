@@ -117,7 +117,7 @@ def add_native_floor(repo: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from export.native_backend import fit_native_runtime
+    from export.native_runtime import fit_native_runtime
 
     config = read_config(repo / "item_lookup")
     config.name = "floor"

@@ -13,7 +13,12 @@ names its model file (`<repo>/<model>/<version>/model.py`), its shared-memory re
 the launcher's prefix, so only this server's stubs count) and its model instance. A stub that is gone
 or a zombie while the server still lists its model version READY, and no live stub of the same
 instance replaced it, has died (a stub the server stops itself, on an unload or a new version, exits
-after its version has left READY). Then:
+after its version has left READY). New stubs (a load) are listed every `rescan_s`; one that dies
+before it is listed leaves a zombie without a command line, so each listing also counts the live stubs
+of every Python-backend version that was READY before it and still is: fewer than the instances the
+server runs for it (its config, asked once per set of stubs) means stubs died unseen. (Each listing
+reads the versions' states before and after it, so a version that turns READY meanwhile is not counted
+before its stubs can be listed.) Then:
 
 - in `explicit` control mode it unloads the model at once (the model, every ensemble that uses it and
   the server's readiness turn not ready), loads it again (the newest valid table version in the
@@ -25,7 +30,8 @@ after its version has left READY). Then:
   whose exit says why, for a process manager to start it again.
 
 The gap from a death to readiness turning false is one check interval (`interval_s`) plus two HTTP
-calls on loopback; calls that reach the model in that gap fail after the backend's 1 s wait.
+calls on loopback; calls that reach the model in that gap fail after the backend's 1 s wait. A stub
+that dies before it is listed is found by the count at the next listing (within `rescan_s`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,27 @@ class BackendProcess:
     def alive(self) -> bool:
         return procfs.running(self.pid, self.start)
 
+    def describe(self) -> str:
+        return f"{self.instance} (pid {self.pid})"
+
+
+@dataclass(frozen=True)
+class UnseenDeaths:
+    """Stubs of a READY model version that died before a listing saw them: a zombie has no command
+    line, so only how many is known."""
+
+    model: str
+    version: str
+    missing: int
+    instances: int  # the instances the server runs for the version
+
+    @property
+    def instance(self) -> str:
+        return f"{self.missing} of {self.instances} {self.model} instances"
+
+    def describe(self) -> str:
+        return f"{self.instance} (never listed)"
+
 
 def backend_processes(server_pid: int, shm_prefix: str) -> list[BackendProcess]:
     """The server's stubs running a model instance (not the short-lived shells and argument-less
@@ -78,14 +105,16 @@ def backend_processes(server_pid: int, shm_prefix: str) -> list[BackendProcess]:
 
 class RepositoryControl:
     """The server's model repository API over HTTP: which model versions are in which state, load and
-    unload. Every failure is an MMRankError naming the call."""
+    unload, a loaded version's instances. Every failure is an MMRankError naming the call."""
 
     def __init__(self, http_url: str, timeout_s: float):
         self.http_url, self.timeout_s = http_url, timeout_s
 
-    def _post(self, path: str) -> bytes:
-        url = f"http://{self.http_url}/v2/repository{path}"
-        request = urllib.request.Request(url, data=b"{}", method="POST")
+    def _call(self, path: str, body: dict | None = None) -> bytes:
+        """GET `path`, or POST `body` (JSON) where given."""
+        method = "GET" if body is None else "POST"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
@@ -95,24 +124,39 @@ class RepositoryControl:
                 detail = json.loads(detail)["error"]  # Triton's {"error": "..."}
             except (ValueError, KeyError, TypeError):
                 pass
-            raise MMRankError(f"POST {path}: {e.code} {detail}") from e
+            raise MMRankError(f"{method} {path}: {e.code} {detail}") from e
         except (urllib.error.URLError, OSError) as e:
-            raise MMRankError(f"POST {path}: {e}") from e
+            raise MMRankError(f"{method} {path}: {e}") from e
 
     def states(self) -> dict[tuple[str, str], str]:
         """(model, version) -> state (READY, LOADING, UNLOADING, UNAVAILABLE) of every indexed version."""
-        index = json.loads(self._post("/index"))
+        index = json.loads(self._call("/v2/repository/index", {}))
         return {(m["name"], m.get("version", "")): m.get("state", "") for m in index}
 
-    def load(self, model: str) -> None:
-        self._post(f"/models/{model}/load")
+    def load(self, model: str, body: dict | None = None) -> None:
+        """Load (or reload) `model`; `body` as the load API takes it (e.g. a config override)."""
+        self._call(f"/v2/repository/models/{model}/load", body or {})
 
     def unload(self, model: str) -> None:
-        self._post(f"/models/{model}/unload")
+        self._call(f"/v2/repository/models/{model}/unload", {})
+
+    def python_instances(self, model: str, version: str) -> int:
+        """How many instances (backend stubs) the loaded `version` of `model` runs in the Python backend;
+        0 for other backends and ensembles. A GPU group's count is per GPU it lists."""
+        config = json.loads(self._call(f"/v2/models/{model}/versions/{version}/config"))
+        if config.get("backend") != "python":
+            return 0
+        groups = config.get("instance_group") or []
+        per_gpu = [len(g.get("gpus") or []) if g.get("kind") == "KIND_GPU" else 1 for g in groups]
+        return sum(int(g.get("count", 1)) * max(n, 1) for g, n in zip(groups, per_gpu, strict=True))
 
 
 def ready_models(states: dict[tuple[str, str], str]) -> set[str]:
     return {model for (model, _), state in states.items() if state == READY}
+
+
+def ready_versions(states: dict[tuple[str, str], str]) -> set[tuple[str, str]]:
+    return {key for key, state in states.items() if state == READY}
 
 
 @dataclass
@@ -142,7 +186,8 @@ class BackendSupervisor:
     """Watches one server's backend stubs from a daemon thread (see the module docstring).
 
     `recover`: reload a model whose stub died (explicit control mode); otherwise call `unrecoverable`
-    with the dead stubs and stop watching. `report` gets one line per event."""
+    with the dead stubs (BackendProcess, or UnseenDeaths) and stop watching. `report` gets one line per
+    event."""
 
     def __init__(
         self,
@@ -151,7 +196,7 @@ class BackendSupervisor:
         shm_prefix: str,
         *,
         recover: bool,
-        unrecoverable: Callable[[list[BackendProcess]], None],
+        unrecoverable: Callable[[list[BackendProcess | UnseenDeaths]], None],
         report: Callable[[str], None],
         config: SupervisorConfig | None = None,
     ):
@@ -163,6 +208,7 @@ class BackendSupervisor:
         self._pending: dict[str, Recovery] = {}
         self._wanted: set[str] = set()  # models ready before a death, to be ready again after it
         self._known: list[BackendProcess] = []
+        self._counted: dict[tuple[str, str], frozenset[int]] = {}  # versions whose stubs were all seen
         self._next_scan = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="backend-supervisor", daemon=True)
@@ -198,19 +244,21 @@ class BackendSupervisor:
         dead = [p for p in self._known if not p.alive()]
         if not dead and time.monotonic() < self._next_scan:
             return
+        before = ready_versions(self.control.states())  # their stubs had started: the listing has them
         found = backend_processes(self.server_pid, self.shm_prefix)
         # A known stub the listing misses died since the check above (a zombie has no command line).
         dead += [p for p in self._known if p not in found and p not in dead]
-        crashed, states = [], {}
-        if dead:
-            states = self.control.states()  # raises before _known forgets the dead: they are seen again
-            live = {(p.model, p.version, p.instance) for p in found if p.alive()}
-            crashed = [
-                p
-                for p in dead
-                if states.get((p.model, p.version)) == READY and (p.model, p.version, p.instance) not in live
-            ]
-        self._known, self._next_scan = found, time.monotonic() + self.config.rescan_s
+        states = self.control.states()  # raises before _known forgets the dead: they are seen again
+        live = [p for p in found if p.alive()]
+        instances = {(p.model, p.version, p.instance) for p in live}
+        crashed: list[BackendProcess | UnseenDeaths] = [
+            p
+            for p in dead
+            if states.get((p.model, p.version)) == READY and (p.model, p.version, p.instance) not in instances
+        ]
+        crashed += self._unseen(before & ready_versions(states), live, {p.model for p in crashed})
+        self._known = found
+        self._next_scan = time.monotonic() + self.config.rescan_s
         if self._stop.is_set():  # stopping: the stubs end with the server
             return
         if crashed and self.recover:
@@ -219,12 +267,38 @@ class BackendSupervisor:
             self._stop.set()
             self.unrecoverable(crashed)
 
-    def _unload(self, crashed: list[BackendProcess], states: dict[tuple[str, str], str]) -> None:
+    def _unseen(
+        self, ready: set[tuple[str, str]], live: list[BackendProcess], crashed: set[str]
+    ) -> list[UnseenDeaths]:
+        """Of the versions `ready` (READY before the listing and after it), those with fewer live stubs
+        than instances. The count is asked of the server once per set of live stubs (a load or a death
+        changes the set); models already `crashed` are left to the known stubs."""
+        self._counted = {key: pids for key, pids in self._counted.items() if key in ready}
+        unseen = []
+        for model, version in sorted(ready):
+            stubs = [p for p in live if (p.model, p.version) == (model, version)]
+            pids = frozenset(p.pid for p in stubs)
+            if model in crashed or self._counted.get((model, version)) == pids:
+                continue
+            try:
+                expected = self.control.python_instances(model, version)
+            except MMRankError:  # unloaded meanwhile: the next listing looks again
+                continue
+            have = len({p.instance for p in stubs})
+            if have >= expected:
+                self._counted[(model, version)] = pids
+            else:
+                unseen.append(UnseenDeaths(model, version, expected - have, expected))
+        return unseen
+
+    def _unload(
+        self, crashed: list[BackendProcess | UnseenDeaths], states: dict[tuple[str, str], str]
+    ) -> None:
         self._wanted |= ready_models(states)
         for model in sorted({p.model for p in crashed}):
             dead = [p for p in crashed if p.model == model]
             recovery = Recovery(model, [p.instance for p in dead], time.monotonic())
-            names = ", ".join(f"{p.instance} (pid {p.pid})" for p in dead)
+            names = ", ".join(p.describe() for p in dead)
             self.report(f"backend: {names} of {model} version {dead[0].version} died; reloading {model}")
             try:
                 self.control.unload(model)

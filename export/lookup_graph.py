@@ -18,7 +18,8 @@ Outputs: the ranking graph's inputs (user_id and user_feats as checked_user_id [
 checked_user_feats, so the request's names stay free), candidate_known [B, N], user_known [B, 1] (True
 where a user_id in 1..num_users was sent) and item_table_version [B, 1] (the version built into the graph).
 
-Ids -> rows, by the table's id span (`id_map_kind`; `id_map_bytes` is its memory):
+Ids -> rows, by the table's id span (`id_map_kind`; `id_map_bytes` is its memory, held once: candidate
+and history ids go through the map together):
 - dense: an int32 array over ids 0..max holding each id's row (0: absent), one Gather per id; 4 bytes per
   id of the span, used while the span is at most DENSE_SPAN rows per table row (a dataset's own numbering,
   with gaps and appended items);
@@ -29,9 +30,9 @@ History: the known rows, most recent `length` kept right-aligned, by one TopK ov
 ids (TopK keeps the order of the positions it returns, so the reversed indices are the history in order).
 
 Bounds the graph holds itself, since it cannot refuse a request: only the most recent `max_history` ids
-of a history are read; with `max_candidates` (the merged graph) only the first max_candidates candidates
-are scored, the rest answer -inf and candidate_known False, so no request computes or allocates more
-than a request at the limits.
+of a history are read and only the first `max_candidates` candidates. The merged graph answers the rest
+-inf and candidate_known False; the lookup alone hands the ranking step the first max_candidates
+candidates only. So no request computes or allocates more than a request at the limits.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import MMRankError
-from export.native_backend import fit_native_runtime
+from export.native_runtime import check_native_runtime, fit_native_runtime
 from model_repository import item_table as it
 from model_repository.limits import RequestLimits
 
@@ -55,6 +56,7 @@ UNCHECKED = {checked: name for name, checked in CHECKED.items()}
 EXTERNAL_DATA_BYTES = 100 << 20  # larger initializers go to model.onnx.data (protobuf's 2 GB limit)
 INT64_MAX = np.iinfo(np.int64).max
 PREFIX = "lookup/"  # every lookup tensor's name, so none clashes with the ranking graph's
+VERSION_STEM = it.TABLE_VERSION  # the initializer holding the version (lookup/item_table_version_<n>)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class LookupSpec:
     products: tuple[str, ...]  # ranking-graph input names (item_table names)
     version: int
     max_history: int
-    max_candidates: int | None = None  # None: every candidate (a separate model before an engine)
+    max_candidates: int | None = None  # the candidates read (the first ones); None: every candidate
     id_map: str = "auto"
 
     def __post_init__(self):
@@ -88,7 +90,7 @@ def id_map_kind(table: it.ItemTable, id_map: str = "auto") -> str:
 
 
 def id_map_bytes(table: it.ItemTable, kind: str) -> int:
-    """Memory the id -> row map adds to the table's columns."""
+    """Memory the id -> row map adds to the table's columns (the graph holds it once)."""
     if kind == "dense":
         return 4 * (int(table.ids[-1]) + 1)
     return 8 * (1 << len(table.ids).bit_length())
@@ -205,26 +207,28 @@ def _rows_fn(table: it.ItemTable, spec: LookupSpec):
     return _dense_rows if id_map_kind(table, spec.id_map) == "dense" else _search_rows
 
 
+def _rows(g: _Graph, table: it.ItemTable, spec: LookupSpec, candidates: str, history: str | None):
+    """(candidate rows, candidate_known, history rows or None) from one id map: the candidate and
+    history ids go through it together, so the graph holds the map once."""
+    rows_of = _rows_fn(table, spec)
+    if history is None:
+        return (*rows_of(g, table, candidates), None)
+    rows, known = rows_of(g, table, g.op("Concat", candidates, history, axis=1))
+    n = g.op("Shape", candidates, start=1, end=2)
+    first, axis = g.const([0]), g.const([1])
+    cand_rows, cand_known = (g.op("Slice", t, first, n, axis) for t in (rows, known))
+    return cand_rows, cand_known, g.op("Slice", rows, n, g.const([INT64_MAX]), axis)
+
+
 def build_lookup(
     g: _Graph, table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, candidates: str
 ) -> dict[str, str]:
     """The lookup's nodes in `g`, reading the graph inputs (history_ids, `candidates`, user_id,
     user_feats): {product or output name: tensor name}."""
-    rows_of = _rows_fn(table, spec)
     batch = g.op("Shape", candidates, start=0, end=1)
     out = _users(g, table, cfg, batch, spec)
-    out[it.TABLE_VERSION] = g.op(
-        "Expand", g.const([[spec.version]]), g.op("Concat", batch, g.const([1]), axis=0)
-    )
-    cand_rows, out[it.CANDIDATE_KNOWN] = rows_of(g, table, candidates)
-    columns = {}
-    if table.content is not None:
-        columns["content"] = g.const(table.content, np.float32, "content")
-    if table.item_rows is not None:
-        columns["item_rows"] = g.const(table.item_rows, np.float32, "item_rows")
-    for name in (it.CANDIDATE_C, it.CANDIDATE_ITEM):
-        if name in spec.products:
-            out[name] = g.op("Gather", columns[it.COLUMN_OF[name]], cand_rows)
+    version = g.const([[spec.version]], stem=VERSION_STEM)
+    out[it.TABLE_VERSION] = g.op("Expand", version, g.op("Concat", batch, g.const([1]), axis=0))
     history = [
         (name_c, name_mask, length)
         for name_c, name_mask, length in (
@@ -233,15 +237,23 @@ def build_lookup(
         )
         if name_c in spec.products
     ]
-    if history:
-        recent = g.op(
-            "Slice", it.HISTORY_IDS, g.const([-spec.max_history]), g.const([INT64_MAX]), g.const([1])
-        )
-        hist_rows, _ = rows_of(g, table, recent)
-        for name_c, name_mask, length in history:
-            rows = _recent(g, hist_rows, batch, length)
-            out[name_c] = g.op("Gather", columns["content"], rows)
-            out[name_mask] = g.op("Greater", rows, g.const(0, np.int32))
+    recent = None
+    if history:  # only the most recent max_history ids are read
+        last = g.const([-spec.max_history])
+        recent = g.op("Slice", it.HISTORY_IDS, last, g.const([INT64_MAX]), g.const([1]))
+    cand_rows, out[it.CANDIDATE_KNOWN], hist_rows = _rows(g, table, spec, candidates, recent)
+    columns = {}
+    if table.content is not None:
+        columns["content"] = g.const(table.content, np.float32, "content")
+    if table.item_rows is not None:
+        columns["item_rows"] = g.const(table.item_rows, np.float32, "item_rows")
+    for name in (it.CANDIDATE_C, it.CANDIDATE_ITEM):
+        if name in spec.products:
+            out[name] = g.op("Gather", columns[it.COLUMN_OF[name]], cand_rows)
+    for name_c, name_mask, length in history:
+        rows = _recent(g, hist_rows, batch, length)
+        out[name_c] = g.op("Gather", columns["content"], rows)
+        out[name_mask] = g.op("Greater", rows, g.const(0, np.int32))
     missing = sorted(set(spec.products) - set(out))
     if missing:
         raise MMRankError(f"the item table cannot produce the ranking graph's inputs {missing}")
@@ -298,13 +310,22 @@ def _name_outputs(g: _Graph, out: dict[str, str], names: dict[str, str]) -> None
         g.op("Identity", out[key], name=name)
 
 
+def _kept_candidates(g: _Graph, spec: LookupSpec) -> str:
+    """The candidate ids the lookup reads: the first max_candidates (all where None)."""
+    if spec.max_candidates is None:
+        return it.CANDIDATE_IDS
+    return g.op("Slice", it.CANDIDATE_IDS, g.const([0]), g.const([spec.max_candidates]), g.const([1]))
+
+
 def lookup_model(table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, ranking):
     """The lookup alone (its own model, in front of the ranking model or engine): ids in, the ranking
     graph's inputs out as `ranking` (its onnx.ModelProto) declares them, user_id as checked_user_id
-    [B, 1] (a batching model's [batch] tensor travels as [batch, 1])."""
+    [B, 1] (a batching model's [batch] tensor travels as [batch, 1]). With max_candidates, the
+    candidate products and candidate_known are those of the first max_candidates candidates only: the
+    ranking step after it scores no more, and `rank` answers that many."""
     g = _Graph()
     inputs = _request_inputs(g, cfg, spec)
-    out = build_lookup(g, table, cfg, spec, it.CANDIDATE_IDS)
+    out = build_lookup(g, table, cfg, spec, _kept_candidates(g, spec))
     out[it.USER_ID] = g.op("Unsqueeze", out[it.USER_ID], g.const([1]))
     names = {n: CHECKED.get(n, n) for n in spec.products if n != it.CANDIDATE_KNOWN}
     _name_outputs(g, out, names)
@@ -342,21 +363,15 @@ def ranked_model(table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, ra
 
     g = _Graph()
     inputs = _request_inputs(g, cfg, spec)
-    kept = it.CANDIDATE_IDS
-    if spec.max_candidates is not None:
-        kept = g.op("Slice", kept, g.const([0]), g.const([spec.max_candidates]), g.const([1]))
-    # The ranking graph cannot run on zero candidates (its reshapes infer a -1 from a 0): it scores one
-    # padding candidate then, which the slice below drops again.
-    k = g.op("Shape", kept, start=1, end=2)
-    dummy = g.op("Max", g.op("Sub", g.const([1]), k), g.const([0]))
-    scored = g.op("Pad", kept, g.op("Concat", g.const([0, 0, 0]), dummy, axis=0), g.const(0))
-    out = build_lookup(g, table, cfg, spec, scored)
+    kept = _kept_candidates(g, spec)
+    out = build_lookup(g, table, cfg, spec, kept)
     body = ranking.graph
     scores = f"{PREFIX}ranking_scores"
     _rename(body, {**{i.name: out[i.name] for i in body.input}, body.output[0].name: scores})
     g.nodes.extend(body.node)
     g.initializers.extend(body.initializer)
-    # Back to the request's N: the padding candidate dropped, those past max_candidates -inf and unknown.
+    # Back to the request's N: those past max_candidates -inf and unknown.
+    k = g.op("Shape", kept, start=1, end=2)
     rest = g.op("Sub", g.op("Shape", it.CANDIDATE_IDS, start=1, end=2), k)
     pads = g.op("Concat", g.const([0, 0, 0]), rest, axis=0)
     results = {}
@@ -364,8 +379,7 @@ def ranked_model(table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, ra
         ("scores", scores, g.const(-np.inf, np.float32)),
         (it.CANDIDATE_KNOWN, out[it.CANDIDATE_KNOWN], g.const(False, np.bool_)),
     ):
-        first = g.op("Slice", tensor, g.const([0]), k, g.const([1]))
-        results[name] = g.op("Pad", first, pads, fill)
+        results[name] = g.op("Pad", tensor, pads, fill)
     _name_outputs(g, results, {n: n for n in results})
     _name_outputs(g, out, {n: n for n in (it.USER_KNOWN, it.TABLE_VERSION)})
     outputs = [_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"]), *_flag_outputs()]
@@ -417,11 +431,7 @@ class NativeLookup:
     def model(self, table: it.ItemTable, ranking, version: int):
         """The version's graph: the lookup merged into `ranking` (an onnx.ModelProto) or before it."""
         spec = LookupSpec(
-            products_of(ranking),
-            version,
-            self.limits.max_history,
-            self.limits.max_candidates if self.merged else None,
-            self.id_map,
+            products_of(ranking), version, self.limits.max_history, self.limits.max_candidates, self.id_map
         )
         return (ranked_model if self.merged else lookup_model)(table, self.lookup, spec, ranking)
 
@@ -432,18 +442,26 @@ class NativeLookup:
         model = self.model(table, onnx.load(Path(folder) / RANKING_FILE), version)
         return write_model(model, Path(folder) / MODEL_FILE)
 
-    def check(self, folder: Path, version: int, widths: tuple[int, int] | None = None) -> None:
-        """MMRankError unless `folder` is a version that serves: its table reads (with the ranking graph's
-        `widths` (d, item_dim) where given), its graph loads in onnxruntime and answers a probe request as
-        the numpy lookup and the ranking graph do, with `version`."""
+    def check(
+        self,
+        folder: Path,
+        version: int,
+        widths: tuple[int, int] | None = None,
+        table: it.ItemTable | None = None,
+    ) -> None:
+        """MMRankError unless `folder` is a version that serves: its table (`table`, the folder's read
+        back, else read here) has the ranking graph's `widths` (d, item_dim) where given, its graph
+        passes `check_files`, loads in onnxruntime and answers a probe request as the numpy lookup and
+        the ranking graph do, with `version`."""
         from model_repository.ort_graph import OrtGraph
 
         folder = Path(folder)
-        table = it.ItemTable.read(folder / TABLE_DIR)
+        table = it.ItemTable.read(folder / TABLE_DIR) if table is None else table
         if widths is not None:
             it.check_widths(table, *widths)
+        check_files(folder, version)
         graph = OrtGraph(folder / MODEL_FILE)
-        feeds = probe_request(table, self.lookup)
+        feeds = probe_request(table, self.lookup, self.limits)
         names = [o.name for o in graph.session.get_outputs()]
         try:
             got = dict(zip(names, graph.session.run(names, feeds), strict=True))
@@ -459,15 +477,59 @@ class NativeLookup:
             raise MMRankError(f"{folder / MODEL_FILE}: {problem}")
 
 
-def probe_request(table: it.ItemTable, cfg: it.LookupConfig) -> dict[str, np.ndarray]:
+def check_files(folder: Path, version: int) -> None:
+    """MMRankError unless `folder`'s graph looks whole, without running it (what a server start checks;
+    `NativeLookup.check` does this first): the file parses, the server's ONNX Runtime reads its IR
+    version and opset, it holds `version`, and its external data file holds every tensor it points
+    into. Initializers in the external data file (a table over EXTERNAL_DATA_BYTES) are never read."""
+    from onnx import numpy_helper
+
+    path = Path(folder) / MODEL_FILE
+    model = graph_header(path)
+    check_native_runtime(model, str(path))
+    stem = f"{PREFIX}{VERSION_STEM}_"
+    held = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.startswith(stem)]
+    if len(held) != 1 or held[0].size != 1:
+        raise MMRankError(f"{path}: not a lookup graph of this version (no item_table_version constant)")
+    if int(held[0].item()) != version:
+        raise MMRankError(f"{path}: holds item_table_version {int(held[0].item())}, expected {version}")
+    for tensor in model.graph.initializer:
+        if tensor.data_location == tensor.EXTERNAL:
+            where = {e.key: e.value for e in tensor.external_data}
+            data = path.with_name(where.get("location", ""))
+            end = int(where.get("offset", 0)) + int(where.get("length", 0))
+            if not data.is_file():
+                raise MMRankError(f"{data}: missing (the external data of {path.name})")
+            if data.stat().st_size < end:
+                raise MMRankError(f"{data}: cut ({tensor.name} ends at byte {end}, the file has fewer)")
+
+
+def graph_header(path: Path):
+    """The ONNX file at `path` without its external data (initializers over EXTERNAL_DATA_BYTES stay on
+    disk); MMRankError where it does not parse."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (OSError, DecodeError, ValueError) as e:
+        raise MMRankError(f"{path}: not an ONNX graph ({type(e).__name__}: {e})") from e
+
+
+def probe_request(table: it.ItemTable, cfg: it.LookupConfig, limits: RequestLimits) -> dict[str, np.ndarray]:
     """Two users' requests that reach every branch of the lookup: known and unknown candidates and
-    history ids, padding, a known and an unknown user."""
+    history ids, padding, a known and an unknown user; within `limits`, where the graph answers as the
+    numpy lookup does."""
     known = table.ids[1:9]
     unknown = int(table.ids[-1]) + 1
     hist = np.array([[*known, unknown, 0], [0, unknown, *known[::-1]]], np.int64)
     cands = np.array([[unknown, *known, 0], [*known[::-1], 0, unknown]], np.int64)
     users = np.array([[min(1, cfg.num_users)], [cfg.num_users + 1]], np.int64)
-    return {it.HISTORY_IDS: hist, it.CANDIDATE_IDS: cands, it.USER_ID: users}
+    return {
+        it.HISTORY_IDS: hist[:, -limits.max_history :],
+        it.CANDIDATE_IDS: cands[:, : limits.max_candidates],
+        it.USER_ID: users,
+    }
 
 
 def _probe_mismatch(got: dict, want: dict, version: int) -> str | None:

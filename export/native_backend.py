@@ -23,10 +23,8 @@ server's backend directory next to python/.
 Cached: the key hashes the sources, the pinned wheel, the g++ and cmake versions and this file. An
 unchanged key does nothing; a changed one builds in a clean build folder and replaces the output folder
 in one rename, so a server never sees half a build. The wheel, the build tree and build.log stay in
-`<venv>/triton-backends/.work/`.
-
-ONNX Runtime 1.19 reads ONNX files up to IR version 10 and opset 21: `fit_native_runtime` makes a model
-fit, or names what does not.
+`<venv>/triton-backends/.work/`. What the built backend's ONNX Runtime reads (IR version, opset) is
+export/native_runtime.py, outside this file, so that editing it leaves the build cached.
 """
 
 from __future__ import annotations
@@ -59,7 +57,6 @@ ORT_WHEEL = f"onnxruntime-{ORT_VERSION}-cp311-cp311-manylinux_2_27_x86_64.manyli
 ORT_WHEEL_SHA256 = "a36511dc07c5c964b916697e42e366fa43c48cdb3d3503578d78cef30417cb84"
 ORT_LIBRARY = f"libonnxruntime.so.{ORT_VERSION}"
 ORT_SONAME = "libonnxruntime.so.1"
-MAX_IR_VERSION, MAX_OPSET = 10, 21  # what ONNX Runtime 1.19 reads
 
 HOME_ENV = "MMRANK_TRITON_BACKENDS"
 NAME = "onnxruntime"  # the folder name is the backend name Triton resolves `onnxruntime_onnx` to
@@ -120,21 +117,6 @@ class NativeBackend:
                 shutil.copy2(self.dir / name, folder / name)
         (folder / ORT_SONAME).symlink_to(ORT_LIBRARY)
         return folder
-
-
-# ---- ONNX files it serves --------------------------------------------------------------------------
-def fit_native_runtime(model):
-    """`model` (an onnx.ModelProto, changed in place and returned) readable by ONNX Runtime 1.19: IR
-    version lowered to 10 where newer (the `onnx` package writes its own latest by default; no operator
-    up to opset 21 needs more). MMRankError when an operator set is newer than opset 21."""
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version > MAX_OPSET:
-            raise MMRankError(
-                f"the graph uses ONNX opset {opset.version}; the native backend's ONNX Runtime {ORT_VERSION} "
-                f"reads up to opset {MAX_OPSET}"
-            )
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    return model
 
 
 # ---- build steps -----------------------------------------------------------------------------------
@@ -398,8 +380,9 @@ def build(config: BuildConfig | None = None) -> NativeBackend:
         key = build_key(config.sources, tools)
         with contextlib.suppress(MMRankError, OSError, ValueError):
             cached = NativeBackend.find(home)
-            if cached.info().get("key") == key and not config.force:
-                progress.say(f"up to date: {cached.dir} (built {cached.info()['date']})")
+            info = cached.info()
+            if info.get("key") == key and not config.force:
+                progress.say(f"up to date: {cached.dir} (built {info['date']})")
                 return cached
         load = os.getloadavg()[0]
         progress.say(f"building ({tools.compiler}; {tools.cmake}; log {progress.log})")

@@ -40,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.atomic import atomic_dir, check_not_above
 from common.errors import MMRankError
 from export.item_table import build_item_table, build_placement, build_user_table
 from export.manifest import GraphSpec, Manifest, ModelInfo, TokenizerInfo, onnx_io, sha256_file
-from export.native_backend import fit_native_runtime
+from export.native_runtime import fit_native_runtime
 from export.torch_program import write_ranking_programs
 from model_repository import item_table as it
 from model_repository.text_inputs import copy_tokenizer_files
@@ -118,7 +119,12 @@ class RankingGraph(nn.Module):
     """RankingModel.score on lookup products. `names` are the graph inputs in order (item_table names).
 
     `candidate_known` (False where the item table has no row for the candidate) sets that candidate's
-    score to -inf: an unknown id is ranked last, never scored from the padding row."""
+    score to -inf: an unknown id is ranked last, never scored from the padding row.
+
+    Zero candidates answer [B, 0]: the model's reshapes infer a -1 axis, which is ambiguous over zero
+    elements (in torch, and in ONNX Runtime, whose graph optimizer turns even explicitly computed
+    shapes back into a -1), so the graph scores one zero candidate after the request's and drops its
+    score. Candidates are scored independently, so the others' scores are unchanged."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -140,6 +146,9 @@ class RankingGraph(nn.Module):
 
     def forward(self, *inputs: Tensor) -> Tensor:
         x = dict(zip(self.names, inputs, strict=True))
+        for name in (it.CANDIDATE_C, it.CANDIDATE_ITEM):
+            if name in x:  # one zero candidate after the request's (see the class docstring)
+                x[name] = F.pad(x[name], (0, 0, 0, 1))
         user_id = x[it.USER_ID]
         user_feats = x.get(it.USER_FEATS, user_id.new_zeros(user_id.shape[0], 0))
         cand_c = x.get(it.CANDIDATE_C)
@@ -156,7 +165,7 @@ class RankingGraph(nn.Module):
             x.get(it.LONG_HISTORY_C),
             x.get(it.LONG_HISTORY_MASK),
         )
-        return scores.masked_fill(~x[it.CANDIDATE_KNOWN], float("-inf"))
+        return scores[:, :-1].masked_fill(~x[it.CANDIDATE_KNOWN], float("-inf"))
 
 
 class TwoTowerRankingGraph(nn.Module):

@@ -14,11 +14,15 @@ from pathlib import Path
 
 PROC = Path("/proc")
 DEAD_STATES = ("Z", "X")  # zombie (exited, not yet waited for), dead
+# A thread's child list; a kernel built without CONFIG_PROC_CHILDREN (and gVisor-like sandboxes) has none.
+CHILDREN_FILE = PROC / "thread-self" / "children"
 
 
 @dataclass(frozen=True)
 class ProcStat:
     state: str  # R, S, D, Z, ... (proc(5))
+    ppid: int  # the parent process (of a child forked by any thread: the process, not the thread)
+    pgrp: int  # process group
     start: int  # clock ticks after boot
 
 
@@ -30,7 +34,7 @@ def stat(pid: int) -> ProcStat | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
     fields = text.rsplit(")", 1)[1].split()
-    return ProcStat(state=fields[0], start=int(fields[19]))
+    return ProcStat(state=fields[0], ppid=int(fields[1]), pgrp=int(fields[2]), start=int(fields[19]))
 
 
 def running(pid: int, start: int) -> bool:
@@ -48,8 +52,16 @@ def cmdline(pid: int) -> list[str]:
     return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]]
 
 
+def pids() -> list[int]:
+    """The pid of every process /proc shows."""
+    return [int(p.name) for p in PROC.iterdir() if p.name.isdigit()]
+
+
 def children(pid: int) -> list[int]:
-    """Child pids of every thread of the process (a multi-threaded server forks from any thread)."""
+    """Child pids of every thread of the process (a multi-threaded server forks from any thread): the
+    threads' child lists, or where the kernel keeps none, `children_by_parent`."""
+    if not CHILDREN_FILE.is_file():
+        return children_by_parent(pid)
     found: list[int] = []
     try:
         tasks = list((PROC / str(pid) / "task").iterdir())
@@ -61,3 +73,9 @@ def children(pid: int) -> list[int]:
         except OSError:  # the thread ended while we read
             continue
     return found
+
+
+def children_by_parent(pid: int) -> list[int]:
+    """Child pids of the process, from every process's parent pid: slower than the child lists (a read
+    of every process's stat), for kernels without them."""
+    return [child for child in pids() if (s := stat(child)) is not None and s.ppid == pid]

@@ -358,11 +358,9 @@ def _ensemble(name: str, rc: RenderConfig, inputs, outputs) -> mc.ModelConfig:
 def rank_config(manifest: Manifest, lookup: mc.ModelConfig, ranking: mc.ModelConfig, rc: RenderConfig):
     outputs = [*_outputs(manifest.graph("ranking").outputs), *flag_outputs()]
     config = _ensemble("rank", rc, request_inputs(manifest), outputs)
-    if "scores" in {t.name for t in lookup.output}:  # the lookup scores: one step
-        _step(config, lookup)
-        return config
-    _step(config, lookup)  # its user tensors are checked_*: the request's names stay free
-    _step(config, ranking, reads=lg.CHECKED)
+    _step(config, lookup)
+    if "scores" not in {t.name for t in lookup.output}:  # a separate lookup: a ranking step after it
+        _step(config, ranking, reads=lg.CHECKED)  # the lookup's user tensors are checked_*
     return config
 
 
@@ -600,9 +598,15 @@ def check_table_fits(table: it.ItemTable, served: it.ItemTable) -> None:
 
 
 def read_config(model: Path) -> mc.ModelConfig | None:
-    """The config of the model folder `model`; None without one."""
+    """The config of the model folder `model`; None without one; MMRankError naming the file where it
+    does not parse."""
     path = Path(model) / "config.pbtxt"
-    return text_format.Parse(path.read_text(), mc.ModelConfig()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as e:
+        raise MMRankError(f"{path}: not a model config ({type(e).__name__}: {e})") from e
 
 
 def config_widths(config: mc.ModelConfig | None) -> tuple[int | None, int | None]:
@@ -637,14 +641,14 @@ def _write_version(tmp: Path, served: Path, table: it.ItemTable, config: mc.Mode
         if (served / name).is_file():
             shutil.copy2(served / name, tmp / name)
     table.write(tmp / lg.TABLE_DIR)
-    it.ItemTable.read(tmp / lg.TABLE_DIR)  # what the server will read, read back before it can see it
+    written = it.ItemTable.read(tmp / lg.TABLE_DIR)  # what a server will read, before it can see it
     placement = served / lg.TABLE_DIR / PLACEMENT  # the model's item graph, for the next new items
     if placement.is_dir():
         shutil.copytree(placement, tmp / lg.TABLE_DIR / PLACEMENT)
     if is_native(config):
         build = native_lookup(config)
-        build.write(tmp, table, table.version)
-        build.check(tmp, table.version, config_widths(config))
+        build.write(tmp, written, written.version)
+        build.check(tmp, written.version, config_widths(config), written)
     else:
         write_python_model(tmp, PYTHON_MODELS["item_lookup"])
     for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -662,29 +666,48 @@ def _sweep_abandoned(model: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def add_table_version(repo: str | Path, table: it.ItemTable) -> Path:
-    """Publish `table` as the next version of item_lookup, for any backend: checked (finite values; the
-    widths of the newest valid version, the one the server serves: `newest_valid_table`), written in a
-    hidden folder (`_write_version`: a native version's graph is built there, loaded and probed), then
-    renamed into place in one step, so a server in poll or explicit mode only ever sees complete, valid
-    versions (and serves it after a (re)load of item_lookup, without a restart). A failed write leaves
-    nothing behind. `mmrank table publish` (export/table_publish.py) is its command line."""
+@dataclass(frozen=True)
+class ServedTable:
+    """What a repository's item_lookup serves, read once per publish: its config, the newest valid
+    table (`newest_valid_table`, the one a server serves) and its version, and the number the next
+    version gets (after the newest folder, valid or not)."""
+
+    model: Path  # <repo>/item_lookup
+    config: mc.ModelConfig | None
+    table: it.ItemTable
+    version: int
+    next: int
+
+
+def served_table(repo: str | Path) -> ServedTable:
+    """What `repo`'s item_lookup serves; MMRankError without one, or where no version reads."""
     model = Path(repo) / "item_lookup"
     versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
-        raise MMRankError(f"{model}: not an item_lookup model folder")
-    table.check_finite()  # the arrays may have changed since the table was built
+        raise MMRankError(f"{model}: not an item_lookup model folder (render one with `mmrank repo`)")
     config = read_config(model)
-    served, served_version, _ = it.newest_valid_table(model, versions[-1], *config_widths(config))
-    check_table_fits(table, served)
-    number = versions[-1] + 1
+    table, version, _ = it.newest_valid_table(model, versions[-1], *config_widths(config))
+    return ServedTable(model, config, table, version, versions[-1] + 1)
+
+
+def add_table_version(repo: str | Path, table: it.ItemTable, served: ServedTable | None = None) -> Path:
+    """Publish `table` as the next version of item_lookup, for any backend: checked (finite values; the
+    widths of the served version, `served` where the caller has read it), written in a hidden folder
+    (`_write_version`: a native version's graph is built there, loaded and probed), then renamed into
+    place in one step, so a server in poll or explicit mode only ever sees complete, valid versions
+    (and serves it after a (re)load of item_lookup, without a restart). A failed write leaves nothing
+    behind. `mmrank table publish` (export/table_publish.py) is its command line."""
+    served = served or served_table(repo)
+    table.check_finite()  # the arrays may have changed since the table was built
+    check_table_fits(table, served.table)
+    model, number = served.model, served.next
     _sweep_abandoned(model)
     # A name of its own: a second publisher must not write into (or delete) this one's folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{number}.tmp-", dir=model))
     tmp.chmod(0o755)
     final = model / str(number)
     try:
-        _write_version(tmp, model / str(served_version), replace(table, version=number), config)
+        _write_version(tmp, model / str(served.version), replace(table, version=number), served.config)
         tmp.rename(final)  # the server sees the version folder only once it is complete
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,10 +36,10 @@ While the server runs, a supervisor thread watches its backend stubs: when one d
 reloaded in place (explicit control mode) or the server is stopped, saying why (poll and none modes, which
 cannot load a model on request); export/backend_supervisor.py has the details and the readiness bounds.
 
-A bad newest item table version (one that does not read, has the wrong widths or, native, does not load
-and answer a probe request) never blocks a (re)start: the python / torch lookup serves the newest valid
-older table itself; for the native lookup graph, whose versions Triton loads, the launcher checks the
-versions first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
+A bad newest item table version (one that does not read, has the wrong widths or, native, a graph file
+that is not whole or holds another version) never blocks a (re)start: the python / torch lookup serves
+the newest valid older table itself; for the native lookup graph, whose versions Triton loads, the
+launcher checks the versions' files first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
 naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
 a version, and refuse to start with a line saying so).
 
@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -78,7 +77,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import MMRankError
-from export.backend_supervisor import BackendProcess, BackendSupervisor, SupervisorConfig
+from export.backend_supervisor import (
+    BackendProcess,
+    BackendSupervisor,
+    RepositoryControl,
+    SupervisorConfig,
+    UnseenDeaths,
+)
 from export.launcher_files import make_workdir, shm_prefix
 from export.native_backend import NAME as NATIVE_NAME
 from export.native_backend import NativeBackend, backends_home
@@ -235,15 +240,16 @@ def native_models(repository: Path) -> list[str]:
 def native_backend(repository: Path) -> NativeBackend | None:
     """The built native backend, which every server gets; None where it is not built and no model of
     `repository` needs it (python-backend repositories serve without it), else MMRankError."""
-    if NativeBackend.built():
+    try:
         return NativeBackend.find()
-    needs = native_models(repository)
-    if needs:
-        raise MMRankError(
-            f"{repository}: {', '.join(needs)} run on Triton's native onnxruntime backend, which is not built "
-            f"(nothing in {backends_home() / NATIVE_NAME}): run `make setup`"
-        )
-    return None
+    except MMRankError:
+        needs = native_models(repository)
+        if needs:
+            raise MMRankError(
+                f"{repository}: {', '.join(needs)} run on Triton's native onnxruntime backend, which is not "
+                f"built (nothing in {backends_home() / NATIVE_NAME}): run `make setup`"
+            ) from None
+        return None
 
 
 STUB_NUMPY = "numpy>=1.26,<2"
@@ -378,8 +384,15 @@ class TableVersions:
 
     newest: int | None = None
     served: int | None = None  # the newest version that serves
-    skipped: tuple[str, ...] = ()  # one line for each newer version passed over, and why
+    passed_over: tuple[str, ...] = ()  # each newer version passed over, and why
     native: bool = False  # the lookup graph, whose versions Triton loads itself
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """One line for each version passed over, naming the one that serves instead."""
+        if self.served is None:
+            return self.passed_over
+        return tuple(f"{line}; serving item table version {self.served}" for line in self.passed_over)
 
     @property
     def pinned(self) -> bool:
@@ -391,10 +404,14 @@ class TableVersions:
 def check_table_versions(repository: Path) -> TableVersions:
     """Which item_lookup version serves and which newer ones are passed over. The python / torch
     lookup passes over an unreadable or wrong-width table itself (model_repository/models/item_lookup.py
-    serves the newest valid one in its place); a native version must also load in onnxruntime and
-    answer a probe request like the numpy lookup (export/lookup_graph.py `NativeLookup.check`), and
-    the launcher passes over it (TritonServer). MMRankError where no native version serves."""
-    from export.repository import config_widths, is_native, native_lookup, read_config
+    serves the newest valid one in its place); of the native lookup graph, Triton loads the versions
+    itself, so the launcher passes over a version whose graph is not whole (export/lookup_graph.py
+    `check_files`: it parses, the server's ONNX Runtime reads it, it holds its version, its external
+    data is all there), without loading it: a version's graph holds the table, and a full check
+    (`NativeLookup.check`, run when `mmrank table publish` writes a version) would hold it in this
+    process beside the server. MMRankError where no native version serves."""
+    from export.lookup_graph import check_files
+    from export.repository import config_widths, is_native, read_config
     from model_repository import item_table as it
 
     model = repository / "item_lookup"
@@ -406,18 +423,16 @@ def check_table_versions(repository: Path) -> TableVersions:
         try:
             _, served, skipped = it.newest_valid_table(model, versions[-1], *config_widths(config))
         except MMRankError as e:
-            return TableVersions(versions[-1], skipped=(str(e),))
-        lines = tuple(f"{line}; serving item table version {served}" for line in skipped)
-        return TableVersions(versions[-1], served, lines)
-    build, skipped = native_lookup(config), []
+            return TableVersions(versions[-1], passed_over=(str(e),))
+        return TableVersions(versions[-1], served, tuple(skipped))
+    skipped = []
     for version in reversed(versions):
         try:
-            build.check(model / str(version), version, config_widths(config))
+            check_files(model / str(version), version)
         except MMRankError as e:
             skipped.append(f"item table version {version} skipped: {e}")
             continue
-        lines = tuple(f"{line}; serving item table version {version}" for line in skipped)
-        return TableVersions(versions[-1], version, lines, native=True)
+        return TableVersions(versions[-1], version, tuple(skipped), native=True)
     raise MMRankError(f"{model}: no item table version serves ({'; '.join(skipped)})")
 
 
@@ -500,7 +515,7 @@ class TritonServer:
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
             raise MMRankError(
-                f"item_lookup: {self.skipped[0]}: the native lookup cannot pass over a version in "
+                f"item_lookup: {self.tables.passed_over[0]}: the native lookup cannot pass over a version in "
                 f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
                 f"--control-mode explicit, which loads version {self.tables.served}"
             )
@@ -579,18 +594,10 @@ class TritonServer:
         config = read_config(self.repository / "item_lookup")
         config.version_policy.Clear()
         config.version_policy.specific.versions.append(self.tables.served)
-        self._load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
+        control = RepositoryControl(self.http_url, self.config.start_timeout_s)
+        control.load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
         for name in sorted(dependents(self.repository, "item_lookup")):
-            self._load(name, {})
-
-    def _load(self, name: str, body: dict) -> None:
-        url = f"http://{self.http_url}/v2/repository/models/{name}/load"
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.start_timeout_s):
-                return
-        except urllib.error.HTTPError as e:
-            raise MMRankError(f"tritonserver cannot load {name}: {e.read().decode(errors='replace')}") from e
+            control.load(name)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -619,9 +626,9 @@ class TritonServer:
             config=self.config.supervisor,
         ).start()
 
-    def _backend_died(self, dead: list[BackendProcess]) -> None:
+    def _backend_died(self, dead: list[BackendProcess | UnseenDeaths]) -> None:
         """In poll or none mode: no model can be loaded on request, so stop the server, saying why."""
-        names = ", ".join(f"{p.instance} (pid {p.pid})" for p in dead)
+        names = ", ".join(p.describe() for p in dead)
         self.failure = (
             f"the backend process of {names} died; in model control mode {self.config.control_mode!r} the "
             "server cannot reload a model in place (explicit mode does), so the launcher stopped it"
@@ -633,16 +640,13 @@ class TritonServer:
                 process.send_signal(signal.SIGTERM)
 
     def log_tail(self, lines: int = 8) -> str:
-        """The last log lines that say something (errors first), joined on one line for error messages."""
+        """The last E-level lines of the log (`error_lines`), else the last lines that say something,
+        joined on one line for error messages."""
         if self.log_path is None or not self.log_path.is_file():
             return "(no log)"
-        text = self.log_path.read_text(errors="replace").splitlines()
-        useful = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("+", "|"))]
-        errors = [
-            ln
-            for ln in useful
-            if (ln.startswith("E") or "error" in ln.lower()) and not any(k in ln for k in NO_CUDA_ERRORS)
-        ]
+        text = self.log_path.read_text(errors="replace")
+        useful = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("+", "|"))]
+        errors = [ln.strip() for ln in error_lines(text)]
         return " | ".join((errors or useful)[-lines:])
 
     def stop(self) -> int | None:

@@ -1,24 +1,20 @@
-"""What a tritonserver leaves on the machine, read from /proc and /dev/shm by the serving tests."""
+"""What a tritonserver leaves on the machine, read from /proc (export/procfs.py) and /dev/shm by the
+serving tests."""
 
-import contextlib
 import time
 from pathlib import Path
 
-
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
+from export import procfs
 
 
 def group(pgid: int) -> list[int]:
     """Live processes of the process group `pgid` (the server and its backend stubs)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(stat.parent.name))
-    return members
+    stats = {pid: procfs.stat(pid) for pid in procfs.pids()}
+    return [
+        pid
+        for pid, s in stats.items()
+        if s is not None and s.pgrp == pgid and s.state not in procfs.DEAD_STATES
+    ]
 
 
 def wait_gone(pgid: int, timeout_s: float = 60) -> list[int]:

@@ -21,7 +21,7 @@ import tritonclient.grpc as grpc
 from server_processes import regions, wait_gone
 
 from clients.availability import Callers, ReadinessProber
-from export.backend_supervisor import RepositoryControl, backend_processes
+from export.backend_supervisor import RepositoryControl, SupervisorConfig, backend_processes
 from export.repository import RenderConfig, render_repository
 from export.triton_launcher import TritonConfig, TritonServer
 
@@ -131,3 +131,34 @@ def test_a_backend_process_killed_under_load_is_reloaded_and_readiness_says_so(r
         np.testing.assert_allclose(call.output, want, rtol=0, atol=1e-6)
 
     assert wait_gone(pgid) == [] and regions(prefix) == [] and not workdir.exists()
+
+
+def test_a_stub_that_dies_before_it_is_listed_is_found_by_the_count(python_repo):
+    """A load's new stub killed before the supervisor lists it leaves a zombie without a command line:
+    the listing after it finds its version READY with fewer live stubs than instances. The supervisor
+    lists only at start and after a known stub's death here (rescan_s of an hour), so the killed stub is
+    never listed; a known stub killed after it makes the listing happen."""
+    hour = SupervisorConfig(rescan_s=3600.0)
+    with TritonServer(TritonConfig(python_repo, control_mode="explicit", supervisor=hour)) as server:
+        supervisor, pgid, prefix = server.supervisor, server.process.pid, server.shm_prefix
+        _wait(lambda: supervisor._next_scan > 0, "the supervisor's first listing")
+        with grpc.InferenceServerClient(server.grpc_url) as client:
+            client.unload_model("tokenizer")
+            # The unloaded stub's exit makes the supervisor list anew: the load comes after that listing.
+            _wait(
+                lambda: not any(p.model == "tokenizer" for p in supervisor._known),
+                "a listing after the unload",
+            )
+            client.load_model("tokenizer")
+            new = next(p for p in backend_processes(pgid, prefix) if p.model == "tokenizer")
+            os.kill(new.pid, signal.SIGKILL)
+            known = next(p for p in supervisor._known if p.model == "image_preprocess")
+            os.kill(known.pid, signal.SIGKILL)
+            recoveries = supervisor.recoveries
+            _wait(lambda: len(recoveries) == 2 and all(r.ready for r in recoveries), "both reloaded")
+            states = RepositoryControl(server.http_url, 30).states()
+            answer = client.infer("encode_items", _encode_request()).as_numpy("content")
+    died = {r.model: r.died for r in recoveries}
+    assert died == {"tokenizer": ["1 of 1 tokenizer instances"], "image_preprocess": ["image_preprocess_0_0"]}
+    assert states[("tokenizer", "1")] == states[("image_preprocess", "1")] == "READY"
+    assert answer.shape[0] == 1 and np.isfinite(answer).all()

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 from export import procfs
 from export.launcher_files import owner_tag, sweep
@@ -28,12 +29,39 @@ def test_procfs_reads_this_process_and_its_children():
     try:
         child.stdout.readline()  # it runs its own command line now
         assert child.pid in procfs.children(os.getpid())
+        assert child.pid in procfs.children_by_parent(os.getpid())  # the way without child lists
+        assert procfs.stat(child.pid).ppid == os.getpid()
         assert procfs.cmdline(child.pid)[-1] == "marker"
         start = procfs.stat(child.pid).start
         assert procfs.running(child.pid, start)
     finally:
         child.communicate(b"")
     assert not procfs.running(child.pid, start) and procfs.cmdline(child.pid) == []
+
+
+def test_children_forked_by_another_thread_are_found_both_ways():
+    """A multi-threaded server forks from any thread: the child of a thread that still runs is found in
+    that thread's child list, and by its parent pid, which is the process's."""
+    forked, done, found = threading.Event(), threading.Event(), {}
+
+    def fork() -> None:
+        command = [sys.executable, "-c", "import sys; sys.stdin.read()"]
+        found["child"] = subprocess.Popen(command, stdin=subprocess.PIPE)
+        forked.set()
+        done.wait()
+
+    thread = threading.Thread(target=fork)
+    thread.start()
+    forked.wait()
+    child = found["child"]
+    try:
+        assert child.pid in procfs.children(os.getpid()) and child.pid in procfs.children_by_parent(
+            os.getpid()
+        )
+    finally:
+        done.set()
+        thread.join()
+        child.communicate(b"")
 
 
 def test_sweep_removes_what_dead_launchers_left_and_nothing_else(tmp_path):

@@ -54,6 +54,7 @@ def _ranking_interface(cfg: it.LookupConfig, content: bool, items: bool):
 
 def _session(model) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # one thread: two runs of the same request compare exactly
     options.log_severity_level = 3  # the optional inputs' initializers draw a warning
     return ort.InferenceSession(model.SerializeToString(), options)
 
@@ -202,6 +203,18 @@ def test_the_merged_graph_holds_the_request_bounds_itself(ranking_export):
     assert np.isneginf(got["scores"][:, 4:]).all() and not got[it.CANDIDATE_KNOWN][:, 4:].any()
 
 
+@pytest.mark.parametrize("id_map", ["dense", "search"])
+@pytest.mark.parametrize("merged", [True, False])
+def test_the_graph_holds_the_id_map_once(ranking_export, id_map, merged):
+    """Candidate and history ids share one id map, of id_map_bytes."""
+    out, table, cfg = ranking_export
+    build = lg.NativeLookup(cfg, RequestLimits(), merged, id_map)
+    model = build.model(table, onnx.load(out / "ranking.onnx"), 1)
+    stem = {"dense": "row_of_id", "search": "sorted_ids"}[id_map]
+    maps = [t for t in model.graph.initializer if t.name.startswith(f"{lg.PREFIX}{stem}_")]
+    assert len(maps) == 1 and len(maps[0].raw_data) == lg.id_map_bytes(table, id_map)
+
+
 def test_the_separate_lookup_feeds_the_ranking_graph_as_the_numpy_lookup_does(ranking_export):
     out, table, cfg = ranking_export
     build = lg.NativeLookup(cfg, RequestLimits(), merged=False)
@@ -216,7 +229,7 @@ def test_the_separate_lookup_feeds_the_ranking_graph_as_the_numpy_lookup_does(ra
 
 def test_a_version_folder_is_checked_by_a_probe_request(ranking_export, tmp_path, monkeypatch):
     out, table, cfg = ranking_export
-    build = lg.NativeLookup(cfg, RequestLimits())
+    build = lg.NativeLookup(cfg, RequestLimits(max_candidates=5, max_history=4))  # the probe cut to both
     folder = tmp_path / "3"
     folder.mkdir()
     (folder / lg.RANKING_FILE).write_bytes((out / "ranking.onnx").read_bytes())
@@ -224,10 +237,47 @@ def test_a_version_folder_is_checked_by_a_probe_request(ranking_export, tmp_path
     monkeypatch.setattr(lg, "EXTERNAL_DATA_BYTES", 1)  # a large table: initializers in model.onnx.data
     assert build.write(folder, table, 3) == [folder / lg.MODEL_FILE, folder / "model.onnx.data"]
     build.check(folder, 3, (table.d, table.item_dim))
-    with pytest.raises(MMRankError, match="answers item_table_version \\[3\\], expected 4"):
+    lg.check_files(folder, 3)
+    with pytest.raises(MMRankError, match="holds item_table_version 3, expected 4"):
         build.check(folder, 4)
     with pytest.raises(MMRankError, match="content width d is 16, the ranking graph reads 8"):
         build.check(folder, 3, (8, table.item_dim))
-    (folder / "model.onnx.data").write_bytes(b"cut")
-    with pytest.raises(MMRankError, match="onnxruntime cannot load the graph"):
-        build.check(folder, 3)
+    header = onnx.load(str(folder / lg.MODEL_FILE), load_external_data=False)
+    header.ir_version = 11  # what the venv's onnxruntime reads, the server's does not
+    onnx.save(header, str(folder / lg.MODEL_FILE))
+    for check in (build.check, lg.check_files):
+        with pytest.raises(MMRankError, match="IR version 11, opset 17; the native backend's ONNX Runtime"):
+            check(folder, 3)
+    header.ir_version = 10
+    onnx.save(header, str(folder / lg.MODEL_FILE))
+    data = (folder / "model.onnx.data").read_bytes()
+    (folder / "model.onnx.data").write_bytes(data[: len(data) // 2])
+    for check in (build.check, lg.check_files):
+        with pytest.raises(
+            MMRankError, match=r"model.onnx.data: cut \(.* ends at byte \d+, the file has fewer\)"
+        ):
+            check(folder, 3)
+    (folder / lg.MODEL_FILE).write_bytes(b"cut")
+    with pytest.raises(MMRankError, match="model.onnx: not an ONNX graph"):
+        lg.check_files(folder, 3)
+
+
+def test_the_separate_lookup_reads_the_first_max_candidates_and_zero_rank(ranking_export):
+    """The lookup before a ranking model holds the candidate bound too: the ranking step gets the first
+    max_candidates candidates, as the numpy lookup gives them, and zero candidates score [B, 0]."""
+    out, table, cfg = ranking_export
+    build = lg.NativeLookup(cfg, RequestLimits(max_candidates=4, max_history=8), merged=False)
+    ranking = onnx.load(out / "ranking.onnx")
+    session = _session(build.model(table, ranking, 2))
+    graph = OrtGraph(out / "ranking.onnx")
+    hist, cands = np.arange(1, 13, dtype=np.int64)[None], np.arange(3, 10, dtype=np.int64)[None]
+    for n, kept in ((7, 4), (0, 0)):
+        feeds = {it.HISTORY_IDS: hist, it.CANDIDATE_IDS: cands[:, :n]}
+        got = _run(session, feeds)
+        sent = {**feeds, it.CANDIDATE_IDS: cands[:, :kept], it.USER_ID: None, it.USER_FEATS: None}
+        want = _reference(table, cfg, sent)
+        products = {}
+        for name in lg.products_of(ranking):
+            products[name] = got[lg.CHECKED.get(name, name)].reshape(want[name].shape)
+            assert np.array_equal(products[name], want[name]), name
+        assert graph.run(products)["scores"].shape == (1, kept)

@@ -19,6 +19,7 @@ from test_triton_server import _png, _rank
 
 from common.errors import MMRankError
 from export import native_backend as nb
+from export import native_runtime as nr
 from export.manifest import GraphSpec, onnx_io
 from export.repository import RenderConfig, graph_config, write_config, write_python_model
 from export.triton_launcher import TritonConfig, TritonServer, native_backend, native_models
@@ -46,7 +47,7 @@ def tiny_graph(path, fit: bool = True):
         [numpy_helper.from_array(TABLE, "table"), numpy_helper.from_array(np.array([-1], np.int64), "last")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(nb.fit_native_runtime(model) if fit else model, path)
+    onnx.save(nr.fit_native_runtime(model) if fit else model, path)
     return path
 
 
@@ -149,13 +150,24 @@ def test_a_native_repository_without_the_build_is_refused_before_the_server_star
 # ---- ONNX files for ONNX Runtime 1.19 --------------------------------------------------------------
 def test_fit_native_runtime_lowers_the_ir_version_and_refuses_newer_opsets(tmp_path):
     model = onnx.load(tiny_graph(tmp_path / "latest.onnx", fit=False))
-    assert model.ir_version > nb.MAX_IR_VERSION  # the `onnx` package's default, which ORT 1.19 cannot read
-    fitted = nb.fit_native_runtime(model)
-    assert fitted.ir_version == nb.MAX_IR_VERSION
+    assert model.ir_version > nr.MAX_IR_VERSION  # the `onnx` package's default, which ORT 1.19 cannot read
+    fitted = nr.fit_native_runtime(model)
+    assert fitted.ir_version == nr.MAX_IR_VERSION
     onnx.checker.check_model(fitted, full_check=True)
-    model.opset_import[0].version = nb.MAX_OPSET + 1
+    nr.check_native_runtime(fitted, "fitted.onnx")
+    model.opset_import[0].version = nr.MAX_OPSET + 1
     with pytest.raises(MMRankError, match=r"opset 22; .* reads up to opset 21"):
-        nb.fit_native_runtime(model)
+        nr.fit_native_runtime(model)
+
+
+@pytest.mark.parametrize(("ir_version", "opset"), [(11, 17), (10, 22)])
+def test_a_file_the_venvs_onnxruntime_reads_but_the_servers_does_not_is_refused(tmp_path, ir_version, opset):
+    model = onnx.load(tiny_graph(tmp_path / "tiny.onnx"))
+    model.ir_version, model.opset_import[0].version = ir_version, opset
+    with pytest.raises(
+        MMRankError, match=rf"^v3/model.onnx: IR version {ir_version}, opset {opset}; .*1\.19\.2"
+    ):
+        nr.check_native_runtime(model, "v3/model.onnx")
 
 
 # ---- the real server -------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import pytest
 import tritonclient.grpc as grpc
 from conftest import NUM_ITEMS, NUM_USERS
 
+from common.errors import MMRankError
 from export.repository import RenderConfig, render_repository
+from export.table_publish import wait_served
 from export.triton_launcher import TritonConfig, TritonServer
 from mmrank.cli import main
 
@@ -146,6 +148,7 @@ def test_a_table_published_under_load_swaps_in_without_a_failed_call(own_server,
     assert errors == [] and len(seen) > published > 0
     assert (1, False) in seen and seen[-1] == (2, True)  # the new item is known from version 2 on
     assert set(seen) == {(1, False), (2, True)}
+    assert own_server.supervisor.recoveries == []  # a version switch is no death
 
 
 def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_server, tmp_path):
@@ -189,3 +192,5 @@ def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_ser
         assert _rank(client, np.array([[1]], np.int64), np.array([[3]], np.int64))[
             "item_table_version"
         ].tolist() == [[5]]
+        with pytest.raises(MMRankError, match=r"version 6 after 1 s \(it answers with version 5\)$"):
+            wait_served(server.grpc_url, 6, 3, 1.0)

@@ -8,7 +8,7 @@ import torch
 
 from common.errors import MMRankError
 from export.manifest import MANIFEST, Manifest
-from export.native_backend import MAX_IR_VERSION, MAX_OPSET
+from export.native_runtime import MAX_IR_VERSION, MAX_OPSET
 from export.onnx_graphs import OPSET, export_run, find_dataset, table_ranker
 from mmrank.cli import main
 from model_repository.item_table import ItemTable

@@ -3,13 +3,15 @@ import pytest
 from conftest import NUM_ITEMS, NUM_USERS, make_model, make_schema
 
 from export.manifest import Manifest
-from export.onnx_graphs import ExportConfig, export_model, graph_builds
+from export.onnx_graphs import ExportConfig, export_model, graph_builds, ranking_build
 from export.parity import (
+    DEFAULT_SIZES,
     TOLERANCES,
     check_export,
     composed_scores,
     graph_parity,
     random_feeds,
+    torch_output,
     training_scores,
 )
 
@@ -49,6 +51,18 @@ def test_graphs_follow_dynamic_axes(small_export):
         )
         (r32, *_) = graph_parity(name, builds[name].module, small_export.out, manifest, feeds)
         assert r32.ok, r32.line()
+
+
+def test_the_ranking_graph_answers_zero_candidates(small_export):
+    """[B, 0] scores from the ONNX graphs (fp32 and fp16) as from the module, so neither the native
+    lookups nor an in-process caller need a padding candidate of their own."""
+    manifest = Manifest.read(small_export.out)
+    spec = manifest.graph("ranking")
+    feeds = random_feeds("ranking", spec, manifest.model, {"candidates": 0}, seed=4)
+    module = ranking_build(small_export.model).module
+    assert torch_output(module, spec, feeds).shape == (DEFAULT_SIZES["batch"], 0)
+    for r in graph_parity("ranking", module, small_export.out, manifest, feeds):  # raises on a shape
+        assert r.ok, r.line()
 
 
 def test_lookup_then_ranking_graph_equals_the_training_path(small_export):

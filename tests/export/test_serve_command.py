@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_processes import children, group, regions, wait_gone
+from server_processes import group, regions, wait_gone
 
 from clients.ranking_client import ClientConfig, RankingClient
+from export import procfs
 from export.backend_supervisor import backend_processes
 from export.parity import composed_scores
 from export.repository import RenderConfig, render_repository
@@ -109,7 +110,7 @@ def _server_of(proc, stubs: int) -> int:
     """The tritonserver pid under `mmrank serve`, once it has started `stubs` backend stubs."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        for pid in children(proc.pid):
+        for pid in procfs.children(proc.pid):
             if len(group(pid)) > stubs:
                 return pid
         time.sleep(0.05)
@@ -140,7 +141,7 @@ def test_sigkill_of_mmrank_serve_takes_the_server_down_and_the_next_start_sweeps
     try:
         ready = killed.stdout.readline()
         assert "tritonserver ready" in ready
-        server, workdir = children(killed.pid)[0], _workdir(ready)
+        server, workdir = procfs.children(killed.pid)[0], _workdir(ready)
         assert len(group(server)) > 1  # the server and its stubs
         assert workdir.name.startswith("mmrank-triton-")
     finally:
@@ -196,7 +197,7 @@ def test_in_poll_mode_a_dead_backend_process_stops_the_server_saying_why(repo):
     try:
         ready = proc.stdout.readline()
         assert "tritonserver ready" in ready
-        server, workdir = children(proc.pid)[0], _workdir(ready)
+        server, workdir = procfs.children(proc.pid)[0], _workdir(ready)
         lookup = next(p for p in backend_processes(server, "mmrank_triton_") if p.model == "item_lookup")
         os.kill(lookup.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)

@@ -189,6 +189,7 @@ def test_torch_backend_serves_the_python_backends_scores(
         want = graph.run(it.rank_inputs(swapped, manifest.model.lookup(), hist, cands))["scores"]
         assert known.tolist() == [[True, True]]
         np.testing.assert_allclose(scores, want, atol=1e-5, rtol=1e-5)
+        assert srv.supervisor.recoveries == []  # the stubs the server stopped itself were no deaths
 
 
 @pytest.mark.gpu  # CUDA graphs
