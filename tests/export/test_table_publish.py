@@ -80,9 +80,9 @@ def test_publish_refuses_what_does_not_fit_with_one_line(repo, small_export, tmp
         ("--items", str(tmp_path / "junk.npz")): "not an item set",
         ("--items", str(tmp_path / "cut.npz")): "not an item set",
         ("--items", str(tmp_path / "array.npy")): "a single array, not an item set",
-        ("--items", str(tmp_path / "float_ids.npz")): "ids are float64 and content float32",
-        ("--items", str(tmp_path / "int_content.npz")): "ids are int64 and content int64",
-        ("--items", str(tmp_path / "no_content.npz")): "not an item set",
+        ("--items", str(tmp_path / "float_ids.npz")): "ids are float64",
+        ("--items", str(tmp_path / "int_content.npz")): "content is int64",
+        ("--items", str(tmp_path / "no_content.npz")): "content is none",
         ("--items", str(tmp_path / "nan.npz")): "NaN or infinite values",
         ("--items", str(tmp_path / "twice.npz")): "positive and distinct",
     }
