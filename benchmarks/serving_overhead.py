@@ -27,6 +27,11 @@ L-item history.
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
   work shares one GIL) and as 8 processes;
 - the client's own work in process: building the request tensors, reading the response;
+- `--perf-analyzer PATH`: the same request through Triton's C++ client, perf_analyzer (shipped as
+  `bin/perf_analyzer` in the tritonclient 2.51 wheel; it loads libb64.so.0d, Debian's libb64-0d, and
+  libcudart.so.12, e.g. from the nvidia-cuda-runtime-cu12 wheel through LD_LIBRARY_PATH, even for CPU
+  servers), against each repository's `rank` at 1 and 8 concurrent requests, on a server of its own
+  after the main run: what serving costs without the Python client and its gRPC stack;
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
   one per core; parallel execution mode with 2 inter-op threads), 2 item_lookup instances, and the lookup
   as its own model before a ranking model with dynamic batching, each on its own server after the main
@@ -40,6 +45,7 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -380,6 +386,11 @@ def measure(args, tmp: Path) -> dict:
     finally:
         for server in servers.values():
             server.stop()
+    cpp = {
+        name: alone(repo, args.perf_analyzer, hist, cands, tmp)
+        for name, repo in repos.items()
+        if args.perf_analyzer
+    }
     results = {
         "one": {name: percentiles(v) for name, v in ms.items()},
         "eight": {name: (*percentiles(v), fails) for name, (v, fails) in eight.items()},
@@ -387,9 +398,80 @@ def measure(args, tmp: Path) -> dict:
         "triton": times,
         "client": client_side(hist, cands, result),
     }
+    if args.perf_analyzer:
+        results["perf_analyzer"] = cpp
     if args.explore:
         results["explore"] = explore(export, tmp, hist, cands, local["native: in process"], args.calls)
     return results
+
+
+PA_CONCURRENCY = (1, 8)
+PA_COLUMNS = {  # perf_analyzer's CSV column (us) -> report key (ms)
+    "p50 latency": "p50",
+    "p99 latency": "p99",
+    "Server Queue": "queue",
+    "Server Compute Infer": "infer",
+    "Network+Server Send/Recv": "network_and_server",
+}
+
+
+def perf_analyzer(binary: str, url: str, hist: np.ndarray, cands: np.ndarray, tmp: Path) -> dict:
+    """{concurrency: {p50, p99, queue, infer, network_and_server (ms), throughput}} of `rank` at `url`
+    measured by perf_analyzer with this request; RuntimeError naming the failure otherwise."""
+    data = {
+        name: {"content": arr[0].tolist(), "shape": [arr.shape[1]]}
+        for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands))
+    }
+    inputs, csv = tmp / "perf_analyzer_input.json", tmp / f"perf_analyzer_{url.rsplit(':', 1)[1]}.csv"
+    inputs.write_text(json.dumps({"data": [data]}))
+    low, high = PA_CONCURRENCY
+    command = [
+        binary,
+        "-m",
+        "rank",
+        "-i",
+        "grpc",
+        "-u",
+        url,
+        "-b",
+        "1",
+        "--input-data",
+        str(inputs),
+        "--shape",
+        f"{it.HISTORY_IDS}:{hist.shape[1]}",
+        "--shape",
+        f"{it.CANDIDATE_IDS}:{cands.shape[1]}",
+        "--concurrency-range",
+        f"{low}:{high}:{high - low}",
+        "--measurement-interval",
+        "5000",
+        "--stability-percentage",
+        "20",
+        "-f",
+        str(csv),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0 or not csv.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"perf_analyzer exited {done.returncode}: {' / '.join(tail)}")
+    header, *rows = [line.split(",") for line in csv.read_text().splitlines() if line]
+    out = {}
+    for row in rows:
+        values = dict(zip(header, row, strict=True))
+        out[int(values["Concurrency"])] = {
+            "throughput": float(values["Inferences/Second"]),
+            **{key: float(values[column]) / 1e3 for column, key in PA_COLUMNS.items()},
+        }
+    return out
+
+
+def alone(repo: Path, binary: str, hist: np.ndarray, cands: np.ndarray, tmp: Path) -> dict:
+    """perf_analyzer against `repo` on a server of its own, as one server per host is deployed."""
+    server = serve(repo)
+    try:
+        return perf_analyzer(binary, server.grpc_url, hist, cands, tmp)
+    finally:
+        server.stop()
 
 
 def explore(export: Path, tmp: Path, hist, cands, local: Callable, calls: int) -> dict:
@@ -431,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--explore", action="store_true", help="also measure the native threading/batching variants"
     )
+    p.add_argument(
+        "--perf-analyzer",
+        default=None,
+        help="path of Triton's perf_analyzer: also measure both servers with its C++ client",
+    )
     args = p.parse_args(argv)
     provenance = record(
         ["python", "benchmarks/serving_overhead.py", *(argv if argv is not None else sys.argv[1:])]
@@ -463,6 +550,30 @@ def _triton_rows(times: dict) -> list[str]:
                 f"| {t['compute_us'] / 1e3:.3f} | {t['infer_us'] / 1e3:.3f} | {t['request_us'] / 1e3:.3f} |"
             )
     return rows
+
+
+def _perf_analyzer_rows(r: dict) -> list[str]:
+    if "perf_analyzer" not in r:
+        return []
+    lines = [
+        "",
+        "The same `rank` request through Triton's C++ client (perf_analyzer, gRPC, 5 s windows until "
+        "stable), each repository on a server of its own after the main run; overhead = its p50 minus the "
+        "in-process p50 above:",
+        "",
+        "| server | concurrent requests | p50 (ms) | p99 (ms) | requests/s | overhead at p50 (ms) "
+        "| queue (ms) | infer (ms) | network + server send/recv (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, levels in r["perf_analyzer"].items():
+        local = r["one"][f"{name}: in process"][0]
+        for concurrency, v in sorted(levels.items(), key=lambda kv: int(kv[0])):
+            over = f"{v['p50'] - local:.3f}" if int(concurrency) == 1 else ""
+            lines.append(
+                f"| {name} | {concurrency} | {v['p50']:.3f} | {v['p99']:.3f} | {v['throughput']:.1f} | {over} "
+                f"| {v['queue']:.3f} | {v['infer']:.3f} | {v['network_and_server']:.3f} |"
+            )
+    return lines
 
 
 def write_report(r: dict, path: Path) -> None:
@@ -509,6 +620,7 @@ def write_report(r: dict, path: Path) -> None:
     ]
     for name, times in r["triton"].items():
         lines += [row.replace("| ", f"| {name}: ", 1) for row in _triton_rows(times)]
+    lines += _perf_analyzer_rows(r)
     lines += ["", "The client's own work, in process (p50 ms):", "", "| part | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in r["client"].items()]
     if "explore" in r:
