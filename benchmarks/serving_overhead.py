@@ -386,11 +386,6 @@ def measure(args, tmp: Path) -> dict:
     finally:
         for server in servers.values():
             server.stop()
-    cpp = {
-        name: alone(repo, args.perf_analyzer, hist, cands, tmp)
-        for name, repo in repos.items()
-        if args.perf_analyzer
-    }
     results = {
         "one": {name: percentiles(v) for name, v in ms.items()},
         "eight": {name: (*percentiles(v), fails) for name, (v, fails) in eight.items()},
@@ -399,7 +394,9 @@ def measure(args, tmp: Path) -> dict:
         "client": client_side(hist, cands, result),
     }
     if args.perf_analyzer:
-        results["perf_analyzer"] = cpp
+        results["perf_analyzer"] = {
+            name: alone(repo, args.perf_analyzer, hist, cands, tmp) for name, repo in repos.items()
+        }
     if args.explore:
         results["explore"] = explore(export, tmp, hist, cands, local["native: in process"], args.calls)
     return results
