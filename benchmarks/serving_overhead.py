@@ -15,7 +15,9 @@ L-item history.
 
 - in process, the same computation on the same thread count as served: python = `rank_inputs` + the
   ranking graph; native = the served `item_lookup/1/model.onnx` itself. Both in this venv's onnxruntime
-  (its version is in the report; the server's native backend links ONNX Runtime 1.19.2);
+  (its version is in the report), and the native one again on the ONNX Runtime the server's native
+  backend links (1.19.2, from the wheel its build keeps, in a child process timed in the same rounds):
+  the native overhead is counted against that one where the wheel is there;
 - served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
   the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
   with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
@@ -23,7 +25,9 @@ L-item history.
   (`is_server_live`: what the client and gRPC cost with no model at all), and the native `rank` through
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
   difference);
-- where the time went: Triton's per-model counters (clients/triton_metrics.py) over the 1-caller calls;
+- where the time went: Triton's per-model counters (clients/triton_metrics.py) over the 1-caller calls,
+  and the CPU time each served call costs the server (its process and its backend stubs, from /proc) and
+  this client process, over a run of calls of its own: what bounds throughput on a shared CPU;
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
   work shares one GIL) and as 8 processes;
 - the client's own work in process: building the request tensors, reading the response;
@@ -48,6 +52,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict
@@ -59,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import build_model, timed  # noqa: E402
 from clients import triton_metrics  # noqa: E402
 from common.provenance import record  # noqa: E402
+from export import native_backend, procfs  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, read_config, render_repository, write_config  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
@@ -75,6 +82,8 @@ FLOOR = "python: floor (a Python step doing no work)"
 NATIVE_FLOOR = "native: floor (a native step doing no work)"
 GRPC = "gRPC round trip, no model (is_server_live)"
 RAW = "native: served, bare gRPC stub (request built once)"
+SERVER_ORT = "native: in process, the server's ONNX Runtime"
+CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock ticks (10 ms)
 # --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
 VARIANTS = {
     "merged, intra_op 1 (default)": ({}, {}),
@@ -193,6 +202,92 @@ def native_in_process(model: Path, hist: np.ndarray, cands: np.ndarray, threads:
     return lambda: graph.run(feeds)
 
 
+CHILD = """
+import json, sys, time
+sys.path[:0] = sys.argv[1:3]  # the unpacked wheel's onnxruntime first, then this repository
+import numpy as np
+import onnxruntime
+from model_repository.ort_graph import OrtGraph
+graph = OrtGraph(sys.argv[3], threads=int(sys.argv[4]))
+feeds = dict(np.load(sys.argv[5]))
+print(json.dumps(onnxruntime.__version__), flush=True)
+for line in sys.stdin:
+    calls, warmup = map(int, line.split())
+    for _ in range(warmup):
+        graph.run(feeds)
+    ms = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        graph.run(feeds)
+        ms.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps(ms), flush=True)
+"""
+
+
+class ServerRuntime:
+    """The native computation timed in a child process on the ONNX Runtime the server's native backend
+    links (its wheel unpacked from the backend build's cache): a path of `one_caller` whose calls are
+    timed there, batch by batch, in the same rounds as the others."""
+
+    def __init__(self, model: Path, hist: np.ndarray, cands: np.ndarray, threads: int, tmp: Path):
+        wheel = native_backend.backends_home() / ".work" / "wheels" / native_backend.ORT_WHEEL
+        if not wheel.is_file():
+            raise FileNotFoundError(f"{wheel} (kept by `make setup`'s native backend build)")
+        site = tmp / "server-onnxruntime"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site, [n for n in z.namelist() if n.startswith("onnxruntime/")])
+        feeds = tmp / "server-onnxruntime-feeds.npz"
+        np.savez(feeds, **{it.HISTORY_IDS: hist, it.CANDIDATE_IDS: cands})
+        root = str(Path(__file__).resolve().parents[1])
+        command = [sys.executable, "-c", CHILD, str(site), root, str(model), str(threads), str(feeds)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.version = json.loads(self._line())
+
+    def _line(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the timing process exited with code {self.process.wait()}")
+        return line
+
+    def timed(self, calls: int, warmup: int) -> list[float]:
+        self.process.stdin.write(f"{calls} {warmup}\n")
+        self.process.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def _batch(fn, calls: int, warmup: int) -> list[float]:
+    return fn.timed(calls, warmup) if isinstance(fn, ServerRuntime) else timed(fn, calls, warmup=warmup)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process and its children (a server's backend stubs)."""
+    total = 0
+    for p in [pid, *procfs.children(pid)]:
+        try:
+            fields = (procfs.PROC / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a stub that ended between the listing and the read
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_call(fn: Callable, server: TritonServer, calls: int = CPU_CALLS) -> dict[str, float]:
+    """ms per call of wall time, of the server's CPU (process and stubs) and of this process's CPU (the
+    client and its gRPC threads), over `calls` back-to-back calls."""
+    timed(fn, 0, warmup=20)
+    pid = server.process.pid
+    before = (time.perf_counter(), _cpu_seconds(pid), time.process_time())
+    for _ in range(calls):
+        fn()
+    after = (time.perf_counter(), _cpu_seconds(pid), time.process_time())
+    wall, server_cpu, client = (b - a for a, b in zip(before, after, strict=True))
+    return {"wall": wall / calls * 1e3, "server": server_cpu / calls * 1e3, "client": client / calls * 1e3}
+
+
 def _inputs(grpc, hist, cands):
     out = []
     for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands)):
@@ -250,12 +345,12 @@ def serve(repo: Path) -> TritonServer:
 def one_caller(paths: dict[str, Callable], calls: int, servers: dict[str, TritonServer]) -> tuple:
     """Every path's calls in alternating rounds: ({path: ms}, {server: Triton's counters per model})."""
     for fn in paths.values():
-        timed(fn, 0, warmup=20)
+        _batch(fn, 0, warmup=20)
     before = {name: triton_metrics.settled_scrape(_metrics(s)) for name, s in servers.items()}
     ms: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(ROUNDS):
         for name, fn in paths.items():
-            ms[name] += timed(fn, calls // ROUNDS, warmup=2)
+            ms[name] += _batch(fn, calls // ROUNDS, warmup=2)
     times = {}
     for name, server in servers.items():
         after = triton_metrics.settled_scrape(_metrics(server))
@@ -360,21 +455,26 @@ def measure(args, tmp: Path) -> dict:
         "python: in process": in_process(export, hist, cands, threads)["lookup + graph"],
         "native: in process": native_in_process(native_file, hist, cands, threads),
     }
+    try:
+        local[SERVER_ORT] = ServerRuntime(native_file, hist, cands, threads, tmp)
+    except FileNotFoundError as e:
+        print(f"no in-process row on the server's ONNX Runtime: {e} is missing", file=sys.stderr)
     servers = {name: serve(repo) for name, repo in repos.items()}
     try:
         clients = {name: grpc.InferenceServerClient(s.grpc_url) for name, s in servers.items()}
         inputs = _inputs(grpc, hist, cands)
-        paths = {
-            **local,
-            "python: served": lambda: clients["python"].infer("rank", inputs),
-            "native: served": lambda: clients["native"].infer("rank", inputs),
-            DIRECT: lambda: clients["native"].infer("item_lookup", inputs),
-            FLOOR: lambda: clients["python"].infer("floor", inputs),
-            NATIVE_FLOOR: lambda: clients["native"].infer("floor", inputs),
-            RAW: bare_stub(servers["native"].grpc_url, hist, cands),
-            GRPC: lambda: clients["native"].is_server_live(),
+        served = {  # path -> (server, call)
+            "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
+            "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
+            DIRECT: ("native", lambda: clients["native"].infer("item_lookup", inputs)),
+            FLOOR: ("python", lambda: clients["python"].infer("floor", inputs)),
+            NATIVE_FLOOR: ("native", lambda: clients["native"].infer("floor", inputs)),
+            RAW: ("native", bare_stub(servers["native"].grpc_url, hist, cands)),
+            GRPC: ("native", lambda: clients["native"].is_server_live()),
         }
+        paths = {**local, **{name: call for name, (_, call) in served.items()}}
         ms, times = one_caller(paths, args.calls, servers)
+        cpu = {name: cpu_per_call(call, servers[server]) for name, (server, call) in served.items()}
         result = clients["native"].infer("rank", inputs)
         eight = {
             name: callers(s.grpc_url, lambda g: _inputs(g, hist, cands), args.calls, 8)
@@ -386,13 +486,18 @@ def measure(args, tmp: Path) -> dict:
     finally:
         for server in servers.values():
             server.stop()
+        if SERVER_ORT in local:
+            local[SERVER_ORT].close()
     results = {
         "one": {name: percentiles(v) for name, v in ms.items()},
         "eight": {name: (*percentiles(v), fails) for name, (v, fails) in eight.items()},
         "eight_processes": {name: (*percentiles(v), fails) for name, (v, fails) in processes.items()},
         "triton": times,
+        "cpu": cpu,
         "client": client_side(hist, cands, result),
     }
+    if SERVER_ORT in local:
+        results["server_onnxruntime"] = local[SERVER_ORT].version
     if args.perf_analyzer:
         results["perf_analyzer"] = {
             name: alone(repo, args.perf_analyzer, hist, cands, tmp) for name, repo in repos.items()
@@ -533,9 +638,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- report ----------------------------------------------------------------------------------------
+def in_process_p50(r: dict, backend: str) -> float:
+    """The in-process p50 a backend's overhead is counted against: the native one on the server's own
+    ONNX Runtime where that row was measured."""
+    if backend == "native" and SERVER_ORT in r["one"]:
+        return r["one"][SERVER_ORT][0]
+    return r["one"][f"{backend}: in process"][0]
+
+
 def overheads(r: dict) -> dict[str, float]:
-    one = {name: p50 for name, (p50, _) in r["one"].items()}
-    return {b: one[f"{b}: served"] - one[f"{b}: in process"] for b in BACKENDS}
+    return {b: r["one"][f"{b}: served"][0] - in_process_p50(r, b) for b in BACKENDS}
 
 
 def _triton_rows(times: dict) -> list[str]:
@@ -563,7 +675,7 @@ def _perf_analyzer_rows(r: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, levels in r["perf_analyzer"].items():
-        local = r["one"][f"{name}: in process"][0]
+        local = in_process_p50(r, name)
         for concurrency, v in sorted(levels.items(), key=lambda kv: int(kv[0])):
             over = f"{v['p50'] - local:.3f}" if int(concurrency) == 1 else ""
             lines.append(
@@ -571,6 +683,43 @@ def _perf_analyzer_rows(r: dict) -> list[str]:
                 f"| {v['queue']:.3f} | {v['infer']:.3f} | {v['network_and_server']:.3f} |"
             )
     return lines
+
+
+def _reference(r: dict) -> str:
+    if SERVER_ORT not in r["one"]:
+        return "; the native one against this venv's onnxruntime (the server's wheel was not there)"
+    venv = r["one"]["native: served"][0] - r["one"]["native: in process"][0]
+    return (
+        f"; the native one against the same graph on the server's ONNX Runtime {r['server_onnxruntime']} "
+        f"(against this venv's onnxruntime: {venv:.3f} ms)"
+    )
+
+
+def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
+    """What no native overhead can go below in this run: a native step that does no work."""
+    floor, grpc = r["one"][NATIVE_FLOOR][0], r["one"][GRPC][0]
+    return [
+        f"A native model doing no work costs {floor:.3f} ms served (a gRPC round trip with no model "
+        f"{grpc:.3f} ms) against half the python backend's overhead, {over['python'] / 2:.3f} ms: the "
+        "native overhead can be at most half the python one only where that floor is under it.",
+        "",
+    ]
+
+
+def _cpu_rows(r: dict) -> list[str]:
+    lines = [
+        "",
+        f"CPU time per served call ({CPU_CALLS} back-to-back calls of each path after the rounds; server: "
+        "tritonserver and its backend stubs, from /proc; client: this process, its gRPC threads "
+        "included). On a shared CPU the sum bounds the calls per second, and so the latency at 8 callers:",
+        "",
+        "| path | wall (ms) | server CPU (ms) | client CPU (ms) |",
+        "|---|---:|---:|---:|",
+    ]
+    return lines + [
+        f"| {name} | {v['wall']:.3f} | {v['server']:.3f} | {v['client']:.3f} |"
+        for name, v in r["cpu"].items()
+    ]
 
 
 def write_report(r: dict, path: Path) -> None:
@@ -607,8 +756,9 @@ def write_report(r: dict, path: Path) -> None:
         ],
         "",
         f"**Overhead (served p50, 1 caller, minus in-process p50): python {over['python']:.3f} ms, native "
-        f"{over['native']:.3f} ms** (native / python = {over['native'] / over['python']:.2f}).",
+        f"{over['native']:.3f} ms** (native / python = {over['native'] / over['python']:.2f}){_reference(r)}.",
         "",
+        *_floor_lines(r, over),
         "Where the time went (1 caller; Triton's counters per model, mean per request; an ensemble's "
         "request time is its whole server-side time):",
         "",
@@ -617,6 +767,7 @@ def write_report(r: dict, path: Path) -> None:
     ]
     for name, times in r["triton"].items():
         lines += [row.replace("| ", f"| {name}: ", 1) for row in _triton_rows(times)]
+    lines += _cpu_rows(r)
     lines += _perf_analyzer_rows(r)
     lines += ["", "The client's own work, in process (p50 ms):", "", "| part | ms |", "|---|---:|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in r["client"].items()]
