@@ -17,7 +17,9 @@ L-item history.
   ranking graph; native = the served `item_lookup/1/model.onnx` itself. Both in this venv's onnxruntime
   (its version is in the report), and the native one again on the ONNX Runtime the server's native
   backend links (1.19.2, from the wheel its build keeps, in a child process timed in the same rounds):
-  the native overhead is counted against that one where the wheel is there;
+  the native overhead is counted against that one where the wheel is there. Beside them, each timed
+  with 0.5 ms of sleep before every call (outside the timing), as a server runs it between requests:
+  what a computation timed back to back leaves out;
 - served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
   the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
   with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
@@ -84,6 +86,8 @@ GRPC = "gRPC round trip, no model (is_server_live)"
 RAW = "native: served, bare gRPC stub (request built once)"
 SERVER_ORT = "native: in process, the server's ONNX Runtime"
 CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock ticks (10 ms)
+IDLE_S = 0.0005  # the pause before each call of the "idle before each call" in-process paths
+IDLE = " (0.5 ms idle before each call)"
 # --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
 VARIANTS = {
     "merged, intra_op 1 (default)": ({}, {}),
@@ -259,8 +263,30 @@ class ServerRuntime:
         self.process.wait(timeout=30)
 
 
+class Idle:
+    """`fn` timed after `pause_s` of sleep before each call, outside the timing: a computation in
+    process as a server runs it, between requests rather than back to back (caches, branch predictors
+    and the idle core cool down in between)."""
+
+    def __init__(self, fn: Callable, pause_s: float = IDLE_S):
+        self.fn, self.pause_s = fn, pause_s
+
+    def timed(self, calls: int, warmup: int) -> list[float]:
+        for _ in range(warmup):
+            self.fn()
+        out = []
+        for _ in range(calls):
+            time.sleep(self.pause_s)
+            start = time.perf_counter()
+            self.fn()
+            out.append((time.perf_counter() - start) * 1e3)
+        return out
+
+
 def _batch(fn, calls: int, warmup: int) -> list[float]:
-    return fn.timed(calls, warmup) if isinstance(fn, ServerRuntime) else timed(fn, calls, warmup=warmup)
+    return (
+        fn.timed(calls, warmup) if isinstance(fn, ServerRuntime | Idle) else timed(fn, calls, warmup=warmup)
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -455,6 +481,8 @@ def measure(args, tmp: Path) -> dict:
         "python: in process": in_process(export, hist, cands, threads)["lookup + graph"],
         "native: in process": native_in_process(native_file, hist, cands, threads),
     }
+    for backend in BACKENDS:
+        local[f"{backend}: in process{IDLE}"] = Idle(local[f"{backend}: in process"])
     try:
         local[SERVER_ORT] = ServerRuntime(native_file, hist, cands, threads, tmp)
     except FileNotFoundError as e:
@@ -698,12 +726,23 @@ def _reference(r: dict) -> str:
 def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
     """What no native overhead can go below in this run: a native step that does no work."""
     floor, grpc = r["one"][NATIVE_FLOOR][0], r["one"][GRPC][0]
-    return [
+    lines = [
         f"A native model doing no work costs {floor:.3f} ms served (a gRPC round trip with no model "
         f"{grpc:.3f} ms) against half the python backend's overhead, {over['python'] / 2:.3f} ms: the "
         "native overhead can be at most half the python one only where that floor is under it.",
         "",
     ]
+    idle = {b: r["one"].get(f"{b}: in process{IDLE}") for b in BACKENDS}
+    if all(idle.values()):
+        gap = {b: r["one"][f"{b}: served"][0] - idle[b][0] for b in BACKENDS}
+        lines += [
+            f"Served p50 minus the in-process p50 with 0.5 ms idle before each call: python "
+            f"{gap['python']:.3f} ms, native {gap['native']:.3f} ms (native / python = "
+            f"{gap['native'] / gap['python']:.2f}): the part of the overhead that is not the computation "
+            "running colder between requests than back to back.",
+            "",
+        ]
+    return lines
 
 
 def _cpu_rows(r: dict) -> list[str]:
