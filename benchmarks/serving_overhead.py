@@ -39,9 +39,9 @@ L-item history.
   servers), against each repository's `rank` at 1 and 8 concurrent requests, on a server of its own
   after the main run: what serving costs without the Python client and its gRPC stack;
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
-  one per core; parallel execution mode with 2 inter-op threads), 2 item_lookup instances, and the lookup
-  as its own model before a ranking model with dynamic batching, each on its own server after the main
-  run, against the same in-process computation.
+  one per core; parallel execution mode with 2 inter-op threads), onnxruntime's memory arena or memory
+  pattern off, 2 item_lookup instances, and the lookup as its own model before a ranking model with
+  dynamic batching, each on its own server after the main run, against the same in-process computation.
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ VARIANTS = {
     "merged, intra_op 0 (onnxruntime: one per core)": ({}, {"intra_op_thread_count": "0"}),
     "merged, parallel execution, inter_op 2": ({}, {"execution_mode": "1", "inter_op_thread_count": "2"}),
     "merged, 2 instances": ({"lookup_instances": 2}, {}),
+    "merged, no memory arena": ({}, {"enable_mem_arena": "0"}),
+    "merged, no memory pattern": ({}, {"enable_mem_pattern": "0"}),
     "separate lookup -> ranking (dynamic batching)": ({"lookup": "separate"}, {}),
 }
 
