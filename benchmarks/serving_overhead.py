@@ -533,7 +533,9 @@ def measure(args, tmp: Path) -> dict:
             name: alone(repo, args.perf_analyzer, hist, cands, tmp) for name, repo in repos.items()
         }
     if args.explore:
-        results["explore"] = explore(export, tmp, hist, cands, local["native: in process"], args.calls)
+        results["explore"] = explore(
+            export, tmp, hist, cands, local["native: in process"], args.calls, args.perf_analyzer
+        )
     return results
 
 
@@ -606,9 +608,12 @@ def alone(repo: Path, binary: str, hist: np.ndarray, cands: np.ndarray, tmp: Pat
         server.stop()
 
 
-def explore(export: Path, tmp: Path, hist, cands, local: Callable, calls: int) -> dict:
-    """Each VARIANTS entry on its own server: 1 caller against the in-process native computation, and 8
-    callers."""
+def explore(
+    export: Path, tmp: Path, hist, cands, local: Callable, calls: int, binary: str | None = None
+) -> dict:
+    """Each VARIANTS entry on its own server: 1 caller against the in-process native computation, 8
+    caller processes, the CPU time per call and, with `binary`, perf_analyzer at 1 and 8 concurrent
+    requests."""
     import tritonclient.grpc as grpc
 
     out = {}
@@ -618,15 +623,22 @@ def explore(export: Path, tmp: Path, hist, cands, local: Callable, calls: int) -
         try:
             client = grpc.InferenceServerClient(server.grpc_url)
             inputs = _inputs(grpc, hist, cands)
-            paths = {"in process": local, "served": lambda c=client, x=inputs: c.infer("rank", x)}
-            ms, times = one_caller(paths, calls, {"native": server})
-            eight, fails = callers(server.grpc_url, lambda g: _inputs(g, hist, cands), calls, 8)
+
+            def served(c=client, x=inputs):
+                return c.infer("rank", x)
+
+            ms, times = one_caller({"in process": local, "served": served}, calls, {"native": server})
+            eight, fails = caller_processes(server.grpc_url, hist, cands, calls, 8)
+            cpu = cpu_per_call(served, server)
+            cpp = perf_analyzer(binary, server.grpc_url, hist, cands, tmp) if binary else None
         finally:
             server.stop()
         out[label] = {
             "one": {name: percentiles(v) for name, v in ms.items()},
             "eight": (*percentiles(eight), fails),
             "triton": times["native"],
+            "cpu": cpu,
+            **({"perf_analyzer": cpp} if cpp else {}),
         }
         print(f"explore: {label}: {out[label]['one']}", file=sys.stderr)
     return out
@@ -763,6 +775,28 @@ def _cpu_rows(r: dict) -> list[str]:
     ]
 
 
+def _explore_cpp_rows(variants: dict) -> list[str]:
+    """The variants through perf_analyzer, where it ran; overhead against the variant's in-process p50."""
+    if not any("perf_analyzer" in v for v in variants.values()):
+        return []
+    lines = [
+        "",
+        "The same variants through Triton's C++ client (perf_analyzer, on the same servers after the rows "
+        "above):",
+        "",
+        "| variant | 1 request: p50 (ms) | overhead (ms) | 8 concurrent: p50 (ms) | p99 (ms) | requests/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, v in variants.items():
+        one, eight = v["perf_analyzer"][1], v["perf_analyzer"][8]
+        local = v["one"]["in process"][0]
+        lines.append(
+            f"| {label} | {one['p50']:.3f} | {one['p50'] - local:.3f} | {eight['p50']:.3f} | {eight['p99']:.3f} "
+            f"| {eight['throughput']:.1f} |"
+        )
+    return lines
+
+
 def write_report(r: dict, path: Path) -> None:
     import onnxruntime
 
@@ -817,11 +851,11 @@ def write_report(r: dict, path: Path) -> None:
         lines += [
             "",
             "Native variants, each on its own server after the main run (1 caller: served vs the same "
-            "in-process computation in alternating rounds; 8 callers):",
+            "in-process computation, back to back, in alternating rounds; 8 callers, a client process each):",
             "",
             "| variant | in process p50 | served p50 | served p99 | overhead | 8 callers p50 | 8 callers p99 "
-            "| failures | item_lookup compute (ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| failures | item_lookup compute (ms) | server CPU per call (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for label, v in local.items():
             (lp50, _), (sp50, sp99) = v["one"]["in process"], v["one"]["served"]
@@ -829,8 +863,9 @@ def write_report(r: dict, path: Path) -> None:
             compute = v["triton"].get("item_lookup", {}).get("compute_us", float("nan")) / 1e3
             lines.append(
                 f"| {label} | {lp50:.3f} | {sp50:.3f} | {sp99:.3f} | {sp50 - lp50:.3f} | {p50:.3f} | {p99:.3f} "
-                f"| {fails} | {compute:.3f} |"
+                f"| {fails} | {compute:.3f} | {v['cpu']['server']:.3f} |"
             )
+        lines += _explore_cpp_rows(local)
     lines.append("")
     path.write_text("\n".join(lines))
 
