@@ -92,8 +92,10 @@ class RenderConfig:
     queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
     graph_instances: int = 1  # instances per device of each graph model
     lookup_instances: int = 1  # item_lookup instances (each holds the table)
-    # onnxruntime intra-op threads of the ranking graph inside item_lookup (python backend): one thread
-    # is as fast at p50 for one user's N candidates and keeps p99 low on a shared CPU (serving_overhead.md)
+    # onnxruntime intra-op threads of the ranking graph inside item_lookup (python and onnxruntime
+    # backends): one serves the most requests per core; on the onnxruntime backend more threads spin
+    # between operators, which cuts one request's latency on an idle server at about twice the CPU per
+    # call (benchmarks/results/serving_overhead_native_explore.md)
     rank_graph_threads: int = 1
     # native backends: the lookup merged into the ranking graph (onnxruntime: one model, ids in, scores
     # out) or its own model in front of it (tensorrt always: an engine cannot hold the lookup), and the
@@ -734,6 +736,7 @@ def cli(args) -> int:
         lookup=args.lookup,
         id_map=args.id_map,
         instance_kind=args.instance_kind,
+        rank_graph_threads=args.rank_threads,
     )
     models = render_repository(args.export, args.out, rc, force=args.force)
     print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")

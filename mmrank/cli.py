@@ -205,6 +205,14 @@ def _repo(p):
         help="where the graph models run: auto = a GPU where the server has one (NVIDIA's containers), else "
         "the CPU; cpu for an onnxruntime backend without CUDA (this project's build) on a GPU host",
     )
+    p.add_argument(
+        "--rank-threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads of the ranking step (python and onnxruntime backends): 1 serves "
+        "the most requests per core; on the onnxruntime backend more threads cut one request's latency on an "
+        "idle server at about twice the CPU per call (docs/serving.md)",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(

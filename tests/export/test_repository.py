@@ -157,6 +157,18 @@ def test_instance_kind_applies_to_every_native_model(small_export):
         RenderConfig(instance_kind="tpu")
 
 
+def test_rank_threads_set_the_ranking_steps_onnxruntime_threads(small_export, tmp_path, capsys):
+    out = tmp_path / "ort"
+    args = ["repo", "--export", str(small_export.out), "--out", str(out), "--backend", "onnxruntime"]
+    assert main([*args, "--rank-threads", "2"]) == 0
+    native = _parse(out)["item_lookup"]
+    assert native.parameters["intra_op_thread_count"].string_value == "2"
+    python = build_configs(Manifest.read(small_export.out), RenderConfig(rank_graph_threads=3))
+    assert python["item_lookup"].parameters["graph_threads"].string_value == "3"
+    assert main([*args, "--rank-threads", "0", "--force"]) != 0
+    assert "rank_graph_threads must be >= 1, got 0" in capsys.readouterr().err
+
+
 def _mutated(small_export):
     return build_configs(
         Manifest.read(small_export.out), RenderConfig(backend="onnxruntime", lookup="separate")
