@@ -85,7 +85,7 @@ def one_kill(server: TritonServer, load: Callers, prober: ReadinessProber, settl
     calls = [c for c in list(load.calls) if before_from <= c.start < until]
     probes = [p for p in list(prober.probes) if killed < p.start < until]
     failed = [c for c in calls if c.output is None]
-    first_down = next((p for p in probes if not p.model_ready), None)
+    first_down = next((p for p in probes if p.model_ready is False), None)
     first_good = min((c.end for c in calls if c.output is not None and c.start > killed), default=None)
 
     def since(t: float | None) -> float | None:
@@ -95,7 +95,7 @@ def one_kill(server: TritonServer, load: Callers, prober: ReadinessProber, settl
         "noticed_s": since(recovery.detected),
         "unloaded_s": since(recovery.unloaded),
         "not_ready_by_s": since(first_down.end if first_down else None),
-        "server_not_ready_by_s": since(next((p.end for p in probes if not p.server_ready), None)),
+        "server_not_ready_by_s": since(next((p.end for p in probes if p.server_ready is False), None)),
         "first_good_answer_s": since(first_good),
         "ready_again_s": since(recovery.ready),
         "calls": len(calls),
@@ -105,7 +105,7 @@ def one_kill(server: TritonServer, load: Callers, prober: ReadinessProber, settl
         "failure_messages": sorted({c.error for c in failed}),
         "failed_outside_the_gap": sum(not (killed <= c.end and c.start <= recovery.ready) for c in failed),
         "ready_probes_in_the_gap": sum(
-            p.model_ready
+            p.model_ready is True
             for p in probes
             if first_down and first_down.start <= p.start and p.end < recovery.ready
         ),

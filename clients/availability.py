@@ -84,10 +84,13 @@ class Callers:
 
 @dataclass(frozen=True)
 class Probe:
+    """One reading of both readiness endpoints: True (200), False (answered, not ready) or None (no
+    answer: the connection failed or timed out, which says nothing of the model's state)."""
+
     start: float  # time.monotonic()
     end: float
-    model_ready: bool  # /v2/models/<model>/ready answered 200
-    server_ready: bool  # /v2/health/ready answered 200
+    model_ready: bool | None  # /v2/models/<model>/ready
+    server_ready: bool | None  # /v2/health/ready
 
 
 class ReadinessProber:
@@ -100,12 +103,14 @@ class ReadinessProber:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _ok(self, url: str) -> bool:
+    def _ok(self, url: str) -> bool | None:
         try:
             with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
                 return response.status == 200
-        except (urllib.error.URLError, OSError):  # an HTTPError (400: not ready) is one
+        except urllib.error.HTTPError:  # an answer: 400, not ready
             return False
+        except (urllib.error.URLError, OSError):  # no answer at all
+            return None
 
     def _run(self) -> None:
         while not self._stop.is_set():
