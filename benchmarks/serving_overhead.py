@@ -87,7 +87,7 @@ RAW = "native: served, bare gRPC stub (request built once)"
 SERVER_ORT = "native: in process, the server's ONNX Runtime"
 CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock ticks (10 ms)
 IDLE_S = 0.0005  # the pause before each call of the "idle before each call" in-process paths
-IDLE = " (0.5 ms idle before each call)"
+IDLE = f" ({IDLE_S * 1e3:g} ms idle before each call)"
 # --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
 VARIANTS = {
     "merged, intra_op 1 (default)": ({}, {}),
@@ -292,15 +292,10 @@ def _batch(fn, calls: int, warmup: int) -> list[float]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the process and its children (a server's backend stubs)."""
-    total = 0
-    for p in [pid, *procfs.children(pid)]:
-        try:
-            fields = (procfs.PROC / str(p) / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # a stub that ended between the listing and the read
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of the process and its children (a server's backend stubs); a stub that
+    ended between the listing and the read counts nothing."""
+    stats = (procfs.stat(p) for p in [pid, *procfs.children(pid)])
+    return sum(s.cpu for s in stats if s is not None) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_per_call(fn: Callable, server: TritonServer, calls: int = CPU_CALLS) -> dict[str, float]:
@@ -750,7 +745,7 @@ def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
     if all(idle.values()):
         gap = {b: r["one"][f"{b}: served"][0] - idle[b][0] for b in BACKENDS}
         lines += [
-            f"Served p50 minus the in-process p50 with 0.5 ms idle before each call: python "
+            f"Served p50 minus the in-process p50 with {IDLE_S * 1e3:g} ms idle before each call: python "
             f"{gap['python']:.3f} ms, native {gap['native']:.3f} ms (native / python = "
             f"{gap['native'] / gap['python']:.2f}): the part of the overhead that is not the computation "
             "running colder between requests than back to back.",

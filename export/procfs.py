@@ -24,6 +24,7 @@ class ProcStat:
     ppid: int  # the parent process (of a child forked by any thread: the process, not the thread)
     pgrp: int  # process group
     start: int  # clock ticks after boot
+    cpu: int  # clock ticks on a CPU so far, user and system, every thread of the process
 
 
 def stat(pid: int) -> ProcStat | None:
@@ -34,7 +35,13 @@ def stat(pid: int) -> ProcStat | None:
         return None
     # The command name (field 2) is in parentheses and may hold spaces or parentheses itself.
     fields = text.rsplit(")", 1)[1].split()
-    return ProcStat(state=fields[0], ppid=int(fields[1]), pgrp=int(fields[2]), start=int(fields[19]))
+    return ProcStat(
+        state=fields[0],
+        ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        start=int(fields[19]),
+        cpu=int(fields[11]) + int(fields[12]),  # utime + stime
+    )
 
 
 def running(pid: int, start: int) -> bool:
