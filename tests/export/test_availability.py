@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
+import time
 
 import pytest
 
@@ -45,7 +46,8 @@ def test_ready_not_ready_and_no_answer_are_three_readings(server):
 
 def test_probes_record_each_reading(server):
     with ReadinessProber(server, "rank", pause_s=0.001) as prober:
-        while len(prober.probes) < 3:
-            threading.Event().wait(0.01)
+        deadline = time.monotonic() + 30
+        while len(prober.probes) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert all(p.model_ready is False and p.server_ready is True for p in prober.probes)
     assert all(p.start <= p.end for p in prober.probes)

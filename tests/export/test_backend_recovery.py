@@ -82,20 +82,25 @@ def _wait(condition, what: str) -> None:
         time.sleep(0.05)
 
 
+def _runs(answers: list[bool]) -> list[int]:
+    """Where each run of equal answers starts (indices into `answers`)."""
+    return [0] + [i for i in range(1, len(answers)) if answers[i] != answers[i - 1]]
+
+
 def _down_once(answers: list[bool]) -> bool:
     """Ready, then not ready, then ready for good: one down period, no flicker."""
-    runs = [answers[0]] + [b for a, b in zip(answers, answers[1:], strict=False) if a != b]
-    return runs in ([True, False, True], [False, True])
+    return [answers[i] for i in _runs(answers)] in ([True, False, True], [False, True])
 
 
 def _timeline(probes, answers: list[bool], killed: float, recovery) -> str:
     """Each run of equal answers with the seconds after the kill it started at, and the recovery's
     times: what a failure of `_down_once` needs to be read."""
-    runs = [(answers[0], probes[0].start)]
-    runs += [(b, p.start) for a, b, p in zip(answers, answers[1:], probes[1:], strict=False) if a != b]
     marks = {"detected": recovery.detected, "unloaded": recovery.unloaded, "ready": recovery.ready}
     return ", ".join(
-        [f"{'ready' if ok else 'not ready'} from {t - killed:.3f} s" for ok, t in runs]
+        [
+            f"{'ready' if answers[i] else 'not ready'} from {probes[i].start - killed:.3f} s"
+            for i in _runs(answers)
+        ]
         + [f"{name} at {t - killed:.3f} s" for name, t in marks.items() if t is not None]
     )
 
