@@ -66,11 +66,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import build_model, timed  # noqa: E402
 from clients import triton_metrics  # noqa: E402
+from common.errors import MMRankError  # noqa: E402
 from common.provenance import record  # noqa: E402
 from export import native_backend, procfs  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
 from export.repository import RenderConfig, read_config, render_repository, write_config  # noqa: E402
-from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
+from export.triton_launcher import TritonConfig, TritonServer, parse_cpus  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
@@ -361,8 +362,8 @@ def _metrics(server: TritonServer) -> str:
     return f"127.0.0.1:{server.metrics_port}"
 
 
-def serve(repo: Path) -> TritonServer:
-    return TritonServer(TritonConfig(repo, control_mode="explicit")).start()
+def serve(repo: Path, cpus: frozenset[int] | None) -> TritonServer:
+    return TritonServer(TritonConfig(repo, control_mode="explicit", cpus=cpus)).start()
 
 
 def one_caller(paths: dict[str, Callable], calls: int, servers: dict[str, TritonServer]) -> tuple:
@@ -484,7 +485,7 @@ def measure(args, tmp: Path) -> dict:
         local[SERVER_ORT] = ServerRuntime(native_file, hist, cands, threads, tmp)
     except FileNotFoundError as e:
         print(f"no in-process row on the server's ONNX Runtime: {e} is missing", file=sys.stderr)
-    servers = {name: serve(repo) for name, repo in repos.items()}
+    servers = {name: serve(repo, args.server_cpus) for name, repo in repos.items()}
     try:
         clients = {name: grpc.InferenceServerClient(s.grpc_url) for name, s in servers.items()}
         inputs = _inputs(grpc, hist, cands)
@@ -525,12 +526,11 @@ def measure(args, tmp: Path) -> dict:
         results["server_onnxruntime"] = local[SERVER_ORT].version
     if args.perf_analyzer:
         results["perf_analyzer"] = {
-            name: alone(repo, args.perf_analyzer, hist, cands, tmp) for name, repo in repos.items()
+            name: alone(repo, args.server_cpus, args.perf_analyzer, hist, cands, tmp)
+            for name, repo in repos.items()
         }
     if args.explore:
-        results["explore"] = explore(
-            export, tmp, hist, cands, local["native: in process"], args.calls, args.perf_analyzer
-        )
+        results["explore"] = explore(export, tmp, hist, cands, local["native: in process"], args)
     return results
 
 
@@ -594,27 +594,26 @@ def perf_analyzer(binary: str, url: str, hist: np.ndarray, cands: np.ndarray, tm
     return out
 
 
-def alone(repo: Path, binary: str, hist: np.ndarray, cands: np.ndarray, tmp: Path) -> dict:
+def alone(repo: Path, cpus, binary: str, hist: np.ndarray, cands: np.ndarray, tmp: Path) -> dict:
     """perf_analyzer against `repo` on a server of its own, as one server per host is deployed."""
-    server = serve(repo)
+    server = serve(repo, cpus)
     try:
         return perf_analyzer(binary, server.grpc_url, hist, cands, tmp)
     finally:
         server.stop()
 
 
-def explore(
-    export: Path, tmp: Path, hist, cands, local: Callable, calls: int, binary: str | None = None
-) -> dict:
+def explore(export: Path, tmp: Path, hist, cands, local: Callable, args: argparse.Namespace) -> dict:
     """Each VARIANTS entry on its own server: 1 caller against the in-process native computation, 8
     caller processes, the CPU time per call and, with `binary`, perf_analyzer at 1 and 8 concurrent
-    requests."""
+    requests; the servers on `args.server_cpus`."""
     import tritonclient.grpc as grpc
 
+    calls, binary = args.calls, args.perf_analyzer
     out = {}
     for label, (changes, params) in VARIANTS.items():
         repo = render_variant(export, tmp / f"variant{len(out)}", changes, params)
-        server = serve(repo)
+        server = serve(repo, args.server_cpus)
         try:
             client = grpc.InferenceServerClient(server.grpc_url)
             inputs = _inputs(grpc, hist, cands)
@@ -639,6 +638,13 @@ def explore(
     return out
 
 
+def _cpus(text: str) -> frozenset[int]:
+    try:
+        return parse_cpus(text, "CPUs")
+    except MMRankError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -657,6 +663,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="path of Triton's perf_analyzer: also measure both servers with its C++ client",
     )
+    p.add_argument(
+        "--server-cpus",
+        type=_cpus,
+        default=None,
+        help="CPUs every server of the run is kept on, as `mmrank serve --cpus` (e.g. 0); default: all. "
+        "The callers run on any CPU",
+    )
     args = p.parse_args(argv)
     provenance = record(
         ["python", "benchmarks/serving_overhead.py", *(argv if argv is not None else sys.argv[1:])]
@@ -664,7 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mmrank-overhead-") as tmp:
         results = measure(args, Path(tmp))
     results["provenance"] = {**provenance, "load_average_1min_after": os.getloadavg()[0]}
-    results["settings"] = {"candidates": args.candidates, "history": args.history, "calls": args.calls}
+    results["settings"] = {
+        "candidates": args.candidates,
+        "history": args.history,
+        "calls": args.calls,
+        "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -792,6 +810,14 @@ def _explore_cpp_rows(variants: dict) -> list[str]:
     return lines
 
 
+def _placement(s: dict) -> str:
+    cpus = s.get("server_cpus")
+    if not cpus:
+        return "Servers and callers on every CPU."
+    listed = ",".join(map(str, cpus))
+    return f"Every server on CPU {listed} (`mmrank serve --cpus {listed}`, its backend stubs too); callers on any CPU."
+
+
 def write_report(r: dict, path: Path) -> None:
     import onnxruntime
 
@@ -811,7 +837,7 @@ def write_report(r: dict, path: Path) -> None:
         "`mmrank repo` defaults. python: rank = item_lookup (Python backend: numpy lookup + ranking graph, "
         "1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, one "
         "onnxruntime_onnx model (intra_op_thread_count 1), no Python step. Both servers up at once, "
-        f"{s['calls']} calls of every path in {ROUNDS} alternating rounds.",
+        f"{s['calls']} calls of every path in {ROUNDS} alternating rounds. {_placement(s)}",
         "",
         "| path | p50 (ms) | p99 (ms) |",
         "|---|---:|---:|",

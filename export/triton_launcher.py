@@ -121,6 +121,10 @@ class TritonConfig:
     # only models that move tensors through DLPack (the torch backend's item_lookup) read and write
     # correctly then. For GPU machines with NumPy 2 and no package index to build the stub environment.
     dlpack_only: bool = False
+    # CPUs the server and its backend stubs may run on (`mmrank serve --cpus 0`); None = every CPU this
+    # process may use. A request crosses several server threads (gRPC, the model instance, the response);
+    # on one CPU those hand-offs skip the cross-CPU wake-ups a VM makes costly, at one CPU's throughput.
+    cpus: frozenset[int] | None = None
     supervise: bool = True  # watch the backend processes (export/backend_supervisor.py)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
@@ -457,8 +461,31 @@ def dependents(repository: Path, name: str) -> set[str]:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _die_with(parent: int):
-    """preexec_fn for the server: SIGTERM when `parent` (the launcher) dies, however it dies."""
+def parse_cpus(text: str, option: str = "--cpus") -> frozenset[int]:
+    """'0', '0-3' or '0,2-3' -> those CPU numbers, each one this process may run on; MMRankError naming
+    `option` and the problem otherwise."""
+    allowed = os.sched_getaffinity(0)
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise MMRankError(f"{option} {text!r}: expected CPU numbers such as 0, 0-3 or 0,2-3") from None
+        if low < 0 or high < low:
+            raise MMRankError(f"{option} {text!r}: {part.strip()!r} is not a CPU range")
+        cpus.update(range(low, high + 1))
+    if not cpus <= allowed:
+        raise MMRankError(
+            f"{option} {text!r}: CPU {min(cpus - allowed)} is not one this process may use "
+            f"({', '.join(map(str, sorted(allowed)))})"
+        )
+    return frozenset(cpus)
+
+
+def _die_with(parent: int, cpus: frozenset[int] | None = None):
+    """preexec_fn for the server: SIGTERM when `parent` (the launcher) dies, however it dies; on `cpus`
+    where given (its threads and the backend stubs it starts inherit them)."""
     libc = ctypes.CDLL(None, use_errno=True)  # loaded in the parent: nothing to import after fork
 
     def arm() -> None:
@@ -466,6 +493,8 @@ def _die_with(parent: int):
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os._exit(1)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
 
     return arm
 
@@ -572,7 +601,7 @@ class TritonServer:
                         stderr=subprocess.STDOUT,
                         env=server_env(dist, python),
                         start_new_session=True,
-                        preexec_fn=_die_with(os.getpid()),
+                        preexec_fn=_die_with(os.getpid(), self.config.cpus),
                     )
             self._wait_ready()
             if self.tables.pinned:
@@ -757,6 +786,7 @@ def cli(args) -> int:
             control_mode=args.control_mode,
             log_file=log,
             python_env=Path(args.python_env) if args.python_env else None,
+            cpus=parse_cpus(args.cpus) if args.cpus else None,
         )
     )
 

@@ -18,7 +18,7 @@ from export import procfs
 from export.backend_supervisor import backend_processes
 from export.parity import composed_scores
 from export.repository import RenderConfig, render_repository
-from export.triton_launcher import NO_CUDA_NOTE, cuda_driver, free_port
+from export.triton_launcher import NO_CUDA_NOTE, cuda_driver, free_port, parse_cpus
 from mmrank.cli import main
 from model_repository.item_table import ItemTable
 
@@ -32,7 +32,9 @@ def repo(small_export, triton_server, tmp_path_factory):
 
 
 def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
+    """On the one CPU --cpus names: the server and its backend stubs, all of them."""
     grpc_port = free_port()
+    cpu = max(os.sched_getaffinity(0))
     ports = [
         "--grpc-port",
         str(grpc_port),
@@ -42,7 +44,7 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         str(free_port()),
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports],
+        [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports, "--cpus", str(cpu)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -55,6 +57,9 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         with RankingClient(ClientConfig(url=f"127.0.0.1:{grpc_port}", timeout_s=30)) as client:
             scores, known, _, _ = client.rank([1, 2, 3], [4, 5])
         assert scores.shape == (2,) and np.isfinite(scores).all() and known.all()
+        (server,) = procfs.children(proc.pid)
+        processes = group(server)
+        assert len(processes) > 1 and all(os.sched_getaffinity(pid) == {cpu} for pid in processes)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -83,6 +88,24 @@ def _free_ports() -> list[str]:
         "--metrics-port",
         str(free_port()),
     ]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "says"),
+    [("x", "expected CPU numbers"), ("3-1", "'3-1' is not a CPU range"), ("100000", "CPU 100000 is not one")],
+)
+def test_serve_names_bad_cpus(repo, cpus, says, capsys):
+    assert main(["serve", "--repo", str(repo), *_free_ports(), "--cpus", cpus]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmrank serve: error: --cpus {cpus!r}: ") and says in err, err
+
+
+def test_parse_cpus_reads_lists_and_ranges():
+    allowed = sorted(os.sched_getaffinity(0))
+    first, last = allowed[0], allowed[-1]
+    assert parse_cpus(str(first)) == {first}
+    assert parse_cpus(f" {first}-{first}") == {first}
+    assert parse_cpus(f"{last},{first}") == {first, last}
 
 
 def test_serve_names_a_missing_repository(tmp_path, capsys):
