@@ -312,7 +312,7 @@ def cpu_per_call(fn: Callable, server: TritonServer, calls: int = CPU_CALLS) -> 
     return {"wall": wall / calls * 1e3, "server": server_cpu / calls * 1e3, "client": client / calls * 1e3}
 
 
-def _inputs(grpc, hist, cands):
+def request_tensors(grpc, hist, cands):
     out = []
     for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands)):
         t = grpc.InferInput(name, list(arr.shape), "INT64")
@@ -411,7 +411,7 @@ def _process_caller(url: str, hist: np.ndarray, cands: np.ndarray, calls: int, b
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(url)
-    inputs = _inputs(grpc, hist, cands)
+    inputs = request_tensors(grpc, hist, cands)
     timed(lambda: client.infer("rank", inputs), 0, warmup=20)
     barrier.wait()
     failures = 0
@@ -456,7 +456,9 @@ def client_side(hist, cands, result) -> dict[str, float]:
 
     names = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)
     return {
-        "client: build request tensors": float(np.median(timed(lambda: _inputs(grpc, hist, cands), 2000))),
+        "client: build request tensors": float(
+            np.median(timed(lambda: request_tensors(grpc, hist, cands), 2000))
+        ),
         "client: read response outputs": float(
             np.median(timed(lambda: [result.as_numpy(n) for n in names], 2000))
         ),
@@ -488,7 +490,7 @@ def measure(args, tmp: Path) -> dict:
     servers = {name: serve(repo, args.server_cpus) for name, repo in repos.items()}
     try:
         clients = {name: grpc.InferenceServerClient(s.grpc_url) for name, s in servers.items()}
-        inputs = _inputs(grpc, hist, cands)
+        inputs = request_tensors(grpc, hist, cands)
         served = {  # path -> (server, call)
             "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
@@ -503,7 +505,7 @@ def measure(args, tmp: Path) -> dict:
         cpu = {name: cpu_per_call(call, servers[server]) for name, (server, call) in served.items()}
         result = clients["native"].infer("rank", inputs)
         eight = {
-            name: callers(s.grpc_url, lambda g: _inputs(g, hist, cands), args.calls, 8)
+            name: callers(s.grpc_url, lambda g: request_tensors(g, hist, cands), args.calls, 8)
             for name, s in servers.items()
         }
         processes = {
@@ -616,7 +618,7 @@ def explore(export: Path, tmp: Path, hist, cands, local: Callable, args: argpars
         server = serve(repo, args.server_cpus)
         try:
             client = grpc.InferenceServerClient(server.grpc_url)
-            inputs = _inputs(grpc, hist, cands)
+            inputs = request_tensors(grpc, hist, cands)
 
             def served(c=client, x=inputs):
                 return c.infer("rank", x)

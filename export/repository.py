@@ -737,6 +737,8 @@ def cli(args) -> int:
         id_map=args.id_map,
         instance_kind=args.instance_kind,
         rank_graph_threads=args.rank_threads,
+        lookup_instances=args.lookup_instances,
+        graph_instances=args.graph_instances,
     )
     models = render_repository(args.export, args.out, rc, force=args.force)
     print(f"repo: {args.out} ({args.backend}, {args.precision}): {', '.join(sorted(models))}")

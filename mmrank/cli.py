@@ -213,6 +213,20 @@ def _repo(p):
         "the most requests per core; on the onnxruntime backend more threads cut one request's latency on an "
         "idle server at about twice the CPU per call (docs/serving.md)",
     )
+    p.add_argument(
+        "--lookup-instances",
+        type=int,
+        default=1,
+        help="instances of item_lookup, each holding the table (on the onnxruntime backend it runs the whole "
+        "ranking): more let concurrent requests run side by side on more cores, at one table's memory each "
+        "(docs/serving.md)",
+    )
+    p.add_argument(
+        "--graph-instances",
+        type=int,
+        default=1,
+        help="instances per device of each graph model (encoders, fusion)",
+    )
     p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(

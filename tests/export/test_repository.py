@@ -169,6 +169,19 @@ def test_rank_threads_set_the_ranking_steps_onnxruntime_threads(small_export, tm
     assert "rank_graph_threads must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_instance_counts_reach_the_configs(small_export, tmp_path, backend, capsys):
+    out = tmp_path / backend
+    args = ["repo", "--export", str(small_export.out), "--out", str(out), "--backend", backend]
+    assert main([*args, "--lookup-instances", "2", "--graph-instances", "3"]) == 0
+    configs = _parse(out)
+    assert configs["item_lookup"].instance_group[0].count == 2
+    for name in ("fusion", "text_encoder", "image_encoder"):
+        assert configs[name].instance_group[0].count == 3, name
+    assert main([*args, "--lookup-instances", "0", "--force"]) != 0
+    assert "lookup_instances must be >= 1, got 0" in capsys.readouterr().err
+
+
 def _mutated(small_export):
     return build_configs(
         Manifest.read(small_export.out), RenderConfig(backend="onnxruntime", lookup="separate")
