@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import NUM_ITEMS, machine  # noqa: E402
-from benchmarks.serving_overhead import _inputs, build, request  # noqa: E402
+from benchmarks.serving_overhead import build, request, request_tensors  # noqa: E402
 from clients.availability import Call, Callers, ReadinessProber  # noqa: E402
 from common.provenance import record  # noqa: E402
 from export.backend_supervisor import Recovery, backend_processes  # noqa: E402
@@ -125,7 +125,7 @@ def run(args) -> dict:
     def rank_request() -> list:
         import tritonclient.grpc as grpc
 
-        return _inputs(grpc, hist, cands)
+        return request_tensors(grpc, hist, cands)
 
     with tempfile.TemporaryDirectory(prefix="mmrank-recovery-") as tmp:
         build(Path(tmp), HISTORY, RenderConfig(backend="python"))

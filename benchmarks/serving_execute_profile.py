@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import machine, timed  # noqa: E402
-from benchmarks.serving_overhead import _inputs, build, in_process, model_stats, request  # noqa: E402
+from benchmarks.serving_overhead import build, in_process, model_stats, request, request_tensors  # noqa: E402
 from common.provenance import code_commit  # noqa: E402
 from export.repository import RenderConfig  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         with TritonServer(TritonConfig(Path(tmp) / "repo", control_mode="explicit")) as server:
             client = grpc.InferenceServerClient(server.grpc_url)
             hist, cands = request(100, 50, 1682)
-            inputs = _inputs(grpc, hist, cands)
+            inputs = request_tensors(grpc, hist, cands)
             for _ in range(WARMUP):
                 client.infer("rank", inputs)
             before = model_stats(client)
