@@ -245,9 +245,12 @@ class BackendSupervisor:
         if not dead and time.monotonic() < self._next_scan:
             return
         before = ready_versions(self.control.states())  # their stubs had started: the listing has them
-        found = backend_processes(self.server_pid, self.shm_prefix)
-        # A known stub the listing misses died since the check above (a zombie has no command line).
-        dead += [p for p in self._known if p not in found and p not in dead]
+        listed = backend_processes(self.server_pid, self.shm_prefix)
+        # A known stub the listing misses has died since the check above (a zombie has no command line)
+        # only if it is not running: a listing is no atomic snapshot of the server's children.
+        unlisted = [p for p in self._known if p not in listed and p not in dead]
+        dead += [p for p in unlisted if not p.alive()]
+        found = listed + [p for p in unlisted if p not in dead]
         states = self.control.states()  # raises before _known forgets the dead: they are seen again
         live = [p for p in found if p.alive()]
         instances = {(p.model, p.version, p.instance) for p in live}

@@ -14,8 +14,6 @@ from pathlib import Path
 
 PROC = Path("/proc")
 DEAD_STATES = ("Z", "X")  # zombie (exited, not yet waited for), dead
-# A thread's child list; a kernel built without CONFIG_PROC_CHILDREN (and gVisor-like sandboxes) has none.
-CHILDREN_FILE = PROC / "thread-self" / "children"
 
 
 @dataclass(frozen=True)
@@ -65,24 +63,9 @@ def pids() -> list[int]:
 
 
 def children(pid: int) -> list[int]:
-    """Child pids of every thread of the process (a multi-threaded server forks from any thread): the
-    threads' child lists, or where the kernel keeps none, `children_by_parent`."""
-    if not CHILDREN_FILE.is_file():
-        return children_by_parent(pid)
-    found: list[int] = []
-    try:
-        tasks = list((PROC / str(pid) / "task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:  # the thread ended while we read
-            continue
-    return found
-
-
-def children_by_parent(pid: int) -> list[int]:
-    """Child pids of the process, from every process's parent pid: slower than the child lists (a read
-    of every process's stat), for kernels without them."""
+    """Child pids of the process, from every process's parent pid (a read of every process's stat). Not
+    from the threads' child lists (/proc/<pid>/task/<tid>/children): a child sits in the list of the
+    thread that forked it, and a multi-threaded server's forking thread may end, its children moving to
+    another thread while a reader goes through the lists, so a live child can be missed; proc(5) calls
+    those lists reliable only while the children are stopped or frozen."""
     return [child for child in pids() if (s := stat(child)) is not None and s.ppid == pid]
