@@ -1,6 +1,6 @@
 """A backend process killed under load, against the real tritonserver: the launcher's supervisor reloads
-its model in place, readiness never answers ready meanwhile (it answers not ready, or holds a probe
-until the model is back), and nothing is left after stop.
+its model in place, readiness never answers ready meanwhile (it answers not ready, or leaves a probe
+unanswered until the model is back), and nothing is left after stop.
 
 Client threads call an ensemble over gRPC and a prober reads the server's readiness over HTTP while the
 test SIGKILLs the stub of one of the ensemble's Python models (what the OOM killer or a crash in a
@@ -94,8 +94,9 @@ def _down_once(answers: list[bool]) -> bool:
 
 
 def _held(probes, recovery) -> bool:
-    """A probe the server held unanswered through the second half of the down period (or longer): one
-    sent while the model loads again may wait for the load and answer after it."""
+    """A probe left unanswered through the second half of the down period (or longer): it answers after
+    the reload, so it never said ready while the model was down. (Seen once in a full run, cause not
+    shown: a reload alone answers every probe within milliseconds, not ready.)"""
     middle = (recovery.unloaded + recovery.ready) / 2
     return any(p.start <= middle and p.end >= recovery.ready for p in probes)
 
