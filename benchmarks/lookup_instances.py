@@ -15,10 +15,7 @@ mean latency (a closed loop: each caller sends its next request when the last on
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +26,12 @@ from benchmarks.serving_overhead import (  # noqa: E402
     NUM_ITEMS,
     caller_processes,
     export_em3,
+    measured,
     percentiles,
     request,
     request_tensors,
+    save,
 )
-from common.provenance import record  # noqa: E402
 from export.repository import RenderConfig, render_repository  # noqa: E402
 from export.triton_launcher import TritonConfig, TritonServer  # noqa: E402
 
@@ -190,12 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=100, help="N")
     p.add_argument("--history", type=int, default=50, help="L")
     args = p.parse_args(argv)
-    provenance = record(
-        ["python", "benchmarks/lookup_instances.py", *(argv if argv is not None else sys.argv[1:])]
+    results = measured(
+        "benchmarks/lookup_instances.py", argv, "mmrank-instances-", lambda tmp: measure(args, tmp)
     )
-    with tempfile.TemporaryDirectory(prefix="mmrank-instances-") as tmp:
-        results = measure(args, Path(tmp))
-    results["provenance"] = {**provenance, "load_average_1min_after": os.getloadavg()[0]}
     results["settings"] = {
         "instances": args.instances,
         "rounds": args.rounds,
@@ -203,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "candidates": args.candidates,
         "history": args.history,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    write_report(results, out)
-    plot(results, out.with_suffix(".png"))
-    print(out.read_text())
+    save(results, Path(args.out), write_report, plot)
     return 0
 
 

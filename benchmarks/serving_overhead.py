@@ -673,25 +673,36 @@ def main(argv: list[str] | None = None) -> int:
         "The callers run on any CPU",
     )
     args = p.parse_args(argv)
-    provenance = record(
-        ["python", "benchmarks/serving_overhead.py", *(argv if argv is not None else sys.argv[1:])]
+    results = measured(
+        "benchmarks/serving_overhead.py", argv, "mmrank-overhead-", lambda tmp: measure(args, tmp)
     )
-    with tempfile.TemporaryDirectory(prefix="mmrank-overhead-") as tmp:
-        results = measure(args, Path(tmp))
-    results["provenance"] = {**provenance, "load_average_1min_after": os.getloadavg()[0]}
     results["settings"] = {
         "candidates": args.candidates,
         "history": args.history,
         "calls": args.calls,
         "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
     }
-    out = Path(args.out)
+    save(results, Path(args.out), write_report, plot)
+    return 0
+
+
+def measured(script: str, argv: list[str] | None, prefix: str, measure: Callable[[Path], dict]) -> dict:
+    """`measure(tmp)` in a temporary folder, with the provenance of `python script argv` (and the load
+    average after it) under "provenance"."""
+    provenance = record(["python", script, *(argv if argv is not None else sys.argv[1:])])
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        results = measure(Path(tmp))
+    results["provenance"] = {**provenance, "load_average_1min_after": os.getloadavg()[0]}
+    return results
+
+
+def save(results: dict, out: Path, write_report: Callable, plot: Callable) -> None:
+    """The results as out (.md report), .json and .png beside it; the report printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     write_report(results, out)
     plot(results, out.with_suffix(".png"))
     print(out.read_text())
-    return 0
 
 
 # ---- report ----------------------------------------------------------------------------------------
