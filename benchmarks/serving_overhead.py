@@ -24,9 +24,10 @@ L-item history.
   the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
   with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
   bare gRPC round trip
-  (`is_server_live`: what the client and gRPC cost with no model at all), and the native `rank` through
+  (`is_server_live`: what the client and gRPC cost with no model at all), the native `rank` through
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
-  difference);
+  difference), and the native `rank` and `is_server_live` over HTTP (tritonclient.http, tensors in
+  binary): what Python's gRPC stack costs against the server's other endpoint;
 - where the time went: Triton's per-model counters (clients/triton_metrics.py) over the 1-caller calls,
   and the CPU time each served call costs the server (its process and its backend stubs, from /proc) and
   this client process, over a run of calls of its own: what bounds throughput on a shared CPU;
@@ -85,8 +86,11 @@ FLOOR = "python: floor (a Python step doing no work)"
 NATIVE_FLOOR = "native: floor (a native step doing no work)"
 GRPC = "gRPC round trip, no model (is_server_live)"
 RAW = "native: served, bare gRPC stub (request built once)"
+HTTP = "native: served over HTTP (tritonclient.http, binary tensors)"
+HTTP_LIVE = "HTTP round trip, no model (is_server_live)"
 SERVER_ORT = "native: in process, the server's ONNX Runtime"
 CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock ticks (10 ms)
+OUTPUTS = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)  # every output `rank` answers
 IDLE_S = 0.0005  # the pause before each call of the "idle before each call" in-process paths
 IDLE = f" ({IDLE_S * 1e3:g} ms idle before each call)"
 # --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
@@ -450,17 +454,29 @@ def bare_stub(url: str, hist: np.ndarray, cands: np.ndarray) -> Callable:
     return lambda: stub.ModelInfer(request)
 
 
+def http_rank(url: str, hist: np.ndarray, cands: np.ndarray) -> tuple[Callable, Callable]:
+    """`rank` and `is_server_live` over Triton's HTTP endpoint, tensors in and out as binary data."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    inputs = []
+    for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands)):
+        inputs.append(http.InferInput(name, list(arr.shape), "INT64"))
+        inputs[-1].set_data_from_numpy(arr, binary_data=True)
+    outputs = [http.InferRequestedOutput(n, binary_data=True) for n in OUTPUTS]
+    return (lambda: client.infer("rank", inputs, outputs=outputs)), client.is_server_live
+
+
 def client_side(hist, cands, result) -> dict[str, float]:
     """p50 ms of the client's own work: building the two request tensors, reading the four outputs."""
     import tritonclient.grpc as grpc
 
-    names = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)
     return {
         "client: build request tensors": float(
             np.median(timed(lambda: request_tensors(grpc, hist, cands), 2000))
         ),
         "client: read response outputs": float(
-            np.median(timed(lambda: [result.as_numpy(n) for n in names], 2000))
+            np.median(timed(lambda: [result.as_numpy(n) for n in OUTPUTS], 2000))
         ),
     }
 
@@ -491,6 +507,7 @@ def measure(args, tmp: Path) -> dict:
     try:
         clients = {name: grpc.InferenceServerClient(s.grpc_url) for name, s in servers.items()}
         inputs = request_tensors(grpc, hist, cands)
+        over_http, http_live = http_rank(servers["native"].http_url, hist, cands)
         served = {  # path -> (server, call)
             "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
@@ -499,6 +516,8 @@ def measure(args, tmp: Path) -> dict:
             NATIVE_FLOOR: ("native", lambda: clients["native"].infer("floor", inputs)),
             RAW: ("native", bare_stub(servers["native"].grpc_url, hist, cands)),
             GRPC: ("native", lambda: clients["native"].is_server_live()),
+            HTTP: ("native", over_http),
+            HTTP_LIVE: ("native", http_live),
         }
         paths = {**local, **{name: call for name, (_, call) in served.items()}}
         ms, times = one_caller(paths, args.calls, servers)
@@ -764,7 +783,8 @@ def _reference(r: dict) -> str:
 
 
 def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
-    """What no native overhead can go below in this run: a native step that does no work."""
+    """What no native overhead can go below in this run (a native step that does no work), and what the
+    transport under the Python client adds."""
     floor, grpc = r["one"][NATIVE_FLOOR][0], r["one"][GRPC][0]
     lines = [
         f"A native model doing no work costs {floor:.3f} ms served (a gRPC round trip with no model "
@@ -772,6 +792,16 @@ def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
         "native overhead can be at most half the python one only where that floor is under it.",
         "",
     ]
+    if HTTP in r["one"]:
+        http, live = r["one"][HTTP][0], r["one"][HTTP_LIVE][0]
+        native = http - in_process_p50(r, "native")
+        lines += [
+            f"The same native `rank` over HTTP from this Python process: {http:.3f} ms served against "
+            f"{r['one']['native: served'][0]:.3f} over gRPC, an overhead of {native:.3f} ms (native over "
+            f"HTTP / python over gRPC = {native / over['python']:.2f}); a round trip with no model {live:.3f} "
+            f"ms against {grpc:.3f}: what Python's gRPC stack costs per call.",
+            "",
+        ]
     idle = {b: r["one"].get(f"{b}: in process{IDLE}") for b in BACKENDS}
     if all(idle.values()):
         gap = {b: r["one"][f"{b}: served"][0] - idle[b][0] for b in BACKENDS}
