@@ -1,6 +1,7 @@
 """A backend process killed under load, against the real tritonserver: the launcher's supervisor reloads
 its model in place, readiness never answers ready meanwhile (it answers not ready, or leaves a probe
-unanswered until the model is back), and nothing is left after stop.
+unanswered until the model is back; the server's state may take milliseconds to follow the supervisor's
+unload and load calls), and nothing is left after stop.
 
 Client threads call an ensemble over gRPC and a prober reads the server's readiness over HTTP while the
 test SIGKILLs the stub of one of the ensemble's Python models (what the OOM killer or a crash in a
