@@ -39,6 +39,10 @@ L-item history.
   libcudart.so.12, e.g. from the nvidia-cuda-runtime-cu12 wheel through LD_LIBRARY_PATH, even for CPU
   servers), against each repository's `rank` at 1 and 8 concurrent requests, on a server of its own
   after the main run: what serving costs without the Python client and its gRPC stack;
+- `--cpu-latency-us 0`: the whole run (servers, callers and in-process timings) with the machine's CPU
+  wake-up latency limit held at 0 us (common/cpu_latency.py, root only): idle CPUs poll instead of
+  halting, so neither a hand-off between threads nor a computation after an idle gap waits on a halted
+  virtual CPU's wake-up;
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
   one per core; parallel execution mode with 2 inter-op threads), onnxruntime's memory arena or memory
   pattern off, 2 item_lookup instances, and the lookup as its own model before a ranking model with
@@ -48,6 +52,7 @@ L-item history.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -67,6 +72,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.export_latency import build_model, timed  # noqa: E402
 from clients import triton_metrics  # noqa: E402
+from common.cpu_latency import CpuLatencyHold  # noqa: E402
 from common.errors import MMRankError  # noqa: E402
 from common.provenance import record  # noqa: E402
 from export import native_backend, procfs  # noqa: E402
@@ -691,15 +697,26 @@ def main(argv: list[str] | None = None) -> int:
         help="CPUs every server of the run is kept on, as `mmrank serve --cpus` (e.g. 0); default: all. "
         "The callers run on any CPU",
     )
-    args = p.parse_args(argv)
-    results = measured(
-        "benchmarks/serving_overhead.py", argv, "mmrank-overhead-", lambda tmp: measure(args, tmp)
+    p.add_argument(
+        "--cpu-latency-us",
+        type=int,
+        default=None,
+        help="hold the machine's CPU wake-up latency limit at this many microseconds for the whole run, "
+        "in-process timings included (as `mmrank serve --cpu-latency-us`; root only); default: the "
+        "machine's own idle states",
     )
+    args = p.parse_args(argv)
+    hold = contextlib.nullcontext() if args.cpu_latency_us is None else CpuLatencyHold(args.cpu_latency_us)
+    with hold:
+        results = measured(
+            "benchmarks/serving_overhead.py", argv, "mmrank-overhead-", lambda tmp: measure(args, tmp)
+        )
     results["settings"] = {
         "candidates": args.candidates,
         "history": args.history,
         "calls": args.calls,
         "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
+        "cpu_latency_us": args.cpu_latency_us,
     }
     save(results, Path(args.out), write_report, plot)
     return 0
@@ -861,6 +878,16 @@ def _placement(s: dict) -> str:
     return f"Every server on CPU {listed} (`mmrank serve --cpus {listed}`, its backend stubs too); callers on any CPU."
 
 
+def _idle_states(s: dict) -> str:
+    us = s.get("cpu_latency_us")
+    if us is None:
+        return "Idle CPUs in the machine's own idle states (no wake-up latency limit held)."
+    return (
+        f"The CPU wake-up latency limit held at {us} us for the whole run, in-process timings included "
+        f"(`--cpu-latency-us {us}`, /dev/cpu_dma_latency){': idle CPUs poll instead of halting' if us == 0 else ''}."
+    )
+
+
 def write_report(r: dict, path: Path) -> None:
     import onnxruntime
 
@@ -880,7 +907,8 @@ def write_report(r: dict, path: Path) -> None:
         "`mmrank repo` defaults. python: rank = item_lookup (Python backend: numpy lookup + ranking graph, "
         "1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, one "
         "onnxruntime_onnx model (intra_op_thread_count 1), no Python step. Both servers up at once, "
-        f"{s['calls']} calls of every path in {ROUNDS} alternating rounds. {_placement(s)}",
+        f"{s['calls']} calls of every path in {ROUNDS} alternating rounds. {_placement(s)} "
+        f"{_idle_states(s)}",
         "",
         "| path | p50 (ms) | p99 (ms) |",
         "|---|---:|---:|",
@@ -965,7 +993,9 @@ def plot(r: dict, path: Path) -> None:
     right.set_xticks(x, names)
     right.set_title("8 callers")
     right.legend(fontsize=8)
-    fig.suptitle(f"rank served vs in process (load average {r['provenance']['load_average_1min']:.1f})")
+    us = r["settings"].get("cpu_latency_us")
+    held = "" if us is None else f", CPU wake-up latency held at {us} us"
+    fig.suptitle(f"rank served vs in process (load average {r['provenance']['load_average_1min']:.1f}{held})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -76,6 +76,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cpu_latency import CpuLatencyHold
 from common.errors import MMRankError
 from export.backend_supervisor import (
     BackendProcess,
@@ -125,6 +126,10 @@ class TritonConfig:
     # process may use. A request crosses several server threads (gRPC, the model instance, the response);
     # on one CPU those hand-offs skip the cross-CPU wake-ups a VM makes costly, at one CPU's throughput.
     cpus: frozenset[int] | None = None
+    # Hold the machine's CPU wake-up latency limit at this many microseconds while the server runs
+    # (`mmrank serve --cpu-latency-us 0`; common/cpu_latency.py, root only); None = leave the machine's
+    # idle states as they are. 0 keeps idle CPUs polling: no wake-up through the hypervisor per hand-off.
+    cpu_latency_us: int | None = None
     supervise: bool = True  # watch the backend processes (export/backend_supervisor.py)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
@@ -540,6 +545,7 @@ class TritonServer:
         self.shm_prefix = shm_prefix(self)
         self.supervisor: BackendSupervisor | None = None
         self.failure: str | None = None  # why the launcher stopped the server itself
+        self.latency_hold = None if config.cpu_latency_us is None else CpuLatencyHold(config.cpu_latency_us)
         self.tables = check_table_versions(self.repository)
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
@@ -589,6 +595,8 @@ class TritonServer:
             dist = TritonDistribution.find()
             python = model_python(self.config)
             native = native_backend(self.repository)
+            if self.latency_hold is not None:
+                self.latency_hold.acquire()
             with signals_deferred():  # the process handle is recorded before a stop can ask for it
                 self._workdir = make_workdir()
                 backends = assemble_backends(dist, self._workdir / "backends", python.version, native)
@@ -705,6 +713,8 @@ class TritonServer:
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
                 self._workdir = None
+            if self.latency_hold is not None:
+                self.latency_hold.release()
         return code
 
     def __enter__(self) -> TritonServer:
@@ -750,6 +760,8 @@ def serve(config: TritonConfig) -> int:
             )
             if not cuda_driver():
                 print(f"tritonserver: {NO_CUDA_NOTE}", flush=True)
+            if server.latency_hold is not None:
+                print(f"tritonserver: {server.latency_hold.describe()} while it runs", flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
             raise MMRankError(
@@ -787,6 +799,7 @@ def cli(args) -> int:
             log_file=log,
             python_env=Path(args.python_env) if args.python_env else None,
             cpus=parse_cpus(args.cpus) if args.cpus else None,
+            cpu_latency_us=args.cpu_latency_us,
         )
     )
 

@@ -302,6 +302,15 @@ def _serve(p):
         "all. One CPU keeps a request's hand-offs between server threads on one CPU: lower latency on a "
         "VM, one CPU's throughput (docs/serving.md)",
     )
+    p.add_argument(
+        "--cpu-latency-us",
+        type=int,
+        default=None,
+        help="hold the machine's CPU wake-up latency limit at this many microseconds while the server runs "
+        "(PM QoS, /dev/cpu_dma_latency; root only). 0 keeps idle CPUs polling instead of halting: lower "
+        "latency per request, above all on a VM, for the power of CPUs that never rest (docs/serving.md); "
+        "default: the machine's own idle states",
+    )
 
 
 def _rank(p):

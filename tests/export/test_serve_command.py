@@ -14,6 +14,7 @@ import pytest
 from server_processes import group, regions, wait_gone
 
 from clients.ranking_client import ClientConfig, RankingClient
+from common.cpu_latency import PM_QOS_DEVICE, current_limit_us
 from export import procfs
 from export.backend_supervisor import backend_processes
 from export.parity import composed_scores
@@ -32,7 +33,9 @@ def repo(small_export, triton_server, tmp_path_factory):
 
 
 def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
-    """On the one CPU --cpus names: the server and its backend stubs, all of them."""
+    """On the one CPU --cpus names: the server and its backend stubs, all of them; with the CPU wake-up
+    latency held at 0 us while it serves, where this process may hold it."""
+    hold = PM_QOS_DEVICE.exists() and os.access(PM_QOS_DEVICE, os.W_OK)
     grpc_port = free_port()
     cpu = max(os.sched_getaffinity(0))
     ports = [
@@ -42,6 +45,7 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         str(free_port()),
         "--metrics-port",
         str(free_port()),
+        *(["--cpu-latency-us", "0"] if hold else []),
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "mmrank.cli", "serve", "--repo", str(repo), *ports, "--cpus", str(cpu)],
@@ -54,6 +58,10 @@ def test_serve_answers_ranking_calls_and_stops_on_sigterm(repo):
         assert "tritonserver ready" in line and f"127.0.0.1:{grpc_port}" in line
         if not cuda_driver():  # the launcher says why the log's CUDA errors are harmless
             assert proc.stdout.readline().strip() == f"tritonserver: {NO_CUDA_NOTE}"
+        if hold:
+            said = f"tritonserver: CPU wake-up latency held at 0 us ({PM_QOS_DEVICE}) while it runs"
+            assert proc.stdout.readline().strip() == said
+            assert current_limit_us() == 0
         with RankingClient(ClientConfig(url=f"127.0.0.1:{grpc_port}", timeout_s=30)) as client:
             scores, known, _, _ = client.rank([1, 2, 3], [4, 5])
         assert scores.shape == (2,) and np.isfinite(scores).all() and known.all()
@@ -98,6 +106,12 @@ def test_serve_names_bad_cpus(repo, cpus, says, capsys):
     assert main(["serve", "--repo", str(repo), *_free_ports(), "--cpus", cpus]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"mmrank serve: error: --cpus {cpus!r}: ") and says in err, err
+
+
+def test_serve_names_a_bad_cpu_latency(repo, capsys):
+    assert main(["serve", "--repo", str(repo), *_free_ports(), "--cpu-latency-us", "-5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "mmrank serve: error: CPU wake-up latency -5 us: expected 0 to 2147483647", err
 
 
 def test_parse_cpus_reads_lists_and_ranges():
