@@ -20,6 +20,7 @@ from common.errors import MMRankError
 
 PM_QOS_DEVICE = Path("/dev/cpu_dma_latency")
 MAX_US = 2**31 - 1  # the device takes a signed 32-bit value
+NO_LIMIT_US = 2_000_000_000  # what the device reads while nothing holds a limit
 
 
 class CpuLatencyHold:
@@ -84,8 +85,8 @@ class CpuLatencyHold:
 
 
 def current_limit_us(device: Path = PM_QOS_DEVICE) -> int:
-    """The limit the machine applies now: the lowest of every hold, or the kernel's default (2e9 us,
-    none) where nothing holds one. Reading the device needs root too."""
+    """The limit the machine applies now: the lowest of every hold, or NO_LIMIT_US where nothing holds
+    one. Reading the device needs root too."""
     try:
         with open(device, "rb") as f:
             raw = f.read(4)
