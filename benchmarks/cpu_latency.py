@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -216,7 +217,7 @@ def plot(r: dict, path: Path) -> None:
         right.bar(
             x + (i - 0.5) * 0.4, [r["pooled"][setting]["paths"][n][0] for n in names], 0.4, label=setting
         )
-    right.set_xticks(x, [n.replace(": ", ":\n") for n in names], fontsize=6)
+    right.set_xticks(x, [textwrap.fill(n, 10) for n in names], fontsize=6)
     right.set_ylabel("p50 (ms)")
     right.set_yscale("log")
     right.set_title("every path, all rounds pooled")
