@@ -2,10 +2,9 @@
 measuring.
 
 An idle CPU sleeps in the deepest idle state whose wake-up latency fits the limit. On a virtual machine
-the usual idle state halts the virtual CPU: the host takes the core, and the next request pays for a
-wake-up through the hypervisor and for caches the host has used meanwhile. A limit of 0 us keeps idle
-CPUs in the polling state instead, so a request's hand-offs between threads and its graph run as on a
-busy server. The limit holds for the whole machine for as long as the device stays open (the kernel's
+the usual idle state halts the virtual CPU: the host takes the core, and each hand-off of a request
+between threads that found their CPU idle waits for a wake-up through the hypervisor. A limit of 0 us
+keeps idle CPUs in the polling state instead, so those hand-offs go as on a busy server. The limit holds for the whole machine for as long as the device stays open (the kernel's
 interface: write a 32-bit value, keep the file open), which is what `cyclictest` and the latency
 profiles of `tuned` do. Writing it needs root. The price is power: polling CPUs never rest.
 """
