@@ -30,7 +30,6 @@ from benchmarks.serving_overhead import (  # noqa: E402
     BACKENDS,
     NUM_ITEMS,
     ServerRuntime,
-    _batch,
     caller_processes,
     export_em3,
     in_process,
@@ -41,6 +40,7 @@ from benchmarks.serving_overhead import (  # noqa: E402
     request_tensors,
     save,
     serve,
+    timed_batch,
 )
 from common.cpu_latency import NO_LIMIT_US, CpuLatencyHold, current_limit_us  # noqa: E402
 from common.errors import MMRankError  # noqa: E402
@@ -58,16 +58,14 @@ def paths(export: Path, repos: dict[str, Path], servers: dict, hist, cands, tmp:
 
     threads = RenderConfig.rank_graph_threads
     native_file = repos["native"] / "item_lookup" / "1" / "model.onnx"
-    out = {
-        "python: in process": in_process(export, hist, cands, threads)["lookup + graph"],
-        "native: in process": native_in_process(native_file, hist, cands, threads),
-    }
+    out = {"python: in process": in_process(export, hist, cands, threads)["lookup + graph"]}
     children = []
     try:  # the native overhead counts against the server's own ONNX Runtime where its wheel is kept
-        out["native: in process"] = ServerRuntime(native_file, hist, cands, threads, tmp)
-        children.append(out["native: in process"])
+        children.append(ServerRuntime(native_file, hist, cands, threads, tmp))
+        out["native: in process"] = children[0]
     except FileNotFoundError as e:
         print(f"native in process on this venv's onnxruntime: {e} is missing", file=sys.stderr)
+        out["native: in process"] = native_in_process(native_file, hist, cands, threads)
     inputs = request_tensors(grpc, hist, cands)
     for name, server in servers.items():
         client = grpc.InferenceServerClient(server.grpc_url)
@@ -77,7 +75,7 @@ def paths(export: Path, repos: dict[str, Path], servers: dict, hist, cands, tmp:
 
 
 def one_setting(calls_of: dict, servers: dict, hist, cands, calls: int) -> dict:
-    ms = {name: _batch(fn, calls, warmup=2) for name, fn in calls_of.items()}
+    ms = {name: timed_batch(fn, calls, warmup=2) for name, fn in calls_of.items()}
     for name, server in servers.items():
         many, failures = caller_processes(server.grpc_url, hist, cands, calls, CALLERS)
         ms[f"{name}: {CALLERS} caller processes"] = many
@@ -100,7 +98,7 @@ def measure(args, tmp: Path) -> dict:
     try:
         calls_of, children = paths(export, repos, servers, hist, cands, tmp)
         for fn in calls_of.values():
-            _batch(fn, 0, warmup=20)
+            timed_batch(fn, 0, warmup=20)
         for r in range(args.rounds):
             order = SETTINGS if r % 2 == 0 else SETTINGS[::-1]
             per = {}

@@ -296,7 +296,9 @@ class Idle:
         return out
 
 
-def _batch(fn, calls: int, warmup: int) -> list[float]:
+def timed_batch(fn, calls: int, warmup: int) -> list[float]:
+    """`calls` timings (ms) of `fn` after `warmup` untimed calls; a ServerRuntime or an Idle path times
+    itself."""
     return (
         fn.timed(calls, warmup) if isinstance(fn, ServerRuntime | Idle) else timed(fn, calls, warmup=warmup)
     )
@@ -379,12 +381,12 @@ def serve(repo: Path, cpus: frozenset[int] | None) -> TritonServer:
 def one_caller(paths: dict[str, Callable], calls: int, servers: dict[str, TritonServer]) -> tuple:
     """Every path's calls in alternating rounds: ({path: ms}, {server: Triton's counters per model})."""
     for fn in paths.values():
-        _batch(fn, 0, warmup=20)
+        timed_batch(fn, 0, warmup=20)
     before = {name: triton_metrics.settled_scrape(_metrics(s)) for name, s in servers.items()}
     ms: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(ROUNDS):
         for name, fn in paths.items():
-            ms[name] += _batch(fn, calls // ROUNDS, warmup=2)
+            ms[name] += timed_batch(fn, calls // ROUNDS, warmup=2)
     times = {}
     for name, server in servers.items():
         after = triton_metrics.settled_scrape(_metrics(server))
