@@ -75,12 +75,14 @@ def paths(export: Path, repos: dict[str, Path], servers: dict, hist, cands, tmp:
 
 
 def one_setting(calls_of: dict, servers: dict, hist, cands, calls: int) -> dict:
+    """{"ms": {path: timings}, "failures": {server: failed calls of its caller processes}}."""
     ms = {name: timed_batch(fn, calls, warmup=2) for name, fn in calls_of.items()}
+    failures = {}
     for name, server in servers.items():
-        many, failures = caller_processes(server.grpc_url, hist, cands, calls, CALLERS)
-        ms[f"{name}: {CALLERS} caller processes"] = many
-        ms[f"{name}: failures"] = failures
-    return ms
+        ms[f"{name}: {CALLERS} caller processes"], failures[name] = caller_processes(
+            server.grpc_url, hist, cands, calls, CALLERS
+        )
+    return {"ms": ms, "failures": failures}
 
 
 def measure(args, tmp: Path) -> dict:
@@ -121,17 +123,20 @@ def measure(args, tmp: Path) -> dict:
     return summarize(rounds)
 
 
-def overhead(ms: dict, backend: str) -> float:
+def overhead(setting: dict, backend: str) -> float:
+    ms = setting["ms"]
     return float(np.median(ms[f"{backend}: served"]) - np.median(ms[f"{backend}: in process"]))
 
 
 def summarize(rounds: list[dict]) -> dict:
     pooled = {}
     for setting in SETTINGS:
-        names = [k for k in rounds[0][setting] if not k.endswith("failures")]
         pooled[setting] = {
-            "paths": {k: percentiles([t for r in rounds for t in r[setting][k]]) for k in names},
-            "failures": {b: sum(r[setting][f"{b}: failures"] for r in rounds) for b in BACKENDS},
+            "paths": {
+                k: percentiles([t for r in rounds for t in r[setting]["ms"][k]])
+                for k in rounds[0][setting]["ms"]
+            },
+            "failures": {b: sum(r[setting]["failures"][b] for r in rounds) for b in BACKENDS},
         }
         p = pooled[setting]["paths"]
         pooled[setting]["overhead"] = {b: p[f"{b}: served"][0] - p[f"{b}: in process"][0] for b in BACKENDS}

@@ -708,11 +708,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine's own idle states",
     )
     args = p.parse_args(argv)
-    hold = contextlib.nullcontext() if args.cpu_latency_us is None else CpuLatencyHold(args.cpu_latency_us)
-    with hold:
-        results = measured(
-            "benchmarks/serving_overhead.py", argv, "mmrank-overhead-", lambda tmp: measure(args, tmp)
+    try:
+        hold = (
+            contextlib.nullcontext() if args.cpu_latency_us is None else CpuLatencyHold(args.cpu_latency_us)
         )
+        with hold:
+            results = measured(
+                "benchmarks/serving_overhead.py", argv, "mmrank-overhead-", lambda tmp: measure(args, tmp)
+            )
+    except MMRankError as e:
+        print(f"serving_overhead: error: {e}", file=sys.stderr)
+        return 1
     results["settings"] = {
         "candidates": args.candidates,
         "history": args.history,
