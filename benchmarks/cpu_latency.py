@@ -44,7 +44,7 @@ from benchmarks.serving_overhead import (  # noqa: E402
 )
 from common.cpu_latency import NO_LIMIT_US, CpuLatencyHold, current_limit_us  # noqa: E402
 from common.errors import MMRankError  # noqa: E402
-from export.repository import RenderConfig, render_repository  # noqa: E402
+from export.repository import RenderConfig, render_repository, table_model  # noqa: E402
 
 SETTINGS = ("own idle states", "held at 0 us")
 CALLERS = 8
@@ -57,7 +57,7 @@ def paths(export: Path, repos: dict[str, Path], servers: dict, hist, cands, tmp:
     import tritonclient.grpc as grpc
 
     threads = RenderConfig.rank_graph_threads
-    native_file = repos["native"] / "item_lookup" / "1" / "model.onnx"
+    native_file = table_model(repos["native"]) / "1" / "model.onnx"
     out = {"python: in process": in_process(export, hist, cands, threads)["lookup + graph"]}
     children = []
     try:  # the native overhead counts against the server's own ONNX Runtime where its wheel is kept

@@ -1,5 +1,5 @@
-"""`rank` on the native onnxruntime backend with 1 and more item_lookup instances: what instances buy at 1
-and at 8 concurrent callers on this machine.
+"""`rank` on the native onnxruntime backend with 1 and more instances (`--lookup-instances`): what
+instances buy at 1 and at 8 concurrent callers on this machine.
 
     python benchmarks/lookup_instances.py [--instances 1,2] [--rounds 5] [--calls 300]
         [--out benchmarks/results/lookup_instances_native.md]   # + .json and .png beside it
@@ -110,7 +110,7 @@ def write_report(r: dict, path: Path) -> None:
         )
 
     lines = [
-        "# Native `rank`: item_lookup instances at 1 and 8 callers",
+        "# Native `rank`: instances at 1 and 8 callers",
         "",
         f"Command: `{prov['command']}`  ",
         f"Commit: {prov['commit']}  ",
@@ -181,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="benchmarks/results/lookup_instances_native.md", help=".md; .json, .png beside"
     )
     p.add_argument(
-        "--instances", type=_counts, default=[1, 2], help="item_lookup instance counts, one server each"
+        "--instances",
+        type=_counts,
+        default=[1, 2],
+        help="instance counts of the native `rank`, one server each",
     )
     p.add_argument("--rounds", type=int, default=5, help="rounds over all servers")
     p.add_argument("--calls", type=int, default=300, help="measured calls per caller and round")

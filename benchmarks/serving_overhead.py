@@ -6,24 +6,23 @@ side, and where the served time goes.
 
 Model: the `em3` preset's ranking graph with its history length set to L (random weights on the
 ML-100K-sized schema of benchmarks/export_latency.py: latency depends on shapes, not on weights),
-exported once and rendered twice with `mmrank repo` defaults: `--backend python` (`rank` = item_lookup in
-Triton's Python backend: the numpy lookup, then the ranking graph in onnxruntime) and `--backend
-onnxruntime` (`rank` = the lookup graph merged into the ranking graph, one native `onnxruntime_onnx`
-model, no Python step). Both servers (the real tritonserver, loopback) run at once, so every path's calls
+exported once and rendered twice with `mmrank repo` defaults: `--backend python` (`rank` = an ensemble
+over item_lookup in Triton's Python backend: the numpy lookup, then the ranking graph in onnxruntime) and
+`--backend onnxruntime` (`rank` = the lookup graph merged into the ranking graph, itself one native
+`onnxruntime_onnx` model: no ensemble, no Python step). Both servers (the real tritonserver, loopback) run at once, so every path's calls
 alternate in rounds and see the same load on a shared CPU. One user ranks N candidates against an
 L-item history.
 
 - in process, the same computation on the same thread count as served: python = `rank_inputs` + the
-  ranking graph; native = the served `item_lookup/1/model.onnx` itself. Both in this venv's onnxruntime
+  ranking graph; native = the served `rank/1/model.onnx` itself. Both in this venv's onnxruntime
   (its version is in the report), and the native one again on the ONNX Runtime the server's native
   backend links (1.19.2, from the wheel its build keeps, in a child process timed in the same rounds):
   the native overhead is counted against that one where the wheel is there. Beside them, each timed
   with 0.5 ms of sleep before every call (outside the timing), as a server runs it between requests:
   what a computation timed back to back leaves out;
 - served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
-  the native item_lookup called directly (what the `rank` ensemble adds), `floor` on each server (a model
-  with item_lookup's interface doing no work: any Python step's round trip, any native step's) and a
-  bare gRPC round trip
+  `floor` on each server (a model with the table model's interface doing no work: any Python step's
+  round trip, any native step's) and a bare gRPC round trip
   (`is_server_live`: what the client and gRPC cost with no model at all), the native `rank` through
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
   difference), and the native `rank` and `is_server_live` over HTTP (tritonclient.http, tensors in
@@ -45,8 +44,8 @@ L-item history.
   virtual CPU's wake-up;
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
   one per core; parallel execution mode with 2 inter-op threads), onnxruntime's memory arena or memory
-  pattern off, 2 item_lookup instances, and the lookup as its own model before a ranking model with
-  dynamic batching, each on its own server after the main run, against the same in-process computation.
+  pattern off, 2 `rank` instances, and the lookup as its own model (item_lookup) before a ranking model
+  with dynamic batching in a `rank` ensemble, each on its own server after the main run, against the same in-process computation.
 """
 
 from __future__ import annotations
@@ -77,7 +76,13 @@ from common.errors import MMRankError  # noqa: E402
 from common.provenance import record  # noqa: E402
 from export import native_backend, procfs  # noqa: E402
 from export.onnx_graphs import ExportConfig, export_model  # noqa: E402
-from export.repository import RenderConfig, read_config, render_repository, write_config  # noqa: E402
+from export.repository import (  # noqa: E402
+    RenderConfig,
+    read_config,
+    render_repository,
+    table_model,
+    write_config,
+)
 from export.triton_launcher import TritonConfig, TritonServer, parse_cpus  # noqa: E402
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
@@ -87,7 +92,6 @@ STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
 NUM_ITEMS = 1682
 BACKENDS = {"python": "python", "native": "onnxruntime"}  # report name -> `mmrank repo --backend`
-DIRECT = "native: item_lookup directly"
 FLOOR = "python: floor (a Python step doing no work)"
 NATIVE_FLOOR = "native: floor (a native step doing no work)"
 GRPC = "gRPC round trip, no model (is_server_live)"
@@ -99,7 +103,7 @@ CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock
 OUTPUTS = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)  # every output `rank` answers
 IDLE_S = 0.0005  # the pause before each call of the "idle before each call" in-process paths
 IDLE = f" ({IDLE_S * 1e3:g} ms idle before each call)"
-# --explore: label -> (RenderConfig changes, item_lookup config parameters set after rendering)
+# --explore: label -> (RenderConfig changes, table model config parameters set after rendering)
 VARIANTS = {
     "merged, intra_op 1 (default)": ({}, {}),
     "merged, intra_op 2": ({"rank_graph_threads": 2}, {}),
@@ -132,8 +136,8 @@ class TritonPythonModel:
 
 
 def add_floor_model(repo: Path) -> None:
-    """`floor`: item_lookup's config (inputs, outputs, batching, instances) without its parameters, and a
-    model that answers at once."""
+    """`floor`: the python item_lookup's config (inputs, outputs, batching, instances) without its
+    parameters, and a model that answers at once."""
     config = (repo / "item_lookup" / "config.pbtxt").read_text()
     config = re.sub(
         r'parameters \{\n  key: "[^"]*"\n  value \{\n    string_value: .*\n  \}\n\}\n', "", config
@@ -144,14 +148,14 @@ def add_floor_model(repo: Path) -> None:
 
 
 def add_native_floor(repo: Path) -> None:
-    """`floor` in a native repository: the native item_lookup's config (without its optional inputs) over
-    a graph of its interface that does no work (constant scores and flags of the request's shape)."""
+    """`floor` in a native repository: the native `rank`'s config (without its optional inputs) over a
+    graph of its interface that does no work (constant scores and flags of the request's shape)."""
     import onnx
     from onnx import TensorProto, helper
 
     from export.native_runtime import fit_native_runtime
 
-    config = read_config(repo / "item_lookup")
+    config = read_config(table_model(repo))
     config.name = "floor"
     config.ClearField("parameters")
     del config.input[2:]  # history_ids and candidate_ids only
@@ -363,10 +367,11 @@ def build(out: Path, history_len: int, rc: RenderConfig) -> Path:
 
 def render_variant(export: Path, repo: Path, changes: dict, params: dict[str, str]) -> Path:
     render_repository(export, repo, RenderConfig(backend="onnxruntime", **changes))
-    config = read_config(repo / "item_lookup")
+    model = table_model(repo)
+    config = read_config(model)
     for key, value in params.items():
         config.parameters[key].string_value = value
-    write_config(repo / "item_lookup", config)
+    write_config(model, config)
     return repo
 
 
@@ -500,7 +505,7 @@ def measure(args, tmp: Path) -> dict:
     add_native_floor(repos["native"])
     hist, cands = request(args.candidates, args.history, NUM_ITEMS)
     threads = RenderConfig.rank_graph_threads
-    native_file = repos["native"] / "item_lookup" / "1" / "model.onnx"
+    native_file = table_model(repos["native"]) / "1" / "model.onnx"
     local = {
         "python: in process": in_process(export, hist, cands, threads)["lookup + graph"],
         "native: in process": native_in_process(native_file, hist, cands, threads),
@@ -519,7 +524,6 @@ def measure(args, tmp: Path) -> dict:
         served = {  # path -> (server, call)
             "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
-            DIRECT: ("native", lambda: clients["native"].infer("item_lookup", inputs)),
             FLOOR: ("python", lambda: clients["python"].infer("floor", inputs)),
             NATIVE_FLOOR: ("native", lambda: clients["native"].infer("floor", inputs)),
             RAW: ("native", bare_stub(servers["native"].grpc_url, hist, cands)),
@@ -912,9 +916,10 @@ def write_report(r: dict, path: Path) -> None:
         f"{prov['load_average_1min_after']:.2f} (a shared CPU inflates every number, p99 most)",
         "",
         f"em3 ranking graph (L={s['history']}), N={s['candidates']} candidates, one user per request; "
-        "`mmrank repo` defaults. python: rank = item_lookup (Python backend: numpy lookup + ranking graph, "
-        "1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, one "
-        "onnxruntime_onnx model (intra_op_thread_count 1), no Python step. Both servers up at once, "
+        "`mmrank repo` defaults. python: rank = an ensemble over item_lookup (Python backend: numpy lookup + "
+        "ranking graph, 1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, "
+        "itself one onnxruntime_onnx model (intra_op_thread_count 1): no ensemble, no Python step. Both "
+        "servers up at once, "
         f"{s['calls']} calls of every path in {ROUNDS} alternating rounds. {_placement(s)} "
         f"{_idle_states(s)}",
         "",
@@ -954,13 +959,14 @@ def write_report(r: dict, path: Path) -> None:
             "in-process computation, back to back, in alternating rounds; 8 callers, a client process each):",
             "",
             "| variant | in process p50 | served p50 | served p99 | overhead | 8 callers p50 | 8 callers p99 "
-            "| failures | item_lookup compute (ms) | server CPU per call (ms) |",
+            "| failures | table model compute (ms) | server CPU per call (ms) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for label, v in local.items():
             (lp50, _), (sp50, sp99) = v["one"]["in process"], v["one"]["served"]
             p50, p99, fails = v["eight"]
-            compute = v["triton"].get("item_lookup", {}).get("compute_us", float("nan")) / 1e3
+            table = v["triton"].get("item_lookup") or v["triton"].get("rank", {})  # rank: the native model
+            compute = table.get("compute_us", float("nan")) / 1e3
             lines.append(
                 f"| {label} | {lp50:.3f} | {sp50:.3f} | {sp99:.3f} | {sp50 - lp50:.3f} | {p50:.3f} | {p99:.3f} "
                 f"| {fails} | {compute:.3f} | {v['cpu']['server']:.3f} |"

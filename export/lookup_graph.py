@@ -1,14 +1,15 @@
 """The item lookup as an ONNX graph: request ids in, the ranking graph's inputs out, the item table held as
 initializers, so Triton's native backends serve `rank` with no Python step (export/repository.py renders
-it as `item_lookup`: merged in front of the ranking graph, or as its own model before a TensorRT engine).
+it merged in front of the ranking graph as `rank` itself, or as `item_lookup`, its own model before the
+ranking model or a TensorRT engine in the `rank` ensemble).
 
 The plain reference is model_repository/item_table.py (`rank_inputs`, `recent_known`), which documents
 the fallbacks: the graph computes the same products with integer work and gathers only, so they are
 equal, not close (tests/export/test_lookup_graph.py, on random tables and requests).
 
 Inputs, full shapes (the model does not batch: Triton's onnxruntime backend refuses optional inputs on a
-batching model, and `rank`'s user inputs are optional; the batching `rank` ensemble feeds it whole
-tensors, which Triton allows where the shapes agree):
+batching model, and `rank`'s user inputs are optional; the batch axis is in the dims, and the batching
+`rank` ensemble feeds the separate lookup whole tensors, which Triton allows where the shapes agree):
 
     history_ids [B, L'], candidate_ids [B, N] int64
     user_id [B, 1], user_feats [B, U] int64, optional: initializers of zero rows that a request's tensor
@@ -32,7 +33,9 @@ ids (TopK keeps the order of the positions it returns, so the reversed indices a
 Bounds the graph holds itself, since it cannot refuse a request: only the most recent `max_history` ids
 of a history are read and only the first `max_candidates` candidates. The merged graph answers the rest
 -inf and candidate_known False; the lookup alone hands the ranking step the first max_candidates
-candidates only. So no request computes or allocates more than a request at the limits.
+candidates only. The merged graph, served as `rank` with no batching ensemble in front of it, reads only
+the first `max_batch` rows (Triton's max_batch_size) and answers the rows past them -inf, unknown and
+with user_known False. So no request computes or allocates more than a request at the limits.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class LookupSpec:
     max_history: int
     max_candidates: int | None = None  # the candidates read (the first ones); None: every candidate
     id_map: str = "auto"
+    max_batch: int | None = None  # the rows the merged graph reads (the first ones); None: every row
 
     def __post_init__(self):
         if self.id_map not in ID_MAPS:
@@ -345,14 +349,25 @@ def _opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _rename(graph, names: dict[str, str]) -> None:
+def _rename(nodes, names: dict[str, str]) -> None:
     """Every reference to a tensor named in `names` (node inputs and outputs, in subgraphs too) renamed."""
-    for node in graph.node:
+    for node in nodes:
         node.input[:] = [names.get(x, x) for x in node.input]
         node.output[:] = [names.get(x, x) for x in node.output]
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                _rename(sub, names)
+                _rename(sub.node, names)
+
+
+def _first_rows(g: _Graph, inputs, max_batch: int) -> None:
+    """Every node so far reads the first `max_batch` rows of each request tensor instead of the whole."""
+    names = {i.name: f"{PREFIX}{i.name}_rows" for i in inputs}
+    _rename(g.nodes, names)
+    built = g.nodes
+    g.nodes = []
+    for name, rows in names.items():
+        g.op("Slice", name, g.const([0]), g.const([max_batch]), g.const([0]), name=rows)
+    g.nodes.extend(built)
 
 
 def ranked_model(table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, ranking):
@@ -367,21 +382,26 @@ def ranked_model(table: it.ItemTable, cfg: it.LookupConfig, spec: LookupSpec, ra
     out = build_lookup(g, table, cfg, spec, kept)
     body = ranking.graph
     scores = f"{PREFIX}ranking_scores"
-    _rename(body, {**{i.name: out[i.name] for i in body.input}, body.output[0].name: scores})
+    _rename(body.node, {**{i.name: out[i.name] for i in body.input}, body.output[0].name: scores})
     g.nodes.extend(body.node)
     g.initializers.extend(body.initializer)
-    # Back to the request's N: those past max_candidates -inf and unknown.
-    k = g.op("Shape", kept, start=1, end=2)
-    rest = g.op("Sub", g.op("Shape", it.CANDIDATE_IDS, start=1, end=2), k)
-    pads = g.op("Concat", g.const([0, 0, 0]), rest, axis=0)
+    if spec.max_batch is not None:
+        _first_rows(g, inputs, spec.max_batch)
+    # Back to the request's B and N: rows past max_batch and candidates past max_candidates -inf and
+    # unknown (the graph's tensors above have the kept shape).
+    kept_shape = g.op("Shape", out[it.CANDIDATE_KNOWN])
+    rest = g.op("Sub", g.op("Shape", it.CANDIDATE_IDS), kept_shape)
+    pads = g.op("Concat", g.const([0, 0]), rest, axis=0)
+    row_pads = g.op("Mul", pads, g.const([1, 1, 1, 0]))
     results = {}
-    for name, tensor, fill in (
-        ("scores", scores, g.const(-np.inf, np.float32)),
-        (it.CANDIDATE_KNOWN, out[it.CANDIDATE_KNOWN], g.const(False, np.bool_)),
+    for name, tensor, fill, where in (
+        ("scores", scores, g.const(-np.inf, np.float32), pads),
+        (it.CANDIDATE_KNOWN, out[it.CANDIDATE_KNOWN], g.const(False, np.bool_), pads),
+        (it.USER_KNOWN, out[it.USER_KNOWN], g.const(False, np.bool_), row_pads),
+        (it.TABLE_VERSION, out[it.TABLE_VERSION], g.const(spec.version), row_pads),
     ):
-        results[name] = g.op("Pad", tensor, pads, fill)
+        results[name] = g.op("Pad", tensor, where, fill)
     _name_outputs(g, results, {n: n for n in results})
-    _name_outputs(g, out, {n: n for n in (it.USER_KNOWN, it.TABLE_VERSION)})
     outputs = [_value_info("scores", TensorProto.FLOAT, ["batch", "candidates"]), *_flag_outputs()]
     return _model(g, inputs, outputs, _opset(ranking), ranking.ir_version, "rank")
 
@@ -406,32 +426,40 @@ def write_model(model, path: Path) -> list[Path]:
     return [path, data]
 
 
-# ---- item_lookup versions --------------------------------------------------------------------------
+# ---- table versions ---------------------------------------------------------------------------------
 MODEL_FILE, RANKING_FILE, TABLE_DIR = "model.onnx", "ranking.onnx", "item_table"
 PROBE_ATOL = 1e-4  # the merged graph against the ranking graph run on the numpy lookup's products
 
 
 @dataclass(frozen=True)
 class NativeLookup:
-    """How the native item_lookup builds each version's graph: from the version folder's item table and
+    """How the native table model builds each version's graph: from the version folder's item table and
     ranking graph (TABLE_DIR, RANKING_FILE), as its config's parameters say (export/repository.py)."""
 
     lookup: it.LookupConfig
     limits: RequestLimits
     merged: bool = True
     id_map: str = "auto"
+    max_batch: int | None = None  # merged: the rows a request's answer is computed for (the rest -inf)
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> NativeLookup:
-        """From item_lookup's config parameters (name -> string value)."""
+        """From the table model's config parameters (name -> string value)."""
         build = json.loads(params["lookup_graph"])
         lookup = it.LookupConfig(**json.loads(params["lookup"]))
-        return cls(lookup, RequestLimits(**json.loads(params["limits"])), build["merged"], build["id_map"])
+        limits = RequestLimits(**json.loads(params["limits"]))
+        return cls(lookup, limits, build["merged"], build["id_map"], build.get("max_batch"))
 
     def model(self, table: it.ItemTable, ranking, version: int):
         """The version's graph: the lookup merged into `ranking` (an onnx.ModelProto) or before it."""
+        limits = self.limits
         spec = LookupSpec(
-            products_of(ranking), version, self.limits.max_history, self.limits.max_candidates, self.id_map
+            products_of(ranking),
+            version,
+            limits.max_history,
+            limits.max_candidates,
+            self.id_map,
+            self.max_batch,
         )
         return (ranked_model if self.merged else lookup_model)(table, self.lookup, spec, ranking)
 
@@ -461,7 +489,7 @@ class NativeLookup:
             it.check_widths(table, *widths)
         check_files(folder, version)
         graph = OrtGraph(folder / MODEL_FILE)
-        feeds = probe_request(table, self.lookup, self.limits)
+        feeds = {k: v[: self.max_batch] for k, v in probe_request(table, self.lookup, self.limits).items()}
         names = [o.name for o in graph.session.get_outputs()]
         try:
             got = dict(zip(names, graph.session.run(names, feeds), strict=True))

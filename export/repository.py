@@ -4,16 +4,18 @@ Every config is a `tritonclient.grpc.model_config_pb2.ModelConfig` built from th
 (tensor names, dtypes and dims are the graphs' own, read from the ONNX files) and written with
 `text_format`; `check_ensembles` verifies each ensemble's maps before anything is written. Models:
 
-    rank            ensemble: history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1],
-                    user_feats [U]) -> scores [-1] FP32 (logits), candidate_known [-1] BOOL,
-                    user_known [1] BOOL, item_table_version [1] INT64 (the table that answered)
+    rank            history_ids [-1], candidate_ids [-1] INT64 (+ optional user_id [1], user_feats [U])
+                    -> scores [-1] FP32 (logits), candidate_known [-1] BOOL, user_known [1] BOOL,
+                    item_table_version [1] INT64 (the table that answered). An ensemble over
+                    item_lookup, except on the onnxruntime backend with the lookup merged (the
+                    default): there `rank` is itself the native model that item_lookup would be, ids in,
+                    scores out, versioned like it (one hop less between threads of the server)
       item_lookup   the item table, versioned (a version folder per table, latest version served):
                     ids -> rows, the fallbacks of model_repository/item_table.py for unknown ids and
                     users. python / torch: a Python model that checks the request's limits and runs the
-                    ranking graph (or program) too, `rank`'s one step. onnxruntime: the lookup graph
-                    merged into the ranking graph (export/lookup_graph.py), one native model, ids in,
-                    scores out (`--lookup separate`: its own model before `ranking`). tensorrt: the
-                    lookup graph before the ranking engine
+                    ranking graph (or program) too, `rank`'s one step. onnxruntime `--lookup separate`:
+                    the lookup graph (export/lookup_graph.py) as its own model before `ranking`.
+                    tensorrt: the lookup graph before the ranking engine
       ranking       the ranking graph (the second step of `rank` where the lookup is separate)
     encode_items    ensemble: text [K] BYTES (one string per text field, "" = missing) (+ image [1]
                     BYTES, encoded image file, b"" = none) -> content [d] FP32
@@ -29,9 +31,11 @@ the CPU where there is no GPU), so the stub's Python needs torch too; `onnxrunti
 Triton's native `onnxruntime_onnx` / `tensorrt_plan` platforms for the graphs (TensorRT engines come
 from export/tensorrt.py) and the native lookup graph: `rank` has no Python step; the tokenizer and
 image preprocessing stay Python. Graph models run on the instance kind `--instance-kind` names.
-Every model batches (the first dimension of every tensor is the batch) except the native item_lookup,
-which takes whole tensors from the batching `rank` (the onnxruntime backend refuses optional inputs on
-a batching model); graph models have dynamic batching.
+Every model batches (the first dimension of every tensor is the batch) except the native table model
+(the onnxruntime backend refuses optional inputs on a batching model): item_lookup takes whole tensors
+from the batching `rank` ensemble; a native `rank` declares the batch axis in its dims and its graph
+holds the batch bound itself (rows past max_batch_size are answered -inf and unknown). Graph models
+have dynamic batching.
 Every Python-backend version folder gets its `model.py` and a copy of the serving runtime package
 (model_repository/, numpy + onnxruntime + tokenizers + Pillow, no project; torch only in torch_ranker.py,
 the `torch` backend's ranking step), so the rendered folder alone deploys; its README.md says what a
@@ -77,11 +81,12 @@ LEAF, LEAF_MODULES = RUNTIME.parent / "common", ("__init__.py", "errors.py")
 PYTHON_CODE = RUNTIME / "models"
 RUNTIME_IGNORE = shutil.ignore_patterns("models", "__pycache__", "*.pyc", ".ruff_cache", "README.md")
 REPOSITORY_README = RUNTIME / "README.md"
-RANKING_FILE = lg.RANKING_FILE  # the ranking graph inside each item_lookup version (python, native)
+RANKING_FILE = lg.RANKING_FILE  # the ranking graph inside each table version (python, native)
 RANKING_PROGRAM = "ranking.pt2"  # torch backend: the ranking program inside each item_lookup version
 ABANDONED_AFTER_S = 3600  # a hidden table version older than this is a killed publisher's
 ENGINES_DIR = "tensorrt"  # <export>/tensorrt/<graph>.plan, written by export/tensorrt.py
 ENCODER_MODALITIES = {"text": "text_encoder", "image": "image_encoder"}
+RANK, LOOKUP = "rank", "item_lookup"  # the served model; the table model where `rank` is an ensemble
 
 
 @dataclass
@@ -91,8 +96,8 @@ class RenderConfig:
     max_batch_size: int = 64  # per model and per ensemble
     queue_delay_us: int = 500  # dynamic batching: how long a request may wait for others
     graph_instances: int = 1  # instances per device of each graph model
-    lookup_instances: int = 1  # item_lookup instances (each holds the table)
-    # onnxruntime intra-op threads of the ranking graph inside item_lookup (python and onnxruntime
+    lookup_instances: int = 1  # instances of the table model (each holds the table)
+    # onnxruntime intra-op threads of the ranking graph inside the table model (python and onnxruntime
     # backends): one serves the most requests per core; on the onnxruntime backend more threads spin
     # between operators, which cuts one request's latency on an idle server at about twice the CPU per
     # call (benchmarks/results/serving_overhead_native_explore.md)
@@ -129,6 +134,12 @@ class RenderConfig:
     def merged(self) -> bool:
         """Whether the native lookup is merged into the ranking graph (never before an engine)."""
         return self.backend == "onnxruntime" and self.lookup == "merged"
+
+    @property
+    def table_model(self) -> str:
+        """The versioned model holding the item table: `rank` itself where the lookup is merged into
+        the ranking graph, else item_lookup, the step of the `rank` ensemble."""
+        return RANK if self.merged else LOOKUP
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -269,7 +280,7 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
             buckets=rc.buckets,
             cuda_graphs=rc.cuda_graphs,
         )
-    config = python_config("item_lookup", rc, request_inputs(manifest), outputs, **params)
+    config = python_config(LOOKUP, rc, request_inputs(manifest), outputs, **params)
     config.version_policy.latest.num_versions = 1  # a new table version replaces the old one
     config.instance_group[0].count = rc.lookup_instances
     if rc.backend == "torch":  # a GPU instance where the server has GPUs, else a CPU one
@@ -280,11 +291,12 @@ def item_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
 
 
 def native_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig:
-    """item_lookup as an `onnxruntime_onnx` model (export/lookup_graph.py): each version folder holds
+    """The table model as an `onnxruntime_onnx` model (export/lookup_graph.py): each version folder holds
     its graph (the table as initializers), the table and the ranking graph it was built with. Without
     batching (max_batch_size 0), because the onnxruntime backend refuses optional inputs on a batching
-    model; `rank` batches and hands it whole tensors. Merged: ids in, scores and flags out; separate:
-    the ranking graph's inputs out (user_id and user_feats as checked_*), for the ranking step."""
+    model. Merged: `rank` itself, ids in, scores and flags out, its graph holding the batch bound;
+    separate: item_lookup, whole tensors from the batching `rank` ensemble in, the ranking graph's inputs
+    out (user_id and user_feats as checked_*), for the ranking step."""
     ranking = manifest.graph("ranking")
     if rc.merged:
         outputs = [*_outputs(ranking.outputs), *flag_outputs()]
@@ -293,7 +305,7 @@ def native_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig
         outputs = _outputs(products, reshape=False) + flag_outputs()
         for t in outputs:
             t.name = lg.CHECKED.get(t.name, t.name)
-    config = mc.ModelConfig(name="item_lookup", platform="onnxruntime_onnx", max_batch_size=0)
+    config = mc.ModelConfig(name=rc.table_model, platform="onnxruntime_onnx", max_batch_size=0)
     config.input.extend(_whole(request_inputs(manifest)))
     config.output.extend(_whole(outputs))
     config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(INSTANCE_KINDS[rc.instance_kind]))
@@ -302,7 +314,7 @@ def native_lookup_config(manifest: Manifest, rc: RenderConfig) -> mc.ModelConfig
     _params(
         config,
         intra_op_thread_count=str(rc.rank_graph_threads),
-        lookup_graph={"merged": rc.merged, "id_map": rc.id_map},
+        lookup_graph={"merged": rc.merged, "id_map": rc.id_map, "max_batch": rc.max_batch_size},
         **_lookup_params(manifest, rc),
     )
     return config
@@ -392,8 +404,11 @@ def build_configs(manifest: Manifest, rc: RenderConfig) -> dict[str, mc.ModelCon
     models = {
         name: graph_config(name, manifest.graphs[name], rc) for name in GRAPH_NAMES if name in manifest.graphs
     }
-    models["item_lookup"] = item_lookup_config(manifest, rc)
-    models["rank"] = rank_config(manifest, models["item_lookup"], models["ranking"], rc)
+    if rc.merged:  # one native model, ids in, scores out: no ensemble hop in front of it
+        models[RANK] = native_lookup_config(manifest, rc)
+    else:
+        models[LOOKUP] = item_lookup_config(manifest, rc)
+        models[RANK] = rank_config(manifest, models[LOOKUP], models["ranking"], rc)
     if encodable(manifest):
         if "text_encoder" in models:
             models["tokenizer"] = tokenizer_config(manifest, rc)
@@ -470,7 +485,7 @@ def _same(where: str, name: str, want: tuple, have: tuple) -> None:
 
 # ---- files -----------------------------------------------------------------------------------------
 PYTHON_MODELS = {
-    "item_lookup": "item_lookup.py",
+    LOOKUP: "item_lookup.py",
     "tokenizer": "tokenizer.py",
     "image_preprocess": "image_preprocess.py",
 }
@@ -526,7 +541,7 @@ def _ranking_graph(export_dir: Path, manifest: Manifest, rc: RenderConfig) -> Pa
 
 
 def native_lookup(config: mc.ModelConfig) -> lg.NativeLookup:
-    """How a native item_lookup config builds its versions' graphs."""
+    """How a native table model's config builds its versions' graphs."""
     return lg.NativeLookup.from_params({k: v.string_value for k, v in config.parameters.items()})
 
 
@@ -566,7 +581,7 @@ def render_repository(
                     write_python_model(version, "graph_model.py")
             if name in PYTHON_MODELS and config.backend == "python":
                 write_python_model(version, PYTHON_MODELS[name])
-        lookup, first = models["item_lookup"], tmp / "item_lookup" / "1"
+        lookup, first = models[rc.table_model], tmp / rc.table_model / "1"
         table_dir = export_dir / str(manifest.item_table["dir"])
         shutil.copytree(table_dir, first / lg.TABLE_DIR)
         if "program" in lookup.parameters:
@@ -612,7 +627,7 @@ def read_config(model: Path) -> mc.ModelConfig | None:
 
 
 def config_widths(config: mc.ModelConfig | None) -> tuple[int | None, int | None]:
-    """(d, item_dim) the ranking graph reads, from item_lookup's config; (None, None) without one."""
+    """(d, item_dim) the ranking graph reads, from the table model's config; (None, None) without one."""
     if config is None:
         return None, None
     widths = json.loads(config.parameters["table_widths"].string_value)
@@ -620,8 +635,15 @@ def config_widths(config: mc.ModelConfig | None) -> tuple[int | None, int | None
 
 
 def is_native(config: mc.ModelConfig | None) -> bool:
-    """Whether item_lookup is the native lookup graph (each version folder a built graph)."""
+    """Whether the table model is the native lookup graph (each version folder a built graph)."""
     return config is not None and config.platform == "onnxruntime_onnx"
+
+
+def table_model(repo: str | Path) -> Path:
+    """The folder of `repo`'s versioned table model: `rank` where it is the native graph itself
+    (RenderConfig.table_model), else item_lookup."""
+    rank = Path(repo) / RANK
+    return rank if is_native(read_config(rank)) else Path(repo) / LOOKUP
 
 
 def _fsync(path: Path) -> None:
@@ -652,7 +674,7 @@ def _write_version(tmp: Path, served: Path, table: it.ItemTable, config: mc.Mode
         build.write(tmp, written, written.version)
         build.check(tmp, written.version, config_widths(config), written)
     else:
-        write_python_model(tmp, PYTHON_MODELS["item_lookup"])
+        write_python_model(tmp, PYTHON_MODELS[LOOKUP])
     for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         _fsync(path)
     _fsync(tmp)
@@ -670,11 +692,11 @@ def _sweep_abandoned(model: Path) -> None:
 
 @dataclass(frozen=True)
 class ServedTable:
-    """What a repository's item_lookup serves, read once per publish: its config, the newest valid
+    """What a repository's table model serves, read once per publish: its config, the newest valid
     table (`newest_valid_table`, the one a server serves) and its version, and the number the next
     version gets (after the newest folder, valid or not)."""
 
-    model: Path  # <repo>/item_lookup
+    model: Path  # <repo>/rank or <repo>/item_lookup (`table_model`)
     config: mc.ModelConfig | None
     table: it.ItemTable
     version: int
@@ -682,22 +704,24 @@ class ServedTable:
 
 
 def served_table(repo: str | Path) -> ServedTable:
-    """What `repo`'s item_lookup serves; MMRankError without one, or where no version reads."""
-    model = Path(repo) / "item_lookup"
+    """What `repo`'s table model serves; MMRankError without one, or where no version reads."""
+    model = table_model(repo)
     versions = it.table_versions(model) if model.is_dir() else []
     if not versions:
-        raise MMRankError(f"{model}: not an item_lookup model folder (render one with `mmrank repo`)")
+        raise MMRankError(
+            f"{model}: not a model folder of item table versions (render one with `mmrank repo`)"
+        )
     config = read_config(model)
     table, version, _ = it.newest_valid_table(model, versions[-1], *config_widths(config))
     return ServedTable(model, config, table, version, versions[-1] + 1)
 
 
 def add_table_version(repo: str | Path, table: it.ItemTable, served: ServedTable | None = None) -> Path:
-    """Publish `table` as the next version of item_lookup, for any backend: checked (finite values; the
+    """Publish `table` as the next version of the table model, for any backend: checked (finite values; the
     widths of the served version, `served` where the caller has read it), written in a hidden folder
     (`_write_version`: a native version's graph is built there, loaded and probed), then renamed into
     place in one step, so a server in poll or explicit mode only ever sees complete, valid versions
-    (and serves it after a (re)load of item_lookup, without a restart). A failed write leaves nothing
+    (and serves it after a (re)load of that model, without a restart). A failed write leaves nothing
     behind. `mmrank table publish` (export/table_publish.py) is its command line."""
     served = served or served_table(repo)
     table.check_finite()  # the arrays may have changed since the table was built

@@ -121,8 +121,8 @@ def _probe(grpc, probe_id: int) -> list:
     return inputs
 
 
-def wait_served(url: str, version: int, probe_id: int, wait_s: float) -> None:
-    """Ask the server at `url` to load item_lookup (explicit mode; poll mode loads it itself) and wait
+def wait_served(url: str, model: str, version: int, probe_id: int, wait_s: float) -> None:
+    """Ask the server at `url` to load the table `model` (explicit mode; poll mode loads it itself) and wait
     until `rank` answers with `version`; MMRankError where the server refuses the load, `rank` has no
     item_table_version output, or it does not answer with `version` within `wait_s` (naming the last
     error: calls during the reload may fail)."""
@@ -130,10 +130,10 @@ def wait_served(url: str, version: int, probe_id: int, wait_s: float) -> None:
 
     with grpc.InferenceServerClient(url) as client:
         try:
-            client.load_model("item_lookup")
+            client.load_model(model)
         except grpc.InferenceServerException as e:
             if "polling is enabled" not in str(e):  # poll mode: the server loads new versions by itself
-                raise MMRankError(f"{url}: the server cannot load item_lookup version {version}: {e}") from e
+                raise MMRankError(f"{url}: the server cannot load {model} version {version}: {e}") from e
         deadline, last = time.monotonic() + wait_s, None
         while time.monotonic() < deadline:
             try:
@@ -171,9 +171,10 @@ def cli(args) -> int:
     )
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
     print(
-        f"table: published item_lookup version {folder.name} ({len(table.ids) - 1} items, {size:.1f} MiB) in {repo}"
+        f"table: published {folder.parent.name} version {folder.name} ({len(table.ids) - 1} items, "
+        f"{size:.1f} MiB) in {repo}"
     )
     if args.url:
-        wait_served(args.url, int(folder.name), int(table.ids[-1]), args.wait)
+        wait_served(args.url, folder.parent.name, int(folder.name), int(table.ids[-1]), args.wait)
         print(f"table: {args.url} answers with item table version {folder.name}")
     return 0

@@ -38,10 +38,11 @@ cannot load a model on request); export/backend_supervisor.py has the details an
 
 A bad newest item table version (one that does not read, has the wrong widths or, native, a graph file
 that is not whole or holds another version) never blocks a (re)start: the python / torch lookup serves
-the newest valid older table itself; for the native lookup graph, whose versions Triton loads, the
-launcher checks the versions' files first (`check_table_versions`) and, in explicit mode, loads item_lookup with a version policy
-naming the newest one that serves, then the ensembles that run it (poll and none modes cannot pass over
-a version, and refuse to start with a line saying so).
+the newest valid older table itself; for the native lookup graph (`rank` itself, or item_lookup before
+a ranking model), whose versions Triton loads, the launcher checks the versions' files first
+(`check_table_versions`) and, in explicit mode, loads that model with a version policy naming the newest
+one that serves, then the ensembles that run it (poll and none modes cannot pass over a version, and
+refuse to start with a line saying so).
 
 The server's Python never writes bytecode (PYTHONDONTWRITEBYTECODE, and the rendered repository's own
 `__pycache__` placeholder files, export/repository.py `write_python_model`, for stubs that write it
@@ -389,8 +390,9 @@ def server_env(dist: TritonDistribution, python: ModelPython) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TableVersions:
-    """item_lookup's version folders, checked at start."""
+    """The table model's version folders, checked at start."""
 
+    model: str = "item_lookup"  # the versioned model: item_lookup, or the native `rank` itself
     newest: int | None = None
     served: int | None = None  # the newest version that serves
     passed_over: tuple[str, ...] = ()  # each newer version passed over, and why
@@ -405,13 +407,13 @@ class TableVersions:
 
     @property
     def pinned(self) -> bool:
-        """Whether item_lookup must load with a version policy naming `served`: a native lookup whose
-        newest version does not serve (Triton would try that one and fail)."""
+        """Whether the table model must load with a version policy naming `served`: a native lookup
+        whose newest version does not serve (Triton would try that one and fail)."""
         return self.native and self.served != self.newest
 
 
 def check_table_versions(repository: Path) -> TableVersions:
-    """Which item_lookup version serves and which newer ones are passed over. The python / torch
+    """Which table version serves and which newer ones are passed over. The python / torch
     lookup passes over an unreadable or wrong-width table itself (model_repository/models/item_lookup.py
     serves the newest valid one in its place); of the native lookup graph, Triton loads the versions
     itself, so the launcher passes over a version whose graph is not whole (export/lookup_graph.py
@@ -420,20 +422,20 @@ def check_table_versions(repository: Path) -> TableVersions:
     (`NativeLookup.check`, run when `mmrank table publish` writes a version) would hold it in this
     process beside the server. MMRankError where no native version serves."""
     from export.lookup_graph import check_files
-    from export.repository import config_widths, is_native, read_config
+    from export.repository import config_widths, is_native, read_config, table_model
     from model_repository import item_table as it
 
-    model = repository / "item_lookup"
+    model = table_model(repository)
     config = read_config(model)
     versions = it.table_versions(model) if config is not None else []
     if not versions:
-        return TableVersions()
+        return TableVersions(model.name)
     if not is_native(config):
         try:
             _, served, skipped = it.newest_valid_table(model, versions[-1], *config_widths(config))
         except MMRankError as e:
-            return TableVersions(versions[-1], passed_over=(str(e),))
-        return TableVersions(versions[-1], served, tuple(skipped))
+            return TableVersions(model.name, versions[-1], passed_over=(str(e),))
+        return TableVersions(model.name, versions[-1], served, tuple(skipped))
     skipped = []
     for version in reversed(versions):
         try:
@@ -441,7 +443,7 @@ def check_table_versions(repository: Path) -> TableVersions:
         except MMRankError as e:
             skipped.append(f"item table version {version} skipped: {e}")
             continue
-        return TableVersions(versions[-1], version, tuple(skipped), native=True)
+        return TableVersions(model.name, versions[-1], version, tuple(skipped), native=True)
     raise MMRankError(f"{model}: no item table version serves ({'; '.join(skipped)})")
 
 
@@ -550,7 +552,7 @@ class TritonServer:
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
             raise MMRankError(
-                f"item_lookup: {self.tables.passed_over[0]}: the native lookup cannot pass over a version in "
+                f"{self.tables.model}: {self.tables.passed_over[0]}: the native lookup cannot pass over a version in "
                 f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
                 f"--control-mode explicit, which loads version {self.tables.served}"
             )
@@ -578,8 +580,8 @@ class TritonServer:
             f"--model-control-mode={c.control_mode}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
-        if c.control_mode == "explicit" and self.tables.pinned:  # item_lookup and rank come after
-            later = {"item_lookup", *dependents(self.repository, "item_lookup")}
+        if c.control_mode == "explicit" and self.tables.pinned:  # the table model and rank come after
+            later = {self.tables.model, *dependents(self.repository, self.tables.model)}
             models = sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
             args += [f"--load-model={name}" for name in models if name not in later]
         elif c.control_mode == "explicit":
@@ -622,18 +624,19 @@ class TritonServer:
         return self
 
     def _load_pinned(self) -> None:
-        """item_lookup with a version policy naming the version that serves (the repository's config
-        otherwise), then the ensembles that run it, which keep that version loaded."""
+        """The table model with a version policy naming the version that serves (the repository's
+        config otherwise), then the ensembles that run it, which keep that version loaded."""
         from google.protobuf import json_format
 
         from export.repository import read_config
 
-        config = read_config(self.repository / "item_lookup")
+        model = self.tables.model
+        config = read_config(self.repository / model)
         config.version_policy.Clear()
         config.version_policy.specific.versions.append(self.tables.served)
         control = RepositoryControl(self.http_url, self.config.start_timeout_s)
-        control.load("item_lookup", {"parameters": {"config": json_format.MessageToJson(config)}})
-        for name in sorted(dependents(self.repository, "item_lookup")):
+        control.load(model, {"parameters": {"config": json_format.MessageToJson(config)}})
+        for name in sorted(dependents(self.repository, model)):
             control.load(name)
 
     def _wait_ready(self) -> None:
@@ -745,7 +748,7 @@ def serve(config: TritonConfig) -> int:
             raise MMRankError(f"--{what}-port {port}: 127.0.0.1:{port} is already in use")
     server = TritonServer(config, report=lambda line: print(line, flush=True))
     for line in server.skipped:
-        print(f"item_lookup: {line}", flush=True)
+        print(f"{server.tables.model}: {line}", flush=True)
     # SIGTERM stops like Ctrl-C, at any moment; SIGINT is set too, since a shell starting a background
     # job (`mmrank serve &` in a script) hands it down ignored and `kill -INT` would then do nothing.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -217,9 +217,9 @@ def _repo(p):
         "--lookup-instances",
         type=int,
         default=1,
-        help="instances of item_lookup, each holding the table (on the onnxruntime backend it runs the whole "
-        "ranking): more let concurrent requests run side by side on more cores, at one table's memory each "
-        "(docs/serving.md)",
+        help="instances of the model holding the table (item_lookup; on the onnxruntime backend `rank` "
+        "itself, the whole ranking): more let concurrent requests run side by side on more cores, at one "
+        "table's memory each (docs/serving.md)",
     )
     p.add_argument(
         "--graph-instances",

@@ -152,9 +152,9 @@ def native_backend(tritonserver):
 
 @pytest.fixture(scope="session")
 def native_server(native_backend, small_export, tmp_path_factory):
-    """The real tritonserver on the `onnxruntime` render of `small_export`: the graphs and item_lookup
-    (the lookup graph merged into the ranking graph) on the native backend, tokenizer and
-    image_preprocess in the Python backend."""
+    """The real tritonserver on the `onnxruntime` render of `small_export`: the graphs and `rank` (the
+    lookup graph merged into the ranking graph) on the native backend, tokenizer and image_preprocess
+    in the Python backend."""
     from export.repository import RenderConfig, render_repository
     from export.triton_launcher import TritonConfig, TritonServer
 

@@ -219,7 +219,7 @@ def test_latency_benchmark_runs_against_the_real_server(triton_server, tiny_data
     assert all(r["failures"] == 0 and r["calls"] == 20 for r in report["closed_loop"].values())
     assert all(r["client_cores"] > 0 for r in report["closed_loop"].values())
     # The python backend's rank is one step: item_lookup runs the ranking graph itself.
-    assert set(report["breakdown_server"]["rank (ensemble, gRPC)"]) == {"rank", "item_lookup"}
+    assert set(report["breakdown_server"]["rank (gRPC)"]) == {"rank", "item_lookup"}
     assert report["closed_loop_server"]["2"]["item_lookup"]["requests"] == 20
     assert report["breakdown_server"]["ranking (gRPC)"]["ranking"]["requests"] == 20
     assert "## Breakdown at 1 caller" in out.read_text() and "| client CPU cores |" in out.read_text()

@@ -171,7 +171,7 @@ def test_the_merged_graph_scores_like_the_ranking_graph_on_the_numpy_lookup(rank
     out, table, cfg = ranking_export
     assert cfg.long_history_len == 5 and table.user_feats is not None
     limits = RequestLimits(max_candidates=9, max_history=20)
-    build = lg.NativeLookup(cfg, limits, merged=True, id_map=id_map)
+    build = lg.NativeLookup(cfg, limits, merged=True, id_map=id_map, max_batch=3)  # every request fits
     session = _session(build.model(table, onnx.load(out / "ranking.onnx"), 4))
     ranking = OrtGraph(out / "ranking.onnx")
     rng = np.random.default_rng(0)
@@ -201,6 +201,25 @@ def test_the_merged_graph_holds_the_request_bounds_itself(ranking_export):
     first = _run(session, {it.HISTORY_IDS: hist[:, -8:], it.CANDIDATE_IDS: many[:, :4]})
     np.testing.assert_array_equal(got["scores"][:, :4], first["scores"])
     assert np.isneginf(got["scores"][:, 4:]).all() and not got[it.CANDIDATE_KNOWN][:, 4:].any()
+
+
+def test_the_merged_graph_answers_rows_past_max_batch_unranked(ranking_export):
+    """Served as `rank` with no batching ensemble in front of it, the graph holds the batch bound: the
+    first max_batch rows as a request of those rows alone, the rest -inf, unknown, the user unknown."""
+    out, table, cfg = ranking_export
+    build = lg.NativeLookup(cfg, RequestLimits(max_candidates=4, max_history=20), max_batch=2)
+    session = _session(build.model(table, onnx.load(out / "ranking.onnx"), 3))
+    feeds = _request(table, cfg, 11, 5, 7, 6)
+    feeds[it.USER_ID] = np.full((5, 1), min(1, cfg.num_users), np.int64)
+    got = _run(session, feeds)
+    first = _run(session, {k: None if v is None else v[:2] for k, v in feeds.items()})
+    assert got["scores"].shape == got[it.CANDIDATE_KNOWN].shape == (5, 6)
+    assert got[it.USER_KNOWN].shape == got[it.TABLE_VERSION].shape == (5, 1)
+    for name, value in first.items():
+        np.testing.assert_array_equal(got[name][:2], value)
+    assert np.isneginf(got["scores"][2:]).all() and not got[it.CANDIDATE_KNOWN][2:].any()
+    assert not got[it.USER_KNOWN][2:].any() and (got[it.TABLE_VERSION] == 3).all()
+    assert first[it.USER_KNOWN].all() == (cfg.num_users >= 1)
 
 
 @pytest.mark.parametrize("id_map", ["dense", "search"])

@@ -54,10 +54,9 @@ def _same(native: dict, python: dict) -> None:
 
 def test_native_rank_has_no_python_step_and_answers_as_the_python_backend(clients):
     native, python = clients
-    config = native.get_model_config("item_lookup").config
+    config = native.get_model_config("rank").config
     assert config.platform == "onnxruntime_onnx"  # ids in, scores out, in one native model
-    steps = [s.model_name for s in native.get_model_config("rank").config.ensemble_scheduling.step]
-    assert steps == ["item_lookup"]
+    assert not config.ensemble_scheduling.step and not native.is_model_ready("item_lookup")
     rng = np.random.default_rng(11)
     hist = rng.integers(-3, NUM_ITEMS + 9, (4, 9)).astype(np.int64)  # unknown, padding and negative ids
     cands = rng.integers(-3, NUM_ITEMS + 9, (4, 7)).astype(np.int64)
@@ -103,6 +102,19 @@ def test_bad_requests_get_an_answer_within_the_limits_or_a_clear_refusal(clients
         with pytest.raises(grpc.InferenceServerException, match=message) as caught:
             _rank(native, h, c, user_feats=feats)
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # python: INVALID_ARGUMENT over max_batch_size; the native graph ranks the first max_batch_size rows
+    limit = python.get_model_config("rank").config.max_batch_size
+    hists, rows, users = (
+        np.repeat(hist, limit + 2, 0),
+        np.repeat(cands, limit + 2, 0),
+        np.ones(limit + 2, np.int64),
+    )
+    with pytest.raises(grpc.InferenceServerException, match=f"must be <= {limit}"):
+        _rank(python, hists, rows, users)
+    batch = _rank(native, hists, rows, users)
+    _same({k: v[:limit] for k, v in batch.items()}, _rank(python, hists[:limit], rows[:limit], users[:limit]))
+    assert np.isneginf(batch["scores"][limit:]).all() and not batch["candidate_known"][limit:].any()
+    assert not batch["user_known"][limit:].any() and (batch["item_table_version"] == 1).all()
 
 
 @pytest.fixture
@@ -152,7 +164,7 @@ def test_a_table_published_under_load_swaps_in_without_a_failed_call(own_server,
 
 
 def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_server, tmp_path):
-    model = own_server.repo / "item_lookup"
+    model = own_server.repo / "rank"
     items = tmp_path / "items.npz"
     np.savez(items, ids=np.array([NUM_ITEMS + 1]), content=np.ones((1, 16), np.float32))
     assert main(["table", "publish", "--repo", str(own_server.repo), "--items", str(items)]) == 0
@@ -171,8 +183,8 @@ def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_ser
             (m["name"], m.get("version")): m.get("state")
             for m in client.get_model_repository_index(as_json=True)["models"]
         }
-        assert index[("item_lookup", "2")] == "READY"  # only the version that serves shows READY
-        assert ("item_lookup", "3") not in index and ("item_lookup", "4") not in index
+        assert index[("rank", "2")] == "READY"  # only the version that serves shows READY
+        assert ("rank", "3") not in index and ("rank", "4") not in index
         # a good version published later replaces it as usual
         assert (
             main(
@@ -193,4 +205,4 @@ def test_a_restart_with_a_bad_newest_version_serves_the_newest_valid_one(own_ser
             "item_table_version"
         ].tolist() == [[5]]
         with pytest.raises(MMRankError, match=r"version 6 after 1 s \(it answers with version 5\)$"):
-            wait_served(server.grpc_url, 6, 3, 1.0)
+            wait_served(server.grpc_url, "rank", 6, 3, 1.0)

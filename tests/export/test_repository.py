@@ -8,7 +8,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from common.errors import MMRankError
 from export.manifest import Manifest
-from export.repository import RenderConfig, build_configs, check_ensembles, render_repository
+from export.repository import RenderConfig, build_configs, check_ensembles, render_repository, table_model
 from mmrank.cli import main
 from model_repository.limits import EncodeLimits, RequestLimits
 
@@ -100,7 +100,7 @@ def test_tensor_specs_come_from_the_manifest(small_export, python_repo):
 @pytest.mark.parametrize(
     "backend, lookup, platform, steps",
     [
-        ("onnxruntime", "merged", "onnxruntime_onnx", ["item_lookup"]),
+        ("onnxruntime", "merged", "onnxruntime_onnx", []),  # `rank` is the native model itself
         ("onnxruntime", "separate", "onnxruntime_onnx", ["item_lookup", "ranking"]),
         ("tensorrt", "merged", "tensorrt_plan", ["item_lookup", "ranking"]),  # an engine holds no lookup
     ],
@@ -115,16 +115,24 @@ def test_native_backend_configs(small_export, python_repo, backend, lookup, plat
             assert config.platform == platform and not config.backend
         elif name in ("tokenizer", "image_preprocess"):
             assert config.backend == "python"  # pure-Python steps stay Python
-    lookup_model = configs["item_lookup"]
-    # the native lookup graph, whole tensors from the batching `rank` (optional inputs need that)
+    lookup_model = configs["item_lookup" if steps else "rank"]
+    # the native lookup graph without batching (optional inputs need that): whole tensors from the
+    # batching `rank` ensemble, or `rank` itself with the batch axis in its dims
     assert lookup_model.platform == "onnxruntime_onnx" and lookup_model.max_batch_size == 0
     assert {t.name for t in lookup_model.input if t.optional} == {"user_id", "user_feats"}
+    assert ("item_lookup" in configs) == bool(steps)
     if backend == "tensorrt":
         assert configs["ranking"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert [s.model_name for s in configs["rank"].ensemble_scheduling.step] == steps
     python = _parse(python_repo)["rank"]
     for a, b in ((configs["rank"].input, python.input), (configs["rank"].output, python.output)):
-        assert list(a) == list(b)  # the same contract as the python backend's rank
+        # the same contract as the python backend's rank: a request of B rows is [B, ...] on both
+        def contract(tensors):
+            return [(t.name, t.data_type, getattr(t, "optional", False)) for t in tensors]
+
+        assert contract(a) == contract(b)
+        want = [list(t.dims) if steps else [-1, *t.dims] for t in b]
+        assert [list(t.dims) for t in a] == want
     check_ensembles(configs)
 
 
@@ -139,20 +147,21 @@ def test_onnxruntime_render_and_fp16_variant(small_export, tmp_path):
     assert model == (small_export.out / "ranking.fp16.onnx").read_bytes()
     configs = _parse(tmp_path / "ort")
     check_ensembles(configs)
-    version = tmp_path / "ort" / "item_lookup" / "1"
+    assert "item_lookup" not in configs and table_model(tmp_path / "ort") == tmp_path / "ort" / "rank"
+    version = tmp_path / "ort" / "rank" / "1"
     assert (version / "ranking.onnx").read_bytes() == model  # what the next table version is built with
     assert not (version / "model.py").exists()
-    native_lookup(configs["item_lookup"]).check(version, 1, (16, 12))  # loads, answers a probe
+    native_lookup(configs["rank"]).check(version, 1, (16, 12))  # loads, answers a probe
 
 
 def test_instance_kind_applies_to_every_native_model(small_export):
     configs = build_configs(
         Manifest.read(small_export.out), RenderConfig(backend="onnxruntime", instance_kind="cpu")
     )
-    for name in ("ranking", "fusion", "text_encoder", "image_encoder", "item_lookup"):
+    for name in ("ranking", "fusion", "text_encoder", "image_encoder", "rank"):
         assert configs[name].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU, name
     auto = build_configs(Manifest.read(small_export.out), RenderConfig(backend="onnxruntime"))
-    assert auto["item_lookup"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO
+    assert auto["rank"].instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO
     with pytest.raises(MMRankError, match="instance_kind 'tpu'"):
         RenderConfig(instance_kind="tpu")
 
@@ -161,7 +170,7 @@ def test_rank_threads_set_the_ranking_steps_onnxruntime_threads(small_export, tm
     out = tmp_path / "ort"
     args = ["repo", "--export", str(small_export.out), "--out", str(out), "--backend", "onnxruntime"]
     assert main([*args, "--rank-threads", "2"]) == 0
-    native = _parse(out)["item_lookup"]
+    native = _parse(out)["rank"]
     assert native.parameters["intra_op_thread_count"].string_value == "2"
     python = build_configs(Manifest.read(small_export.out), RenderConfig(rank_graph_threads=3))
     assert python["item_lookup"].parameters["graph_threads"].string_value == "3"
@@ -175,7 +184,7 @@ def test_instance_counts_reach_the_configs(small_export, tmp_path, backend, caps
     args = ["repo", "--export", str(small_export.out), "--out", str(out), "--backend", backend]
     assert main([*args, "--lookup-instances", "2", "--graph-instances", "3"]) == 0
     configs = _parse(out)
-    assert configs["item_lookup"].instance_group[0].count == 2
+    assert configs[RenderConfig(backend=backend).table_model].instance_group[0].count == 2
     for name in ("fusion", "text_encoder", "image_encoder"):
         assert configs[name].instance_group[0].count == 3, name
     assert main([*args, "--lookup-instances", "0", "--force"]) != 0

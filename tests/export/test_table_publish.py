@@ -10,7 +10,7 @@ import pytest
 from conftest import NUM_ITEMS
 
 from common.errors import MMRankError
-from export.repository import RenderConfig, native_lookup, read_config, render_repository
+from export.repository import RenderConfig, native_lookup, read_config, render_repository, table_model
 from export.triton_launcher import TritonConfig, TritonServer, check_table_versions, dependents, free_port
 from mmrank.cli import main
 from model_repository import item_table as it
@@ -37,11 +37,15 @@ def _items(tmp_path, ids, d=16, seed=0, name="items.npz"):
 
 
 def test_publish_an_item_set_and_an_export(repo, small_export, tmp_path, capsys):
-    model = repo / "item_lookup"
+    model = table_model(repo)  # the native `rank` itself, or the python backend's item_lookup
+    assert model.name == (
+        "rank" if read_config(repo / "rank").platform == "onnxruntime_onnx" else "item_lookup"
+    )
     new_id = NUM_ITEMS + 7
     items, content = _items(tmp_path, [new_id, 3])
     assert main(["table", "publish", "--repo", str(repo), "--items", str(items)]) == 0
-    assert "published item_lookup version 2" in capsys.readouterr().out
+    assert f"published {model.name} version 2" in capsys.readouterr().out
+    assert dependents(repo, model.name) == (set() if model.name == "rank" else {"rank"})  # loaded after it
     table = it.ItemTable.read(model / "2" / "item_table")
     rows, known = table.rows_of(np.array([new_id, 3]))
     assert known.all() and np.array_equal(table.content[rows], content)
@@ -54,7 +58,7 @@ def test_publish_an_item_set_and_an_export(repo, small_export, tmp_path, capsys)
 
 
 def test_publish_refuses_what_does_not_fit_with_one_line(repo, small_export, tmp_path, capsys):
-    model = repo / "item_lookup"
+    model = table_model(repo)
     other = tmp_path / "other"
     shutil.copytree(small_export.out, other)
     meta = json.loads((other / "item_table" / "table.json").read_text())
@@ -99,9 +103,10 @@ def test_a_corrupt_config_and_a_server_that_is_down_are_one_line(repo, tmp_path,
     # The version is published (and kept) before the server is asked for it.
     assert main([*publish, "--url", f"127.0.0.1:{free_port()}", "--wait", "1"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "the server cannot load item_lookup version 2" in err
-    assert it.ItemTable.read(repo / "item_lookup" / "2" / "item_table").version == 2
-    config = repo / "item_lookup" / "config.pbtxt"
+    model = table_model(repo)
+    assert err.count("\n") == 0 and f"the server cannot load {model.name} version 2" in err
+    assert it.ItemTable.read(model / "2" / "item_table").version == 2
+    config = model / "config.pbtxt"
     config.write_text(config.read_text() + "\nnot a field {")
     for args in (publish, ["serve", "--repo", str(repo)]):
         assert main(args) == 1
@@ -112,7 +117,7 @@ def test_a_corrupt_config_and_a_server_that_is_down_are_one_line(repo, tmp_path,
 def test_a_bad_newest_native_version_is_passed_over_at_start(small_export, tmp_path):
     repo = tmp_path / "repo"
     render_repository(small_export.out, repo, RenderConfig(backend="onnxruntime"))
-    model = repo / "item_lookup"
+    model = repo / "rank"  # the native model `rank` itself holds the table versions
     assert check_table_versions(repo).served == 1 and not check_table_versions(repo).pinned
     shutil.copytree(model / "1", model / "2")  # a hand-copied folder: its graph answers version 1
     (model / "3").mkdir()  # an unfinished copy
@@ -128,8 +133,8 @@ def test_a_bad_newest_native_version_is_passed_over_at_start(small_export, tmp_p
     server = TritonServer(TritonConfig(repo, control_mode="explicit"))
     loads = [a for a in server.command(tmp_path) if a.startswith("--load-model")]
     assert "--load-model=ranking" in loads and "--load-model=*" not in loads
-    assert not {"--load-model=item_lookup", "--load-model=rank"} & set(loads)  # loaded after, pinned
-    assert dependents(repo, "item_lookup") == {"rank"}
+    assert "--load-model=rank" not in loads and found.model == "rank"  # loaded after, pinned
+    assert dependents(repo, "rank") == set()
     for version in ("2", "3"):
         shutil.rmtree(model / version)
     (model / "1" / "model.onnx").write_bytes(b"cut")

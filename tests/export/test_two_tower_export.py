@@ -170,7 +170,7 @@ def test_the_rank_ensemble_serves_a_two_tower_model(tritonserver, tmp_path):
 
 @pytest.mark.parametrize("backend", ["python", "onnxruntime"])
 def test_publish_places_new_items_through_the_item_graph(exported, backend, tmp_path, capsys):
-    from export.repository import RenderConfig, native_lookup, read_config, render_repository
+    from export.repository import RenderConfig, native_lookup, read_config, render_repository, table_model
     from mmrank.cli import main
 
     model, out = exported
@@ -191,13 +191,13 @@ def test_publish_places_new_items_through_the_item_graph(exported, backend, tmp_
         assert code == 1 and err.count("\n") == 0 and "cannot place new items" in err
         return
     assert code == 0
-    version = repo / "item_lookup" / "2"
+    version = table_model(repo) / "2"
     table = it.ItemTable.read(version / "item_table")
     rows, known = table.rows_of(new_ids)
     assert known.all()
     np.testing.assert_allclose(table.item_rows[rows], placement.place(features), atol=1e-6)
     assert ItemPlacement.read(version / "item_table").k == placement.k  # carried for the next items
-    config = read_config(repo / "item_lookup")
+    config = read_config(table_model(repo))
     if config.platform == "onnxruntime_onnx":  # the version's native lookup answers as the numpy one
         native_lookup(config).check(version, 2, (0, table.item_dim))
     del features["image_feat"]
