@@ -8,7 +8,8 @@ most 2,000 candidates and 1,000 history ids per user, 4 MiB of inputs), rendered
 and --backend onnxruntime, each served on its own. The python backend refuses a request past a limit
 (INVALID_ARGUMENT naming it, model_repository/limits.py); the native lookup graph cannot refuse: it
 answers within the limits (export/lookup_graph.py: no candidates -> empty scores, candidates past the
-limit -inf and unknown, only the most recent max_history history ids read). Memory is the resident set of
+limit -inf and unknown, only the most recent max_history history ids read; the native `rank` is no
+batching ensemble, so its graph ranks the first max_batch_size users and answers the rest -inf). Memory is the resident set of
 the server's whole process group (tritonserver and its backend stubs), read from /proc, before and after
 each of `--rounds` oversize requests of each kind in STREAMS: it must stay flat.
 """
@@ -41,6 +42,10 @@ CASES = {
     "user_feats 5 wide (model has 2)": {"user_feats": np.zeros((1, 5), np.int64)},
     "history_ids [50] without the batch axis": {"history_ids": np.ones(50, np.int64)},
     "user_id 10**12 (unknown user)": {"user_id": np.array([[10**12]], np.int64)},
+    "65 users (max_batch_size is 64)": {
+        "history_ids": np.repeat(OK_HIST, 65, axis=0),
+        "candidate_ids": np.repeat(OK_CANDS, 65, axis=0),
+    },
 }
 STREAMS = ("300,000 candidates", "13,000,000 history ids (104 MB)")
 DTYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
@@ -59,11 +64,12 @@ def group_rss_mib(pgid: int) -> float:
 
 
 def _summary(result) -> str:
-    """An answer in a few words: how many scores, how many known, how many finite."""
+    """An answer in a few words: how many scores, how many known, how many finite (over every user)."""
     scores, known = result.as_numpy("scores"), result.as_numpy("candidate_known")
     user, version = result.as_numpy("user_known"), result.as_numpy("item_table_version")
+    users = f"{scores.shape[0]} users x " if scores.shape[0] != 1 else ""
     return (
-        f"OK: {scores.shape[-1]} scores, {int(known.sum())} known, {int(np.isfinite(scores).sum())} finite; "
+        f"OK: {users}{scores.shape[-1]} scores, {int(known.sum())} known, {int(np.isfinite(scores).sum())} finite; "
         f"user_known {bool(user.all())}, item_table_version {int(version.reshape(-1)[0])}"
     )
 

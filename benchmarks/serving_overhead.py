@@ -22,7 +22,8 @@ L-item history.
   what a computation timed back to back leaves out;
 - served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
   `floor` on each server (a model with the table model's interface doing no work: any Python step's
-  round trip, any native step's) and a bare gRPC round trip
+  round trip, any native step's), the native `rank` behind a one-step batching ensemble (how every other
+  render serves `rank`: what the ensemble's hand-off costs) and a bare gRPC round trip
   (`is_server_live`: what the client and gRPC cost with no model at all), the native `rank` through
   the bare generated gRPC stub with the request serialized once (tritonclient's own per-call work, by
   difference), and the native `rank` and `is_server_live` over HTTP (tritonclient.http, tensors in
@@ -87,13 +88,15 @@ from export.triton_launcher import TritonConfig, TritonServer, parse_cpus  # noq
 from model_repository import item_table as it  # noqa: E402
 from model_repository.ort_graph import OrtGraph  # noqa: E402
 
-MODELS = ("rank", "item_lookup", "ranking", "floor")  # the ones whose counters the report shows
+MODELS = ("rank", "item_lookup", "ranking", "floor", "rank_in_ensemble")  # the counters the report shows
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 ROUNDS = 10
 NUM_ITEMS = 1682
 BACKENDS = {"python": "python", "native": "onnxruntime"}  # report name -> `mmrank repo --backend`
 FLOOR = "python: floor (a Python step doing no work)"
 NATIVE_FLOOR = "native: floor (a native step doing no work)"
+HOP = "native: rank behind a one-step ensemble (what the ensemble hop costs)"
+HOP_MODEL = "rank_in_ensemble"  # MODELS names it too
 GRPC = "gRPC round trip, no model (is_server_live)"
 RAW = "native: served, bare gRPC stub (request built once)"
 HTTP = "native: served over HTTP (tritonclient.http, binary tensors)"
@@ -182,6 +185,19 @@ def add_native_floor(repo: Path) -> None:
     (repo / "floor" / "1").mkdir(parents=True)
     onnx.save(fit_native_runtime(model), repo / "floor" / "1" / "model.onnx")
     write_config(repo / "floor", config)
+
+
+def add_native_ensemble(repo: Path, export: Path) -> None:
+    """HOP_MODEL: a batching ensemble whose one step is the native `rank`, as `rank` itself is over the
+    table model of every other render (`export.repository.rank_config`): what that hand-off adds."""
+    from export.manifest import Manifest
+    from export.repository import rank_config
+
+    rc = RenderConfig(backend="onnxruntime")
+    config = rank_config(Manifest.read(export), read_config(table_model(repo)), None, rc)
+    config.name = HOP_MODEL
+    write_config(repo / HOP_MODEL, config)
+    (repo / HOP_MODEL / "1").mkdir()
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -503,6 +519,7 @@ def measure(args, tmp: Path) -> dict:
         render_repository(export, repos[name], RenderConfig(backend=backend))
     add_floor_model(repos["python"])
     add_native_floor(repos["native"])
+    add_native_ensemble(repos["native"], export)
     hist, cands = request(args.candidates, args.history, NUM_ITEMS)
     threads = RenderConfig.rank_graph_threads
     native_file = table_model(repos["native"]) / "1" / "model.onnx"
@@ -526,6 +543,7 @@ def measure(args, tmp: Path) -> dict:
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
             FLOOR: ("python", lambda: clients["python"].infer("floor", inputs)),
             NATIVE_FLOOR: ("native", lambda: clients["native"].infer("floor", inputs)),
+            HOP: ("native", lambda: clients["native"].infer(HOP_MODEL, inputs)),
             RAW: ("native", bare_stub(servers["native"].grpc_url, hist, cands)),
             GRPC: ("native", lambda: clients["native"].is_server_live()),
             HTTP: ("native", over_http),
@@ -579,9 +597,15 @@ PA_COLUMNS = {  # perf_analyzer's CSV column (us) -> report key (ms)
 
 def perf_analyzer(binary: str, url: str, hist: np.ndarray, cands: np.ndarray, tmp: Path) -> dict:
     """{concurrency: {p50, p99, queue, infer, network_and_server (ms), throughput}} of `rank` at `url`
-    measured by perf_analyzer with this request; RuntimeError naming the failure otherwise."""
+    measured by perf_analyzer with this request; RuntimeError naming the failure otherwise. A `rank`
+    without batching (the native model) takes the batch axis in the shapes perf_analyzer sends."""
+    import tritonclient.grpc as grpc
+
+    with grpc.InferenceServerClient(url) as client:
+        batched = client.get_model_config("rank").config.max_batch_size > 0
+    lead = [] if batched else [1]
     data = {
-        name: {"content": arr[0].tolist(), "shape": [arr.shape[1]]}
+        name: {"content": arr[0].tolist(), "shape": [*lead, arr.shape[1]]}
         for name, arr in ((it.HISTORY_IDS, hist), (it.CANDIDATE_IDS, cands))
     }
     inputs, csv = tmp / "perf_analyzer_input.json", tmp / f"perf_analyzer_{url.rsplit(':', 1)[1]}.csv"
@@ -595,14 +619,13 @@ def perf_analyzer(binary: str, url: str, hist: np.ndarray, cands: np.ndarray, tm
         "grpc",
         "-u",
         url,
-        "-b",
-        "1",
+        *(["-b", "1"] if batched else []),
         "--input-data",
         str(inputs),
         "--shape",
-        f"{it.HISTORY_IDS}:{hist.shape[1]}",
+        f"{it.HISTORY_IDS}:{','.join(map(str, data[it.HISTORY_IDS]['shape']))}",
         "--shape",
-        f"{it.CANDIDATE_IDS}:{cands.shape[1]}",
+        f"{it.CANDIDATE_IDS}:{','.join(map(str, data[it.CANDIDATE_IDS]['shape']))}",
         "--concurrency-range",
         f"{low}:{high}:{high - low}",
         "--measurement-interval",
@@ -821,6 +844,13 @@ def _floor_lines(r: dict, over: dict[str, float]) -> list[str]:
         "native overhead can be at most half the python one only where that floor is under it.",
         "",
     ]
+    if HOP in r["one"]:
+        hop = r["one"][HOP][0] - r["one"]["native: served"][0]
+        lines += [
+            f"The native `rank` behind a one-step batching ensemble, as every other render serves `rank`: "
+            f"{r['one'][HOP][0]:.3f} ms, {hop:+.3f} ms against calling it directly.",
+            "",
+        ]
     if HTTP in r["one"]:
         http, live = r["one"][HTTP][0], r["one"][HTTP_LIVE][0]
         native = http - in_process_p50(r, "native")
