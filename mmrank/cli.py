@@ -227,7 +227,13 @@ def _repo(p):
         default=1,
         help="instances per device of each graph model (encoders, fusion)",
     )
-    p.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size of every model")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="max_batch_size of every model (the native rank, which cannot batch: the users its graph ranks "
+        "per request, the rest answered -inf)",
+    )
     p.add_argument("--max-candidates", type=int, default=2000, help="candidate ids per user in one request")
     p.add_argument(
         "--max-history",
