@@ -9,9 +9,9 @@ and --backend onnxruntime, each served on its own. The python backend refuses a 
 (INVALID_ARGUMENT naming it, model_repository/limits.py); the native lookup graph cannot refuse: it
 answers within the limits (export/lookup_graph.py: no candidates -> empty scores, candidates past the
 limit -inf and unknown, only the most recent max_history history ids read; the native `rank` is no
-batching ensemble, so its graph ranks the first max_batch_size users and answers the rest -inf). Memory is the resident set of
-the server's whole process group (tritonserver and its backend stubs), read from /proc, before and after
-each of `--rounds` oversize requests of each kind in STREAMS: it must stay flat.
+batching ensemble, so its graph ranks the first max_batch_size users and answers the rest -inf). Memory
+is the resident set of the server's whole process group (tritonserver and its backend stubs), read from
+/proc, before and after each of `--rounds` oversize requests of each kind in STREAMS: it must stay flat.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def _summary(result) -> str:
     user, version = result.as_numpy("user_known"), result.as_numpy("item_table_version")
     users = f"{scores.shape[0]} users x " if scores.shape[0] != 1 else ""
     return (
-        f"OK: {users}{scores.shape[-1]} scores, {int(known.sum())} known, {int(np.isfinite(scores).sum())} finite; "
+        f"OK: {users}{scores.shape[-1]} scores, {int(known.sum())} known, "
+        f"{int(np.isfinite(scores).sum())} finite; "
         f"user_known {bool(user.all())}, item_table_version {int(version.reshape(-1)[0])}"
     )
 

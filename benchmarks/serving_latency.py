@@ -12,9 +12,10 @@ N candidates):
    process (one GIL) would cap the rate. Percentiles are exact (nearest rank over every call).
 2. Breakdown at concurrency 1, the same requests each way, one pass each: `rank` (the ensemble),
    `item_lookup` alone where `rank` is an ensemble over it (with the python backend it runs the ranking
-   graph as well: `rank` is one step; the native merged `rank` is the table model itself), `ranking` alone (fed the lookup's products computed here), the lookup + ranking graph
-   in-process (the serving runtime's own lookup on the repository's item table and model.onnx with
-   onnxruntime), and the graph alone in-process.
+   graph as well: `rank` is one step; the native merged `rank` is the table model itself), `ranking`
+   alone (fed the lookup's products computed here), the lookup + ranking graph in-process (the serving
+   runtime's own lookup on the repository's item table and model.onnx with onnxruntime), and the graph
+   alone in-process.
 
 Around every level and pass, Triton's Prometheus counters (clients/triton_metrics.py) are read before
 and after, giving each model's queue and compute time per request as the server measured them.

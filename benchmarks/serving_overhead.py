@@ -9,9 +9,9 @@ ML-100K-sized schema of benchmarks/export_latency.py: latency depends on shapes,
 exported once and rendered twice with `mmrank repo` defaults: `--backend python` (`rank` = an ensemble
 over item_lookup in Triton's Python backend: the numpy lookup, then the ranking graph in onnxruntime) and
 `--backend onnxruntime` (`rank` = the lookup graph merged into the ranking graph, itself one native
-`onnxruntime_onnx` model: no ensemble, no Python step). Both servers (the real tritonserver, loopback) run at once, so every path's calls
-alternate in rounds and see the same load on a shared CPU. One user ranks N candidates against an
-L-item history.
+`onnxruntime_onnx` model: no ensemble, no Python step). Both servers (the real tritonserver, loopback)
+run at once, so every path's calls alternate in rounds and see the same load on a shared CPU. One user
+ranks N candidates against an L-item history.
 
 - in process, the same computation on the same thread count as served: python = `rank_inputs` + the
   ranking graph; native = the served `rank/1/model.onnx` itself. Both in this venv's onnxruntime
@@ -46,7 +46,8 @@ L-item history.
 - `--explore`: the native repository with other onnxruntime threading (intra_op_thread_count 2 and 0 =
   one per core; parallel execution mode with 2 inter-op threads), onnxruntime's memory arena or memory
   pattern off, 2 `rank` instances, and the lookup as its own model (item_lookup) before a ranking model
-  with dynamic batching in a `rank` ensemble, each on its own server after the main run, against the same in-process computation.
+  with dynamic batching in a `rank` ensemble, each on its own server after the main run, against the
+  same in-process computation.
 """
 
 from __future__ import annotations
@@ -947,8 +948,8 @@ def write_report(r: dict, path: Path) -> None:
         "",
         f"em3 ranking graph (L={s['history']}), N={s['candidates']} candidates, one user per request; "
         "`mmrank repo` defaults. python: rank = an ensemble over item_lookup (Python backend: numpy lookup + "
-        "ranking graph, 1 onnxruntime thread). native: rank = the lookup graph merged into the ranking graph, "
-        "itself one onnxruntime_onnx model (intra_op_thread_count 1): no ensemble, no Python step. Both "
+        "ranking graph, 1 onnxruntime thread). native: rank = the lookup graph merged into the ranking "
+        "graph, itself one onnxruntime_onnx model (intra_op_thread_count 1): no ensemble, no Python step. Both "
         "servers up at once, "
         f"{s['calls']} calls of every path in {ROUNDS} alternating rounds. {_placement(s)} "
         f"{_idle_states(s)}",

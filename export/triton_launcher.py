@@ -552,8 +552,8 @@ class TritonServer:
         self.skipped = self.tables.skipped  # bad newest table versions, said at start
         if self.tables.pinned and config.control_mode != "explicit":
             raise MMRankError(
-                f"{self.tables.model}: {self.tables.passed_over[0]}: the native lookup cannot pass over a version in "
-                f"{config.control_mode} mode (Triton loads the newest): remove it, or serve with "
+                f"{self.tables.model}: {self.tables.passed_over[0]}: the native lookup cannot pass over a "
+                f"version in {config.control_mode} mode (Triton loads the newest): remove it, or serve with "
                 f"--control-mode explicit, which loads version {self.tables.served}"
             )
 
