@@ -1,24 +1,33 @@
-"""gRPC client of the `rank` ensemble: `rank(history_ids, candidate_ids, user_id=None) -> Ranking`.
+"""gRPC client of `rank`: `rank(history_ids, candidate_ids, user_id=None) -> Ranking`.
 
 A Ranking is (scores, known, item_table_version, user_known): `known` is False for candidates the item
 table does not hold, which the server scores -inf (ranked last); with `ClientConfig(unknown_ids="raise")`
 such a request raises a RankingError naming them instead. `item_table_version` is the table version that
 answered (after a publish, the new one once the server has loaded it); `user_known` is False where the
 user_id is not one the model knows, and where none was sent: either way the scores are the unknown
-user's. Sync and asyncio flavours share input checking and request building. UNAVAILABLE (server starting,
-restarting or overloaded) is retried with exponential backoff; every other failure raises a
-RankingError that says what was wrong (bad ids, server down, model missing, timeout).
+user's. Sync and asyncio flavours share input checking, request building and response reading.
+UNAVAILABLE (server starting, restarting or overloaded) is retried with exponential backoff; every other
+failure raises a RankingError that says what was wrong (bad ids, server down, model missing, timeout).
+
+The client speaks Triton's gRPC protocol through its generated stubs (shipped in tritonclient): the ids
+go straight into the request message and the outputs come back as arrays over the response's bytes.
+tritonclient's `infer` wraps each input and output in objects of its own, which on a request of 100
+candidates cost more than the whole protobuf work (benchmarks/serving_overhead.py times both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import grpc
 import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 
 from common.errors import MMRankError
 
@@ -27,6 +36,17 @@ KNOWN = "candidate_known"  # False where the item table has no row for a candida
 USER_KNOWN, TABLE_VERSION = "user_known", "item_table_version"  # per request
 UNKNOWN_IDS = ("flag", "raise")
 PAD_ID = 0  # an empty history is sent as one padding id, which the lookup step masks out
+OUTPUTS = {  # what `rank` answers, in the datatype it answers it
+    SCORES: ("FP32", np.dtype(np.float32)),  # per candidate
+    KNOWN: ("BOOL", np.dtype(np.bool_)),  # per candidate
+    USER_KNOWN: ("BOOL", np.dtype(np.bool_)),  # per request
+    TABLE_VERSION: ("INT64", np.dtype(np.int64)),  # per request
+}
+MAX_MESSAGE = 2**31 - 1  # gRPC's default receive limit (4 MiB) would refuse a large candidate set's answer
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+)
 
 
 class RankingError(MMRankError):
@@ -77,107 +97,109 @@ def parse_id_list(text: str, name: str) -> list[int]:
         raise RankingError(f"{name}: {e}") from e
 
 
-def _is_unavailable(err: Exception) -> bool:
-    status = getattr(err, "status", lambda: None)() or ""
-    return "UNAVAILABLE" in str(status)
+def checked(history, candidates, user_id: int | None) -> list[tuple[str, np.ndarray]]:
+    """The request's tensors, checked before anything is sent: a bad id is named as such, even when the
+    server is down."""
+    tensors = [
+        (HISTORY, as_ids(history, HISTORY, allow_empty=True)),
+        (CANDIDATES, as_ids(candidates, CANDIDATES, allow_empty=False)),
+    ]
+    if user_id is not None:  # without it the lookup step uses the unknown-user row
+        tensors.append((USER, as_ids([user_id], USER, allow_empty=False)))
+    return tensors
 
 
-def _describe(err: Exception, cfg: ClientConfig) -> RankingError:
-    status = str(getattr(err, "status", lambda: None)() or "")
-    msg = getattr(err, "message", lambda: str(err))() or str(err)
-    if "UNAVAILABLE" in status:
+def infer_request(model: str, tensors: list[tuple[str, np.ndarray]], batched: bool) -> pb.ModelInferRequest:
+    """One user's request; `batched`: the model takes a leading batch axis (a request is [1, ...])."""
+    request = pb.ModelInferRequest(model_name=model)
+    for name, arr in tensors:
+        request.inputs.add(name=name, datatype="INT64", shape=(1, arr.size) if batched else (arr.size,))
+        request.raw_input_contents.append(arr.tobytes())
+    for name in OUTPUTS:
+        request.outputs.add(name=name)
+    return request
+
+
+def response_outputs(response: pb.ModelInferResponse, model: str) -> dict[str, np.ndarray]:
+    """{output: flat array} of a response, each checked against the datatype `rank` answers it in."""
+    if len(response.raw_output_contents) != len(response.outputs):
+        raise RankingError(
+            f"response of {model!r} carries {len(response.raw_output_contents)} output buffers for "
+            f"{len(response.outputs)} outputs"
+        )
+    out = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if tensor.name not in OUTPUTS:
+            continue
+        datatype, dtype = OUTPUTS[tensor.name]
+        if tensor.datatype != datatype:
+            raise RankingError(
+                f"output {tensor.name!r} of {model!r} is {tensor.datatype}, expected {datatype}"
+            )
+        if len(raw) != math.prod(tensor.shape) * dtype.itemsize:
+            raise RankingError(
+                f"output {tensor.name!r} of {model!r}: {len(raw)} bytes for shape {list(tensor.shape)}"
+            )
+        out[tensor.name] = np.frombuffer(raw, dtype).copy()  # a writable array the caller owns
+    missing = [name for name in OUTPUTS if name not in out]
+    if missing:
+        raise RankingError(f"response of {model!r} has no {missing} output (is {model!r} the rank model?)")
+    return out
+
+
+def batched_from(metadata: pb.ModelMetadataResponse) -> bool:
+    for t in metadata.inputs:
+        if t.name == CANDIDATES:
+            return len(t.shape) == 2
+    raise RankingError(f"model {metadata.name!r} has no input named {CANDIDATES!r}")
+
+
+def _is_unavailable(err: grpc.RpcError) -> bool:
+    return err.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _describe(err: grpc.RpcError, cfg: ClientConfig) -> RankingError:
+    code, msg = err.code(), err.details()
+    if code == grpc.StatusCode.UNAVAILABLE:
         return RankingError(f"Triton at {cfg.url} is unavailable (is `mmrank serve` running?): {msg}")
-    if "DEADLINE_EXCEEDED" in status:
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RankingError(f"no answer from {cfg.url} within {cfg.timeout_s}s")
     return RankingError(f"model {cfg.model!r} at {cfg.url}: {msg}")
 
 
 class _Base:
-    def __init__(self, cfg: ClientConfig, client):
+    def __init__(self, cfg: ClientConfig, channel):
         self.cfg = cfg
-        self._client = client
+        self._channel = channel
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         self._batched: bool | None = None
 
-    @staticmethod
-    def _checked(history, candidates, user_id: int | None) -> list[tuple[str, np.ndarray]]:
-        """The request's tensors, checked before anything is sent: a bad id is named as such, even
-        when the server is down."""
-        tensors = [
-            (HISTORY, as_ids(history, HISTORY, allow_empty=True)),
-            (CANDIDATES, as_ids(candidates, CANDIDATES, allow_empty=False)),
-        ]
-        if user_id is not None:  # without it the lookup step uses the unknown-user row
-            tensors.append((USER, as_ids([user_id], USER, allow_empty=False)))
-        return tensors
-
-    def _inputs(self, tensors: list[tuple[str, np.ndarray]]) -> list:
-        out = []
-        for name, arr in tensors:
-            arr = arr[None, :] if self._batched else arr
-            inp = self._module.InferInput(name, list(arr.shape), "INT64")
-            inp.set_data_from_numpy(arr)
-            out.append(inp)
-        return out
-
-    @staticmethod
-    def _batched_from(metadata) -> bool:
-        for t in metadata.inputs:
-            if t.name == CANDIDATES:
-                return len(t.shape) == 2
-        raise RankingError(f"model has no input named {CANDIDATES!r}")
-
-    def _scores(self, result, n: int) -> np.ndarray:
-        scores = result.as_numpy(SCORES)
-        if scores is None:
-            raise RankingError(f"response has no {SCORES!r} output")
-        scores = scores.reshape(-1)
-        if scores.size != n:
-            raise RankingError(f"got {scores.size} scores for {n} candidates")
-        return scores.astype(np.float32)
-
-    def _output(self, result, name: str) -> np.ndarray:
-        value = result.as_numpy(name)
-        if value is None:
-            raise RankingError(f"response has no {name!r} output (is {self.cfg.model!r} the rank ensemble?)")
-        return value.reshape(-1)
-
-    def _ranking(self, result, candidates, n: int) -> Ranking:
-        ranking = Ranking(
-            self._scores(result, n),
-            self._output(result, KNOWN).astype(bool)[:n],
-            int(self._output(result, TABLE_VERSION)[0]),
-            bool(self._output(result, USER_KNOWN)[0]),
-        )
+    def _ranking(self, response: pb.ModelInferResponse, candidates: np.ndarray) -> Ranking:
+        out = response_outputs(response, self.cfg.model)
+        n = len(candidates)
+        if out[SCORES].size != n:
+            raise RankingError(f"got {out[SCORES].size} scores for {n} candidates")
+        ranking = Ranking(out[SCORES], out[KNOWN][:n], int(out[TABLE_VERSION][0]), bool(out[USER_KNOWN][0]))
         if self.cfg.unknown_ids == "raise" and not ranking.known.all():
-            unknown = np.asarray(candidates)[~ranking.known]
+            unknown = candidates[~ranking.known]
             raise RankingError(
                 f"{len(unknown)} candidate ids are not in the item table: {unknown[:10].tolist()}"
             )
         return ranking
-
-    def _outputs(self) -> list:
-        return [
-            self._module.InferRequestedOutput(name) for name in (SCORES, KNOWN, USER_KNOWN, TABLE_VERSION)
-        ]
 
 
 class RankingClient(_Base):
     """Blocking client. `with RankingClient(ClientConfig(url=...)) as c: c.rank([1, 2], [3, 4, 5])`."""
 
     def __init__(self, cfg: ClientConfig = ClientConfig()):
-        import tritonclient.grpc as grpcclient
+        super().__init__(cfg, grpc.insecure_channel(cfg.url, options=CHANNEL_OPTIONS))
 
-        self._module = grpcclient
-        super().__init__(cfg, grpcclient.InferenceServerClient(url=cfg.url))
-
-    def _call(self, fn, *args, **kwargs):
-        from tritonclient.utils import InferenceServerException
-
+    def _call(self, method, request):
         delay = self.cfg.backoff_s
         for attempt in range(self.cfg.retries + 1):
             try:
-                return fn(*args, client_timeout=self.cfg.timeout_s, **kwargs)
-            except InferenceServerException as e:
+                return method(request, timeout=self.cfg.timeout_s)
+            except grpc.RpcError as e:
                 if not _is_unavailable(e) or attempt == self.cfg.retries:
                     raise _describe(e, self.cfg) from e
                 time.sleep(delay)
@@ -186,23 +208,22 @@ class RankingClient(_Base):
 
     def ready(self) -> bool:
         try:
-            return bool(self._call(self._client.is_model_ready, self.cfg.model))
+            return self._call(self._stub.ModelReady, pb.ModelReadyRequest(name=self.cfg.model)).ready
         except RankingError:
             return False
 
     def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
         """Scores [N] (logits) and known flags of the candidates in their order, the table version that
         answered and whether the user is known."""
-        tensors = self._checked(history_ids, candidate_ids, user_id)
+        tensors = checked(history_ids, candidate_ids, user_id)
         if self._batched is None:
-            self._batched = self._batched_from(self._call(self._client.get_model_metadata, self.cfg.model))
-        result = self._call(
-            self._client.infer, self.cfg.model, self._inputs(tensors), outputs=self._outputs()
-        )
-        return self._ranking(result, candidate_ids, len(tensors[1][1]))
+            meta = self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=self.cfg.model))
+            self._batched = batched_from(meta)
+        request = infer_request(self.cfg.model, tensors, self._batched)
+        return self._ranking(self._call(self._stub.ModelInfer, request), tensors[1][1])
 
     def close(self) -> None:
-        self._client.close()
+        self._channel.close()
 
     def __enter__(self):
         return self
@@ -215,19 +236,14 @@ class AsyncRankingClient(_Base):
     """asyncio client with the same contract; use inside a running event loop."""
 
     def __init__(self, cfg: ClientConfig = ClientConfig()):
-        import tritonclient.grpc.aio as aioclient
+        super().__init__(cfg, grpc.aio.insecure_channel(cfg.url, options=CHANNEL_OPTIONS))
 
-        self._module = aioclient
-        super().__init__(cfg, aioclient.InferenceServerClient(url=cfg.url))
-
-    async def _call(self, fn, *args, **kwargs):
-        from tritonclient.utils import InferenceServerException
-
+    async def _call(self, method, request):
         delay = self.cfg.backoff_s
         for attempt in range(self.cfg.retries + 1):
             try:
-                return await fn(*args, client_timeout=self.cfg.timeout_s, **kwargs)
-            except InferenceServerException as e:
+                return await method(request, timeout=self.cfg.timeout_s)
+            except grpc.RpcError as e:
                 if not _is_unavailable(e) or attempt == self.cfg.retries:
                     raise _describe(e, self.cfg) from e
                 await asyncio.sleep(delay)
@@ -235,16 +251,15 @@ class AsyncRankingClient(_Base):
         raise AssertionError("unreachable")
 
     async def rank(self, history_ids, candidate_ids, user_id: int | None = None) -> Ranking:
-        tensors = self._checked(history_ids, candidate_ids, user_id)
+        tensors = checked(history_ids, candidate_ids, user_id)
         if self._batched is None:
-            meta = await self._call(self._client.get_model_metadata, self.cfg.model)
-            self._batched = self._batched_from(meta)
-        inputs = self._inputs(tensors)
-        result = await self._call(self._client.infer, self.cfg.model, inputs, outputs=self._outputs())
-        return self._ranking(result, candidate_ids, len(tensors[1][1]))
+            meta = await self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(name=self.cfg.model))
+            self._batched = batched_from(meta)
+        request = infer_request(self.cfg.model, tensors, self._batched)
+        return self._ranking(await self._call(self._stub.ModelInfer, request), tensors[1][1])
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()
 
     async def __aenter__(self):
         return self

@@ -10,8 +10,18 @@ import json
 import numpy as np
 import pytest
 from conftest import NUM_ITEMS, NUM_USERS
+from tritonclient.grpc import service_pb2 as pb
 
-from clients.ranking_client import AsyncRankingClient, ClientConfig, RankingClient, RankingError
+from clients.ranking_client import (
+    OUTPUTS,
+    AsyncRankingClient,
+    ClientConfig,
+    RankingClient,
+    RankingError,
+    checked,
+    infer_request,
+    response_outputs,
+)
 from export.parity import training_scores
 from export.triton_launcher import free_port
 from mmrank.cli import main
@@ -100,6 +110,96 @@ def test_unknown_model_names_the_model(url):
     with RankingClient(ClientConfig(url=url, model="no_such_model")) as client:
         with pytest.raises(RankingError, match="no_such_model"):
             client.rank([1], [2])
+
+
+def test_native_rank_answers_the_client_as_the_python_backend(native_server, url):
+    """The native `rank` takes no batching from Triton (its graph reads the batch axis itself): the client
+    sends the same [1, ...] request to it and reads the same answer."""
+    history, candidates = [3, -9, 4, 17, NUM_ITEMS + 3], [1, NUM_ITEMS + 7, 5, 8]
+    with (
+        RankingClient(ClientConfig(url=native_server.grpc_url, timeout_s=30)) as native,
+        RankingClient(ClientConfig(url=url, timeout_s=30)) as python,
+    ):
+        for user_id in (None, NUM_USERS, NUM_USERS + 2):
+            got, want = native.rank(history, candidates, user_id), python.rank(history, candidates, user_id)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-5)
+            assert got.known.tolist() == want.known.tolist() == [True, False, True, True]
+            assert got[2:] == want[2:]
+
+
+def _response(outputs: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name="rank")
+    for name, (datatype, array) in outputs.items():
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+def _answer(n: int = 3) -> dict[str, tuple[str, np.ndarray]]:
+    return {
+        "scores": ("FP32", np.arange(n, dtype=np.float32)[None]),
+        "candidate_known": ("BOOL", np.ones((1, n), bool)),
+        "user_known": ("BOOL", np.zeros((1, 1), bool)),
+        "item_table_version": ("INT64", np.full((1, 1), 7, np.int64)),
+    }
+
+
+def test_requests_carry_the_ids_as_raw_int64_in_the_model_shape():
+    tensors = checked([], [5, -2, 9], 4)  # an empty history is one padding id
+    for batched, lead in ((True, [1]), (False, [])):
+        request = infer_request("rank", tensors, batched)
+        assert [(t.name, t.datatype, list(t.shape)) for t in request.inputs] == [
+            ("history_ids", "INT64", [*lead, 1]),
+            ("candidate_ids", "INT64", [*lead, 3]),
+            ("user_id", "INT64", [*lead, 1]),
+        ]
+        sent = [np.frombuffer(raw, np.int64).tolist() for raw in request.raw_input_contents]
+        assert sent == [[0], [5, -2, 9], [4]]
+        assert [o.name for o in request.outputs] == list(OUTPUTS)
+
+
+def test_response_outputs_are_read_as_writable_arrays():
+    out = response_outputs(_response(_answer()), "rank")
+    assert out["scores"].tolist() == [0, 1, 2] and out["item_table_version"].tolist() == [7]
+    assert out["candidate_known"].dtype == bool and out["scores"].flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scores": ("FP64", np.zeros((1, 3)))}, "output 'scores' of 'rank' is FP64, expected FP32"),
+        ({"user_known": None}, r"has no \['user_known'\] output"),
+        ({"scores": ("FP32", np.zeros(2, np.float32)), "shape": (1, 3)}, "8 bytes for shape \\[1, 3\\]"),
+        ({"extra": ("FP32", np.zeros(1, np.float32)), "drop_buffer": True}, "4 output buffers for 5 outputs"),
+    ],
+)
+def test_a_malformed_response_is_named(change, message):
+    outputs = _answer()
+    shape = change.pop("shape", None)
+    drop = change.pop("drop_buffer", False)
+    for name, value in change.items():
+        if value is None:
+            del outputs[name]
+        else:
+            outputs[name] = value
+    response = _response(outputs)
+    if shape is not None:
+        response.outputs[0].shape[:] = shape
+    if drop:
+        del response.raw_output_contents[-1]
+    with pytest.raises(RankingError, match=message):
+        response_outputs(response, "rank")
+
+
+def test_the_async_client_names_a_down_server():
+    url = f"127.0.0.1:{free_port()}"
+
+    async def call():
+        async with AsyncRankingClient(ClientConfig(url=url, timeout_s=2, retries=1, backoff_s=0.01)) as c:
+            await c.rank([1], [2])
+
+    with pytest.raises(RankingError, match=f"Triton at {url} is unavailable"):
+        asyncio.run(call())
 
 
 def test_server_down_is_retried_then_named():
