@@ -20,7 +20,9 @@ ranks N candidates against an L-item history.
   the native overhead is counted against that one where the wheel is there. Beside them, each timed
   with 0.5 ms of sleep before every call (outside the timing), as a server runs it between requests:
   what a computation timed back to back leaves out;
-- served, 1 caller (sync tritonclient): p50 / p99; overhead = served p50 - in-process p50. Beside them:
+- served, 1 caller (sync tritonclient, the request tensors built once): p50 / p99; overhead = served p50 -
+  in-process p50. The same through the project's RankingClient (clients/ranking_client.py: the ids
+  checked, the request built and the answer read on every call, as a user's code calls it). Beside them:
   `floor` on each server (a model with the table model's interface doing no work: any Python step's
   round trip, any native step's), the native `rank` behind a one-step batching ensemble (how every other
   render serves `rank`: what the ensemble's hand-off costs) and a bare gRPC round trip
@@ -32,7 +34,7 @@ ranks N candidates against an L-item history.
   and the CPU time each served call costs the server (its process and its backend stubs, from /proc) and
   this client process, over a run of calls of its own: what bounds throughput on a shared CPU;
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
-  work shares one GIL) and as 8 processes;
+  work shares one GIL) and as 8 processes, these through tritonclient and through RankingClient;
 - the client's own work in process: building the request tensors, reading the response;
 - `--perf-analyzer PATH`: the same request through Triton's C++ client, perf_analyzer (shipped as
   `bin/perf_analyzer` in the tritonclient 2.51 wheel; it loads libb64.so.0d, Debian's libb64-0d, and
@@ -103,6 +105,7 @@ RAW = "native: served, bare gRPC stub (request built once)"
 HTTP = "native: served over HTTP (tritonclient.http, binary tensors)"
 HTTP_LIVE = "HTTP round trip, no model (is_server_live)"
 SERVER_ORT = "native: in process, the server's ONNX Runtime"
+OWN_CLIENT = "RankingClient (ids checked, request built, answer read per call)"
 CPU_CALLS = 1000  # calls per path for the CPU-time table: /proc counts in clock ticks (10 ms)
 OUTPUTS = ("scores", it.CANDIDATE_KNOWN, it.USER_KNOWN, it.TABLE_VERSION)  # every output `rank` answers
 IDLE_S = 0.0005  # the pause before each call of the "idle before each call" in-process paths
@@ -199,6 +202,11 @@ def add_native_ensemble(repo: Path, export: Path) -> None:
     config.name = HOP_MODEL
     write_config(repo / HOP_MODEL, config)
     (repo / HOP_MODEL / "1").mkdir()
+
+
+def own_client(backend: str) -> str:
+    """The path name of `rank` served by `backend` to the project's own client."""
+    return f"{backend}: served, {OWN_CLIENT}"
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -440,32 +448,51 @@ def callers(url: str, inputs_of: Callable, calls: int, n: int) -> tuple[list[flo
     return ms, len(failures)
 
 
-def _process_caller(url: str, hist: np.ndarray, cands: np.ndarray, calls: int, barrier) -> tuple:
-    """One caller process: warm up, wait for the others, then `calls` timed calls: (ms, failures)."""
+CLIENTS = ("tritonclient", "RankingClient")
+
+
+def rank_call(url: str, hist: np.ndarray, cands: np.ndarray, client: str = "tritonclient") -> Callable:
+    """One caller's `rank` call of this request, raising on failure: tritonclient's `infer` with the
+    request tensors built once, or the project's RankingClient (clients/ranking_client.py: ids checked,
+    request built and the answer read on every call, as a user calls it)."""
+    if client == "RankingClient":
+        from clients.ranking_client import ClientConfig, RankingClient
+
+        ranking = RankingClient(ClientConfig(url=url, timeout_s=10, retries=0))
+        return lambda: ranking.rank(hist[0], cands[0])
     import tritonclient.grpc as grpc
 
-    client = grpc.InferenceServerClient(url)
+    triton = grpc.InferenceServerClient(url)
     inputs = request_tensors(grpc, hist, cands)
-    timed(lambda: client.infer("rank", inputs), 0, warmup=20)
+    return lambda: triton.infer("rank", inputs, client_timeout=10)
+
+
+def _process_caller(url: str, hist: np.ndarray, cands: np.ndarray, calls: int, barrier, client: str) -> tuple:
+    """One caller process: warm up, wait for the others, then `calls` timed calls: (ms, failures)."""
+    call_rank = rank_call(url, hist, cands, client)
+    timed(call_rank, 0, warmup=20)
     barrier.wait()
     failures = 0
 
     def call():
         nonlocal failures
         try:
-            client.infer("rank", inputs, client_timeout=10)
+            call_rank()
         except Exception:  # every failure counts, whatever its kind
             failures += 1
 
     return timed(call, calls, warmup=0), failures
 
 
-def caller_processes(url: str, hist, cands, calls: int, n: int) -> tuple[list[float], int]:
-    """`n` callers in processes of their own (no client shares a GIL): (ms, failures)."""
+def caller_processes(
+    url: str, hist, cands, calls: int, n: int, client: str = "tritonclient"
+) -> tuple[list[float], int]:
+    """`n` callers in processes of their own (no client shares a GIL), each through `client` (CLIENTS):
+    (ms, failures)."""
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(n, mp_context=context) as pool:
         barrier = manager.Barrier(n)
-        args = [(url, hist, cands, calls, barrier)] * n
+        args = [(url, hist, cands, calls, barrier, client)] * n
         parts = list(pool.map(_process_caller, *zip(*args, strict=True)))
     return [t for ms, _ in parts for t in ms], sum(f for _, f in parts)
 
@@ -542,6 +569,10 @@ def measure(args, tmp: Path) -> dict:
         served = {  # path -> (server, call)
             "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
+            **{
+                own_client(name): (name, rank_call(s.grpc_url, hist, cands, "RankingClient"))
+                for name, s in servers.items()
+            },
             FLOOR: ("python", lambda: clients["python"].infer("floor", inputs)),
             NATIVE_FLOOR: ("native", lambda: clients["native"].infer("floor", inputs)),
             HOP: ("native", lambda: clients["native"].infer(HOP_MODEL, inputs)),
@@ -559,7 +590,11 @@ def measure(args, tmp: Path) -> dict:
             for name, s in servers.items()
         }
         processes = {
-            name: caller_processes(s.grpc_url, hist, cands, args.calls, 8) for name, s in servers.items()
+            (name if client == "tritonclient" else f"{name} ({client})"): caller_processes(
+                s.grpc_url, hist, cands, args.calls, 8, client
+            )
+            for client in CLIENTS
+            for name, s in servers.items()
         }
     finally:
         for server in servers.values():
@@ -786,8 +821,23 @@ def in_process_p50(r: dict, backend: str) -> float:
     return r["one"][f"{backend}: in process"][0]
 
 
-def overheads(r: dict) -> dict[str, float]:
-    return {b: r["one"][f"{b}: served"][0] - in_process_p50(r, b) for b in BACKENDS}
+def overheads(r: dict, client: str = "tritonclient") -> dict[str, float]:
+    """{backend: served p50 - in-process p50} of the 1-caller rows of `client` (CLIENTS)."""
+    served = (lambda b: f"{b}: served") if client == "tritonclient" else own_client
+    return {b: r["one"][served(b)][0] - in_process_p50(r, b) for b in BACKENDS}
+
+
+def _own_client_lines(r: dict) -> list[str]:
+    if own_client("native") not in r["one"]:  # runs from before the row existed
+        return []
+    over = overheads(r, "RankingClient")
+    return [
+        f"Through the project's client (clients/ranking_client.py, every call checking the ids, building "
+        f"the request and reading the answer, as `mmrank rank`, the demo and the load test call it): python "
+        f"{over['python']:.3f} ms, native {over['native']:.3f} ms (native / python = "
+        f"{over['native'] / over['python']:.2f}).",
+        "",
+    ]
 
 
 def _triton_rows(times: dict) -> list[str]:
@@ -969,6 +1019,7 @@ def write_report(r: dict, path: Path) -> None:
         f"**Overhead (served p50, 1 caller, minus in-process p50): python {over['python']:.3f} ms, native "
         f"{over['native']:.3f} ms** (native / python = {over['native'] / over['python']:.2f}){_reference(r)}.",
         "",
+        *_own_client_lines(r),
         *_floor_lines(r, over),
         "Where the time went (1 caller; Triton's counters per model, mean per request; an ensemble's "
         "request time is its whole server-side time):",
