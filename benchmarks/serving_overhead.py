@@ -525,17 +525,23 @@ def http_rank(url: str, hist: np.ndarray, cands: np.ndarray) -> tuple[Callable, 
 
 
 def client_side(hist, cands, result) -> dict[str, float]:
-    """p50 ms of the client's own work: building the two request tensors, reading the four outputs."""
+    """p50 ms of the client's own work on this request and `result` (a native `rank` answer): tritonclient
+    building the two request tensors and reading the four outputs; RankingClient checking the ids and
+    building the request, and reading the answer."""
     import tritonclient.grpc as grpc
 
-    return {
-        "client: build request tensors": float(
-            np.median(timed(lambda: request_tensors(grpc, hist, cands), 2000))
+    from clients.ranking_client import checked, infer_request, response_outputs
+
+    response = result.get_response()
+    p50 = {
+        "tritonclient: build request tensors": lambda: request_tensors(grpc, hist, cands),
+        "tritonclient: read response outputs": lambda: [result.as_numpy(n) for n in OUTPUTS],
+        "RankingClient: check ids, build request": lambda: infer_request(
+            "rank", checked(hist[0], cands[0], None), True
         ),
-        "client: read response outputs": float(
-            np.median(timed(lambda: [result.as_numpy(n) for n in OUTPUTS], 2000))
-        ),
+        "RankingClient: read answer": lambda: response_outputs(response, "rank"),
     }
+    return {name: float(np.median(timed(fn, 2000))) for name, fn in p50.items()}
 
 
 def measure(args, tmp: Path) -> dict:

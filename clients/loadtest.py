@@ -1,6 +1,6 @@
-"""`mmrank loadtest`: a headless locust run against the `rank` ensemble, stepping the number of callers.
+"""`mmrank loadtest`: a headless locust run against `rank`, stepping the number of callers.
 
-Steps: check the address is loopback and the ensemble ready -> draw requests from the dataset
+Steps: check the address is loopback and `rank` ready -> draw requests from the dataset
 (clients/request_sample.py) -> run clients/locustfile.py in a locust subprocess (gevent patches the
 process it runs in, so it gets its own) with a step ramp of user counts, each held `duration_s` ->
 summarise every call per step. The subprocess is killed if it outlives the ramp by `grace_s`, so the

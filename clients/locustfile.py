@@ -1,4 +1,4 @@
-"""Locust load test of the `rank` ensemble over tritonclient gRPC; `mmrank loadtest` runs it headless.
+"""Locust load test of `rank` through the gRPC RankingClient; `mmrank loadtest` runs it headless.
 
     locust -f clients/locustfile.py --headless --host 127.0.0.1:8001 \
         --requests-file OUT/requests.npz --user-steps 1,2,4,8 --step-seconds 20 --calls-file OUT/calls.csv
@@ -47,7 +47,7 @@ def _arguments(parser):
     parser.add_argument("--step-seconds", type=float, default=20.0, help="how long each step lasts")
     parser.add_argument("--calls-file", default="", help="CSV of every call (step, latency, outcome)")
     parser.add_argument("--call-timeout", type=float, default=5.0, help="seconds per call")
-    parser.add_argument("--model", default="rank", help="the ensemble to call")
+    parser.add_argument("--model", default="rank", help="the model to call")
 
 
 @events.init.add_listener
@@ -94,7 +94,7 @@ class StepShape(LoadTestShape):
 
 
 class RankUser(User):
-    """One caller with its own gRPC channel, calling the ensemble in a closed loop."""
+    """One caller with its own gRPC channel, calling `rank` in a closed loop."""
 
     def on_start(self):
         opts = self.environment.parsed_options

@@ -9,10 +9,10 @@ user's. Sync and asyncio flavours share input checking, request building and res
 UNAVAILABLE (server starting, restarting or overloaded) is retried with exponential backoff; every other
 failure raises a RankingError that says what was wrong (bad ids, server down, model missing, timeout).
 
-The client speaks Triton's gRPC protocol through its generated stubs (shipped in tritonclient): the ids
-go straight into the request message and the outputs come back as arrays over the response's bytes.
-tritonclient's `infer` wraps each input and output in objects of its own, which on a request of 100
-candidates cost more than the whole protobuf work (benchmarks/serving_overhead.py times both).
+The client speaks Triton's gRPC protocol through the generated stubs tritonclient ships: the ids go
+straight into the request message and the outputs come back as arrays over the response's bytes, one
+layer thinner than tritonclient's `infer` and its per-tensor InferInput and InferResult objects
+(benchmarks/serving_overhead.py times this client's own work and its calls beside tritonclient's).
 """
 
 from __future__ import annotations

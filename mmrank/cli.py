@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
     _add(
-        sub, "loadtest", "locust load test of the rank ensemble over gRPC", "clients.loadtest:cli", _loadtest
+        sub, "loadtest", "locust load test of rank over gRPC", "clients.loadtest:cli", _loadtest
     )
     _add(sub, "demo", "the whole pipeline on the synthetic dataset", "mmrank.demo:cli", _demo)
     return parser
