@@ -34,7 +34,8 @@ ranks N candidates against an L-item history.
   and the CPU time each served call costs the server (its process and its backend stubs, from /proc) and
   this client process, over a run of calls of its own: what bounds throughput on a shared CPU;
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
-  work shares one GIL) and as 8 processes, these through tritonclient and through RankingClient;
+  work shares one GIL) and as 8 processes, these through tritonclient and through RankingClient in turn
+  (each half of the calls, the clients in the order A B B A);
 - the client's own work in process: building the request tensors, reading the response;
 - `--perf-analyzer PATH`: the same request through Triton's C++ client, perf_analyzer (shipped as
   `bin/perf_analyzer` in the tritonclient 2.51 wheel; it loads libb64.so.0d, Debian's libb64-0d, and
@@ -497,6 +498,19 @@ def caller_processes(
     return [t for ms, _ in parts for t in ms], sum(f for _, f in parts)
 
 
+def clients_in_turn(servers: dict[str, TritonServer], hist, cands, calls: int) -> dict[str, tuple]:
+    """8 caller processes per server and client (CLIENTS), `calls` calls each in two halves, the clients
+    in turn A B B A so the run's drift falls on both alike: {row: (ms, failures)}."""
+    parts: dict[str, tuple[list[float], int]] = {}
+    for client in (*CLIENTS, *reversed(CLIENTS)):
+        for name, server in servers.items():
+            row = name if client == "tritonclient" else f"{name} ({client})"
+            ms, failures = caller_processes(server.grpc_url, hist, cands, calls // 2, 8, client)
+            before_ms, before_failures = parts.get(row, ([], 0))
+            parts[row] = (before_ms + ms, before_failures + failures)
+    return parts
+
+
 def bare_stub(url: str, hist: np.ndarray, cands: np.ndarray) -> Callable:
     """`rank` through the generated gRPC stub with a request serialized once: what tritonclient's own
     per-call work (request building, result wrapping) adds, by difference."""
@@ -595,13 +609,7 @@ def measure(args, tmp: Path) -> dict:
             name: callers(s.grpc_url, lambda g: request_tensors(g, hist, cands), args.calls, 8)
             for name, s in servers.items()
         }
-        processes = {
-            (name if client == "tritonclient" else f"{name} ({client})"): caller_processes(
-                s.grpc_url, hist, cands, args.calls, 8, client
-            )
-            for client in CLIENTS
-            for name, s in servers.items()
-        }
+        processes = clients_in_turn(servers, hist, cands, args.calls)
     finally:
         for server in servers.values():
             server.stop()
