@@ -36,7 +36,7 @@ ranks N candidates against an L-item history.
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
   work shares one GIL) and as 8 processes, these through tritonclient and through RankingClient in turn
   (each half of the calls, the clients in the order A B B A);
-- the client's own work in process: building the request tensors, reading the response;
+- each client's own work in process: building the request, reading the response;
 - `--perf-analyzer PATH`: the same request through Triton's C++ client, perf_analyzer (shipped as
   `bin/perf_analyzer` in the tritonclient 2.51 wheel; it loads libb64.so.0d, Debian's libb64-0d, and
   libcudart.so.12, e.g. from the nvidia-cuda-runtime-cu12 wheel through LD_LIBRARY_PATH, even for CPU
