@@ -22,7 +22,8 @@ ranks N candidates against an L-item history.
   what a computation timed back to back leaves out;
 - served, 1 caller (sync tritonclient, the request tensors built once): p50 / p99; overhead = served p50 -
   in-process p50. The same through the project's RankingClient (clients/ranking_client.py: the ids
-  checked, the request built and the answer read on every call, as a user's code calls it). Beside them:
+  checked, the request built and the answer read on every call, as a user's code calls it), over gRPC
+  and over HTTP. Beside them:
   `floor` on each server (a model with the table model's interface doing no work: any Python step's
   round trip, any native step's), the native `rank` behind a one-step batching ensemble (how every other
   render serves `rank`: what the ensemble's hand-off costs) and a bare gRPC round trip
@@ -34,8 +35,8 @@ ranks N candidates against an L-item history.
   and the CPU time each served call costs the server (its process and its backend stubs, from /proc) and
   this client process, over a run of calls of its own: what bounds throughput on a shared CPU;
 - 8 concurrent callers (a client each): p50, p99, failures; as 8 threads of this process (their client
-  work shares one GIL) and as 8 processes, these through tritonclient and through RankingClient in turn
-  (each half of the calls, the clients in the order A B B A);
+  work shares one GIL) and as 8 processes, these through tritonclient, RankingClient over gRPC and
+  RankingClient over HTTP in turn (each half of the calls, the clients in the order A B C C B A);
 - each client's own work in process: building the request, reading the response;
 - `--perf-analyzer PATH`: the same request through Triton's C++ client, perf_analyzer (shipped as
   `bin/perf_analyzer` in the tritonclient 2.51 wheel; it loads libb64.so.0d, Debian's libb64-0d, and
@@ -205,9 +206,9 @@ def add_native_ensemble(repo: Path, export: Path) -> None:
     (repo / HOP_MODEL / "1").mkdir()
 
 
-def own_client(backend: str) -> str:
-    """The path name of `rank` served by `backend` to the project's own client."""
-    return f"{backend}: served, {OWN_CLIENT}"
+def own_client(backend: str, protocol: str = "grpc") -> str:
+    """The path name of `rank` served by `backend` to the project's own client over `protocol`."""
+    return f"{backend}: served{' over HTTP' if protocol == 'http' else ''}, {OWN_CLIENT}"
 
 
 def percentiles(ms: list[float]) -> tuple[float, float]:
@@ -449,14 +450,18 @@ def callers(url: str, inputs_of: Callable, calls: int, n: int) -> tuple[list[flo
     return ms, len(failures)
 
 
-CLIENTS = ("tritonclient", "RankingClient")
+CLIENTS = {"tritonclient": "grpc", "RankingClient": "grpc", "RankingClient over HTTP": "http"}  # -> protocol
+
+
+def client_url(server: TritonServer, client: str) -> str:
+    return f"http://{server.http_url}" if CLIENTS[client] == "http" else server.grpc_url
 
 
 def rank_call(url: str, hist: np.ndarray, cands: np.ndarray, client: str = "tritonclient") -> Callable:
     """One caller's `rank` call of this request, raising on failure: tritonclient's `infer` with the
     request tensors built once, or the project's RankingClient (clients/ranking_client.py: ids checked,
-    request built and the answer read on every call, as a user calls it)."""
-    if client == "RankingClient":
+    request built and the answer read on every call, as a user calls it; the url picks gRPC or HTTP)."""
+    if client != "tritonclient":
         from clients.ranking_client import ClientConfig, RankingClient
 
         ranking = RankingClient(ClientConfig(url=url, timeout_s=10, retries=0))
@@ -505,7 +510,7 @@ def clients_in_turn(servers: dict[str, TritonServer], hist, cands, calls: int) -
     for client in (*CLIENTS, *reversed(CLIENTS)):
         for name, server in servers.items():
             row = name if client == "tritonclient" else f"{name} ({client})"
-            ms, failures = caller_processes(server.grpc_url, hist, cands, calls // 2, 8, client)
+            ms, failures = caller_processes(client_url(server, client), hist, cands, calls // 2, 8, client)
             before_ms, before_failures = parts.get(row, ([], 0))
             parts[row] = (before_ms + ms, before_failures + failures)
     return parts
@@ -544,7 +549,8 @@ def client_side(hist, cands, result) -> dict[str, float]:
     building the request, and reading the answer."""
     import tritonclient.grpc as grpc
 
-    from clients.ranking_client import checked, infer_request, response_outputs
+    from clients.grpc_transport import infer_request, response_outputs
+    from clients.rank_protocol import checked
 
     response = result.get_response()
     p50 = {
@@ -590,7 +596,12 @@ def measure(args, tmp: Path) -> dict:
             "python: served": ("python", lambda: clients["python"].infer("rank", inputs)),
             "native: served": ("native", lambda: clients["native"].infer("rank", inputs)),
             **{
-                own_client(name): (name, rank_call(s.grpc_url, hist, cands, "RankingClient"))
+                own_client(name, CLIENTS[client]): (
+                    name,
+                    rank_call(client_url(s, client), hist, cands, client),
+                )
+                for client in CLIENTS
+                if client != "tritonclient"
                 for name, s in servers.items()
             },
             FLOOR: ("python", lambda: clients["python"].infer("floor", inputs)),
@@ -835,21 +846,33 @@ def in_process_p50(r: dict, backend: str) -> float:
     return r["one"][f"{backend}: in process"][0]
 
 
+def _served(backend: str, client: str) -> str:
+    return f"{backend}: served" if client == "tritonclient" else own_client(backend, CLIENTS[client])
+
+
 def overheads(r: dict, client: str = "tritonclient") -> dict[str, float]:
     """{backend: served p50 - in-process p50} of the 1-caller rows of `client` (CLIENTS)."""
-    served = (lambda b: f"{b}: served") if client == "tritonclient" else own_client
-    return {b: r["one"][served(b)][0] - in_process_p50(r, b) for b in BACKENDS}
+    return {b: r["one"][_served(b, client)][0] - in_process_p50(r, b) for b in BACKENDS}
 
 
 def _own_client_lines(r: dict) -> list[str]:
-    if own_client("native") not in r["one"]:  # runs from before the row existed
+    """The overheads through the project's client, over each protocol a run has rows of."""
+    parts = []
+    for client, protocol in CLIENTS.items():
+        if client == "tritonclient" or own_client("native", protocol) not in r["one"]:  # older runs
+            continue
+        over = overheads(r, client)
+        parts.append(
+            f"over {'HTTP' if protocol == 'http' else 'gRPC'}: python {over['python']:.3f} ms, native "
+            f"{over['native']:.3f} ms (native / python = {over['native'] / over['python']:.2f})"
+        )
+    if not parts:
         return []
-    over = overheads(r, "RankingClient")
     return [
-        f"Through the project's client (clients/ranking_client.py, every call checking the ids, building "
-        f"the request and reading the answer, as `mmrank rank`, the demo and the load test call it): python "
-        f"{over['python']:.3f} ms, native {over['native']:.3f} ms (native / python = "
-        f"{over['native'] / over['python']:.2f}).",
+        "Through the project's client (clients/ranking_client.py, every call checking the ids, building "
+        "the request and reading the answer, as `mmrank rank`, the demo and the load test call it): "
+        + "; ".join(parts)
+        + ".",
         "",
     ]
 

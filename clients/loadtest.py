@@ -48,7 +48,7 @@ MIN_STEP_S = 2.0  # locust's shape ticks once a second; a shorter step may never
 
 @dataclass(frozen=True)
 class LoadTestConfig:
-    url: str = "127.0.0.1:8001"  # Triton gRPC address; loopback only
+    url: str = "127.0.0.1:8001"  # Triton address, gRPC (host:port) or HTTP (http://host:port); loopback only
     user_steps: tuple[int, ...] = (1, 2, 4, 8)  # concurrent simulated users, one step each
     duration_s: float = 20.0  # seconds each step lasts
     sample: SampleConfig = field(default_factory=SampleConfig)  # N, L, how many requests, seed
@@ -68,9 +68,20 @@ def parse_user_steps(text: str, option: str = "--users") -> tuple[int, ...]:
     return steps
 
 
+def protocol(url: str) -> str:
+    """The protocol the ranking client speaks to `url`: "gRPC" or "HTTP"."""
+    from clients.ranking_client import endpoint
+
+    return "HTTP" if endpoint(url).protocol == "http" else "gRPC"
+
+
 def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
-    """HOST:PORT whose host resolves only to loopback addresses, else MMRankError naming it."""
-    host, sep, port = url.rpartition(":")
+    """HOST:PORT (or grpc://HOST:PORT, http://HOST:PORT) whose host resolves only to loopback addresses,
+    else MMRankError naming it."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme not in ("grpc", "http"):
+        raise MMRankError(f"{option} {url!r}: expected HOST:PORT, grpc://HOST:PORT or http://HOST:PORT")
+    host, sep, port = (rest if sep else url).split("/", 1)[0].rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():
         raise MMRankError(f"{option} {url!r}: expected HOST:PORT")
@@ -174,7 +185,7 @@ def markdown(summary: dict) -> str:
     ramp_failed = sum(step["ramp_failures"] for step in summary["steps"])
     return "\n".join(
         [
-            f"# Load test of `{summary['config']['model']}` (locust over gRPC)",
+            f"# Load test of `{summary['config']['model']}` (locust over {protocol(summary['config']['url'])})",
             "",
             f"Command: `{p['command']}`  ",
             f"Commit: {p['commit']}  ",
@@ -324,7 +335,7 @@ def run_loadtest(
     (stage / "summary.json").write_text(json.dumps(summary, indent=2))
     (stage / "summary.md").write_text(markdown(summary))
     n, length = cfg.sample.candidates, cfg.sample.history
-    plot(steps, stage / "latency_throughput.png", f"{cfg.model} over gRPC, N={n}, L={length}")
+    plot(steps, stage / "latency_throughput.png", f"{cfg.model} over {protocol(cfg.url)}, N={n}, L={length}")
     publish(stage, out)
     return summary
 

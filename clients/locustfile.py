@@ -1,4 +1,5 @@
-"""Locust load test of `rank` through the gRPC RankingClient; `mmrank loadtest` runs it headless.
+"""Locust load test of `rank` through the RankingClient (gRPC, or HTTP for an http:// host); `mmrank
+loadtest` runs it headless.
 
     locust -f clients/locustfile.py --headless --host 127.0.0.1:8001 \
         --requests-file OUT/requests.npz --user-steps 1,2,4,8 --step-seconds 20 --calls-file OUT/calls.csv
@@ -94,14 +95,14 @@ class StepShape(LoadTestShape):
 
 
 class RankUser(User):
-    """One caller with its own gRPC channel, calling `rank` in a closed loop."""
+    """One caller with its own client (a gRPC channel, or HTTP connections), calling `rank` in a closed
+    loop."""
 
     def on_start(self):
         opts = self.environment.parsed_options
         self.name = opts.model
-        self.client = RankingClient(
-            ClientConfig(url=self.host, model=opts.model, timeout_s=opts.call_timeout, retries=0)
-        )
+        cfg = ClientConfig(url=self.host, model=opts.model, timeout_s=opts.call_timeout, retries=0)
+        self.client, self.protocol = RankingClient(cfg), cfg.endpoint.protocol
 
     def on_stop(self):
         self.client.close()
@@ -122,7 +123,7 @@ class RankUser(User):
             error = e
         latency_ms = (time.perf_counter() - t0) * 1e3
         events.request.fire(
-            request_type="grpc",
+            request_type=self.protocol,
             name=self.name,
             response_time=latency_ms,
             response_length=len(candidates),

@@ -320,7 +320,12 @@ def _serve(p):
 
 
 def _rank(p):
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument(
+        "--url",
+        default="127.0.0.1:8001",
+        help="Triton address: host:port or grpc://host:port for gRPC, http://host:port for HTTP (the server's "
+        "--http-port)",
+    )
     p.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
     p.add_argument("--candidates", required=True, help="comma-separated candidate item ids")
     p.add_argument("--user", type=int, help="user id (default: none, the unknown-user fallback)")
@@ -331,8 +336,9 @@ def _loadtest(p):
     p.add_argument(
         "--url",
         default="127.0.0.1:8001",
-        help="Triton gRPC address (loopback only): e.g. `mmrank serve --repo build/demo/repo`, the demo's "
-        "repository (native onnxruntime where `make setup` built that backend)",
+        help="Triton address (loopback only), host:port for gRPC or http://host:port for HTTP: e.g. `mmrank "
+        "serve --repo build/demo/repo`, the demo's repository (native onnxruntime where `make setup` built "
+        "that backend)",
     )
     p.add_argument("--out", required=True, help="folder for locust's CSV and HTML, summary.json and the plot")
     p.add_argument(
@@ -418,9 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(sub, "serve", "start tritonserver on a model repository", "export.triton_launcher:cli", _serve)
     _add(sub, "rank", "rank candidates through the gRPC endpoint", "clients.cli:cli", _rank)
-    _add(
-        sub, "loadtest", "locust load test of rank over gRPC", "clients.loadtest:cli", _loadtest
-    )
+    _add(sub, "loadtest", "locust load test of rank over gRPC or HTTP", "clients.loadtest:cli", _loadtest)
     _add(sub, "demo", "the whole pipeline on the synthetic dataset", "mmrank.demo:cli", _demo)
     return parser
 

@@ -51,9 +51,13 @@ def tiny_data(small_export, tmp_path_factory):
     return out
 
 
-def test_locust_smoke_run_has_no_failures_and_writes_every_report(triton_server, tiny_data, tmp_path):
+@pytest.mark.parametrize("protocol", ["gRPC", "HTTP"])
+def test_locust_smoke_run_has_no_failures_and_writes_every_report(
+    triton_server, tiny_data, tmp_path, protocol
+):
+    url = triton_server.grpc_url if protocol == "gRPC" else f"http://{triton_server.http_url}"
     cfg = LoadTestConfig(
-        url=triton_server.grpc_url,
+        url=url,
         user_steps=(1, 2),
         duration_s=5.0,
         sample=SampleConfig(candidates=20, history=5, requests=50),
@@ -67,6 +71,7 @@ def test_locust_smoke_run_has_no_failures_and_writes_every_report(triton_server,
         assert (tmp_path / name).stat().st_size > 0, name
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == steps
     assert not (tmp_path.parent / f".{tmp_path.name}.partial").exists()
+    assert f"(locust over {protocol})" in (tmp_path / "summary.md").read_text()
 
 
 def test_requests_have_n_candidates_and_l_history_ids_of_real_test_requests(small_export, tiny_data):
@@ -107,7 +112,17 @@ def test_summary_counts_each_step_at_its_user_count_and_takes_nearest_rank_perce
         summarise(calls, LoadTestConfig(user_steps=(1, 2, 4), duration_s=2.0))
 
 
-@pytest.mark.parametrize("url", ["10.1.2.3:8001", "8.8.8.8:8001", "127.0.0.1", "host:port"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "10.1.2.3:8001",
+        "8.8.8.8:8001",
+        "127.0.0.1",
+        "host:port",
+        "http://10.1.2.3:8000",
+        "https://127.0.0.1:8000",
+    ],
+)
 def test_non_loopback_or_malformed_addresses_are_refused(url):
     with pytest.raises(MMRankError, match="loopback|HOST:PORT"):
         check_loopback(url)
@@ -116,6 +131,12 @@ def test_non_loopback_or_malformed_addresses_are_refused(url):
 def test_loopback_addresses_pass():
     assert check_loopback("127.0.0.1:8001") == ("127.0.0.1", 8001)
     assert check_loopback("localhost:1")[1] == 1
+    assert (
+        check_loopback("http://127.0.0.1:8000")
+        == check_loopback("http://127.0.0.1:8000/")
+        == ("127.0.0.1", 8000)
+    )
+    assert check_loopback("grpc://[::1]:8001") == ("::1", 8001)
 
 
 def test_cli_says_in_one_line_what_is_wrong(tmp_path, capsys):

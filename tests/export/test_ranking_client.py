@@ -1,7 +1,8 @@
-"""The gRPC ranking client (sync, asyncio and `mmrank rank`) against the real tritonserver.
+"""The ranking client (sync, asyncio and `mmrank rank`, over gRPC and HTTP) against the real tritonserver.
 
 The server is the session's python-backend repository of the small export (tests/export/conftest.py);
-expected scores come from the PyTorch model itself, so the client is checked end to end.
+expected scores come from the PyTorch model itself, so the client is checked end to end. The server
+tests run once per protocol.
 """
 
 import asyncio
@@ -10,18 +11,12 @@ import json
 import numpy as np
 import pytest
 from conftest import NUM_ITEMS, NUM_USERS
+from rank_answer import rank_answer
 from tritonclient.grpc import service_pb2 as pb
 
-from clients.ranking_client import (
-    OUTPUTS,
-    AsyncRankingClient,
-    ClientConfig,
-    RankingClient,
-    RankingError,
-    checked,
-    infer_request,
-    response_outputs,
-)
+from clients.grpc_transport import infer_request, response_outputs
+from clients.rank_protocol import OUTPUTS, checked
+from clients.ranking_client import AsyncRankingClient, ClientConfig, RankingClient, RankingError
 from export.parity import training_scores
 from export.triton_launcher import free_port
 from mmrank.cli import main
@@ -36,9 +31,18 @@ def _want(model, history, candidates, user_id=0):
     return training_scores(model, hist, cands, np.array([user_id]), feats)[0]
 
 
+def _url(server, protocol: str) -> str:
+    return server.grpc_url if protocol == "grpc" else f"http://{server.http_url}"
+
+
+@pytest.fixture(scope="module", params=["grpc", "http"])
+def protocol(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def url(triton_server):
-    return triton_server.grpc_url
+def url(triton_server, protocol):
+    return _url(triton_server, protocol)
 
 
 def test_sync_client_scores_equal_the_model(small_export, url):
@@ -112,12 +116,12 @@ def test_unknown_model_names_the_model(url):
             client.rank([1], [2])
 
 
-def test_native_rank_answers_the_client_as_the_python_backend(native_server, url):
+def test_native_rank_answers_the_client_as_the_python_backend(native_server, url, protocol):
     """The native `rank` takes no batching from Triton (its graph reads the batch axis itself): the client
     sends the same [1, ...] request to it and reads the same answer."""
     history, candidates = [3, -9, 4, 17, NUM_ITEMS + 3], [1, NUM_ITEMS + 7, 5, 8]
     with (
-        RankingClient(ClientConfig(url=native_server.grpc_url, timeout_s=30)) as native,
+        RankingClient(ClientConfig(url=_url(native_server, protocol), timeout_s=30)) as native,
         RankingClient(ClientConfig(url=url, timeout_s=30)) as python,
     ):
         for user_id in (None, NUM_USERS, NUM_USERS + 2):
@@ -135,15 +139,6 @@ def _response(outputs: dict[str, tuple[str, np.ndarray]]) -> pb.ModelInferRespon
     return response
 
 
-def _answer(n: int = 3) -> dict[str, tuple[str, np.ndarray]]:
-    return {
-        "scores": ("FP32", np.arange(n, dtype=np.float32)[None]),
-        "candidate_known": ("BOOL", np.ones((1, n), bool)),
-        "user_known": ("BOOL", np.zeros((1, 1), bool)),
-        "item_table_version": ("INT64", np.full((1, 1), 7, np.int64)),
-    }
-
-
 def test_requests_carry_the_ids_as_raw_int64_in_the_model_shape():
     tensors = checked([], [5, -2, 9], 4)  # an empty history is one padding id
     for batched, lead in ((True, [1]), (False, [])):
@@ -159,7 +154,7 @@ def test_requests_carry_the_ids_as_raw_int64_in_the_model_shape():
 
 
 def test_response_outputs_are_read_as_writable_arrays():
-    out = response_outputs(_response(_answer()), "rank")
+    out = response_outputs(_response(rank_answer()), "rank")
     assert out["scores"].tolist() == [0, 1, 2] and out["item_table_version"].tolist() == [7]
     assert out["candidate_known"].dtype == bool and out["scores"].flags.writeable
 
@@ -174,7 +169,7 @@ def test_response_outputs_are_read_as_writable_arrays():
     ],
 )
 def test_a_malformed_response_is_named(change, message):
-    outputs = _answer()
+    outputs = rank_answer()
     shape = change.pop("shape", None)
     drop = change.pop("drop_buffer", False)
     for name, value in change.items():
@@ -191,8 +186,9 @@ def test_a_malformed_response_is_named(change, message):
         response_outputs(response, "rank")
 
 
-def test_the_async_client_names_a_down_server():
-    url = f"127.0.0.1:{free_port()}"
+@pytest.mark.parametrize("scheme", ["", "grpc://", "http://"])
+def test_the_async_client_names_a_down_server(scheme):
+    url = f"{scheme}127.0.0.1:{free_port()}"
 
     async def call():
         async with AsyncRankingClient(ClientConfig(url=url, timeout_s=2, retries=1, backoff_s=0.01)) as c:
@@ -202,8 +198,9 @@ def test_the_async_client_names_a_down_server():
         asyncio.run(call())
 
 
-def test_server_down_is_retried_then_named():
-    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+@pytest.mark.parametrize("scheme", ["", "grpc://", "http://"])
+def test_server_down_is_retried_then_named(scheme):
+    url = f"{scheme}127.0.0.1:{free_port()}"  # nothing listens there
     with RankingClient(ClientConfig(url=url, timeout_s=2, retries=2, backoff_s=0.01)) as client:
         assert not client.ready()
         with pytest.raises(RankingError, match=f"Triton at {url} is unavailable"):
