@@ -78,7 +78,12 @@ def _raw(output: dict, body: bytes, pos: int, model: str) -> tuple[bytes, int]:
     name = output["name"]
     size = (output.get("parameters") or {}).get("binary_data_size")
     if size is None:
-        return np.asarray(output.get("data", []), OUTPUTS[name][1]).tobytes(), pos
+        try:
+            return np.asarray(output.get("data", []), OUTPUTS[name][1]).tobytes(), pos
+        except (TypeError, ValueError) as e:
+            raise RankingError(
+                f"response of {model!r}: output {name!r} is not {OUTPUTS[name][0]} data: {e}"
+            ) from None
     if not isinstance(size, int) or size < 0 or pos + size > len(body):
         raise RankingError(
             f"response of {model!r}: output {name!r} claims {size!r} bytes past the body's end"

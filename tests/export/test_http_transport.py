@@ -107,6 +107,10 @@ def _malformed(kind: str) -> http1.Response:
         body += b"\0"
     if kind == "header_length":
         header_length = len(body) + 1
+    if kind == "bad_data":  # scores in the JSON, as text
+        body, header_length = _body(answer, as_json=("scores",))
+        head = body[:header_length].replace(b"[0.0, 1.0, 2.0]", b'["a", "b", "c"]')
+        body, header_length = head + body[header_length:], len(head)
     if kind == "not_json":
         body, header_length = b"\xff" + body[1:], header_length
     return _response(body, header_length)
@@ -121,6 +125,7 @@ def _malformed(kind: str) -> http1.Response:
         ("trailing", "carries 1 bytes past its outputs"),
         ("header_length", "Inference-Header-Content-Length"),
         ("not_json", "header of 'rank''s response is not JSON"),
+        ("bad_data", "output 'scores' is not FP32 data"),
     ],
 )
 def test_a_malformed_answer_is_named(kind, message):
