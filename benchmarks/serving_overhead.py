@@ -503,13 +503,18 @@ def caller_processes(
     return [t for ms, _ in parts for t in ms], sum(f for _, f in parts)
 
 
+def process_row(backend: str, client: str) -> str:
+    """The 8-process row of `backend`'s server called through `client` (CLIENTS)."""
+    return backend if client == "tritonclient" else f"{backend} ({client})"
+
+
 def clients_in_turn(servers: dict[str, TritonServer], hist, cands, calls: int) -> dict[str, tuple]:
     """8 caller processes per server and client (CLIENTS), `calls` calls each in two halves, the clients
     in turn A B B A so the run's drift falls on both alike: {row: (ms, failures)}."""
     parts: dict[str, tuple[list[float], int]] = {}
     for client in (*CLIENTS, *reversed(CLIENTS)):
         for name, server in servers.items():
-            row = name if client == "tritonclient" else f"{name} ({client})"
+            row = process_row(name, client)
             ms, failures = caller_processes(client_url(server, client), hist, cands, calls // 2, 8, client)
             before_ms, before_failures = parts.get(row, ([], 0))
             parts[row] = (before_ms + ms, before_failures + failures)
@@ -1095,37 +1100,42 @@ def write_report(r: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def _label(client: str) -> str:
+    return client if CLIENTS[client] == "http" else f"{client} over gRPC"
+
+
+def _grouped(ax, x: np.ndarray, bars: dict[str, list[float]]) -> None:
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars.items()):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     names = list(BACKENDS)
     x = np.arange(len(names))
-    bars = {
-        "in process p50": [r["one"][f"{b}: in process"][0] for b in names],
-        "served p50, 1 caller": [r["one"][f"{b}: served"][0] for b in names],
-        "served p99, 1 caller": [r["one"][f"{b}: served"][1] for b in names],
-    }
-    for i, (label, values) in enumerate(bars.items()):
-        left.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+    clients = [c for c in CLIENTS if all(_served(b, c) in r["one"] for b in names)]  # older runs: fewer
+    bars = {"in process": [in_process_p50(r, b) for b in names]}
+    bars |= {f"served, {_label(c)}": [r["one"][_served(b, c)][0] for b in names] for c in clients}
+    _grouped(left, x, bars)
     left.set_xticks(x, names)
     left.set_ylabel("ms")
-    left.set_title("1 caller (N=100, L=50)")
-    left.legend(fontsize=8)
-    eight = {
-        "p50, 8 threads": [r["eight"][b][0] for b in names],
-        "p99, 8 threads": [r["eight"][b][1] for b in names],
-        "p50, 8 processes": [r["eight_processes"][b][0] for b in names],
-        "p99, 8 processes": [r["eight_processes"][b][1] for b in names],
-    }
-    for i, (label, values) in enumerate(eight.items()):
-        right.bar(x + (i - 1.5) * 0.2, values, 0.2, label=label)
+    left.set_title("p50, 1 caller (N=100, L=50)")
+    left.legend(fontsize=7)
+    eight = {f"8 threads, {_label('tritonclient')}": [r["eight"][b][1] for b in names]}
+    for c in clients:
+        rows = [process_row(b, c) for b in names]
+        if all(row in r["eight_processes"] for row in rows):
+            eight[f"8 processes, {_label(c)}"] = [r["eight_processes"][row][1] for row in rows]
+    _grouped(right, x, eight)
     right.set_xticks(x, names)
-    right.set_title("8 callers")
-    right.legend(fontsize=8)
+    right.set_title("p99, 8 callers")
+    right.legend(fontsize=7)
     us = r["settings"].get("cpu_latency_us")
     held = "" if us is None else f", CPU wake-up latency held at {us} us"
     fig.suptitle(f"rank served vs in process (load average {r['provenance']['load_average_1min']:.1f}{held})")
