@@ -1,7 +1,8 @@
-"""Bad `rank` requests against the real tritonserver, python and native backends: each one's answer,
-time, and the server's memory under a stream of oversize ones.
+"""Bad `rank` requests against the real tritonserver, python and native backends, over gRPC and HTTP:
+each one's answer, time, and the server's memory under a stream of oversize ones.
 
-    python benchmarks/bad_requests.py [--rounds 50] [--out benchmarks/results/bad_requests.md]
+    python benchmarks/bad_requests.py [--rounds 50] [--protocols grpc,http]
+        [--out benchmarks/results/bad_requests.md]
 
 The repositories are the ones of benchmarks/serving_overhead.py (em3, L=50, `mmrank repo` defaults: at
 most 2,000 candidates and 1,000 history ids per user, 4 MiB of inputs), rendered with --backend python
@@ -12,6 +13,8 @@ limit -inf and unknown, only the most recent max_history history ids read; the n
 batching ensemble, so its graph ranks the first max_batch_size users and answers the rest -inf). Memory
 is the resident set of the server's whole process group (tritonserver and its backend stubs), read from
 /proc, before and after each of `--rounds` oversize requests of each kind in STREAMS: it must stay flat.
+Each protocol sends the same raw tensors through tritonclient (gRPC, or HTTP with binary tensors), not
+the project's client, which refuses most of these before sending.
 """
 
 from __future__ import annotations
@@ -75,18 +78,40 @@ def _summary(result) -> str:
     )
 
 
-def call(client, grpc, tensors: dict[str, np.ndarray]) -> tuple[str, float]:
-    inputs = []
-    for name, arr in tensors.items():
-        t = grpc.InferInput(name, list(arr.shape), DTYPES[arr.dtype])
-        t.set_data_from_numpy(arr)
-        inputs.append(t)
-    start = time.perf_counter()
-    try:
-        answer = _summary(client.infer("rank", inputs, client_timeout=120))
-    except grpc.InferenceServerException as e:
-        answer = f"{e.status()}: {e.message()}"
-    return answer, (time.perf_counter() - start) * 1e3
+PROTOCOLS = ("grpc", "http")
+TIMEOUT_S = 120
+
+
+class Caller:
+    """`rank` with raw tensors through tritonclient over one protocol."""
+
+    def __init__(self, server: TritonServer, protocol: str):
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+
+            self.client = module.InferenceServerClient(server.grpc_url)
+            self.options = {"client_timeout": TIMEOUT_S}
+        else:
+            import tritonclient.http as module
+
+            self.client = module.InferenceServerClient(
+                server.http_url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S
+            )
+            self.options = {}
+        self.module = module
+
+    def __call__(self, tensors: dict[str, np.ndarray]) -> tuple[str, float]:
+        inputs = []
+        for name, arr in tensors.items():
+            t = self.module.InferInput(name, list(arr.shape), DTYPES[arr.dtype])
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        start = time.perf_counter()
+        try:
+            answer = _summary(self.client.infer("rank", inputs, **self.options))
+        except self.module.InferenceServerException as e:
+            answer = f"{e.status()}: {e.message()}"
+        return answer, (time.perf_counter() - start) * 1e3
 
 
 def _stream_row(name: str, trace: list[float]) -> str:
@@ -101,33 +126,46 @@ def _stream_row(name: str, trace: list[float]) -> str:
     )
 
 
-def run_backend(repo: Path, rounds: int) -> dict:
-    """Every CASES answer, the STREAMS memory traces and a good request afterwards, on one server."""
-    import tritonclient.grpc as grpc
-
+def run_backend(repo: Path, rounds: int, protocols: list[str]) -> dict:
+    """{protocol: every CASES answer, the STREAMS memory traces and a good request afterwards}, the
+    protocols one after the other on one server."""
+    base = {"history_ids": OK_HIST, "candidate_ids": OK_CANDS}
+    out = {}
     with TritonServer(TritonConfig(repo, control_mode="explicit")) as server:
-        client = grpc.InferenceServerClient(server.grpc_url)
-        base = {"history_ids": OK_HIST, "candidate_ids": OK_CANDS}
-        call(client, grpc, base)
-        rows = [(name, *call(client, grpc, {**base, **change})) for name, change in CASES.items()]
-        streams = []
-        for name in STREAMS:
-            trace = [group_rss_mib(server.process.pid)]
-            for _ in range(rounds):
-                call(client, grpc, {**base, **CASES[name]})
-                trace.append(group_rss_mib(server.process.pid))
-            streams.append((name, trace))
-        ok, _ = call(client, grpc, base)
-    return {"rows": rows, "streams": streams, "after": ok}
+        for protocol in protocols:
+            call = Caller(server, protocol)
+            call(base)
+            rows = [(name, *call({**base, **change})) for name, change in CASES.items()]
+            streams = []
+            for name in STREAMS:
+                trace = [group_rss_mib(server.process.pid)]
+                for _ in range(rounds):
+                    call({**base, **CASES[name]})
+                    trace.append(group_rss_mib(server.process.pid))
+                streams.append((name, trace))
+            out[protocol] = {"rows": rows, "streams": streams, "after": call(base)[0]}
+    return out
+
+
+def _protocols(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    if not chosen or any(p not in PROTOCOLS for p in chosen):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a comma-separated list of {', '.join(PROTOCOLS)}"
+        )
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--out", default="benchmarks/results/bad_requests.md")
+    p.add_argument("--out", default="benchmarks/results/bad_requests.md", help="the report (markdown)")
     p.add_argument(
         "--rounds", type=int, default=50, help="oversize requests of each kind for the memory check"
+    )
+    p.add_argument(
+        "--protocols", type=_protocols, default="grpc,http", help="comma-separated, each on the same servers"
     )
     args = p.parse_args(argv)
     provenance = record(
@@ -139,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, backend in BACKENDS.items():
             repo = Path(tmp) / name
             render_repository(export, repo, RenderConfig(backend=backend))
-            results[name] = run_backend(repo, args.rounds)
+            for protocol, r in run_backend(repo, args.rounds, args.protocols).items():
+                results[name, protocol] = r
     lines = [
         "# Bad `rank` requests, python and native backends: answers and server memory",
         "",
@@ -152,30 +191,37 @@ def main(argv: list[str] | None = None) -> int:
         "`mmrank repo` defaults (at most 2,000 candidates and 1,000 history ids per user). python: the "
         "lookup refuses a request past a limit. native: the lookup graph answers within the limits.",
         "",
-        "| request | backend | answer | ms |",
-        "|---|---|---|---:|",
+        "| request | backend | protocol | answer | ms |",
+        "|---|---|---|---|---:|",
     ]
     for case in CASES:
-        for name, r in results.items():
+        for (name, protocol), r in results.items():
             answer, ms = next((a, m) for c, a, m in r["rows"] if c == case)
-            lines.append(f"| {case} | {name} | {answer} | {ms:.1f} |")
+            lines.append(f"| {case} | {name} | {protocol} | {answer} | {ms:.1f} |")
     lines += [
         "",
         f"Resident memory of the server's process group (tritonserver + backend stubs) around a stream of "
         f"{args.rounds} requests of one kind, in this order:",
         "",
-        "| stream | backend | MiB before | after 1/4 of the stream | after all | max | last half: first -> last "
-        "(least-squares slope / request) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| stream | backend | protocol | MiB before | after 1/4 of the stream | after all | max | last half: "
+        "first -> last (least-squares slope / request) |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for name, r in results.items():
+    for (name, protocol), r in results.items():
         lines += [
-            _stream_row(s, trace).replace(f"| {s} |", f"| {s} | {name} |", 1) for s, trace in r["streams"]
+            _stream_row(s, trace).replace(f"| {s} |", f"| {s} | {name} | {protocol} |", 1)
+            for s, trace in r["streams"]
         ]
     lines += ["", "Every reading, one per request:", ""]
-    for name, r in results.items():
-        lines += [f"- {name}, {s}: {' '.join(f'{m:.0f}' for m in trace)}" for s, trace in r["streams"]]
-    lines += ["", *[f"A good request afterwards, {name}: {r['after']}." for name, r in results.items()], ""]
+    for (name, protocol), r in results.items():
+        lines += [
+            f"- {name} over {protocol}, {s}: {' '.join(f'{m:.0f}' for m in t)}" for s, t in r["streams"]
+        ]
+    lines += [
+        "",
+        *[f"A good request afterwards, {n} over {p}: {r['after']}." for (n, p), r in results.items()],
+        "",
+    ]
     Path(args.out).write_text("\n".join(lines))
     print(Path(args.out).read_text())
     return 0
