@@ -164,8 +164,20 @@ def publish(repo: Path, export: Path | None = None, items: Path | None = None) -
     return folder, table
 
 
+def grpc_address(url: str) -> str:
+    """`--url` as tritonclient's gRPC client takes it: host:port, or grpc://host:port; anything else is
+    refused before a version is published."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if scheme != "grpc":
+        raise MMRankError(f"--url {url!r}: expected the server's gRPC address, host:port or grpc://host:port")
+    return rest
+
+
 def cli(args) -> int:
     repo = Path(args.repo)
+    url = grpc_address(args.url) if args.url else None
     folder, table = publish(
         repo, Path(args.export) if args.export else None, Path(args.items) if args.items else None
     )
@@ -174,7 +186,7 @@ def cli(args) -> int:
         f"table: published {folder.parent.name} version {folder.name} ({len(table.ids) - 1} items, "
         f"{size:.1f} MiB) in {repo}"
     )
-    if args.url:
-        wait_served(args.url, folder.parent.name, int(folder.name), int(table.ids[-1]), args.wait)
-        print(f"table: {args.url} answers with item table version {folder.name}")
+    if url:
+        wait_served(url, folder.parent.name, int(folder.name), int(table.ids[-1]), args.wait)
+        print(f"table: {url} answers with item table version {folder.name}")
     return 0

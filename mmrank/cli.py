@@ -262,7 +262,8 @@ def _table_publish(p):
     )
     p.add_argument(
         "--url",
-        help="Triton gRPC address: ask it to load the new version and wait until rank answers with it",
+        help="Triton gRPC address (host:port or grpc://host:port): ask it to load the new version and "
+        "wait until rank answers with it",
     )
     p.add_argument("--wait", type=float, default=120.0, help="--url: seconds to wait for the new version")
 

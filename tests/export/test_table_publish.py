@@ -106,6 +106,10 @@ def test_a_corrupt_config_and_a_server_that_is_down_are_one_line(repo, tmp_path,
     model = table_model(repo)
     assert err.count("\n") == 0 and f"the server cannot load {model.name} version 2" in err
     assert it.ItemTable.read(model / "2" / "item_table").version == 2
+    assert main([*publish, "--url", "http://127.0.0.1:8000"]) == 1  # refused before publishing
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "expected the server's gRPC address" in err, err
+    assert sorted(p.name for p in model.iterdir()) == ["1", "2", "config.pbtxt"]
     config = model / "config.pbtxt"
     config.write_text(config.read_text() + "\nnot a field {")
     for args in (publish, ["serve", "--repo", str(repo)]):
