@@ -75,16 +75,25 @@ def protocol(url: str) -> str:
     return "HTTP" if endpoint(url).protocol == "http" else "gRPC"
 
 
-def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
-    """HOST:PORT (or grpc://HOST:PORT, http://HOST:PORT) whose host resolves only to loopback addresses,
-    else MMRankError naming it."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme not in ("grpc", "http"):
-        raise MMRankError(f"{option} {url!r}: expected HOST:PORT, grpc://HOST:PORT or http://HOST:PORT")
-    host, sep, port = (rest if sep else url).split("/", 1)[0].rpartition(":")
-    host = host.strip("[]")
+def _host_port(url: str, option: str) -> tuple[str, str]:
+    from clients.ranking_client import RankingError, endpoint
+
+    try:
+        ep = endpoint(url)
+    except RankingError as e:
+        raise MMRankError(f"{option}: {e}") from None
+    if ep.protocol == "http":
+        return ep.host, str(ep.port)
+    host, sep, port = ep.target.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise MMRankError(f"{option} {url!r}: expected HOST:PORT")
+        raise MMRankError(f"{option} {url!r}: expected HOST:PORT, grpc://HOST:PORT or http://HOST:PORT")
+    return host.strip("[]"), port
+
+
+def check_loopback(url: str, option: str = "--url") -> tuple[str, int]:
+    """HOST:PORT (or grpc://HOST:PORT, http://HOST:PORT[/path]) whose host resolves only to loopback
+    addresses, else MMRankError naming it."""
+    host, port = _host_port(url, option)
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)}
     except socket.gaierror as e:

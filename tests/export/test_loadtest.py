@@ -124,7 +124,7 @@ def test_summary_counts_each_step_at_its_user_count_and_takes_nearest_rank_perce
     ],
 )
 def test_non_loopback_or_malformed_addresses_are_refused(url):
-    with pytest.raises(MMRankError, match="loopback|HOST:PORT"):
+    with pytest.raises(MMRankError, match="loopback|HOST:PORT|TLS"):
         check_loopback(url)
 
 
