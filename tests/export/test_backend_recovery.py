@@ -95,12 +95,14 @@ def _down_once(answers: list[bool]) -> bool:
     return [answers[i] for i in _runs(answers)] in ([True, False, True], [False, True])
 
 
-def _held(probes, recovery) -> bool:
+def _held(probes, recovery, margin: float) -> bool:
     """A probe left unanswered through the second half of the down period (or longer): it answers after
     the reload, so it never said ready while the model was down. (Seen once in a full run, cause not
-    shown: a reload alone answers every probe within milliseconds, not ready.)"""
+    shown: a reload alone answers every probe within milliseconds, not ready.) Its answer may come up to
+    `margin` before the reload call returns, as a reloaded model reads ready before that (seen once: a
+    probe held from the unload answered ready under 1 ms before the supervisor's load call returned)."""
     middle = (recovery.unloaded + recovery.ready) / 2
-    return any(p.start <= middle and p.end >= recovery.ready for p in probes)
+    return any(p.start <= middle and p.end >= recovery.ready - margin for p in probes)
 
 
 def _timeline(probes, answers: list[bool], killed: float, recovery) -> str:
@@ -169,7 +171,9 @@ def test_a_backend_process_killed_under_load_is_reloaded_and_readiness_says_so(r
             if recovery.unloaded + margin < p.start and p.end < recovery.ready - margin
         ]
         assert True not in down, f"{field}: answered ready while the model was down: {timeline}"
-        assert _down_once(answers) or (all(answers) and _held(answered, recovery)), f"{field}: {timeline}"
+        assert _down_once(answers) or (all(answers) and _held(answered, recovery, margin)), (
+            f"{field}: {timeline}"
+        )
     assert not any(False in (p.model_ready, p.server_ready) for p in after_kill if p.start > recovery.ready)
 
     failed = [c for c in load.calls if c.output is None]
