@@ -14,6 +14,7 @@ from clients.rank_protocol import (
     OUTPUTS,
     RankingError,
     Tensors,
+    Transport,
     Unavailable,
     all_outputs,
     input_shape,
@@ -52,9 +53,9 @@ def response_outputs(response: pb.ModelInferResponse, model: str) -> dict[str, n
     return all_outputs(out, model)
 
 
-class _Grpc:
+class _Grpc(Transport):
     def __init__(self, url: str, model: str, timeout_s: float, channel):
-        self.url, self.model, self.timeout_s = url, model, timeout_s
+        super().__init__(url, model, timeout_s)
         self._channel = channel
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
@@ -63,8 +64,8 @@ class _Grpc:
         if code == grpc.StatusCode.UNAVAILABLE:
             return Unavailable(msg)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return RankingError(f"no answer from {self.url} within {self.timeout_s}s")
-        return RankingError(f"model {self.model!r} at {self.url}: {msg}")
+            return self.no_answer()
+        return self.refused(msg)
 
 
 def _inputs(meta: pb.ModelMetadataResponse) -> list[tuple[str, list[int]]]:

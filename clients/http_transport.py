@@ -24,6 +24,7 @@ from clients.rank_protocol import (
     OUTPUTS,
     RankingError,
     Tensors,
+    Transport,
     Unavailable,
     all_outputs,
     input_shape,
@@ -121,11 +122,12 @@ def _error_message(response: http1.Response) -> str:
         return f"HTTP {response.status} {response.reason}" + (f": {text}" if text else "")
 
 
-class _Http:
+class _Http(Transport):
     """What both flavours share: the requests' bytes, the answers' status, and what a failure means."""
 
     def __init__(self, url: str, host: str, port: int, prefix: str, model: str, timeout_s: float):
-        self.url, self.host, self.port, self.model, self.timeout_s = url, host, port, model, timeout_s
+        super().__init__(url, model, timeout_s)
+        self.host, self.port = host, port
         self._authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._path = f"{prefix}/v2/models/{quote(model, safe='')}"
 
@@ -145,12 +147,12 @@ class _Http:
             return response
         if response.status == 503:  # Triton's UNAVAILABLE: starting, stopping, or the model not ready
             raise Unavailable(_error_message(response))
-        raise RankingError(f"model {self.model!r} at {self.url}: {_error_message(response)}")
+        raise self.refused(_error_message(response))
 
     def _failure(self, e: BaseException) -> Exception | None:
         """What a failed exchange means to the caller; None for what is not the connection's doing."""
         if isinstance(e, TimeoutError):
-            return RankingError(f"no answer from {self.url} within {self.timeout_s}s")
+            return self.no_answer()
         if isinstance(e, http1.ProtocolError):
             return RankingError(f"{self.url} did not answer in HTTP/1.1: {e}")
         if isinstance(e, OSError | http1.ConnectionClosed):

@@ -36,6 +36,19 @@ class Unavailable(Exception):
     client retries it with backoff and, when the tries are spent, raises a RankingError naming it."""
 
 
+class Transport:
+    """What a transport knows of its server, and its words for a call that failed there."""
+
+    def __init__(self, url: str, model: str, timeout_s: float):
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+
+    def no_answer(self) -> RankingError:
+        return RankingError(f"no answer from {self.url} within {self.timeout_s}s")
+
+    def refused(self, message: str) -> RankingError:
+        return RankingError(f"model {self.model!r} at {self.url}: {message}")
+
+
 def as_ids(values: Sequence[int] | np.ndarray, name: str, allow_empty: bool) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
