@@ -79,6 +79,8 @@ class ResponseParser:
         return bool(self._buf) or self._head is not None
 
     def feed(self, data: bytes) -> None:
+        if not data:  # nothing arrived; the end of the stream is feed_eof's to say
+            return
         if self.response is not None:
             raise ProtocolError(f"{len(data)} bytes after a whole response")
         self._buf += data
