@@ -510,7 +510,7 @@ def process_row(backend: str, client: str) -> str:
 
 def clients_in_turn(servers: dict[str, TritonServer], hist, cands, calls: int) -> dict[str, tuple]:
     """8 caller processes per server and client (CLIENTS), `calls` calls each in two halves, the clients
-    in turn A B B A so the run's drift falls on both alike: {row: (ms, failures)}."""
+    in turn (A B C C B A) so the run's drift falls on each alike: {row: (ms, failures)}."""
     parts: dict[str, tuple[list[float], int]] = {}
     for client in (*CLIENTS, *reversed(CLIENTS)):
         for name, server in servers.items():
